@@ -1,0 +1,260 @@
+//! The gate non-linearity σ of `FFN(x) = W2 · (σ(x·W) ⊙ x·V)`.
+//!
+//! Each variant of [`Activation`] gives one member of the GLU family (Shazeer 2020, "GLU Variants
+//! Improve Transformer"): sigmoid → GLU, identity → Bilinear, ReLU → ReGLU, GELU → GEGLU,
+//! Swish/SiLU → SwiGLU. Names are Hugging Face's `hidden_act` strings.
+//!
+//! ```rust
+//! use candle_glu::Activation;
+//! let act: Activation = "gelu_pytorch_tanh".parse()?;
+//! assert_eq!(act, Activation::GeluTanh);
+//! assert_eq!(act.to_string(), "gelu_pytorch_tanh");
+//! // `gelu_new` is an alias of the same tanh approximation.
+//! assert_eq!("gelu_new".parse::<Activation>()?, Activation::GeluTanh);
+//! # Ok::<(), candle_glu::Error>(())
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Module, Result, Tensor};
+
+use crate::Error;
+
+/// The gate activation σ, named as Hugging Face's `hidden_act`.
+///
+/// `Display` writes the canonical name and `FromStr` reads it back, so
+/// `a.to_string().parse() == Ok(a)` for every variant. Aliases parse to their canonical variant:
+/// `swish` → [`Silu`](Self::Silu), `identity` → [`Identity`](Self::Identity) (`linear`),
+/// `gelu_new` and `gelu_fast` → [`GeluTanh`](Self::GeluTanh) (`gelu_pytorch_tanh`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
+pub enum Activation {
+    /// `σ(x) = 1 / (1 + e^-x)`: the original GLU. Name `sigmoid`.
+    Sigmoid,
+    /// `σ(x) = x`: the Bilinear variant. Name `linear` (alias `identity`).
+    Identity,
+    /// `σ(x) = max(0, x)`: ReGLU. Name `relu`.
+    Relu,
+    /// Exact GELU, `x · Φ(x)` with the erf: GEGLU. Name `gelu`, as in Hugging Face, where `gelu`
+    /// is the exact form (candle's `Tensor::gelu_erf`).
+    Gelu,
+    /// GELU with the tanh approximation, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`: GEGLU as
+    /// in Gemma and T5 v1.1. Name `gelu_pytorch_tanh` (aliases `gelu_new`, `gelu_fast`); candle's
+    /// `Tensor::gelu`.
+    GeluTanh,
+    /// SiLU, Swish with β = 1, `x · sigmoid(x)`: SwiGLU as in Llama, Mistral, Qwen, Phi-3 and
+    /// SmolLM. Name `silu` (alias `swish`).
+    #[default]
+    Silu,
+    /// Swish with a chosen β, `x · sigmoid(β·x)`. Name `swish(<beta>)`, e.g. `swish(1.5)`.
+    Swish {
+        /// The slope β; finite.
+        beta: f64,
+    },
+    /// `x · sigmoid(1.702·x)`, the GELU approximation of CLIP. Name `quick_gelu`.
+    QuickGelu,
+}
+
+impl Activation {
+    /// Every name [`FromStr`] accepts, canonical names first; `swish(<beta>)` stands for any
+    /// finite β.
+    pub const NAMES: &'static [&'static str] = &[
+        "silu",
+        "sigmoid",
+        "linear",
+        "relu",
+        "gelu",
+        "gelu_pytorch_tanh",
+        "quick_gelu",
+        "swish(<beta>)",
+        "swish",
+        "identity",
+        "gelu_new",
+        "gelu_fast",
+    ];
+
+    /// One value of every variant, with β = 1.5 for [`Swish`](Self::Swish).
+    pub const ALL: [Activation; 8] = [
+        Activation::Sigmoid,
+        Activation::Identity,
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Silu,
+        Activation::Swish { beta: 1.5 },
+        Activation::QuickGelu,
+    ];
+
+    /// The name of the GLU variant this activation gives: `GLU`, `Bilinear`, `ReGLU`, `GEGLU`,
+    /// `SwiGLU`.
+    pub fn glu_variant(&self) -> &'static str {
+        match self {
+            Activation::Sigmoid => "GLU",
+            Activation::Identity => "Bilinear",
+            Activation::Relu => "ReGLU",
+            Activation::Gelu | Activation::GeluTanh | Activation::QuickGelu => "GEGLU",
+            Activation::Silu | Activation::Swish { .. } => "SwiGLU",
+        }
+    }
+}
+
+impl Module for Activation {
+    /// Applies σ element-wise with candle's own ops; differentiable. The result has `xs`'s dtype.
+    ///
+    /// In f16 and bf16, σ is computed in f32 and rounded once, as PyTorch does: candle's own
+    /// half-precision `gelu` works in bf16 throughout and is 60% off at x = -3.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let exact_in_any_dtype = matches!(self, Activation::Identity | Activation::Relu);
+        if !exact_in_any_dtype && matches!(xs.dtype(), DType::F16 | DType::BF16) {
+            return self
+                .forward(&xs.to_dtype(DType::F32)?)?
+                .to_dtype(xs.dtype());
+        }
+        match *self {
+            Activation::Sigmoid => candle_nn::ops::sigmoid(xs),
+            Activation::Identity => Ok(xs.clone()),
+            Activation::Relu => xs.relu(),
+            Activation::Gelu => xs.gelu_erf(),
+            Activation::GeluTanh => xs.gelu(),
+            Activation::Silu => xs.silu(),
+            Activation::Swish { beta } => xs * candle_nn::ops::sigmoid(&(xs * beta)?)?,
+            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+        }
+    }
+}
+
+impl fmt::Display for Activation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Activation::Sigmoid => f.write_str("sigmoid"),
+            Activation::Identity => f.write_str("linear"),
+            Activation::Relu => f.write_str("relu"),
+            Activation::Gelu => f.write_str("gelu"),
+            Activation::GeluTanh => f.write_str("gelu_pytorch_tanh"),
+            Activation::Silu => f.write_str("silu"),
+            // `{}` on f64 prints the shortest string that parses back to the same value.
+            Activation::Swish { beta } => write!(f, "swish({beta})"),
+            Activation::QuickGelu => f.write_str("quick_gelu"),
+        }
+    }
+}
+
+impl FromStr for Activation {
+    type Err = Error;
+
+    /// Parses a Hugging Face `hidden_act` name; surrounding whitespace and ASCII case are ignored.
+    fn from_str(s: &str) -> std::result::Result<Self, Error> {
+        let name = s.trim().to_ascii_lowercase();
+        let act = match name.as_str() {
+            "sigmoid" => Activation::Sigmoid,
+            "linear" | "identity" => Activation::Identity,
+            "relu" => Activation::Relu,
+            "gelu" => Activation::Gelu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            "silu" | "swish" => Activation::Silu,
+            "quick_gelu" => Activation::QuickGelu,
+            _ => return parse_swish_beta(&name).ok_or_else(|| unknown(s)),
+        };
+        Ok(act)
+    }
+}
+
+/// `swish(<beta>)` with a finite β.
+fn parse_swish_beta(name: &str) -> Option<Activation> {
+    let beta: f64 = name
+        .strip_prefix("swish(")?
+        .strip_suffix(')')?
+        .trim()
+        .parse()
+        .ok()?;
+    beta.is_finite().then_some(Activation::Swish { beta })
+}
+
+fn unknown(name: &str) -> Error {
+    Error::UnknownActivation {
+        name: name.to_string(),
+    }
+}
+
+impl serde::Serialize for Activation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Activation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_round_trips_through_its_name() {
+        for act in Activation::ALL {
+            let name = act.to_string();
+            assert_eq!(name.parse::<Activation>().unwrap(), act, "{name}");
+        }
+        for beta in [0.5, 1.0, 1.702, 2.0, 1e-3, 1.0 / 3.0] {
+            let act = Activation::Swish { beta };
+            assert_eq!(act.to_string().parse::<Activation>().unwrap(), act);
+        }
+    }
+
+    #[test]
+    fn aliases_parse_to_the_canonical_variant() {
+        let cases = [
+            ("swish", Activation::Silu),
+            ("identity", Activation::Identity),
+            ("gelu_new", Activation::GeluTanh),
+            ("gelu_fast", Activation::GeluTanh),
+            (" SiLU ", Activation::Silu),
+            ("swish( 2 )", Activation::Swish { beta: 2.0 }),
+        ];
+        for (name, act) in cases {
+            assert_eq!(name.parse::<Activation>().unwrap(), act, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_listed_name_parses() {
+        for name in Activation::NAMES {
+            let name = name.replace("<beta>", "1.25");
+            assert!(name.parse::<Activation>().is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn unknown_names_list_the_valid_ones() {
+        for bad in [
+            "gelu_tanh",
+            "swiglu",
+            "",
+            "swish(nan)",
+            "swish(inf)",
+            "swish()",
+            "swish(1",
+        ] {
+            let err = bad.parse::<Activation>().unwrap_err().to_string();
+            assert!(err.contains(&format!("`{bad}`")), "{err}");
+            assert!(
+                err.contains("silu") && err.contains("gelu_pytorch_tanh"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn serde_uses_the_hugging_face_names() {
+        let json = serde_json::to_string(&Activation::GeluTanh).unwrap();
+        assert_eq!(json, "\"gelu_pytorch_tanh\"");
+        let act: Activation = serde_json::from_str("\"gelu_new\"").unwrap();
+        assert_eq!(act, Activation::GeluTanh);
+        assert!(serde_json::from_str::<Activation>("\"gelupytorchtanh\"").is_err());
+    }
+}

@@ -1,0 +1,385 @@
+//! [`GluConfig`]: the sizes, activation, bias and weight layout of a gated feed-forward block.
+//!
+//! Built in code with [`GluConfig::new`] and `with_*` setters, or read from a Hugging Face
+//! `config.json` with [`GluConfig::from_hf_json`] / [`GluConfig::from_hf_config_file`].
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::{Activation, Error, Result, WeightLayout};
+
+/// The largest hidden or intermediate size accepted, 2^20. Real models stay far below it (Llama
+/// 3.1 405B has an intermediate size of 53,248); anything larger is a corrupt or hostile config.
+pub const MAX_DIM: usize = 1 << 20;
+
+/// The largest number of elements accepted in one projection, `hidden · intermediate`: 2^33,
+/// 16 GiB in bf16.
+pub const MAX_PROJECTION_ELEMENTS: usize = 1 << 33;
+
+/// Sizes, activation, bias and weight layout of a gated feed-forward block.
+///
+/// ```rust
+/// use candle_glu::{Activation, GluConfig, WeightLayout};
+/// let cfg = GluConfig::new(576, 1536)
+///     .with_activation(Activation::Silu)
+///     .with_bias(false)
+///     .with_layout(WeightLayout::Llama);
+/// assert_eq!(cfg.hidden_size, 576);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct GluConfig {
+    /// H: the model width, the input's and output's last dimension.
+    pub hidden_size: usize,
+    /// I: the width of the gated product `σ(x·W) ⊙ x·V`.
+    pub intermediate_size: usize,
+    /// σ, the gate activation. Default [`Activation::Silu`].
+    pub activation: Activation,
+    /// Whether every projection has a bias. Default `false`, as in Llama (`mlp_bias`).
+    pub bias: bool,
+    /// Where the checkpoint keeps the projections. Default [`WeightLayout::Llama`].
+    pub layout: WeightLayout,
+}
+
+impl GluConfig {
+    /// A SwiGLU block without biases in the Llama layout, of the given sizes.
+    pub fn new(hidden_size: usize, intermediate_size: usize) -> Self {
+        Self {
+            hidden_size,
+            intermediate_size,
+            activation: Activation::default(),
+            bias: false,
+            layout: WeightLayout::default(),
+        }
+    }
+
+    /// Sets the gate activation σ.
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// Sets whether the projections have biases.
+    pub fn with_bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// Sets the checkpoint's weight layout.
+    pub fn with_layout(mut self, layout: WeightLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Checks that the sizes are non-zero and plausible (at most [`MAX_DIM`] each, and at most
+    /// [`MAX_PROJECTION_ELEMENTS`] per projection), so that nothing absurd is ever allocated.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the size at fault.
+    pub fn validate(&self) -> Result<()> {
+        validate_sizes(self.hidden_size, self.intermediate_size, None)
+    }
+
+    /// Reads a Hugging Face `config.json` from its text.
+    ///
+    /// Understood: `hidden_size` / `intermediate_size` / `hidden_act` / `mlp_bias` (Llama,
+    /// Mistral, Qwen2, SmolLM, Phi-3, Mixtral), Gemma's `hidden_activation` (and its legacy
+    /// `hidden_act = "gelu"`, which transformers reads as the tanh GELU), T5's `d_model` / `d_ff`
+    /// / `feed_forward_proj = "gated-<act>"` (where `gated-gelu` means `gelu_new`), and a nested
+    /// `text_config` for multimodal models. The layout follows `model_type`: `phi3` → Phi-3,
+    /// `mixtral` → Mixtral, T5 family → T5, otherwise Llama. A missing activation means `silu`,
+    /// as in transformers' `LlamaConfig`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for invalid JSON, a missing or malformed size, an unknown or
+    /// non-gated activation, or implausible sizes.
+    pub fn from_hf_json(json: &str) -> Result<Self> {
+        Self::parse(json, None)
+    }
+
+    /// Reads a Hugging Face `config.json` file; see [`from_hf_json`](Self::from_hf_json).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read, else as [`from_hf_json`](Self::from_hf_json),
+    /// with the path in the message.
+    pub fn from_hf_config_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, Some(path))
+    }
+
+    fn parse(json: &str, path: Option<&Path>) -> Result<Self> {
+        let fail = |message: String| Error::InvalidConfig {
+            path: path.map(Path::to_path_buf),
+            message,
+        };
+        let value: Value =
+            serde_json::from_str(json).map_err(|e| fail(format!("invalid JSON: {e}")))?;
+        let Value::Object(root) = value else {
+            return Err(fail(format!(
+                "expected a JSON object, found {}",
+                kind_of(&value)
+            )));
+        };
+        // Multimodal configs (Gemma 3, Llava, ...) nest the language model's settings.
+        let obj = match root.get("text_config") {
+            Some(Value::Object(text)) if !root.contains_key("hidden_size") => text,
+            _ => &root,
+        };
+        let model_type = obj
+            .get("model_type")
+            .or_else(|| root.get("model_type"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let is_t5 = matches!(model_type, "t5" | "mt5" | "umt5" | "t5gemma")
+            || (!obj.contains_key("hidden_size") && obj.contains_key("d_model"));
+
+        let cfg = if is_t5 {
+            let hidden = size_field(obj, "d_model").map_err(&fail)?;
+            let intermediate = size_field(obj, "d_ff").map_err(&fail)?;
+            let proj = str_field(obj, "feed_forward_proj")
+                .map_err(&fail)?
+                .unwrap_or("gated-gelu");
+            let Some(act) = proj.strip_prefix("gated-") else {
+                return Err(fail(format!(
+                    "`feed_forward_proj` is `{proj}`, which is not gated: expected `gated-<act>` \
+                     such as `gated-gelu`"
+                )));
+            };
+            // transformers' T5Config turns `gated-gelu` into `gelu_new`, the tanh form.
+            let act = if act == "gelu" { "gelu_new" } else { act };
+            GluConfig::new(hidden, intermediate)
+                .with_activation(parse_act(act, "feed_forward_proj").map_err(&fail)?)
+                .with_layout(WeightLayout::T5)
+        } else {
+            let hidden = size_field(obj, "hidden_size").map_err(&fail)?;
+            let intermediate = size_field(obj, "intermediate_size").map_err(&fail)?;
+            let activation = match str_field(obj, "hidden_activation").map_err(&fail)? {
+                Some(name) => parse_act(name, "hidden_activation").map_err(&fail)?,
+                None => match str_field(obj, "hidden_act").map_err(&fail)? {
+                    // Gemma's first checkpoints say `gelu` but were trained with the tanh form;
+                    // transformers reads it so.
+                    Some("gelu") if model_type == "gemma" => Activation::GeluTanh,
+                    Some(name) => parse_act(name, "hidden_act").map_err(&fail)?,
+                    None => Activation::Silu,
+                },
+            };
+            let bias = match obj.get("mlp_bias") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(fail(format!(
+                        "`mlp_bias` must be true or false, found {}",
+                        kind_of(other)
+                    )))
+                }
+            };
+            let layout = match model_type {
+                "phi3" => WeightLayout::Phi3,
+                "mixtral" => WeightLayout::Mixtral,
+                _ => WeightLayout::Llama,
+            };
+            GluConfig::new(hidden, intermediate)
+                .with_activation(activation)
+                .with_bias(bias)
+                .with_layout(layout)
+        };
+        validate_sizes(cfg.hidden_size, cfg.intermediate_size, path)?;
+        Ok(cfg)
+    }
+}
+
+fn validate_sizes(hidden: usize, intermediate: usize, path: Option<&Path>) -> Result<()> {
+    let fail = |message: String| {
+        Err(Error::InvalidConfig {
+            path: path.map(PathBuf::from),
+            message,
+        })
+    };
+    for (field, value) in [("hidden size", hidden), ("intermediate size", intermediate)] {
+        if value == 0 {
+            return fail(format!("the {field} is 0, expected at least 1"));
+        }
+        if value > MAX_DIM {
+            return fail(format!(
+                "the {field} is {value}, larger than the {MAX_DIM} any real model uses"
+            ));
+        }
+    }
+    if hidden * intermediate > MAX_PROJECTION_ELEMENTS {
+        return fail(format!(
+            "hidden size {hidden} × intermediate size {intermediate} is more than \
+             {MAX_PROJECTION_ELEMENTS} weights per projection"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_act(name: &str, field: &str) -> std::result::Result<Activation, String> {
+    name.parse::<Activation>()
+        .map_err(|e| format!("`{field}`: {e}"))
+}
+
+fn size_field(obj: &Map<String, Value>, field: &str) -> std::result::Result<usize, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(format!("missing `{field}`")),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| {
+                format!(
+                    "`{field}` must be a non-negative integer, found {}",
+                    kind_of(v)
+                )
+            }),
+    }
+}
+
+fn str_field<'a>(
+    obj: &'a Map<String, Value>,
+    field: &str,
+) -> std::result::Result<Option<&'a str>, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(format!("`{field}` must be a string, found {}", kind_of(v))),
+    }
+}
+
+/// A short description of a JSON value for error messages: its type and, for scalars, the value.
+fn kind_of(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("`{b}`"),
+        Value::Number(n) => format!("`{n}`"),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<GluConfig> {
+        GluConfig::from_hf_json(json)
+    }
+
+    #[test]
+    fn llama_style() {
+        let cfg = parse(
+            r#"{"model_type":"llama","hidden_size":576,"intermediate_size":1536,
+                "hidden_act":"silu","mlp_bias":false}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg, GluConfig::new(576, 1536));
+        let cfg = parse(r#"{"hidden_size":8,"intermediate_size":16,"mlp_bias":true}"#).unwrap();
+        assert!(cfg.bias);
+        assert_eq!(cfg.activation, Activation::Silu);
+    }
+
+    #[test]
+    fn gemma_prefers_hidden_activation_and_reads_legacy_gelu_as_tanh() {
+        let cfg = parse(
+            r#"{"model_type":"gemma2","hidden_size":8,"intermediate_size":16,
+                "hidden_act":"gelu","hidden_activation":"gelu_pytorch_tanh"}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.activation, Activation::GeluTanh);
+        let legacy = r#"{"model_type":"gemma","hidden_size":8,"intermediate_size":16,
+                         "hidden_act":"gelu"}"#;
+        assert_eq!(parse(legacy).unwrap().activation, Activation::GeluTanh);
+        let llama_gelu = r#"{"model_type":"llama","hidden_size":8,"intermediate_size":16,
+                             "hidden_act":"gelu"}"#;
+        assert_eq!(parse(llama_gelu).unwrap().activation, Activation::Gelu);
+    }
+
+    #[test]
+    fn t5_gated_acts() {
+        let cfg =
+            parse(r#"{"model_type":"t5","d_model":8,"d_ff":16,"feed_forward_proj":"gated-gelu"}"#)
+                .unwrap();
+        assert_eq!(cfg.activation, Activation::GeluTanh);
+        assert_eq!(cfg.layout, WeightLayout::T5);
+        let cfg = parse(r#"{"d_model":8,"d_ff":16,"feed_forward_proj":"gated-silu"}"#).unwrap();
+        assert_eq!(cfg.activation, Activation::Silu);
+        let err = parse(r#"{"model_type":"t5","d_model":8,"d_ff":16,"feed_forward_proj":"relu"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not gated"), "{err}");
+    }
+
+    #[test]
+    fn layouts_follow_model_type() {
+        let phi3 = r#"{"model_type":"phi3","hidden_size":8,"intermediate_size":16}"#;
+        assert_eq!(parse(phi3).unwrap().layout, WeightLayout::Phi3);
+        let mixtral = r#"{"model_type":"mixtral","hidden_size":8,"intermediate_size":16}"#;
+        assert_eq!(parse(mixtral).unwrap().layout, WeightLayout::Mixtral);
+    }
+
+    #[test]
+    fn nested_text_config() {
+        let cfg = parse(
+            r#"{"model_type":"gemma3","text_config":{"model_type":"gemma3_text",
+                "hidden_size":8,"intermediate_size":16,"hidden_activation":"gelu_pytorch_tanh"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.hidden_size, 8);
+        assert_eq!(cfg.activation, Activation::GeluTanh);
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            ("{", "invalid JSON"),
+            ("[1]", "expected a JSON object, found an array"),
+            (r#"{"intermediate_size":16}"#, "missing `hidden_size`"),
+            (r#"{"hidden_size":8}"#, "missing `intermediate_size`"),
+            (
+                r#"{"hidden_size":-8,"intermediate_size":16}"#,
+                "`hidden_size` must be a non-negative integer, found `-8`",
+            ),
+            (
+                r#"{"hidden_size":"8","intermediate_size":16}"#,
+                "found the string \"8\"",
+            ),
+            (
+                r#"{"hidden_size":8.5,"intermediate_size":16}"#,
+                "found `8.5`",
+            ),
+            (
+                r#"{"hidden_size":0,"intermediate_size":16}"#,
+                "hidden size is 0",
+            ),
+            (
+                r#"{"hidden_size":8,"intermediate_size":1000000000000}"#,
+                "intermediate size is 1000000000000",
+            ),
+            (
+                r#"{"hidden_size":8,"intermediate_size":16,"hidden_act":"swiglu"}"#,
+                "`hidden_act`: unknown activation `swiglu`",
+            ),
+            (
+                r#"{"hidden_size":8,"intermediate_size":16,"hidden_act":3}"#,
+                "`hidden_act` must be a string",
+            ),
+            (
+                r#"{"hidden_size":8,"intermediate_size":16,"mlp_bias":"no"}"#,
+                "`mlp_bias` must be true or false",
+            ),
+            (
+                r#"{"hidden_size":1048576,"intermediate_size":1048576}"#,
+                "weights per projection",
+            ),
+        ];
+        for (json, want) in cases {
+            let err = parse(json).unwrap_err().to_string();
+            assert!(err.contains(want), "{json}: {err}");
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The crate's error type.
+//!
+//! Tensor-level calls (`GluFeedForward::new`, `forward`) return [`candle_core::Result`] so that `?`
+//! works inside a candle model; they wrap an [`Error`] from this module, whose message is kept.
+//! Config and loading calls return [`Result`] directly.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in this crate, one variant per failure.
+///
+/// Messages are lowercase, name the file, tensor, field or value at fault, and say what was
+/// expected and what was found.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An activation name that is not one of the Hugging Face `hidden_act` names we know.
+    #[error("unknown activation `{name}`, expected one of: {}", crate::Activation::NAMES.join(", "))]
+    UnknownActivation {
+        /// The name that was given.
+        name: String,
+    },
+
+    /// A weight layout name that is not known.
+    #[error("unknown weight layout `{name}`, expected one of: {}", crate::WeightLayout::NAMES.join(", "))]
+    UnknownLayout {
+        /// The name that was given.
+        name: String,
+    },
+
+    /// A tensor the layout needs is not in the checkpoint.
+    #[error("missing tensor `{name}`{}", found_hint(.found))]
+    MissingTensor {
+        /// The full name that was looked for.
+        name: String,
+        /// Names that do exist nearby (same prefix, or the closest by spelling).
+        found: Vec<String>,
+    },
+
+    /// A tensor whose shape does not match the config.
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}{}", shape_hint(.expected, .found))]
+    ShapeMismatch {
+        /// The full tensor name.
+        name: String,
+        /// The shape the config implies, PyTorch's `[out, in]` for weights.
+        expected: Vec<usize>,
+        /// The shape stored in the checkpoint.
+        found: Vec<usize>,
+    },
+
+    /// Bias tensors that disagree with the config: some projections have one and others not, or
+    /// the checkpoint has biases that the config says are absent.
+    #[error("{message}")]
+    Bias {
+        /// What is wrong, naming the tensors.
+        message: String,
+    },
+
+    /// An input whose last dimension is not the hidden size, or which has no dimension at all.
+    #[error("input of shape {shape:?} does not end in the hidden size {hidden_size}")]
+    InputShape {
+        /// The input's shape.
+        shape: Vec<usize>,
+        /// The hidden size the layer expects as the last dimension.
+        hidden_size: usize,
+    },
+
+    /// An input tensor that is not floating point.
+    #[error("input has dtype {dtype:?}, expected a floating-point dtype (f32, f16, bf16 or f64)")]
+    InputDtype {
+        /// The input's dtype.
+        dtype: candle_core::DType,
+    },
+
+    /// A config that cannot describe a gated feed-forward block.
+    #[error("invalid config{}: {message}", origin(.path))]
+    InvalidConfig {
+        /// The `config.json` it came from, if any.
+        path: Option<PathBuf>,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+
+    /// A file that could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A JSON file that does not parse.
+    #[error("{}: invalid JSON: {source}", .path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error, with line and column.
+        source: serde_json::Error,
+    },
+
+    /// An error from candle itself.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(e) => e,
+            // Not `Error::wrap`, which appends a backtrace to the message when RUST_BACKTRACE is
+            // set: our messages already say where the problem is.
+            e => candle_core::Error::Wrapped(Box::new(e)),
+        }
+    }
+}
+
+fn found_hint(found: &[String]) -> String {
+    if found.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = found.iter().map(|n| format!("`{n}`")).collect();
+        format!("; closest names that exist: {}", names.join(", "))
+    }
+}
+
+fn shape_hint(expected: &[usize], found: &[usize]) -> &'static str {
+    let mut reversed = found.to_vec();
+    reversed.reverse();
+    if expected.len() == 2 && reversed == expected && expected[0] != expected[1] {
+        " (it looks transposed: weights are stored as PyTorch's [out, in])"
+    } else {
+        ""
+    }
+}
+
+fn origin(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(p) => format!(" in {}", p.display()),
+        None => String::new(),
+    }
+}

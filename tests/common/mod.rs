@@ -1,0 +1,97 @@
+//! Helpers shared by the integration tests: the PyTorch fixtures made by
+//! `scripts/make_fixtures.py`, and error measures against a float64 truth.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+/// `tests/fixtures/parity/manifest.json`.
+#[derive(Debug, Deserialize)]
+pub struct Manifest {
+    pub torch: String,
+    pub transformers: String,
+    pub cases: Vec<Case>,
+}
+
+/// One transformers module, its weights and its outputs.
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub module: String,
+    pub prefix: String,
+    pub layout: String,
+    pub activation: String,
+    pub bias: bool,
+    pub hidden: usize,
+    pub intermediate: usize,
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn manifest() -> Manifest {
+    let path = fixtures().join("parity/manifest.json");
+    let text = std::fs::read_to_string(&path).expect("read manifest.json");
+    serde_json::from_str(&text).expect("parse manifest.json")
+}
+
+impl Case {
+    pub fn dir(&self) -> PathBuf {
+        fixtures().join("parity").join(&self.name)
+    }
+
+    /// The checkpoint's tensors as a `VarBuilder` in `dtype`.
+    pub fn var_builder(&self, dtype: DType) -> candle_nn::VarBuilder<'static> {
+        let bytes = std::fs::read(self.dir().join("model.safetensors")).expect("read weights");
+        candle_nn::VarBuilder::from_buffered_safetensors(bytes, dtype, &Device::Cpu)
+            .expect("weights")
+    }
+
+    /// `x`, `y_f64`, `y_torch_f32`, `y_torch_f16`, `y_torch_bf16`.
+    pub fn io(&self, name: &str) -> Tensor {
+        let io = candle_core::safetensors::load(self.dir().join("io.safetensors"), &Device::Cpu)
+            .expect("read io.safetensors");
+        io.get(name)
+            .unwrap_or_else(|| panic!("{}: no `{name}` in io.safetensors", self.name))
+            .clone()
+    }
+}
+
+/// max |a - b| in float64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// max |t| in float64.
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// max |a - truth| / max |truth|.
+pub fn rel_err(a: &Tensor, truth: &Tensor) -> f64 {
+    max_abs_diff(a, truth) / max_abs(truth)
+}
