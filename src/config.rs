@@ -193,6 +193,20 @@ impl GluConfig {
     }
 }
 
+/// `num_hidden_layers` (or T5's `num_layers`) from a `config.json`, if it has one.
+pub(crate) fn num_layers_in_file(path: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let root: Value = serde_json::from_str(&text).ok()?;
+    let obj = match root.get("text_config") {
+        Some(text) if root.get("num_hidden_layers").is_none() => text,
+        _ => &root,
+    };
+    ["num_hidden_layers", "num_layers", "n_layer"]
+        .iter()
+        .find_map(|k| obj.get(*k)?.as_u64())
+        .and_then(|n| usize::try_from(n).ok())
+}
+
 fn validate_sizes(hidden: usize, intermediate: usize, path: Option<&Path>) -> Result<()> {
     let fail = |message: String| {
         Err(Error::InvalidConfig {

@@ -80,6 +80,43 @@ pub enum Error {
         message: String,
     },
 
+    /// A weights, index or GGUF file that is malformed: truncated, a corrupt header, offsets
+    /// past the end, overlapping tensors, shards outside the index's directory.
+    #[error("{}: {message}", .path.display())]
+    InvalidFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// A tensor stored as integers where float weights are expected.
+    #[error("tensor `{name}` is stored as {dtype:?}, expected a float dtype")]
+    TensorDtype {
+        /// The full tensor name.
+        name: String,
+        /// The stored dtype.
+        dtype: candle_core::DType,
+    },
+
+    /// A layer index the checkpoint has no FFN weights for.
+    #[error("layer {layer} is not in this checkpoint{}: it holds layers {}", model_layers(.num_layers), list_layers(.present))]
+    LayerOutOfRange {
+        /// The layer asked for.
+        layer: usize,
+        /// The model's layer count, when its config says.
+        num_layers: Option<usize>,
+        /// The layers whose FFN weights are present.
+        present: Vec<usize>,
+    },
+
+    /// A device that cannot be opened, or an unknown device name.
+    #[error("{message}")]
+    Device {
+        /// What is missing: the cargo feature, the driver, or the device.
+        message: String,
+    },
+
     /// A file that could not be read or written.
     #[error("{}: {source}", .path.display())]
     Io {
@@ -96,6 +133,16 @@ pub enum Error {
         path: PathBuf,
         /// The parser's error, with line and column.
         source: serde_json::Error,
+    },
+
+    /// The Hugging Face Hub, or its cache offline, could not provide a file; or a repo id,
+    /// revision or shard name that cannot be fetched.
+    #[error("hub repo `{repo}`: {message}")]
+    Hub {
+        /// The repository id, as given.
+        repo: String,
+        /// What went wrong, naming the file, the revision and, offline, the cache directory.
+        message: String,
     },
 
     /// An error from candle itself.
@@ -134,6 +181,19 @@ fn shape_hint(expected: &[usize], found: &[usize]) -> &'static str {
     } else {
         ""
     }
+}
+
+fn model_layers(n: &Option<usize>) -> String {
+    n.map(|n| format!(" (the model has {n} layers)"))
+        .unwrap_or_default()
+}
+
+fn list_layers(present: &[usize]) -> String {
+    if present.is_empty() {
+        return "none".into();
+    }
+    let names: Vec<String> = present.iter().map(usize::to_string).collect();
+    names.join(", ")
 }
 
 fn origin(path: &Option<PathBuf>) -> String {

@@ -1,5 +1,6 @@
 //! [`GluFeedForward`], the gated feed-forward block `FFN(x) = W2 · (σ(x·W) ⊙ x·V)`.
 
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
@@ -12,13 +13,26 @@ use crate::{Activation, Error, GluConfig, WeightLayout};
 pub enum Projection {
     /// A dense weight in any float dtype, as a [`candle_nn::Linear`].
     Dense(Linear),
+    /// A quantized weight (GGUF), multiplied by candle's [`QMatMul`] in f32.
+    Quantized {
+        /// The quantized weight, `[out, in]`.
+        weight: QMatMul,
+        /// The bias, if any, in f32.
+        bias: Option<Tensor>,
+    },
 }
 
 impl Projection {
+    /// A quantized projection.
+    pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Projection::Quantized { weight, bias }
+    }
+
     /// The dense layer, if this projection is dense.
     pub fn as_linear(&self) -> Option<&Linear> {
         match self {
             Projection::Dense(linear) => Some(linear),
+            Projection::Quantized { .. } => None,
         }
     }
 
@@ -26,6 +40,10 @@ impl Projection {
     pub fn weight_dims(&self) -> &[usize] {
         match self {
             Projection::Dense(linear) => linear.weight().dims(),
+            Projection::Quantized { weight, .. } => match weight {
+                QMatMul::QTensor(q) => q.shape().dims(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims(),
+            },
         }
     }
 
@@ -33,21 +51,33 @@ impl Projection {
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             Projection::Dense(linear) => linear.bias(),
+            Projection::Quantized { bias, .. } => bias.as_ref(),
         }
     }
 
-    /// The dtype inputs are computed in.
+    /// The dtype inputs are computed in: the weight's for dense projections, f32 for quantized
+    /// ones.
     pub fn dtype(&self) -> DType {
         match self {
             Projection::Dense(linear) => linear.weight().dtype(),
+            Projection::Quantized { .. } => DType::F32,
         }
     }
 
     /// The device the weight lives on.
-    pub fn device(&self) -> &Device {
+    pub fn device(&self) -> Device {
         match self {
-            Projection::Dense(linear) => linear.weight().device(),
+            Projection::Dense(linear) => linear.weight().device().clone(),
+            Projection::Quantized { weight, .. } => match weight {
+                QMatMul::QTensor(q) => q.device(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
+            },
         }
+    }
+
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Projection::Quantized { .. })
     }
 }
 
@@ -55,6 +85,13 @@ impl Module for Projection {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Projection::Dense(linear) => linear.forward(xs),
+            Projection::Quantized { weight, bias } => {
+                let ys = weight.forward(xs)?;
+                match bias {
+                    Some(b) => ys.broadcast_add(b),
+                    None => Ok(ys),
+                }
+            }
         }
     }
 }
@@ -203,7 +240,7 @@ impl GluFeedForward {
     }
 
     /// The device the weights live on.
-    pub fn device(&self) -> &Device {
+    pub fn device(&self) -> Device {
         self.down_proj.device()
     }
 

@@ -152,6 +152,21 @@ impl WeightLayout {
         format!("model.layers.{layer}.block_sparse_moe.experts.{expert}")
     }
 
+    /// The layer a tensor name belongs to in this layout's naming: `Some(3)` for
+    /// `model.layers.3.mlp.gate_proj.weight` in the Llama layout.
+    pub fn layer_of(&self, name: &str) -> Option<usize> {
+        // Split the template around a marker layer number.
+        let template = self.layer_prefix(usize::MAX);
+        let (before, after) = template.split_once(&usize::MAX.to_string())?;
+        let rest = name.strip_prefix(before)?;
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let layer = rest[..digits].parse().ok()?;
+        rest[digits..]
+            .strip_prefix(after)?
+            .starts_with('.')
+            .then_some(layer)
+    }
+
     /// Finds the layout whose weights all exist, given a test for names relative to the
     /// block's prefix (e.g. `|n| vb.contains_tensor(n)`). Layouts are tried in the order of
     /// [`ALL`](Self::ALL); `None` when no layout is complete.
@@ -237,5 +252,23 @@ mod tests {
             "model.layers.1.block_sparse_moe.experts.7"
         );
         assert_eq!(WeightLayout::Llama.expert_prefix(1, 7), None);
+        let llama = WeightLayout::Llama;
+        assert_eq!(
+            llama.layer_of("model.layers.12.mlp.up_proj.weight"),
+            Some(12)
+        );
+        assert_eq!(
+            llama.layer_of("model.layers.12.self_attn.q_proj.weight"),
+            None
+        );
+        assert_eq!(llama.layer_of("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(
+            WeightLayout::Gguf.layer_of("blk.29.ffn_down.weight"),
+            Some(29)
+        );
+        assert_eq!(
+            WeightLayout::T5.layer_of("encoder.block.5.layer.1.DenseReluDense.wo.weight"),
+            Some(5)
+        );
     }
 }

@@ -32,12 +32,21 @@
 
 pub mod activation;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod ffn;
 pub mod layout;
+pub mod loading;
 
 pub use activation::Activation;
 pub use config::GluConfig;
 pub use error::{Error, Result};
 pub use ffn::{GluFeedForward, Projection};
 pub use layout::WeightLayout;
+#[cfg(feature = "hub")]
+pub use loading::hub::{fetch_model, HubOptions};
+
+// The README's examples compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -95,3 +95,36 @@ pub fn max_abs(t: &Tensor) -> f64 {
 pub fn rel_err(a: &Tensor, truth: &Tensor) -> f64 {
     max_abs_diff(a, truth) / max_abs(truth)
 }
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF that `scripts/fetch_smollm2.sh` caches. Panics, saying
+/// how to get it, when it is absent: tests that need it never pass without it.
+pub fn smollm2_gguf() -> PathBuf {
+    let name = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os("CANDLE_GLU_GGUF") {
+        tried.push(PathBuf::from(p));
+    }
+    if let Some(dir) = std::env::var_os("CANDLE_GLU_CACHE") {
+        tried.push(PathBuf::from(dir).join(name));
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    if let Some(cache) = cache {
+        tried.push(cache.join("candle-glu").join(name));
+    }
+    for path in &tried {
+        if path.is_file() {
+            return path.clone();
+        }
+    }
+    panic!(
+        "the SmolLM2 GGUF is not there (looked at {tried:?}): run scripts/fetch_smollm2.sh, \
+         or set CANDLE_GLU_GGUF to its path"
+    );
+}
+
+/// The repository's embedded weights directory.
+pub fn embedded_weights() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
+}

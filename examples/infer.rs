@@ -1,0 +1,516 @@
+//! Runs one `GluFeedForward` from a checkpoint on an input and reports what came out.
+//!
+//! ```text
+//! cargo run --release --example infer                      # the embedded SmolLM2 FFN, layer 0
+//! cargo run --release --example infer -- --layer 15 --dtype bf16 --tokens 128 --bench 20
+//! cargo run --release --example infer -- --weights model.gguf --layer 3 --json
+//! cargo run --release --example infer -- --weights ./t5-dir \
+//!     --prefix encoder.block.0.layer.1.DenseReluDense --input x.safetensors --output y.safetensors
+//! ```
+//!
+//! Every bad flag, file or input prints one line starting with `error:` and exits non-zero.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_glu::device::{device_name, DeviceChoice};
+use candle_glu::loading::{Checkpoint, Format, LoadOptions};
+use candle_glu::{Activation, GluConfig, GluFeedForward, WeightLayout};
+use clap::Parser;
+
+/// The weights shipped in the repository: two SmolLM2-135M-Instruct FFN layers.
+const EMBEDDED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights");
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "infer",
+    about = "Run one gated feed-forward block (GluFeedForward) from a checkpoint",
+    after_help = "With no arguments, runs the embedded SmolLM2-135M FFN (layer 0) on a seeded random input."
+)]
+struct Args {
+    /// Safetensors file, checkpoint directory, model.safetensors.index.json, .gguf file, or
+    /// Hugging Face Hub repo id. Default: the embedded weights/ model.
+    #[arg(long, value_name = "PATH or REPO_ID")]
+    weights: Option<String>,
+    /// Hub revision: branch, tag or commit.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Resolve Hub repos from the local cache only (also when HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    /// Which layer's FFN.
+    #[arg(long, default_value_t = 0)]
+    layer: usize,
+    /// Explicit tensor-name prefix, e.g. `model.layers.3.mlp`. Overrides --layer.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Weight layout: auto, llama, phi3, t5, mixtral or gguf.
+    #[arg(long, default_value = "auto", value_parser = parse_layout)]
+    layout: LayoutArg,
+    /// Gate activation, a Hugging Face name. Default: from config.json, else silu.
+    #[arg(long, value_parser = parse_activation)]
+    activation: Option<Activation>,
+    /// Device: cpu, cuda, metal or auto.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceChoice,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
+    /// GGUF only: dequantize the weights to --dtype instead of keeping them quantized.
+    #[arg(long)]
+    dequantize: bool,
+    /// Safetensors file holding a tensor `x` of shape [..., hidden], any float dtype.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Tokens per sequence of the random input (when there is no --input).
+    #[arg(long, default_value_t = 8)]
+    tokens: usize,
+    /// Sequences in the random input.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Seed of the random input.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write `y` as f32 safetensors, with the same leading shape as `x`.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Time N runs after a warm-up: median latency, tokens/s, GFLOP/s.
+    #[arg(long, value_name = "N")]
+    bench: Option<usize>,
+    /// Print one JSON object on stdout instead of the human summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--layout`: a layout, or `None` for auto-detection.
+#[derive(Debug, Clone, Copy)]
+struct LayoutArg(Option<WeightLayout>);
+
+fn parse_layout(s: &str) -> std::result::Result<LayoutArg, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(LayoutArg(None));
+    }
+    s.parse()
+        .map(|l| LayoutArg(Some(l)))
+        .map_err(|e: candle_glu::Error| format!("{e}, or auto"))
+}
+
+fn parse_activation(s: &str) -> std::result::Result<Activation, String> {
+    s.parse().map_err(|e: candle_glu::Error| e.to_string())
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
+    s.parse().map_err(|e: candle_glu::Error| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("unknown dtype `{s}`, expected f32, f16 or bf16")),
+    }
+}
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's own message, on one line.
+            let text = e.render().to_string();
+            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            eprintln!("{}", line.trim());
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&args) {
+        // candle appends a backtrace to some messages when RUST_BACKTRACE is set: one line only.
+        let text = format!("{e:#}");
+        eprintln!("error: {}", text.lines().next().unwrap_or(""));
+        std::process::exit(1);
+    }
+}
+
+/// What the run did, for the summary and `--json`.
+struct Report {
+    model: String,
+    format: &'static str,
+    prefix: String,
+    cfg: GluConfig,
+    quantized: bool,
+    device: String,
+    dtype: DType,
+    input_shape: Vec<usize>,
+    output_shape: Vec<usize>,
+    stats: Stats,
+    first_ms: f64,
+    bench: Option<Bench>,
+    output: Option<PathBuf>,
+}
+
+struct Stats {
+    mean: f64,
+    std: f64,
+    min: f64,
+    max: f64,
+    abs_sum: f64,
+}
+
+struct Bench {
+    runs: usize,
+    median_ms: f64,
+    tokens_per_s: f64,
+    gflops: f64,
+}
+
+fn run(args: &Args) -> Result<()> {
+    let device = args.device.device()?;
+    let (ckpt, model) = open_weights(args)?;
+    let quantized = ckpt.format() == Format::Gguf && !args.dequantize;
+
+    let layout = match args.layout.0 {
+        Some(layout) => layout,
+        None => detect_layout(&ckpt, args)?,
+    };
+    let prefix = args
+        .prefix
+        .clone()
+        .unwrap_or_else(|| layout.layer_prefix(args.layer));
+    if args.prefix.is_none() {
+        if let Some(n) = ckpt.num_layers().filter(|&n| args.layer >= n) {
+            bail!(
+                "--layer {} is out of range: the model has {n} layers (0..={})",
+                args.layer,
+                n - 1
+            );
+        }
+    }
+    let activation = args
+        .activation
+        .or_else(|| ckpt.config().map(|c| c.activation))
+        .unwrap_or(Activation::Silu);
+    let cfg = match ckpt.config() {
+        Some(cfg) => cfg.clone().with_layout(layout).with_activation(activation),
+        None => ckpt.infer_config(&prefix, layout, activation)?,
+    };
+    let opts = LoadOptions::new(args.dtype, device.clone()).with_quantized(quantized);
+    let ffn = match &args.prefix {
+        Some(prefix) => ckpt.load_ffn(&cfg, prefix, &opts)?,
+        None => ckpt.load_layer(&cfg, args.layer, &opts)?,
+    };
+
+    let x = match &args.input {
+        Some(path) => read_input(path, &device)?,
+        None => random_input(args, cfg.hidden_size, &device)?,
+    };
+    let x = x.to_dtype(args.dtype)?;
+    let start = Instant::now();
+    let y = ffn.forward(&x)?;
+    device.synchronize()?;
+    let first_ms = start.elapsed().as_secs_f64() * 1e3;
+
+    let bench = match args.bench {
+        Some(0) => bail!("--bench needs at least 1 run"),
+        Some(runs) => Some(bench(&ffn, &x, runs, &device)?),
+        None => None,
+    };
+    if let Some(path) = &args.output {
+        write_output(path, &y)?;
+    }
+    let report = Report {
+        model,
+        format: match ckpt.format() {
+            Format::Gguf => "gguf",
+            _ => "safetensors",
+        },
+        prefix,
+        cfg,
+        quantized,
+        device: device_name(&device),
+        dtype: if quantized { DType::F32 } else { args.dtype },
+        input_shape: x.dims().to_vec(),
+        output_shape: y.dims().to_vec(),
+        stats: stats(&y)?,
+        first_ms,
+        bench,
+        output: args.output.clone(),
+    };
+    if args.json {
+        println!("{}", to_json(&report));
+    } else {
+        print_summary(&report);
+    }
+    Ok(())
+}
+
+/// Opens `--weights`: a path if it exists, else a Hub repo id.
+fn open_weights(args: &Args) -> Result<(Checkpoint, String)> {
+    let Some(weights) = &args.weights else {
+        let ckpt = Checkpoint::open(EMBEDDED)?;
+        return Ok((ckpt, "SmolLM2-135M-Instruct FFN (embedded weights/)".into()));
+    };
+    let path = Path::new(weights);
+    if path.exists() {
+        return Ok((Checkpoint::open(path)?, weights.clone()));
+    }
+    let looks_like_path = weights.starts_with(['.', '/', '~'])
+        || [".safetensors", ".gguf", ".json"]
+            .iter()
+            .any(|e| weights.ends_with(e))
+        || weights.matches('/').count() != 1;
+    if looks_like_path {
+        bail!("{weights}: no such file or directory");
+    }
+    open_hub(weights, args)
+}
+
+#[cfg(feature = "hub")]
+fn open_hub(repo: &str, args: &Args) -> Result<(Checkpoint, String)> {
+    use candle_glu::loading::hub::HubOptions;
+    let opts = HubOptions::new()
+        .with_revision(args.revision.clone())
+        .with_offline(args.offline)
+        .with_progress(!args.json);
+    let ckpt = Checkpoint::from_hub(repo, &opts)?;
+    Ok((ckpt, format!("{repo}@{}", args.revision)))
+}
+
+#[cfg(not(feature = "hub"))]
+fn open_hub(repo: &str, _: &Args) -> Result<(Checkpoint, String)> {
+    bail!("{repo}: no such file or directory (and this build has no Hub support: feature `hub`)")
+}
+
+/// The layout of the block at `--prefix`, or of layer `--layer` in any layout's naming.
+fn detect_layout(ckpt: &Checkpoint, args: &Args) -> Result<WeightLayout> {
+    if let Some(prefix) = &args.prefix {
+        return ckpt.detect_layout(prefix).ok_or_else(|| {
+            anyhow!(
+                "no gated FFN weights under prefix `{prefix}` in any known layout ({}); \
+                 check the prefix, or pass --layout",
+                WeightLayout::NAMES.join(", ")
+            )
+        });
+    }
+    if ckpt.format() == Format::Gguf {
+        return Ok(WeightLayout::Gguf);
+    }
+    if let Some(layout) = ckpt.config().map(|c| c.layout) {
+        if !ckpt.layers(layout).is_empty() {
+            return Ok(layout);
+        }
+    }
+    WeightLayout::ALL
+        .into_iter()
+        .find(|l| !ckpt.layers(*l).is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "found no layer's FFN weights in any known layout ({}); pass --prefix",
+                WeightLayout::NAMES.join(", ")
+            )
+        })
+}
+
+fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| {
+        anyhow!(
+            "{}: {}",
+            path.display(),
+            e.to_string().lines().next().unwrap_or("")
+        )
+    })?;
+    let x = tensors
+        .get("x")
+        .ok_or_else(|| anyhow!("{}: no tensor named `x`", path.display()))?;
+    if !x.dtype().is_float() {
+        bail!(
+            "{}: `x` has dtype {:?}, expected a float dtype",
+            path.display(),
+            x.dtype()
+        );
+    }
+    Ok(x.clone())
+}
+
+/// A reproducible standard-normal input, the same on every device (SplitMix64 + Box-Muller).
+fn random_input(args: &Args, hidden: usize, device: &Device) -> Result<Tensor> {
+    let n = args
+        .batch
+        .checked_mul(args.tokens)
+        .and_then(|n| n.checked_mul(hidden))
+        .filter(|&n| n <= 1 << 31)
+        .ok_or_else(|| {
+            anyhow!(
+                "--batch {} × --tokens {} is too large",
+                args.batch,
+                args.tokens
+            )
+        })?;
+    let mut state = args.seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u, v) = (next().max(f64::MIN_POSITIVE), next());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(
+        data,
+        (args.batch, args.tokens, hidden),
+        device,
+    )?)
+}
+
+fn bench(ffn: &GluFeedForward, x: &Tensor, runs: usize, device: &Device) -> Result<Bench> {
+    ffn.forward(x)?; // warm-up
+    device.synchronize()?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        ffn.forward(x)?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[runs / 2];
+    let cfg = ffn.config();
+    let tokens = x.elem_count() / cfg.hidden_size;
+    // Three [H, I] matmuls, two flops per multiply-add.
+    let flops = 6.0 * tokens as f64 * cfg.hidden_size as f64 * cfg.intermediate_size as f64;
+    Ok(Bench {
+        runs,
+        median_ms: median * 1e3,
+        tokens_per_s: tokens as f64 / median,
+        gflops: flops / median / 1e9,
+    })
+}
+
+/// Writes `y` as f32 through a temporary file renamed into place, so that a failure or an
+/// interruption never leaves a partial output.
+fn write_output(path: &Path, y: &Tensor) -> Result<()> {
+    let y = y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("--output {}: not a file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
+    let result = y
+        .save_safetensors("y", &tmp)
+        .map_err(|e| {
+            anyhow!(
+                "--output {}: {}",
+                path.display(),
+                e.to_string().lines().next().unwrap_or("")
+            )
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("--output {}", path.display()))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn stats(y: &Tensor) -> Result<Stats> {
+    let v: Vec<f64> = y.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    Ok(Stats {
+        mean,
+        std: var.sqrt(),
+        min: v.iter().copied().fold(f64::INFINITY, f64::min),
+        max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        abs_sum: v.iter().map(|x| x.abs()).sum(),
+    })
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+fn print_summary(r: &Report) {
+    let c = &r.cfg;
+    println!("model       {}", r.model);
+    println!(
+        "block       {} ({} layout, {})",
+        r.prefix, c.layout, r.format
+    );
+    println!(
+        "config      hidden {}, intermediate {}, activation {} ({}), bias {}",
+        c.hidden_size,
+        c.intermediate_size,
+        c.activation,
+        c.activation.glu_variant(),
+        c.bias
+    );
+    let weights = if r.quantized {
+        " (weights quantized, QMatMul)"
+    } else {
+        ""
+    };
+    println!("device      {}, {}{weights}", r.device, dtype_name(r.dtype));
+    println!("input       {:?}", r.input_shape);
+    println!("output      {:?}", r.output_shape);
+    let s = &r.stats;
+    println!(
+        "y stats     mean {:+.6}, std {:.6}, min {:+.6}, max {:+.6}, sum|y| {:.4}",
+        s.mean, s.std, s.min, s.max, s.abs_sum
+    );
+    println!("time        {:.3} ms (first call)", r.first_ms);
+    if let Some(b) = &r.bench {
+        println!(
+            "bench       {} runs: median {:.3} ms, {:.0} tokens/s, {:.1} GFLOP/s",
+            b.runs, b.median_ms, b.tokens_per_s, b.gflops
+        );
+    }
+    if let Some(path) = &r.output {
+        println!("wrote       {} (y, f32)", path.display());
+    }
+}
+
+fn to_json(r: &Report) -> serde_json::Value {
+    let c = &r.cfg;
+    serde_json::json!({
+        "model": r.model,
+        "format": r.format,
+        "prefix": r.prefix,
+        "layout": c.layout.to_string(),
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "activation": c.activation.to_string(),
+        "bias": c.bias,
+        "quantized": r.quantized,
+        "device": r.device,
+        "dtype": dtype_name(r.dtype),
+        "input_shape": r.input_shape,
+        "output_shape": r.output_shape,
+        "stats": {
+            "mean": r.stats.mean, "std": r.stats.std, "min": r.stats.min,
+            "max": r.stats.max, "abs_sum": r.stats.abs_sum,
+        },
+        "first_ms": r.first_ms,
+        "bench": r.bench.as_ref().map(|b| serde_json::json!({
+            "runs": b.runs, "median_ms": b.median_ms,
+            "tokens_per_s": b.tokens_per_s, "gflops": b.gflops,
+        })),
+        "output": r.output.as_ref().map(|p| p.display().to_string()),
+    })
+}

@@ -1,0 +1,145 @@
+//! Choosing a candle [`Device`] that never surprises: `auto` picks CUDA, then Metal, then the
+//! CPU; asking for a backend this build or machine lacks is an error that says what is missing.
+//!
+//! ```rust
+//! use candle_glu::device::DeviceChoice;
+//! let dev = "cpu".parse::<DeviceChoice>()?.device()?;
+//! assert!(dev.is_cpu());
+//! # Ok::<(), candle_glu::Error>(())
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+/// Which device to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DeviceChoice {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU; needs the `cuda` feature and the NVIDIA driver.
+    Cuda,
+    /// The default Metal GPU; needs the `metal` feature and macOS.
+    Metal,
+    /// CUDA if this build has it and a GPU answers, else Metal likewise, else the CPU.
+    Auto,
+}
+
+impl DeviceChoice {
+    /// The names [`FromStr`] accepts.
+    pub const NAMES: &'static [&'static str] = &["cpu", "cuda", "metal", "auto"];
+
+    /// Opens the device.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when the build lacks the backend's feature or no such device answers.
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda => cuda(),
+            DeviceChoice::Metal => metal(),
+            DeviceChoice::Auto => Ok(cuda().or_else(|_| metal()).unwrap_or(Device::Cpu)),
+        }
+    }
+}
+
+fn cuda() -> Result<Device> {
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Device {
+            message: "cuda was asked for but this build has no CUDA support: rebuild with \
+                      `--features cuda`"
+                .into(),
+        });
+    }
+    Device::new_cuda(0).map_err(|e| Error::Device {
+        message: format!(
+            "cuda was asked for but no CUDA GPU answered (is the NVIDIA driver installed?): {}",
+            first_line(&e.to_string())
+        ),
+    })
+}
+
+fn metal() -> Result<Device> {
+    if !cfg!(feature = "metal") {
+        return Err(Error::Device {
+            message: "metal was asked for but this build has no Metal support: rebuild with \
+                      `--features metal` on macOS"
+                .into(),
+        });
+    }
+    Device::new_metal(0).map_err(|e| Error::Device {
+        message: format!(
+            "metal was asked for but no Metal GPU answered: {}",
+            first_line(&e.to_string())
+        ),
+    })
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+            DeviceChoice::Metal => "metal",
+            DeviceChoice::Auto => "auto",
+        })
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            "metal" => Ok(DeviceChoice::Metal),
+            "auto" => Ok(DeviceChoice::Auto),
+            _ => Err(Error::Device {
+                message: format!(
+                    "unknown device `{s}`, expected one of: {}",
+                    Self::NAMES.join(", ")
+                ),
+            }),
+        }
+    }
+}
+
+/// A short name for a device: `cpu`, `cuda:0`, `metal`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_auto_falls_back() {
+        for name in DeviceChoice::NAMES {
+            assert_eq!(name.parse::<DeviceChoice>().unwrap().to_string(), *name);
+        }
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+        // Without GPU features (or a GPU), auto is the CPU.
+        if !cfg!(any(feature = "cuda", feature = "metal")) {
+            assert!(DeviceChoice::Auto.device().unwrap().is_cpu());
+            let err = DeviceChoice::Cuda.device().unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+            let err = DeviceChoice::Metal.device().unwrap_err().to_string();
+            assert!(err.contains("--features metal"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,815 @@
+//! Fetching a model repository from the [Hugging Face Hub](https://huggingface.co).
+//!
+//! [`fetch_model`] downloads (or, offline, finds in the local cache) what a
+//! [`GluFeedForward`](crate::GluFeedForward) needs from a model repository — `config.json` and the
+//! safetensors weights, single-file or sharded — and returns the local snapshot directory that
+//! holds them, ready for a directory loader.
+//!
+//! The cache is the one shared with Python's `huggingface_hub` and candle's examples
+//! (`<cache>/models--<org>--<name>/{refs,snapshots,blobs}`), so a model downloaded by either is
+//! found here without another download.
+//!
+//! ```no_run
+//! use candle_glu::{fetch_model, HubOptions};
+//! # fn main() -> candle_glu::Result<()> {
+//! let dir = fetch_model(
+//!     "HuggingFaceTB/SmolLM2-135M-Instruct",
+//!     &HubOptions::new().with_progress(true),
+//! )?;
+//! assert!(dir.join("model.safetensors").exists());
+//! # Ok(()) }
+//! ```
+//!
+//! This module is behind the `hub` cargo feature (on by default).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hf_hub::progress::{DownloadEvent, FileStatus, Progress, ProgressEvent, ProgressHandler};
+use hf_hub::repository::RepoTypeModel;
+use hf_hub::{HFClient, HFClientSync, HFError, HFRepositorySync};
+
+use crate::error::{Error, Result};
+
+/// The environment variable that turns offline mode on, as in Python's `huggingface_hub`.
+const OFFLINE_ENV: &str = "HF_HUB_OFFLINE";
+/// The revision used when none is given.
+const DEFAULT_REVISION: &str = "main";
+/// The model config; optional.
+const CONFIG_FILE: &str = "config.json";
+/// Single-file weights.
+const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of sharded weights.
+const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The Hub's limit on the length of a repository name.
+const MAX_REPO_NAME_LEN: usize = 96;
+
+/// Where and how to fetch a repository from the Hugging Face Hub.
+///
+/// Built with [`HubOptions::new`] (or [`Default`]) and the `with_*` setters:
+///
+/// ```
+/// use candle_glu::HubOptions;
+///
+/// let opts = HubOptions::new().with_revision("v1.0").with_offline(true);
+/// assert_eq!(opts.revision.as_deref(), Some("v1.0"));
+/// ```
+///
+/// `Debug` never prints the token, only whether one is set.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub struct HubOptions {
+    /// Branch, tag or commit; `None` means `main`.
+    pub revision: Option<String>,
+    /// Access token; `None` means the usual sources (the `HF_TOKEN` environment variable, the
+    /// file named by `HF_TOKEN_PATH`, the token file under `HF_HOME`).
+    pub token: Option<String>,
+    /// Cache directory; `None` means `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+    /// `~/.cache/huggingface/hub` (`$XDG_CACHE_HOME/huggingface/hub` where that is set).
+    pub cache_dir: Option<PathBuf>,
+    /// Resolve from the local cache only, never the network. Also on when the environment
+    /// variable `HF_HUB_OFFLINE` is `1`, `true`, `yes` or `on` (any case).
+    pub offline: bool,
+    /// Show download progress on stderr.
+    pub progress: bool,
+}
+
+impl fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("revision", &self.revision)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
+            .field("progress", &self.progress)
+            .finish()
+    }
+}
+
+impl HubOptions {
+    /// Options for `main`, the usual token and cache, online, without progress output.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fetch this branch, tag or commit hash instead of `main`.
+    pub fn with_revision(mut self, revision: impl Into<String>) -> Self {
+        self.revision = Some(revision.into());
+        self
+    }
+
+    /// Authenticate with this token (for gated or private repositories) instead of the one
+    /// found in `HF_TOKEN` or the token file.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Use this cache directory instead of the default one.
+    pub fn with_cache_dir(mut self, cache_dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(cache_dir.into());
+        self
+    }
+
+    /// Resolve from the local cache only (`true`), or allow the network (`false`, unless
+    /// `HF_HUB_OFFLINE` is set).
+    pub fn with_offline(mut self, offline: bool) -> Self {
+        self.offline = offline;
+        self
+    }
+
+    /// Show (`true`) or hide download progress on stderr.
+    pub fn with_progress(mut self, progress: bool) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Whether these options, with the process's `HF_HUB_OFFLINE`, mean offline mode.
+    fn is_offline(&self) -> bool {
+        self.offline || offline_from_env(std::env::var(OFFLINE_ENV).ok().as_deref())
+    }
+}
+
+/// Fetches (or finds in the cache, offline) what a [`GluFeedForward`](crate::GluFeedForward)
+/// needs from a model repository on the Hugging Face Hub, and returns the local snapshot
+/// directory that holds it.
+///
+/// `repo_id` is `org/name` (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`) or a bare `name`.
+/// The files fetched are:
+///
+/// - `config.json`, if the repository has one (a repository without it is fine);
+/// - `model.safetensors`, or else `model.safetensors.index.json` and every shard its
+///   `weight_map` lists.
+///
+/// All files come from one commit: the revision is resolved to a commit hash by the first file
+/// fetched, and the rest are fetched at that hash, so a push to the branch in between cannot mix
+/// two versions. Files already in the cache are not downloaded again.
+///
+/// Offline ([`HubOptions::offline`], or `HF_HUB_OFFLINE=1`) nothing is sent over the network:
+/// the revision is looked up in the cache (`refs/<revision>`, or directly `snapshots/<hash>` for
+/// a 40-hex-digit commit hash). Online, a Hub that cannot be reached (connection refused, time
+/// out, 5xx) falls back to the cached copy when there is one.
+///
+/// # Errors
+///
+/// [`Error::Hub`] when:
+/// - `repo_id` or the revision is malformed (empty parts, `..`, characters the Hub does not
+///   allow);
+/// - the repository has neither `model.safetensors` nor `model.safetensors.index.json`, or the
+///   index is not valid JSON with a `weight_map`, or names a shard that is not a plain file name
+///   (`../x`, an absolute path, a name with a path separator), or names a shard that is missing;
+/// - offline, a file is not in the cache (the message gives the cache directory and says what is
+///   missing: the repository, the ref, the snapshot or the file);
+/// - online, the Hub refuses access (gated or private repository, bad token), cannot be reached
+///   with nothing cached, or a download fails.
+///
+/// [`Error::Io`] when the index cannot be read, [`Error::Json`] when it does not parse.
+///
+/// # Blocking
+///
+/// The call blocks until every file is there. It may be made from inside an async runtime
+/// (the downloads run on a runtime thread of their own), but it then blocks that runtime's
+/// thread: wrap it in `tokio::task::spawn_blocking` there.
+pub fn fetch_model(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
+    validate_repo_id(repo_id)?;
+    let revision = opts.revision.as_deref().unwrap_or(DEFAULT_REVISION);
+    validate_revision(repo_id, revision)?;
+    let mut fetcher = Fetcher::new(repo_id, revision, opts)?;
+
+    // config.json first: small, and it pins the commit for the weights.
+    fetcher.fetch(CONFIG_FILE)?;
+
+    match fetcher.fetch(WEIGHTS_FILE)? {
+        Lookup::Found(_) => {}
+        Lookup::Missing { .. } => match fetcher.fetch(INDEX_FILE)? {
+            Lookup::Found(index) => {
+                for shard in shard_names(repo_id, revision, &index)? {
+                    if let Lookup::Missing { not_cached } = fetcher.fetch(&shard)? {
+                        return Err(fetcher.missing(
+                            &shard,
+                            not_cached,
+                            &format!("and `{INDEX_FILE}` lists it as a shard"),
+                        ));
+                    }
+                }
+            }
+            Lookup::Missing { not_cached } => {
+                return Err(fetcher.missing(
+                    WEIGHTS_FILE,
+                    not_cached,
+                    &format!("and `{INDEX_FILE}` (sharded weights) is missing too"),
+                ));
+            }
+        },
+    }
+
+    fetcher.snapshot.ok_or_else(|| {
+        // Unreachable: the weights were found, so a snapshot directory was recorded.
+        hub_error(repo_id, "no snapshot directory was resolved".to_string())
+    })
+}
+
+/// Whether a value of `HF_HUB_OFFLINE` turns offline mode on: `1`, `true`, `yes` or `on`, in any
+/// case, as in Python's `huggingface_hub`.
+pub(crate) fn offline_from_env(value: Option<&str>) -> bool {
+    value.is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
+/// The result of looking for one file.
+enum Lookup {
+    /// The file's path in the snapshot directory.
+    Found(PathBuf),
+    /// The file is not there: offline and not cached (`not_cached`), or the Hub (or a cached
+    /// "does not exist" marker) says the repository has no such file at this revision.
+    Missing {
+        /// Offline and not in the cache, rather than known not to exist.
+        not_cached: bool,
+    },
+}
+
+/// One `fetch_model` call: the client, and the commit and snapshot directory once known.
+struct Fetcher<'a> {
+    repo_id: &'a str,
+    /// The revision asked for.
+    revision: &'a str,
+    /// The commit hash the first file resolved to; later files are fetched at it.
+    pinned: Option<String>,
+    /// The snapshot directory of the first file found.
+    snapshot: Option<PathBuf>,
+    repo: HFRepositorySync<RepoTypeModel>,
+    cache_dir: PathBuf,
+    endpoint: String,
+    offline: bool,
+    progress: bool,
+}
+
+impl<'a> Fetcher<'a> {
+    fn new(repo_id: &'a str, revision: &'a str, opts: &HubOptions) -> Result<Self> {
+        let mut builder = HFClient::builder();
+        if let Some(dir) = &opts.cache_dir {
+            builder = builder.cache_dir(dir.clone());
+        }
+        if let Some(token) = &opts.token {
+            builder = builder.token(token.clone());
+        }
+        let client = builder.build().map_err(|e| {
+            hub_error(
+                repo_id,
+                format!("cannot set up the hub client: {}", chain(&e)),
+            )
+        })?;
+        let cache_dir = client.cache_dir().to_path_buf();
+        let endpoint = client.endpoint().to_string();
+        let client = HFClientSync::from_inner(client).map_err(|e| {
+            hub_error(
+                repo_id,
+                format!("cannot start the hub client: {}", chain(&e)),
+            )
+        })?;
+        let (owner, name) = hf_hub::split_id(repo_id);
+        Ok(Self {
+            repo_id,
+            revision,
+            pinned: None,
+            snapshot: None,
+            repo: client.model(owner, name),
+            cache_dir,
+            endpoint,
+            offline: opts.is_offline(),
+            progress: opts.progress,
+        })
+    }
+
+    /// The revision to ask for: the pinned commit once known, else the one asked for.
+    fn effective_revision(&self) -> &str {
+        self.pinned.as_deref().unwrap_or(self.revision)
+    }
+
+    /// Downloads `file`, or finds it in the cache; records the snapshot directory.
+    fn fetch(&mut self, file: &str) -> Result<Lookup> {
+        let progress =
+            (self.progress && !self.offline).then(|| Progress::new(StderrProgress::new(file)));
+        let result = self
+            .repo
+            .download_file()
+            .filename(file)
+            .revision(self.effective_revision().to_string())
+            .local_files_only(self.offline)
+            .maybe_progress(progress)
+            .send();
+        let path = match result {
+            Ok(path) => path,
+            Err(HFError::LocalEntryNotFound { .. }) => {
+                return Ok(Lookup::Missing { not_cached: true })
+            }
+            Err(HFError::EntryNotFound { .. }) => return Ok(Lookup::Missing { not_cached: false }),
+            Err(e) => return Err(self.download_error(file, &e)),
+        };
+        self.record(file, &path)?;
+        Ok(Lookup::Found(path))
+    }
+
+    /// Pins the commit and snapshot directory on the first file found, and checks later ones
+    /// landed in the same directory.
+    fn record(&mut self, file: &str, path: &Path) -> Result<()> {
+        let Some(dir) = path.parent() else {
+            return Err(hub_error(
+                self.repo_id,
+                format!(
+                    "`{file}` resolved to {}, which has no parent directory",
+                    path.display()
+                ),
+            ));
+        };
+        match &self.snapshot {
+            None => {
+                let hash = dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .filter(|n| is_commit_hash(n));
+                self.pinned = hash.map(str::to_string);
+                self.snapshot = Some(dir.to_path_buf());
+            }
+            Some(snapshot) if snapshot != dir => {
+                return Err(hub_error(
+                    self.repo_id,
+                    format!(
+                        "`{file}` resolved to {}, outside the snapshot {} of the other files",
+                        path.display(),
+                        snapshot.display()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The error for a file that must exist and does not: `context` says why it is needed.
+    fn missing(&self, file: &str, not_cached: bool, context: &str) -> Error {
+        let revision = self.revision;
+        if not_cached {
+            let where_ = self.cache_dir.join(repo_folder(self.repo_id));
+            return hub_error(
+                self.repo_id,
+                format!(
+                    "`{file}` (revision `{revision}`) is not in the cache at {} ({}), {context}; \
+                     offline mode is on (HubOptions::offline or {OFFLINE_ENV}), so the hub was not asked",
+                    where_.display(),
+                    self.cache_miss_detail(),
+                ),
+            );
+        }
+        let source = if self.offline {
+            "the cache records that the hub has no such file".to_string()
+        } else {
+            format!("{} has no such file", self.endpoint)
+        };
+        hub_error(
+            self.repo_id,
+            format!(
+                "`{file}` does not exist at revision `{revision}` ({source}; check the repo id and \
+                 revision), {context}"
+            ),
+        )
+    }
+
+    /// Says which part of the cache is missing: the repository, the ref, the snapshot or the
+    /// file itself.
+    fn cache_miss_detail(&self) -> String {
+        let repo_dir = self.cache_dir.join(repo_folder(self.repo_id));
+        if !repo_dir.is_dir() {
+            return "the repository was never downloaded there".to_string();
+        }
+        let hash = match &self.pinned {
+            Some(hash) => hash.clone(),
+            None if is_commit_hash(self.revision) => self.revision.to_string(),
+            None => {
+                let ref_file = repo_dir.join("refs").join(self.revision);
+                match std::fs::read_to_string(&ref_file) {
+                    Ok(hash) => hash.trim().to_string(),
+                    Err(_) => {
+                        return format!(
+                            "the revision was never downloaded: no ref file {}",
+                            ref_file.display()
+                        )
+                    }
+                }
+            }
+        };
+        if !repo_dir.join("snapshots").join(&hash).is_dir() {
+            return format!("commit {hash} has no snapshot directory");
+        }
+        format!("snapshot {hash} lacks the file")
+    }
+
+    /// The error for a failed download: says which file, revision and endpoint, and what to do
+    /// for access errors.
+    fn download_error(&self, file: &str, e: &HFError) -> Error {
+        let revision = self.revision;
+        let hint = match e {
+            HFError::AuthRequired { context }
+                if context.error_code.as_deref() == Some("RepoNotFound") =>
+            {
+                "; the repository does not exist, or it is private and no valid token was given \
+                 (HubOptions::with_token or HF_TOKEN)"
+            }
+            HFError::AuthRequired { .. } | HFError::Forbidden { .. } => {
+                "; the repository may be gated or private: accept its terms on the hub and pass a \
+                 token (HubOptions::with_token or HF_TOKEN)"
+            }
+            HFError::RepoNotFound { .. } => "; check the repo id",
+            HFError::RevisionNotFound { .. } => "; check the revision",
+            HFError::Request { .. } => {
+                "; is the network up? set HF_HUB_OFFLINE=1 to use the cache only"
+            }
+            _ => "",
+        };
+        // `HFError::Request` repeats the URL that reqwest's message already has.
+        let cause = match e {
+            HFError::Request { source, .. } => chain(source),
+            e => chain(e),
+        };
+        hub_error(
+            self.repo_id,
+            format!(
+                "could not fetch `{file}` (revision `{revision}`) from {}: {cause}{hint}",
+                self.endpoint,
+            ),
+        )
+    }
+}
+
+/// Reads the shard names from a `model.safetensors.index.json`: the distinct values of its
+/// `weight_map`, in order, each checked to be a plain file name.
+fn shard_names(repo_id: &str, revision: &str, index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(hub_error(
+            repo_id,
+            format!("`{INDEX_FILE}` (revision `{revision}`) has no `weight_map` object"),
+        ));
+    };
+    let mut shards = BTreeSet::new();
+    for (tensor, shard) in map {
+        let Some(shard) = shard.as_str() else {
+            return Err(hub_error(
+                repo_id,
+                format!(
+                    "`{INDEX_FILE}` (revision `{revision}`) maps tensor `{tensor}` to {shard}, \
+                     expected a file name string"
+                ),
+            ));
+        };
+        if !super::is_plain_file_name(shard) {
+            return Err(hub_error(
+                repo_id,
+                format!(
+                    "`{INDEX_FILE}` (revision `{revision}`) names shard `{shard}` (for tensor \
+                     `{tensor}`), which is not a plain file name in the repository; refusing to \
+                     fetch it"
+                ),
+            ));
+        }
+        shards.insert(shard.to_string());
+    }
+    if shards.is_empty() {
+        return Err(hub_error(
+            repo_id,
+            format!("`{INDEX_FILE}` (revision `{revision}`) has an empty `weight_map`"),
+        ));
+    }
+    Ok(shards.into_iter().collect())
+}
+
+/// Checks a repository id: `org/name` or `name`, as the Hub allows them.
+fn validate_repo_id(repo_id: &str) -> Result<()> {
+    let fail = |why: &str| {
+        Err(hub_error(
+            repo_id,
+            format!("invalid repo id: {why}; expected `org/name` or `name`, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`"),
+        ))
+    };
+    let parts: Vec<&str> = repo_id.split('/').collect();
+    if parts.len() > 2 {
+        return fail("it has more than one `/`");
+    }
+    for part in &parts {
+        if part.is_empty() {
+            return fail("it has an empty part");
+        }
+        if part.len() > MAX_REPO_NAME_LEN {
+            return fail(&format!(
+                "a part is longer than {MAX_REPO_NAME_LEN} characters"
+            ));
+        }
+        if let Some(c) = part
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return fail(&format!(
+                "`{}` is not allowed (only letters, digits, `-`, `_` and `.`)",
+                c.escape_default()
+            ));
+        }
+        if part.contains("..") || part.contains("--") {
+            return fail("`..` and `--` are not allowed");
+        }
+        if part.starts_with(['-', '.']) || part.ends_with(['-', '.']) {
+            return fail("a part starts or ends with `-` or `.`");
+        }
+    }
+    Ok(())
+}
+
+/// Checks a revision: a branch, tag or commit, which becomes a path under `refs/` in the cache,
+/// so it must not climb out of it.
+fn validate_revision(repo_id: &str, revision: &str) -> Result<()> {
+    let bad = revision.is_empty()
+        || revision.starts_with('/')
+        || revision.ends_with('/')
+        || revision.contains(['\\', '\0'])
+        || revision.chars().any(char::is_control)
+        || revision
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        return Err(hub_error(
+            repo_id,
+            format!(
+                "invalid revision `{}`: expected a branch, tag or commit hash, without empty, \
+                 `.` or `..` path parts",
+                revision.escape_default()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A full 40-hex-digit commit hash, which the cache keeps snapshots under.
+fn is_commit_hash(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The cache folder of a model repository: `models--<org>--<name>`.
+fn repo_folder(repo_id: &str) -> String {
+    format!("models--{}", repo_id.replace('/', "--"))
+}
+
+fn hub_error(repo: &str, message: String) -> Error {
+    Error::Hub {
+        repo: repo.to_string(),
+        message,
+    }
+}
+
+/// An error's message followed by those of its sources, skipping repeats (reqwest's message does
+/// not include the "connection refused" underneath it).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// Download progress for one file on stderr: a line redrawn in place on a terminal, a line per
+/// 10% otherwise. Files served from the cache print nothing.
+struct StderrProgress {
+    file: String,
+    tty: bool,
+    state: Mutex<BarState>,
+}
+
+#[derive(Default)]
+struct BarState {
+    total: u64,
+    done: u64,
+    /// Something was printed, so `Complete` prints the final line.
+    shown: bool,
+    last_draw: Option<Instant>,
+    last_tenth: u64,
+    /// `done` when the last line was written (without a terminal).
+    printed: u64,
+}
+
+impl StderrProgress {
+    fn new(file: &str) -> Self {
+        Self {
+            file: file.to_string(),
+            tty: std::io::stderr().is_terminal(),
+            state: Mutex::new(BarState::default()),
+        }
+    }
+
+    fn line(&self, s: &BarState) -> String {
+        let pct = if s.total > 0 {
+            format!(" ({:.0}%)", 100.0 * s.done as f64 / s.total as f64)
+        } else {
+            String::new()
+        };
+        format!(
+            "{}: {} / {}{pct}",
+            self.file,
+            human_bytes(s.done),
+            human_bytes(s.total)
+        )
+    }
+
+    fn update(&self, s: &mut BarState, done: u64, total: u64) {
+        if total > 0 {
+            s.total = total;
+        }
+        s.done = done.max(s.done);
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let now = Instant::now();
+            if s.last_draw
+                .is_some_and(|t| now.duration_since(t) < Duration::from_millis(200))
+            {
+                return;
+            }
+            s.last_draw = Some(now);
+            let _ = write!(err, "\r{}\x1b[K", self.line(s));
+        } else {
+            let tenth = s.done.saturating_mul(10).checked_div(s.total).unwrap_or(0);
+            if s.shown && tenth <= s.last_tenth {
+                return;
+            }
+            s.last_tenth = tenth;
+            s.printed = s.done;
+            let _ = writeln!(err, "{}", self.line(s));
+        }
+        s.shown = true;
+    }
+}
+
+impl ProgressHandler for StderrProgress {
+    fn on_progress(&self, event: &ProgressEvent) {
+        let ProgressEvent::Download(event) = event else {
+            return;
+        };
+        let Ok(mut s) = self.state.lock() else {
+            return;
+        };
+        match event {
+            DownloadEvent::Start { total_bytes, .. } => s.total = *total_bytes,
+            DownloadEvent::Progress { files } => {
+                for f in files {
+                    // A cache hit reports `Complete` alone; only real transfers are drawn.
+                    if f.status != FileStatus::Complete || s.shown {
+                        self.update(&mut s, f.bytes_completed, f.total_bytes);
+                    }
+                }
+            }
+            DownloadEvent::AggregateProgress {
+                bytes_completed,
+                total_bytes,
+                ..
+            } => self.update(&mut s, *bytes_completed, *total_bytes),
+            DownloadEvent::Complete => {
+                // Without a terminal the last 10% line may already say 100%.
+                if s.shown && (self.tty || s.printed < s.total.max(s.done)) {
+                    s.done = s.total.max(s.done);
+                    let line = self.line(&s);
+                    let mut err = std::io::stderr().lock();
+                    let _ = if self.tty {
+                        writeln!(err, "\r{line}\x1b[K")
+                    } else {
+                        writeln!(err, "{line}")
+                    };
+                }
+                s.shown = false;
+            }
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if n >= 1024 * 1024 * 1024 {
+        format!("{:.2} GiB", n as f64 / (MIB * 1024.0))
+    } else if n >= 1024 * 1024 {
+        format!("{:.1} MiB", n as f64 / MIB)
+    } else if n >= 1024 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{n} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offline_env_values() {
+        for on in ["1", "true", "TRUE", "yes", "Yes", "on", " 1 "] {
+            assert!(
+                offline_from_env(Some(on)),
+                "{on:?} should turn offline mode on"
+            );
+        }
+        for off in ["", "0", "false", "no", "off", "2", "offline"] {
+            assert!(
+                !offline_from_env(Some(off)),
+                "{off:?} should leave offline mode off"
+            );
+        }
+        assert!(!offline_from_env(None));
+    }
+
+    #[test]
+    fn plain_file_names() {
+        for ok in ["model-00001-of-00002.safetensors", "a", ".hidden", "a..b"] {
+            assert!(super::super::is_plain_file_name(ok), "{ok:?}");
+        }
+        for bad in [
+            "", ".", "..", "../x", "/abs", "a/b", "a\\b", "C:x", "nul\0", "./x",
+        ] {
+            assert!(!super::super::is_plain_file_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn repo_ids() {
+        for ok in [
+            "gpt2",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "org/a.b_c-d",
+            "a/b",
+        ] {
+            assert!(validate_repo_id(ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "/",
+            "a/",
+            "/a",
+            "a/b/c",
+            "..",
+            "a/..",
+            "a/b..c",
+            "a--b/c",
+            "-a/b",
+            "a/b.",
+            "a b",
+            "a/b?",
+            "ünï/code",
+        ] {
+            assert!(validate_repo_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_repo_id(&"a".repeat(97)).is_err());
+    }
+
+    #[test]
+    fn revisions() {
+        for ok in ["main", "v1.0", "refs/pr/1", "feature/x", &"a".repeat(40)] {
+            assert!(validate_revision("r", ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "..",
+            "../main",
+            "a/../../b",
+            "/abs",
+            "a/",
+            "a//b",
+            "a\\b",
+            "a\nb",
+            "./a",
+        ] {
+            assert!(validate_revision("r", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(270 * 1024 * 1024), "270.0 MiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.00 GiB");
+    }
+}

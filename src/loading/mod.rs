@@ -1,0 +1,487 @@
+//! From bytes on disk to a [`GluFeedForward`]: safetensors files, checkpoint directories,
+//! sharded indexes, GGUF files and Hugging Face Hub repositories.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//! use candle_glu::loading::{Checkpoint, LoadOptions};
+//! # fn main() -> candle_glu::Result<()> {
+//! // A directory as transformers writes it: config.json + model.safetensors (or an index).
+//! let ckpt = Checkpoint::open("weights")?;
+//! let cfg = ckpt.config().cloned().expect("config.json");
+//! let opts = LoadOptions::new(DType::BF16, Device::Cpu);
+//! let ffn = ckpt.load_layer(&cfg, 15, &opts)?;
+//! # Ok(()) }
+//! ```
+
+mod gguf;
+#[cfg(feature = "hub")]
+pub mod hub;
+mod safetensors;
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+pub use self::gguf::GgufStore;
+pub use self::safetensors::SafetensorsStore;
+use crate::layout::GateUpNames;
+use crate::{Error, GluConfig, GluFeedForward, Projection, Result, WeightLayout};
+
+/// The file formats a [`Checkpoint`] can be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Format {
+    /// One or more safetensors files.
+    Safetensors,
+    /// A llama.cpp GGUF file.
+    Gguf,
+}
+
+/// How to materialise a block's weights.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// The dtype weights are computed in; they are converted from whatever is stored.
+    pub dtype: DType,
+    /// Where the weights go.
+    pub device: Device,
+    /// GGUF only: keep the weights quantized and multiply with candle's `QMatMul` (which computes
+    /// in f32) instead of dequantizing them to `dtype`. Default `true`.
+    pub quantized: bool,
+}
+
+impl LoadOptions {
+    /// Weights in `dtype` on `device`; GGUF weights stay quantized.
+    pub fn new(dtype: DType, device: Device) -> Self {
+        Self {
+            dtype,
+            device,
+            quantized: true,
+        }
+    }
+
+    /// Sets whether GGUF weights stay quantized.
+    pub fn with_quantized(mut self, quantized: bool) -> Self {
+        self.quantized = quantized;
+        self
+    }
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self::new(DType::F32, Device::Cpu)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Store {
+    Safetensors(Arc<SafetensorsStore>),
+    Gguf(Arc<GgufStore>),
+}
+
+/// An opened checkpoint: its tensor table, and its config when it has one.
+///
+/// Headers are read when it is opened; tensor data only when a block is loaded.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    path: PathBuf,
+    store: Store,
+    config: Option<GluConfig>,
+    num_layers: Option<usize>,
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint: a safetensors file, a `model.safetensors.index.json`, a `.gguf` file,
+    /// or a directory holding `model.safetensors`, `model.safetensors.index.json` or one
+    /// `.gguf` file. A `config.json` beside the weights is read too.
+    ///
+    /// # Errors
+    /// A path that does not exist, a directory without weights, a file that is not a valid
+    /// safetensors, index or GGUF file, or an invalid `config.json`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (weights, dir) = if meta.is_dir() {
+            (find_weights(path)?, path.to_path_buf())
+        } else {
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            (path.to_path_buf(), dir)
+        };
+        let name = weights.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name == "config.json" {
+            return Err(Error::InvalidFile {
+                path: weights,
+                message: "this is a config, not weights: pass the directory that holds it".into(),
+            });
+        }
+        let store = if name.ends_with(".json") {
+            Store::Safetensors(Arc::new(SafetensorsStore::open_index(&weights)?))
+        } else if name.ends_with(".gguf") || has_gguf_magic(&weights) {
+            Store::Gguf(Arc::new(GgufStore::open(&weights)?))
+        } else {
+            Store::Safetensors(Arc::new(SafetensorsStore::open_file(&weights)?))
+        };
+        let (config, num_layers) = match &store {
+            Store::Gguf(g) => (g.config(), g.num_layers()),
+            Store::Safetensors(_) => {
+                let config_path = dir.join("config.json");
+                if config_path.is_file() {
+                    let cfg = GluConfig::from_hf_config_file(&config_path)?;
+                    (Some(cfg), crate::config::num_layers_in_file(&config_path))
+                } else {
+                    (None, None)
+                }
+            }
+        };
+        Ok(Self {
+            path: weights,
+            store,
+            config,
+            num_layers,
+        })
+    }
+
+    /// Downloads a model repository from the Hugging Face Hub (or finds it in the local cache)
+    /// and opens it; see [`hub::fetch_model`].
+    ///
+    /// # Errors
+    /// As [`hub::fetch_model`] and [`open`](Self::open).
+    #[cfg(feature = "hub")]
+    pub fn from_hub(repo_id: &str, opts: &hub::HubOptions) -> Result<Self> {
+        Self::open(hub::fetch_model(repo_id, opts)?)
+    }
+
+    /// The weights file (or index) that was opened.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file format.
+    pub fn format(&self) -> Format {
+        match self.store {
+            Store::Safetensors(_) => Format::Safetensors,
+            Store::Gguf(_) => Format::Gguf,
+        }
+    }
+
+    /// The block config from `config.json`, or from a GGUF file's metadata.
+    pub fn config(&self) -> Option<&GluConfig> {
+        self.config.as_ref()
+    }
+
+    /// The model's number of layers, from `config.json` or GGUF metadata, when it says.
+    pub fn num_layers(&self) -> Option<usize> {
+        self.num_layers
+    }
+
+    /// Every tensor name, sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        match &self.store {
+            Store::Safetensors(s) => s.names().collect(),
+            Store::Gguf(g) => g.names(),
+        }
+    }
+
+    /// A tensor's stored shape, PyTorch order.
+    pub fn tensor_shape(&self, name: &str) -> Option<&[usize]> {
+        match &self.store {
+            Store::Safetensors(s) => s.shape(name),
+            Store::Gguf(g) => g.shape(name),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensor_shape(name).is_some()
+    }
+
+    /// The layout whose weights all exist under `prefix`.
+    pub fn detect_layout(&self, prefix: &str) -> Option<WeightLayout> {
+        WeightLayout::detect(|name| self.contains(&join(prefix, name)))
+    }
+
+    /// The layers whose FFN weights exist in `layout`'s naming, sorted.
+    pub fn layers(&self, layout: WeightLayout) -> Vec<usize> {
+        let gate = layout.names().all()[0];
+        let mut layers: Vec<usize> = self
+            .tensor_names()
+            .iter()
+            .filter_map(|n| layout.layer_of(n))
+            .filter(|&l| self.contains(&format!("{}.{gate}.weight", layout.layer_prefix(l))))
+            .collect();
+        layers.sort_unstable();
+        layers.dedup();
+        layers
+    }
+
+    /// The sizes of the block under `prefix`, read off its weights' shapes, and whether it has
+    /// biases; σ is `activation`. For checkpoints without a `config.json`.
+    ///
+    /// # Errors
+    /// A missing gate or down weight, or shapes that are not a gated FFN's.
+    pub fn infer_config(
+        &self,
+        prefix: &str,
+        layout: WeightLayout,
+        activation: crate::Activation,
+    ) -> Result<GluConfig> {
+        let names = layout.names();
+        let (gate, rows_per_i) = match names.gate_up {
+            GateUpNames::Split { gate, .. } => (gate, 1),
+            GateUpNames::Fused { gate_up } => (gate_up, 2),
+        };
+        let gate = join(prefix, &format!("{gate}.weight"));
+        let shape = self.require(&gate)?;
+        let [rows, hidden] = shape[..] else {
+            return Err(Error::ShapeMismatch {
+                name: gate,
+                expected: vec![0, 0],
+                found: shape.to_vec(),
+            });
+        };
+        let bias = self.contains(&join(prefix, &format!("{}.bias", names.down)));
+        Ok(GluConfig::new(hidden, rows / rows_per_i)
+            .with_activation(activation)
+            .with_bias(bias)
+            .with_layout(layout))
+    }
+
+    fn require(&self, name: &str) -> Result<&[usize]> {
+        self.tensor_shape(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            found: closest_names(name, self.tensor_names()),
+        })
+    }
+
+    /// A `VarBuilder` over every tensor, converted to `dtype` on `device` (GGUF tensors are
+    /// dequantized).
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = match &self.store {
+            Store::Safetensors(s) => Box::new(s.as_ref().clone()),
+            Store::Gguf(g) => Box::new(gguf::DequantizingBackend(g.clone())),
+        };
+        VarBuilder::from_backend(backend, dtype, device.clone())
+    }
+
+    /// Loads the block whose weights are under `prefix` (e.g. `model.layers.3.mlp`).
+    ///
+    /// # Errors
+    /// A missing tensor (with the closest names that exist), a wrong shape, biases that do not
+    /// agree with `cfg`, a quantized GGUF block with biases.
+    pub fn load_ffn(
+        &self,
+        cfg: &GluConfig,
+        prefix: &str,
+        opts: &LoadOptions,
+    ) -> Result<GluFeedForward> {
+        cfg.validate()?;
+        for name in cfg.layout.names().all() {
+            self.require(&join(prefix, &format!("{name}.weight")))?;
+        }
+        match &self.store {
+            Store::Gguf(g) if opts.quantized => {
+                let load = |name: &str| -> Result<Projection> {
+                    let qt = g.qtensor(&join(prefix, &format!("{name}.weight")), &opts.device)?;
+                    Ok(Projection::quantized(QMatMul::from_qtensor(qt)?, None))
+                };
+                let GateUpNames::Split { gate, up } = cfg.layout.names().gate_up else {
+                    return Err(Error::InvalidConfig {
+                        path: None,
+                        message: "a quantized GGUF block needs split gate and up tensors".into(),
+                    });
+                };
+                if cfg.bias {
+                    return Err(Error::Bias {
+                        message: "quantized GGUF blocks have no biases; use bias = false".into(),
+                    });
+                }
+                let down = cfg.layout.names().down;
+                Ok(GluFeedForward::from_projections(
+                    cfg,
+                    load(gate)?,
+                    load(up)?,
+                    load(down)?,
+                )?)
+            }
+            _ => {
+                let vb = self.var_builder(opts.dtype, &opts.device);
+                Ok(GluFeedForward::new(cfg, vb.pp(prefix))?)
+            }
+        }
+    }
+
+    /// Loads layer `layer`'s block, at `cfg.layout`'s prefix for it.
+    ///
+    /// # Errors
+    /// A layer that is not in the checkpoint (the message lists those that are), else as
+    /// [`load_ffn`](Self::load_ffn).
+    pub fn load_layer(
+        &self,
+        cfg: &GluConfig,
+        layer: usize,
+        opts: &LoadOptions,
+    ) -> Result<GluFeedForward> {
+        let present = self.layers(cfg.layout);
+        if !present.contains(&layer) {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                num_layers: self.num_layers,
+                present,
+            });
+        }
+        self.load_ffn(cfg, &cfg.layout.layer_prefix(layer), opts)
+    }
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// The weights file inside a checkpoint directory.
+fn find_weights(dir: &Path) -> Result<PathBuf> {
+    for name in ["model.safetensors.index.json", "model.safetensors"] {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut candidates: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|e| e == "safetensors" || e == "gguf")
+        })
+        .collect();
+    candidates.sort();
+    match candidates.len() {
+        1 => Ok(candidates.remove(0)),
+        0 => Err(Error::InvalidFile {
+            path: dir.to_path_buf(),
+            message: "the directory holds no model.safetensors, model.safetensors.index.json \
+                      or .gguf file"
+                .into(),
+        }),
+        _ => Err(Error::InvalidFile {
+            path: dir.to_path_buf(),
+            message: format!(
+                "the directory holds several weight files and no index: {}; pass one of them",
+                candidates
+                    .iter()
+                    .filter_map(|p| p.file_name()?.to_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+fn has_gguf_magic(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// A name that stays inside the snapshot directory: one normal path component, no separators
+/// of any platform, not `.` or `..`, not absolute, no NUL.
+pub(crate) fn is_plain_file_name(name: &str) -> bool {
+    let mut components = Path::new(name).components();
+    !name.is_empty()
+        && !name.contains(['/', '\\', ':', '\0'])
+        && matches!(components.next(), Some(Component::Normal(_)))
+        && components.next().is_none()
+        && name != "."
+        && name != ".."
+}
+
+/// The check a `VarBuilder` backend makes before reading: a stored tensor must have the shape
+/// asked for.
+pub(crate) fn check_stored_shape(
+    name: &str,
+    stored: Option<&[usize]>,
+    wanted: &candle_core::Shape,
+) -> candle_core::Result<()> {
+    match stored {
+        Some(found) if found != wanted.dims() => Err(Error::ShapeMismatch {
+            name: name.to_string(),
+            expected: wanted.dims().to_vec(),
+            found: found.to_vec(),
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Up to three names from `names` closest to `wanted`: those sharing its longest prefix, then
+/// by edit distance.
+pub(crate) fn closest_names<'a>(
+    wanted: &str,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let mut scored: Vec<(usize, usize, &str)> = names
+        .into_iter()
+        .map(|n| {
+            let common = wanted
+                .bytes()
+                .zip(n.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            (usize::MAX - common, edit_distance(wanted, n), n)
+        })
+        .collect();
+    scored.sort_unstable();
+    scored
+        .into_iter()
+        .take(3)
+        .map(|(_, _, n)| n.to_string())
+        .collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_names_prefer_the_longest_shared_prefix() {
+        let names = [
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.10.mlp.gate_proj.weight",
+            "lm_head.weight",
+        ];
+        let got = closest_names("model.layers.1.mlp.gate_proj.weight", names);
+        assert_eq!(got[0], "model.layers.10.mlp.gate_proj.weight");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+}

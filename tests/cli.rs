@@ -1,0 +1,307 @@
+//! The example CLI (`examples/infer.rs`) run as a process, as a user runs it.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use common::{manifest, rel_err};
+
+/// `target/<profile>/examples/infer`, which `cargo test` builds beside the test binaries.
+fn infer() -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("infer{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: `cargo test` builds it; or run `cargo build --examples`",
+        bin.display()
+    );
+    let mut cmd = Command::new(bin);
+    cmd.env("RUST_BACKTRACE", "1"); // errors must still be one line
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    infer().args(args).output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A failure: non-zero exit, one line on stderr that contains `want`, no panic.
+fn fails(args: &[&str], want: &str) {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line:\n{err}"
+    );
+    assert!(err.contains(want), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn no_arguments_runs_the_embedded_model() {
+    let text = stdout(&run(&[]));
+    for want in [
+        "SmolLM2-135M-Instruct",
+        "model.layers.0.mlp (llama layout, safetensors)",
+        "hidden 576, intermediate 1536, activation silu (SwiGLU)",
+        "cpu, f32",
+        "input       [1, 8, 576]",
+        "output      [1, 8, 576]",
+        "y stats",
+        "ms (first call)",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn json_output() {
+    let args = [
+        "--layer", "15", "--dtype", "bf16", "--tokens", "5", "--batch", "2", "--bench", "3",
+        "--json",
+    ];
+    let json: serde_json::Value = serde_json::from_str(&stdout(&run(&args))).unwrap();
+    assert_eq!(json["prefix"], "model.layers.15.mlp");
+    assert_eq!(json["dtype"], "bf16");
+    assert_eq!(json["activation"], "silu");
+    assert_eq!(json["input_shape"], serde_json::json!([2, 5, 576]));
+    assert_eq!(json["output_shape"], serde_json::json!([2, 5, 576]));
+    assert_eq!(json["bench"]["runs"], 3);
+    assert!(json["bench"]["median_ms"].as_f64().unwrap() > 0.0);
+    assert!(json["stats"]["std"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn seeded_input_is_reproducible() {
+    let a = stdout(&run(&["--json", "--seed", "7"]));
+    let b = stdout(&run(&["--json", "--seed", "7"]));
+    let c = stdout(&run(&["--json", "--seed", "8"]));
+    let stats = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["stats"].clone();
+    assert_eq!(stats(&a), stats(&b));
+    assert_ne!(stats(&a), stats(&c));
+}
+
+/// Runs a fixture through the CLI with `--input` and `--output` and checks `y` against
+/// PyTorch's float64 output.
+fn fixture_through_cli(name: &str, extra: &[&str]) {
+    let case = manifest()
+        .cases
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("y.safetensors");
+    let io = case.dir().join("io.safetensors");
+    let weights = case.dir();
+    let mut args = vec![
+        "--weights",
+        weights.to_str().unwrap(),
+        "--prefix",
+        &case.prefix,
+        "--input",
+        io.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let text = stdout(&run(&args));
+    assert!(
+        text.contains(&format!("wrote       {}", out.display())),
+        "{text}"
+    );
+    let y = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["y"].clone();
+    assert_eq!(y.dtype(), DType::F32);
+    assert_eq!(y.dims(), &[2, 5, 72]);
+    let err = rel_err(&y, &case.io("y_f64"));
+    assert!(err <= 1e-5, "{name}: {err}");
+    // Nothing but the output is left behind.
+    let left: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![out]);
+}
+
+#[test]
+fn transformers_directories_by_prefix() {
+    // config.json's activation and bias are enough, in every layout.
+    for name in [
+        "llama_silu",
+        "llama_bias_silu",
+        "gemma_legacy_gelu",
+        "phi3_silu",
+        "t5_gated_gelu",
+        "mixtral_silu",
+    ] {
+        fixture_through_cli(name, &[]);
+    }
+}
+
+#[test]
+fn explicit_layout_and_activation() {
+    fixture_through_cli(
+        "llama_swish_beta",
+        &["--activation", "swish(1.5)", "--layout", "llama"],
+    );
+}
+
+#[test]
+fn gguf_file() {
+    let gguf = common::smollm2_gguf();
+    let text = stdout(&run(&[
+        "--weights",
+        gguf.to_str().unwrap(),
+        "--layer",
+        "29",
+    ]));
+    assert!(text.contains("blk.29 (gguf layout, gguf)"), "{text}");
+    assert!(text.contains("weights quantized, QMatMul"), "{text}");
+    let text = stdout(&run(&[
+        "--weights",
+        gguf.to_str().unwrap(),
+        "--dequantize",
+        "--dtype",
+        "bf16",
+    ]));
+    assert!(
+        text.contains("cpu, bf16") && !text.contains("QMatMul"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_input_last_dimension() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.safetensors");
+    Tensor::zeros((3, 71), DType::F16, &Device::Cpu)
+        .unwrap()
+        .save_safetensors("x", &path)
+        .unwrap();
+    fails(
+        &["--input", path.to_str().unwrap()],
+        "input of shape [3, 71] does not end in the hidden size 576",
+    );
+    Tensor::zeros((3, 576), DType::U8, &Device::Cpu)
+        .unwrap()
+        .save_safetensors("x", &path)
+        .unwrap();
+    fails(
+        &["--input", path.to_str().unwrap()],
+        "`x` has dtype U8, expected a float dtype",
+    );
+    Tensor::zeros((3, 576), DType::F32, &Device::Cpu)
+        .unwrap()
+        .save_safetensors("h", &path)
+        .unwrap();
+    fails(&["--input", path.to_str().unwrap()], "no tensor named `x`");
+}
+
+#[test]
+fn bad_flags_and_files() {
+    fails(
+        &["--weights", "/no/such/model.safetensors"],
+        "/no/such/model.safetensors: no such file or directory",
+    );
+    fails(
+        &["--activation", "swiglu"],
+        "unknown activation `swiglu`, expected one of: silu",
+    );
+    fails(
+        &["--dtype", "f8"],
+        "unknown dtype `f8`, expected f32, f16 or bf16",
+    );
+    fails(&["--layout", "neox"], "unknown weight layout `neox`");
+    fails(&["--device", "tpu"], "unknown device `tpu`");
+    fails(
+        &["--layer", "40"],
+        "--layer 40 is out of range: the model has 30 layers (0..=29)",
+    );
+    fails(
+        &["--layer", "3"],
+        "layer 3 is not in this checkpoint (the model has 30 layers): it holds layers 0, 15",
+    );
+    fails(
+        &["--prefix", "model.layers.0"],
+        "no gated FFN weights under prefix `model.layers.0`",
+    );
+    fails(
+        &["--tokens", "abc"],
+        "invalid value 'abc' for '--tokens <TOKENS>'",
+    );
+    fails(&["--bench", "0"], "--bench needs at least 1 run");
+    fails(&["--frobnicate"], "unexpected argument '--frobnicate'");
+    if !cfg!(feature = "cuda") {
+        fails(&["--device", "cuda"], "rebuild with `--features cuda`");
+    }
+}
+
+#[test]
+fn unwritable_output_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("missing-dir").join("y.safetensors");
+    fails(&["--output", target.to_str().unwrap()], "--output");
+    assert!(!target.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[path = "common/hub_cache.rs"]
+mod hub_cache;
+
+#[test]
+fn hub_repo_from_the_local_cache() {
+    // The embedded weights laid out in a Hugging Face cache, as a download would leave them.
+    let cache = hub_cache::FakeCache::new();
+    let weights = common::embedded_weights();
+    cache.set_ref("main", hub_cache::HASH_MAIN);
+    for file in ["config.json", "model.safetensors"] {
+        cache.add_file(
+            hub_cache::HASH_MAIN,
+            file,
+            &std::fs::read(weights.join(file)).unwrap(),
+        );
+    }
+    let out = infer()
+        .env("HF_HUB_CACHE", cache.root())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["--weights", hub_cache::REPO, "--layer", "15", "--json"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["model"], format!("{}@main", hub_cache::REPO));
+    assert_eq!(json["prefix"], "model.layers.15.mlp");
+    // The same numbers as from the repository's own copy.
+    let local: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["--layer", "15", "--json"]))).unwrap();
+    assert_eq!(json["stats"], local["stats"]);
+
+    let out = infer()
+        .env("HF_HUB_CACHE", cache.root())
+        .args([
+            "--weights",
+            hub_cache::REPO,
+            "--revision",
+            "v9",
+            "--offline",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("v9") && err.contains("offline"), "{err}");
+}
