@@ -35,6 +35,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod ffn;
+mod kernels;
 pub mod layout;
 pub mod loading;
 
