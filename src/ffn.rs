@@ -4,7 +4,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
-use crate::kernels::{self, GateUpOp, LinearOp};
+use crate::kernels::{self, GateUpOp, LinearOp, Q4_1GateUpOp, Q4_1LinearOp};
 use crate::layout::GateUpNames;
 use crate::{Activation, Error, GluConfig, WeightLayout};
 
@@ -289,6 +289,32 @@ impl GluFeedForward {
         Ok(Some(y))
     }
 
+    /// The block through the Q4_1 kernels, when all three weights are GGUF Q4_1 blocks on a CPU
+    /// with AVX-512 and there are no biases. `None` otherwise.
+    fn forward_q4_1(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let q4_1 = |p: &Projection| match p {
+            Projection::Quantized {
+                weight: QMatMul::QTensor(q),
+                bias: None,
+            } => Some(q.clone()),
+            _ => None,
+        };
+        let (Some(wg), Some(wu), Some(wd)) = (
+            q4_1(&self.gate_proj),
+            q4_1(&self.up_proj),
+            q4_1(&self.down_proj),
+        ) else {
+            return Ok(None);
+        };
+        if !kernels::q4_1_available(&[&wg, &wu, &wd]) {
+            return Ok(None);
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let act = self.config.activation;
+        let hidden = x.apply_op1_no_bwd(&Q4_1GateUpOp { wg, wu, act })?;
+        Ok(Some(hidden.apply_op1_no_bwd(&Q4_1LinearOp { w: wd })?))
+    }
+
     /// The block as three projections and the gated product: for quantized weights, GPUs and
     /// CPUs without AVX-512. The gated product is one fused pass where a kernel exists.
     fn forward_unfused(&self, x: &Tensor) -> Result<Tensor> {
@@ -340,7 +366,10 @@ impl Module for GluFeedForward {
         }
         let y = match self.forward_fused(&x)? {
             Some(y) => y,
-            None => self.forward_unfused(&x)?,
+            None => match self.forward_q4_1(&x)? {
+                Some(y) => y,
+                None => self.forward_unfused(&x)?,
+            },
         };
         y.reshape(xs.shape())?.to_dtype(xs.dtype())
     }

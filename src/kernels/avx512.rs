@@ -84,6 +84,68 @@ pub(crate) fn tail_mask(n: usize) -> __mmask16 {
     ((1u32 << n.min(16)) - 1) as __mmask16
 }
 
+/// How a weight matrix's rows are stored: the kernels read 16 values at a time, as f32.
+pub(crate) trait Format: Copy + Send + Sync + 'static {
+    /// The bytes of one row of `k` values.
+    fn row_bytes(k: usize) -> usize;
+    /// Values `[i, i + 16)` of the row at `row`, as f32; `i` is a multiple of 16.
+    unsafe fn load16(row: *const u8, i: usize) -> __m512;
+    /// Values `[i, i + n)`, zeros after; `n < 16`; reads nothing past them.
+    unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512;
+}
+
+/// Plain rows of `T`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dense<T>(std::marker::PhantomData<T>);
+
+impl<T: Element> Format for Dense<T> {
+    fn row_bytes(k: usize) -> usize {
+        k * std::mem::size_of::<T>()
+    }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, i: usize) -> __m512 {
+        load16((row as *const T).add(i))
+    }
+    #[inline(always)]
+    unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512 {
+        load16_mask((row as *const T).add(i), tail_mask(n))
+    }
+}
+
+/// GGUF's Q4_1: blocks of 32 values, each an f16 scale `d`, an f16 minimum `m` and 16 bytes of
+/// 4-bit codes `q` (value `j` in the low nibble of byte `j`, value `16 + j` in its high nibble);
+/// a value is `d·q + m`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Q4_1;
+
+/// Bytes of one Q4_1 block.
+pub(crate) const Q4_1_BLOCK_BYTES: usize = 20;
+
+impl Format for Q4_1 {
+    fn row_bytes(k: usize) -> usize {
+        k / 32 * Q4_1_BLOCK_BYTES
+    }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, i: usize) -> __m512 {
+        let block = row.add(i / 32 * Q4_1_BLOCK_BYTES);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+        let d = _mm512_broadcastss_ps(dm);
+        let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+        let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(4) as *const __m128i));
+        let q = if i.is_multiple_of(32) {
+            _mm512_and_si512(codes, _mm512_set1_epi32(0xf))
+        } else {
+            _mm512_srli_epi32::<4>(codes)
+        };
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m)
+    }
+    #[inline(always)]
+    unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512 {
+        // Rows are whole blocks, so a tail never starts here; keep the contract anyway.
+        _mm512_maskz_mov_ps(tail_mask(n), Self::load16(row, i))
+    }
+}
+
 /// e^x in f32, to about 2 ulp: 2^n · p(r) with x = n·ln2 + r, |r| ≤ ln2/2 (Cephes' expf
 /// polynomial). Saturates to 0 and +inf; NaN stays NaN.
 #[inline(always)]
@@ -275,42 +337,34 @@ pub(crate) unsafe fn dp_kernel<const MR: usize>(
 /// Dot products for few tokens, straight from the weights' own `[out, in]` rows:
 /// `out[t][r] = Σ_k x[t][k] · w[r][k]` for `R` weight rows and `TT` tokens, over `k` values.
 ///
-/// `x` rows are f32, `ldx` apart; weight rows are `T`, given by pointer.
+/// `x` rows are f32, `ldx` apart; weight rows are in format `F`, given by pointer.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub(crate) unsafe fn dot_kernel<T: Element, const R: usize, const TT: usize>(
+pub(crate) unsafe fn dot_kernel<F: Format, const R: usize, const TT: usize>(
     k: usize,
-    w: [*const T; R],
+    w: [*const u8; R],
     x: *const f32,
     ldx: usize,
     out: &mut [[f32; R]; TT],
 ) {
     let mut acc = [[_mm512_setzero_ps(); R]; TT];
     let mut i = 0;
-    while i + 16 <= k {
+    while i < k {
+        let n = (k - i).min(16);
         let mut wv = [_mm512_setzero_ps(); R];
         for (v, row) in wv.iter_mut().zip(&w) {
-            *v = load16(row.add(i));
+            *v = if n == 16 {
+                F::load16(*row, i)
+            } else {
+                F::load16_tail(*row, i, n)
+            };
         }
         for (t, a) in acc.iter_mut().enumerate() {
-            let xv = _mm512_loadu_ps(x.add(t * ldx + i));
+            let xv = _mm512_maskz_loadu_ps(tail_mask(n), x.add(t * ldx + i));
             for (a, v) in a.iter_mut().zip(&wv) {
                 *a = _mm512_fmadd_ps(xv, *v, *a);
             }
         }
         i += 16;
-    }
-    if i < k {
-        let m = tail_mask(k - i);
-        let mut wv = [_mm512_setzero_ps(); R];
-        for (v, row) in wv.iter_mut().zip(&w) {
-            *v = load16_mask(row.add(i), m);
-        }
-        for (t, a) in acc.iter_mut().enumerate() {
-            let xv = _mm512_maskz_loadu_ps(m, x.add(t * ldx + i));
-            for (a, v) in a.iter_mut().zip(&wv) {
-                *a = _mm512_fmadd_ps(xv, *v, *a);
-            }
-        }
     }
     for (o, a) in out.iter_mut().zip(&acc) {
         for (o, a) in o.iter_mut().zip(a) {
@@ -334,7 +388,7 @@ pub(crate) unsafe fn add_assign(dst: *mut f32, src: *const f32, n: usize) {
     }
 }
 
-/// `dst[i] = src[i]` as f32, for `n` values.
+/// `dst[i] = src[i]` as f32, for `n` values (`T` rows of any length).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 pub(crate) unsafe fn widen<T: Element>(src: *const T, dst: *mut f32, n: usize) {
     let mut i = 0;
@@ -399,10 +453,11 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
 }
 
 /// Packs 16 weight rows' values `[k0, k0 + kc)` into `dst[kk * ld + (0..16)]` as f32: a
-/// transpose, 16 × 16 at a time. Rows that are `None` pack as zeros.
+/// transpose, 16 × 16 at a time. `k0` is a multiple of 32. Rows that are `None` pack as zeros.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub(crate) unsafe fn pack16_f32<T: Element>(
-    rows: &[Option<*const T>; 16],
+pub(crate) unsafe fn pack16_f32<F: Format>(
+    rows: &[Option<*const u8>; 16],
+    k0: usize,
     kc: usize,
     dst: *mut f32,
     ld: usize,
@@ -410,14 +465,13 @@ pub(crate) unsafe fn pack16_f32<T: Element>(
     let mut kk = 0;
     while kk < kc {
         let n = (kc - kk).min(16);
-        let m = tail_mask(n);
         let mut r = [_mm512_setzero_ps(); 16];
         for (v, row) in r.iter_mut().zip(rows) {
             if let Some(p) = row {
                 *v = if n == 16 {
-                    load16(p.add(kk))
+                    F::load16(*p, k0 + kk)
                 } else {
-                    load16_mask(p.add(kk), m)
+                    F::load16_tail(*p, k0 + kk, n)
                 };
             }
         }

@@ -5,6 +5,8 @@
 //!   product fused into their epilogue (CPU).
 //! - [`LinearOp`] `(h, W2) → h·W2ᵀ`: the down projection (CPU).
 //! - [`GatedOp`] `(gate, up) → σ(gate) ⊙ up`: the gated product alone, in one pass with f32 math.
+//! - [`Q4_1GateUpOp`] and [`Q4_1LinearOp`]: the same matmuls on GGUF Q4_1 weights read in place
+//!   (candle's own Q4_1 matmul has no SIMD path on x86); inference only.
 //!
 //! On CPUs without AVX-512 the CPU ops are not used; the block then runs on candle's ops.
 
@@ -14,8 +16,11 @@ mod element;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use half::{bf16, f16};
 
@@ -104,7 +109,8 @@ impl CustomOp3 for GateUpOp {
             };
             let compute = cpu::Compute::best::<T>();
             // SAFETY: `cpu_available()` was checked; slices have the lengths of their shapes.
-            Ok(unsafe { cpu::gate_up(x, m, k, wg, wu, n, act, bias, compute) })
+            let (wg, wu) = (cpu::Mat::dense(wg, k), cpu::Mat::dense(wu, k));
+            Ok(unsafe { cpu::gate_up::<T, cpu::Dense<T>>(x, m, k, wg, wu, n, act, bias, compute) })
         }
         let bias = match &self.bias {
             Some((bg, bu)) if bg.len() == n && bu.len() == n => cpu::Bias {
@@ -190,7 +196,8 @@ impl CustomOp2 for LinearOp {
             };
             let compute = cpu::Compute::best::<T>();
             // SAFETY: `cpu_available()` was checked; slices have the lengths of their shapes.
-            Ok(unsafe { cpu::linear(x, m, k, w, n, bias, compute) })
+            let w = cpu::Mat::dense(w, k);
+            Ok(unsafe { cpu::linear::<T, cpu::Dense<T>>(x, m, k, w, n, bias, compute) })
         }
         let bias = self.bias.as_deref();
         if bias.is_some_and(|b| b.len() != n) {
@@ -354,5 +361,99 @@ fn activation_derivative(act: Activation, g: &Tensor) -> Result<Tensor> {
             let ds = ((&s * (1.0 - &s)?)? * g)? * beta;
             s + ds?
         }
+    }
+}
+
+/// The raw Q4_1 blocks of a CPU `QTensor` `[n, k]`, if it is one.
+fn q4_1_blocks(q: &QTensor) -> Option<(std::borrow::Cow<'_, [u8]>, usize, usize)> {
+    let (n, k) = q.shape().dims2().ok()?;
+    let ok = q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() && k % 32 == 0;
+    let data = q.data().ok()?;
+    (ok && data.len() == n * k / 32 * avx512::Q4_1_BLOCK_BYTES).then_some((data, n, k))
+}
+
+/// Whether the Q4_1 kernels can take these weights.
+pub(crate) fn q4_1_available(ws: &[&QTensor]) -> bool {
+    cpu_available() && ws.iter().all(|q| q4_1_blocks(q).is_some())
+}
+
+/// [`GateUpOp`] for GGUF Q4_1 weights, read in place; f32 activations.
+#[derive(Debug, Clone)]
+pub(crate) struct Q4_1GateUpOp {
+    pub(crate) wg: Arc<QTensor>,
+    pub(crate) wu: Arc<QTensor>,
+    pub(crate) act: Activation,
+}
+
+impl CustomOp1 for Q4_1GateUpOp {
+    fn name(&self) -> &'static str {
+        "glu-gate-up-q4_1"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let (Some((wg, n, kg)), Some((wu, n2, ku))) =
+            (q4_1_blocks(&self.wg), q4_1_blocks(&self.wu))
+        else {
+            candle_core::bail!("glu-gate-up-q4_1: weights are not Q4_1 on the CPU")
+        };
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("glu-gate-up-q4_1: activations must be f32")
+        };
+        let Some(x) = contiguous(x, l) else {
+            return Err(not_contiguous("glu-gate-up-q4_1"));
+        };
+        if (kg, ku, n2) != (k, k, n) || !cpu_available() {
+            candle_core::bail!("glu-gate-up-q4_1: bad shapes or no AVX-512")
+        }
+        let (g, u) = (cpu::Mat::q4_1(&wg, k), cpu::Mat::q4_1(&wu, k));
+        let act = Act::from(self.act);
+        // SAFETY: AVX-512 checked; the blocks hold n rows of k values; x holds m × k.
+        let h = unsafe {
+            cpu::gate_up::<f32, cpu::Q4_1>(
+                x,
+                m,
+                k,
+                g,
+                u,
+                n,
+                act,
+                cpu::Bias::default(),
+                cpu::Compute::Fma,
+            )
+        };
+        Ok((CpuStorage::F32(h), Shape::from((m, n))))
+    }
+}
+
+/// [`LinearOp`] for GGUF Q4_1 weights, read in place; f32 activations.
+#[derive(Debug, Clone)]
+pub(crate) struct Q4_1LinearOp {
+    pub(crate) w: Arc<QTensor>,
+}
+
+impl CustomOp1 for Q4_1LinearOp {
+    fn name(&self) -> &'static str {
+        "glu-linear-q4_1"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let Some((w, n, kw)) = q4_1_blocks(&self.w) else {
+            candle_core::bail!("glu-linear-q4_1: the weight is not Q4_1 on the CPU")
+        };
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("glu-linear-q4_1: activations must be f32")
+        };
+        let Some(x) = contiguous(x, l) else {
+            return Err(not_contiguous("glu-linear-q4_1"));
+        };
+        if kw != k || !cpu_available() {
+            candle_core::bail!("glu-linear-q4_1: bad shapes or no AVX-512")
+        }
+        let w = cpu::Mat::q4_1(&w, k);
+        // SAFETY: AVX-512 checked; the blocks hold n rows of k values; x holds m × k.
+        let y = unsafe { cpu::linear::<f32, cpu::Q4_1>(x, m, k, w, n, None, cpu::Compute::Fma) };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }

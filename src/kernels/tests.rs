@@ -125,8 +125,9 @@ fn check_gate_up<T: Element>(m: usize, k: usize, n: usize, act: Act, compute: Co
         cpu::Bias::default()
     };
     // SAFETY: AVX-512 checked by the callers; slices have the sizes given.
-    let h = unsafe { cpu::gate_up(&x, m, k, &wg, &wu, n, act, bias, compute) };
-    let y = unsafe { cpu::linear(&x, m, k, &wg, n, bias.a, compute) };
+    let (g, u) = (cpu::Mat::dense(&wg, k), cpu::Mat::dense(&wu, k));
+    let h = unsafe { cpu::gate_up::<T, cpu::Dense<T>>(&x, m, k, g, u, n, act, bias, compute) };
+    let y = unsafe { cpu::linear::<T, cpu::Dense<T>>(&x, m, k, g, n, bias.a, compute) };
     let (bg, bu): (Vec<f64>, Vec<f64>) = if with_bias {
         (
             bg.iter().map(|v| *v as f64).collect(),
@@ -247,5 +248,75 @@ fn conversions_round_to_nearest_even() {
             h[i]
         );
         assert!(back[i] == b[i].to_f32() || v.is_nan());
+    }
+}
+
+#[test]
+fn q4_1_kernels_match_dequantized_float64() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    if !avx512() {
+        return;
+    }
+    for (m, k, n) in [
+        (1, 32, 1),
+        (3, 576, 37),
+        (16, 64, 100),
+        (17, 96, 33),
+        (40, 1536, 70),
+    ] {
+        let q = |seed| {
+            let v = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+            QTensor::quantize(&v, GgmlDType::Q4_1).unwrap()
+        };
+        let (qg, qu) = (q(7), q(8));
+        let deq = |q: &QTensor| -> Vec<f32> {
+            q.dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (dg, du) = (deq(&qg), deq(&qu));
+        let (bg, bu) = (qg.data().unwrap(), qu.data().unwrap());
+        let x = values(m * k, 9);
+        let (g, u) = (cpu::Mat::q4_1(&bg, k), cpu::Mat::q4_1(&bu, k));
+        let act = Act::Swish(1.0);
+        // SAFETY: AVX-512 checked; the blocks hold n rows of k values.
+        let h = unsafe {
+            cpu::gate_up::<f32, cpu::Q4_1>(
+                &x,
+                m,
+                k,
+                g,
+                u,
+                n,
+                act,
+                cpu::Bias::default(),
+                Compute::Fma,
+            )
+        };
+        let y = unsafe { cpu::linear::<f32, cpu::Q4_1>(&x, m, k, g, n, None, Compute::Fma) };
+        let dot = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+        };
+        let (mut worst, mut max) = (0f64, 0f64);
+        for t in 0..m {
+            let xr = &x[t * k..(t + 1) * k];
+            for j in 0..n {
+                let gs = dot(xr, &dg[j * k..(j + 1) * k]);
+                let us = dot(xr, &du[j * k..(j + 1) * k]);
+                let want = act64(act, gs) * us;
+                worst = worst
+                    .max((h[t * n + j] as f64 - want).abs())
+                    .max((y[t * n + j] as f64 - gs).abs());
+                max = max.max(want.abs()).max(gs.abs());
+            }
+        }
+        assert!(worst <= 2e-6 * max, "m{m} k{k} n{n}: {worst:e} of {max:e}");
     }
 }
