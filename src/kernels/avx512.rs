@@ -510,3 +510,42 @@ pub(crate) unsafe fn pack16_pairs(
         kk += 32;
     }
 }
+
+/// Packs up to 12 token rows (of `k` values) for the micro-kernels: `dst[kk * 12 + r] = x[r][kk]`
+/// as f32, zeros for the rows past `rows.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+pub(crate) unsafe fn pack_tokens12<T: Element>(rows: &[*const T], k: usize, dst: *mut f32) {
+    let mut kk = 0;
+    while kk < k {
+        let n = (k - kk).min(16);
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (v, row) in r.iter_mut().zip(rows) {
+            *v = load16_mask(row.add(kk), tail_mask(n));
+        }
+        transpose16(&mut r);
+        for (i, v) in r.iter().take(n).enumerate() {
+            _mm512_mask_storeu_ps(dst.add((kk + i) * 12), 0x0fff, *v);
+        }
+        kk += 16;
+    }
+}
+
+/// [`pack_tokens12`] for the bf16 dot-product kernel: `dst[p * 12 + r]` holds row `r`'s bf16
+/// values `2p` and `2p + 1` as one u32 (zero past `k`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+pub(crate) unsafe fn pack_tokens12_pairs(rows: &[*const u16], k: usize, dst: *mut u32) {
+    let mut kk = 0;
+    while kk < k {
+        let n = (k - kk).min(32);
+        let m = (((1u64 << n) - 1) & 0xffff_ffff) as __mmask32;
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (v, row) in r.iter_mut().zip(rows) {
+            *v = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, row.add(kk) as *const i16));
+        }
+        transpose16(&mut r);
+        for (i, v) in r.iter().take(n.div_ceil(2)).enumerate() {
+            _mm512_mask_storeu_ps(dst.add((kk / 2 + i) * 12) as *mut f32, 0x0fff, *v);
+        }
+        kk += 32;
+    }
+}

@@ -510,35 +510,32 @@ mod packed {
     }
 
     /// `[blocks][k][MR]` f32, zero rows past `m`.
-    fn pack_x_f32<T: Element>(x: &[T], m: usize, k: usize) -> Vec<f32> {
+    unsafe fn pack_x_f32<T: Element>(x: &[T], m: usize, k: usize) -> Vec<f32> {
         let blocks = m.div_ceil(MR);
         let mut xp = vec![0f32; blocks * k * MR];
         xp.par_chunks_mut(k * MR).enumerate().for_each(|(b, dst)| {
-            for r in 0..MR.min(m - b * MR) {
-                let src = &x[(b * MR + r) * k..(b * MR + r + 1) * k];
-                for (kk, v) in src.iter().enumerate() {
-                    dst[kk * MR + r] = v.to_f32();
-                }
-            }
+            let rows: Vec<*const T> = (b * MR..m.min((b + 1) * MR))
+                .map(|r| x[r * k..].as_ptr())
+                .collect();
+            // SAFETY: each row holds k values; dst holds k × MR.
+            unsafe { avx512::pack_tokens12(&rows, k, dst.as_mut_ptr()) };
         });
         xp
     }
 
     /// `[blocks][⌈k/2⌉][MR]` bf16 pairs (as u32 in an f32 buffer), zeros past `m` and `k`.
-    fn pack_x_pairs<T: Element>(x: &[T], m: usize, k: usize) -> Vec<f32> {
+    /// Only bf16 activations take the dot-product kernel.
+    unsafe fn pack_x_pairs<T: Element>(x: &[T], m: usize, k: usize) -> Vec<f32> {
+        debug_assert_eq!(T::DTYPE, candle_core::DType::BF16);
         let blocks = m.div_ceil(MR);
         let kp = k.div_ceil(2);
         let mut xp = vec![0f32; blocks * kp * MR];
         xp.par_chunks_mut(kp * MR).enumerate().for_each(|(b, dst)| {
-            let dst = dst.as_mut_ptr() as *mut u16;
-            for r in 0..MR.min(m - b * MR) {
-                let src = &x[(b * MR + r) * k..(b * MR + r + 1) * k];
-                for (kk, v) in src.iter().enumerate() {
-                    let bits = half::bf16::from_f32(v.to_f32()).to_bits();
-                    // SAFETY: slot (kk / 2) * MR + r < kp * MR holds two u16.
-                    unsafe { *dst.add(((kk / 2) * MR + r) * 2 + kk % 2) = bits };
-                }
-            }
+            let rows: Vec<*const u16> = (b * MR..m.min((b + 1) * MR))
+                .map(|r| x[r * k..].as_ptr() as *const u16)
+                .collect();
+            // SAFETY: each row holds k bf16 values; dst holds ⌈k/2⌉ × MR u32.
+            unsafe { avx512::pack_tokens12_pairs(&rows, k, dst.as_mut_ptr() as *mut u32) };
         });
         xp
     }

@@ -8,7 +8,9 @@ use half::{bf16, f16};
 pub(crate) trait Element: Copy + Default + Send + Sync + 'static {
     /// The matching candle dtype.
     const DTYPE: DType;
-    /// Widens to f32; exact for every type here.
+    /// Widens to f32; exact for every type here (the kernels do it with SIMD; the tests with
+    /// this).
+    #[cfg_attr(not(test), allow(dead_code))]
     fn to_f32(self) -> f32;
     /// Rounds from f32 to nearest even (the kernels do it with SIMD; the tests with this).
     #[cfg_attr(not(test), allow(dead_code))]
