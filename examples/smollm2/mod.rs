@@ -9,36 +9,43 @@
 //! output head (the Q8_0 token embedding, tied), the embedding dequantized to f32. The FFNs are
 //! loaded by candle-glu's own loader (`Checkpoint::load_layer`), quantized or dequantized.
 //!
-//! The decoder block takes its FFN through candle's [`Module`] trait, so any module can go there:
+//! The decoder block takes its FFN through candle's [`Module`] trait (`DecoderLayer<F: Module>`,
+//! `Model<F = GluFeedForward>`), so any module can go in every layer (this snippet is compiled as
+//! part of the README's doctests):
 //!
 //! ```no_run
-//! # #[path = "../examples/smollm2/mod.rs"] mod smollm2;
-//! use candle_core::{DType, Device, Module, Result, Tensor};
+//! # #[path = "../examples/smollm2/mod.rs"]
+//! # mod smollm2;
+//! use candle_core::{DType, Device, Module, Tensor};
 //! use candle_glu::loading::{Checkpoint, LoadOptions};
 //! use candle_glu::GluFeedForward;
-//! use smollm2::Model;
+//! use smollm2::Model; // examples/smollm2/mod.rs
 //!
-//! /// Any `Module` can be the FFN: here a GluFeedForward that counts its calls.
+//! /// Any `Module` can be a layer's FFN; this one counts its calls.
 //! struct Counted(GluFeedForward, std::sync::atomic::AtomicUsize);
+//!
 //! impl Module for Counted {
-//!     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+//!     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
 //!         self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 //!         self.0.forward(xs)
 //!     }
 //! }
 //!
-//! # fn main() -> anyhow::Result<()> {
-//! let gguf = "SmolLM2-135M-Instruct.Q4_1.gguf";
-//! let ckpt = Checkpoint::open(gguf)?;
-//! let cfg = ckpt.config().expect("a llama GGUF has an FFN config").clone();
-//! let opts = LoadOptions::new(DType::BF16, Device::Cpu).with_quantized(false);
-//! let model: Model<Counted> = Model::load_with(gguf, &Device::Cpu, |layer| {
-//!     Ok(Counted(ckpt.load_layer(&cfg, layer, &opts)?, 0.into()))
-//! })?;
-//! let mut cache = model.new_cache();
-//! let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu)?;
-//! let logits = model.forward_last(&ids, &mut cache)?; // [1, 49152]
-//! # Ok(()) }
+//! fn main() -> anyhow::Result<()> {
+//!     let gguf = "SmolLM2-135M-Instruct.Q4_1.gguf";
+//!     let ckpt = Checkpoint::open(gguf)?;
+//!     let cfg = ckpt.config().expect("a llama GGUF says its FFN sizes").clone();
+//!     let opts = LoadOptions::new(DType::BF16, Device::Cpu).with_quantized(false);
+//!     let model: Model<Counted> = Model::load_with(gguf, &Device::Cpu, |layer| {
+//!         Ok(Counted(ckpt.load_layer(&cfg, layer, &opts)?, 0.into()))
+//!     })?;
+//!
+//!     let mut cache = model.new_cache(); // the KV cache lives outside the model
+//!     let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu)?; // "The capital of France is"
+//!     let logits = model.forward_last(&ids, &mut cache)?; // [1, 49152]: " Paris" (7042) on top
+//!     assert_eq!(logits.dims(), [1, 49152]);
+//!     Ok(())
+//! }
 //! ```
 #![allow(dead_code)]
 
@@ -520,7 +527,8 @@ impl<F: Module> Model<F> {
     }
 
     /// The final hidden states (after the last RmsNorm) of `ids` (`[batch, tokens]`, u32),
-    /// which follow the `cache.len()` tokens in `cache`; appends them to `cache`.
+    /// which follow the `cache.len()` tokens in `cache`; appends them to `cache`. On an error
+    /// the cache is cleared.
     pub fn hidden_states(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let pos = cache.len;
@@ -537,13 +545,25 @@ impl<F: Module> Model<F> {
         if cache.kv.len() != self.layers.len() {
             candle_core::bail!("the cache is not this model's");
         }
-        let mask = causal_mask(t, pos, &self.device)?;
-        let mut xs = self.embed_tokens.forward(ids)?;
-        for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
-            xs = layer.forward(&xs, &self.rope, pos, mask.as_ref(), kv)?;
+        let run = |cache: &mut Cache| -> candle_core::Result<Tensor> {
+            let mask = causal_mask(t, pos, &self.device)?;
+            let mut xs = self.embed_tokens.forward(ids)?;
+            for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+                xs = layer.forward(&xs, &self.rope, pos, mask.as_ref(), kv)?;
+            }
+            xs.apply(&self.norm)
+        };
+        match run(cache) {
+            Ok(xs) => {
+                cache.len += t;
+                Ok(xs)
+            }
+            Err(e) => {
+                // Some layers may have cached these tokens already: start over.
+                cache.clear();
+                Err(e)
+            }
         }
-        cache.len += t;
-        xs.apply(&self.norm)
     }
 
     /// Next-token logits at every position: `[batch, tokens, vocab]`, f32.
@@ -580,19 +600,4 @@ pub fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
         .to_dtype(DType::F32)?
         .to_vec1::<f32>()?;
     Ok(sampler::argmax(&v))
-}
-
-/// The `k` largest logits of a `[vocab]` tensor, largest first: `(id, logit)`.
-pub fn top_k(logits: &Tensor, k: usize) -> candle_core::Result<Vec<(u32, f32)>> {
-    let v = logits
-        .flatten_all()?
-        .to_dtype(DType::F32)?
-        .to_vec1::<f32>()?;
-    let mut idx: Vec<u32> = (0..v.len() as u32).collect();
-    idx.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
-    Ok(idx
-        .into_iter()
-        .take(k)
-        .map(|i| (i, v[i as usize]))
-        .collect())
 }
