@@ -86,7 +86,8 @@ pub(crate) fn tail_mask(n: usize) -> __mmask16 {
 
 /// How a weight matrix's rows are stored: the kernels read 16 values at a time, as f32.
 pub(crate) trait Format: Copy + Send + Sync + 'static {
-    /// The bytes of one row of `k` values.
+    /// The bytes of one row of `k` values; also the offset of value `k` in a row, for `k` a
+    /// multiple of 32.
     fn row_bytes(k: usize) -> usize;
     /// Values `[i, i + 16)` of the row at `row`, as f32; `i` is a multiple of 16.
     unsafe fn load16(row: *const u8, i: usize) -> __m512;
@@ -334,6 +335,9 @@ pub(crate) unsafe fn dp_kernel<const MR: usize>(
     }
 }
 
+/// How far ahead of the loads the decode kernel prefetches each weight row.
+const PREFETCH_BYTES: usize = 1024;
+
 /// Dot products for few tokens, straight from the weights' own `[out, in]` rows:
 /// `out[t][r] = Σ_k x[t][k] · w[r][k]` for `R` weight rows and `TT` tokens, over `k` values.
 ///
@@ -350,6 +354,13 @@ pub(crate) unsafe fn dot_kernel<F: Format, const R: usize, const TT: usize>(
     let mut i = 0;
     while i < k {
         let n = (k - i).min(16);
+        if i % 32 == 0 {
+            // Software prefetch a little ahead on every row: the hardware prefetcher alone does
+            // not keep R streams per core busy enough to saturate memory.
+            for row in &w {
+                _mm_prefetch::<_MM_HINT_T0>(row.add(F::row_bytes(i) + PREFETCH_BYTES) as *const i8);
+            }
+        }
         let mut wv = [_mm512_setzero_ps(); R];
         for (v, row) in wv.iter_mut().zip(&w) {
             *v = if n == 16 {
