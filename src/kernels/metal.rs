@@ -33,7 +33,7 @@ fn pipeline(device: &Device, name: &'static str) -> Result<ComputePipeline> {
     #[allow(deprecated)]
     options.setFastMathEnabled(false);
     let library = device
-        .new_library_with_source(SOURCE, Some(&options))
+        .new_library_with_source(SOURCE, Some(&*options))
         .map_err(MetalError::from)?;
     let function = library.get_function(name, None).map_err(MetalError::from)?;
     let p = device
@@ -91,7 +91,7 @@ pub(crate) fn gated(
         encoder.set_compute_pipeline_state(&pipeline);
         encoder.set_input_buffer(0, Some(gate.buffer()), l1.start_offset() * size);
         encoder.set_input_buffer(1, Some(up.buffer()), l2.start_offset() * size);
-        encoder.set_output_buffer(2, Some(&output), 0);
+        encoder.set_output_buffer(2, Some(&*output), 0);
         encoder.set_bytes(3, &strides);
         encoder.set_bytes(4, &act);
         encoder.set_bytes(5, &beta);
