@@ -23,7 +23,7 @@ cuda_env_setup() {
         echo "cuda_env: installing cuda-toolkit[nvcc,cccl]==$version into $root" >&2
         rm -rf "$root.tmp"
         python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check \
-            --root-user-action=ignore --target "$root.tmp" "cuda-toolkit[nvcc,cccl]==$version"
+            --root-user-action=ignore --no-warn-conflicts --target "$root.tmp" "cuda-toolkit[nvcc,cccl]==$version"
         rm -rf "$root"
         mv "$root.tmp" "$root"
     fi
