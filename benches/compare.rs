@@ -4,16 +4,21 @@
 //! ```text
 //! cargo bench --bench compare -- --shape 7b --dtype bf16,f32,f16 --tokens 1,16,128,512
 //! cargo bench --bench compare -- --shape small --rounds 30 --json results.json
+//! cargo bench --bench compare --features cuda -- --device cuda --shape 7b --dtype bf16 --tokens 1,128,2048
 //! ```
 //!
 //! "naive" is the Llama MLP as candle-transformers writes it: three `candle_nn::Linear`, then
 //! `silu`, then `mul`. "floor" is what one decode must take to read the weights once, at the read
-//! bandwidth measured in the same run by streaming 1 GiB with every thread.
+//! bandwidth measured in the same run by streaming 1 GiB with every thread (CPU only).
+//!
+//! On a GPU (`--device cuda`), both run on the device and every timed run ends with
+//! `Device::synchronize`, so each time is the whole forward pass, kernels included.
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
+use candle_glu::device::{device_name, DeviceChoice};
 use candle_glu::{GluConfig, GluFeedForward, Projection};
 use candle_nn::Linear;
 use clap::Parser;
@@ -38,6 +43,9 @@ struct Args {
     /// Skip the naive baseline (for quick tuning).
     #[arg(long)]
     no_naive: bool,
+    /// cpu, cuda, metal or auto (GPUs need the matching cargo feature).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
     // `cargo bench` passes `--bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -117,7 +125,7 @@ struct Row {
     naive_ms: Option<f64>,
     ours_ms: f64,
     gflops: f64,
-    floor_ms: f64,
+    floor_ms: Option<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -127,23 +135,25 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let dev = Device::Cpu;
-    let bw = read_bandwidth();
+    let dev = args.device.device()?;
+    // The weights' read floor is a CPU notion here; on a GPU the table has no floor.
+    let bw = dev.is_cpu().then(read_bandwidth);
+    match bw {
+        Some(bw) => println!(
+            "device cpu, threads {}, read bandwidth {bw:.1} GB/s",
+            candle_core::utils::get_num_threads()
+        ),
+        None => println!("device {}", device_name(&dev)),
+    }
+    // On a GPU the last columns are both sides' TFLOP/s instead of ours and the CPU's floor.
+    let last = if bw.is_some() {
+        ["GFLOP/s", "floor ms", "/floor"]
+    } else {
+        ["-", "naive TF/s", "ours TF/s"]
+    };
     println!(
-        "threads {}, read bandwidth {bw:.1} GB/s",
-        candle_core::utils::get_num_threads()
-    );
-    println!(
-        "{:>5} {:>4} {:>6} | {:>10} {:>10} {:>8} | {:>8} {:>9} {:>8}",
-        "shape",
-        "dtype",
-        "tokens",
-        "naive ms",
-        "ours ms",
-        "speedup",
-        "GFLOP/s",
-        "floor ms",
-        "/floor"
+        "{:>5} {:>4} {:>6} | {:>10} {:>10} {:>8} | {:>8} {:>10} {:>10}",
+        "shape", "dtype", "tokens", "naive ms", "ours ms", "speedup", last[0], last[1], last[2]
     );
     let mut rows = Vec::new();
     for shape in &args.shape {
@@ -172,18 +182,27 @@ fn main() -> Result<()> {
             let weight_bytes = 3 * h * i * dt.size_in_bytes();
             for &tokens in &args.tokens {
                 let x = Tensor::randn(0f32, 1.0, (1, tokens, h), &dev)?.to_dtype(dt)?;
+                // Each run ends when the device is done with it.
                 let run_naive = || -> Result<Tensor> {
                     let g = naive[0].forward(&x)?.silu()?;
-                    Ok(naive[2].forward(&(g * naive[1].forward(&x)?)?)?)
+                    let y = naive[2].forward(&(g * naive[1].forward(&x)?)?)?;
+                    dev.synchronize()?;
+                    Ok(y)
                 };
-                let run_ours = || -> Result<Tensor> { Ok(ffn.forward(&x)?) };
-                // Warm up both, then alternate.
-                if !args.no_naive {
-                    run_naive()?;
+                let run_ours = || -> Result<Tensor> {
+                    let y = ffn.forward(&x)?;
+                    dev.synchronize()?;
+                    Ok(y)
+                };
+                // Warm up both (on a GPU: cuBLAS's choices, our kernel's compile), then alternate.
+                for _ in 0..if dev.is_cpu() { 1 } else { 3 } {
+                    if !args.no_naive {
+                        run_naive()?;
+                    }
+                    run_ours()?;
                 }
-                run_ours()?;
                 let flops = 6.0 * (tokens * h * i) as f64;
-                let slow = flops * if dt == DType::F32 { 1.0 } else { 2.0 } > 5e10;
+                let slow = dev.is_cpu() && flops * if dt == DType::F32 { 1.0 } else { 2.0 } > 5e10;
                 let rounds = if slow {
                     args.rounds.min(5)
                 } else {
@@ -202,7 +221,7 @@ fn main() -> Result<()> {
                 }
                 let naive_ms = (!tn.is_empty()).then(|| median(&mut tn));
                 let ours_ms = median(&mut to);
-                let floor_ms = weight_bytes as f64 / (bw * 1e9) * 1e3;
+                let floor_ms = bw.map(|bw| weight_bytes as f64 / (bw * 1e9) * 1e3);
                 let row = Row {
                     shape: shape.clone(),
                     dtype: dname.clone(),
@@ -212,8 +231,21 @@ fn main() -> Result<()> {
                     gflops: flops / (ours_ms / 1e3) / 1e9,
                     floor_ms,
                 };
+                let last = match row.floor_ms {
+                    Some(floor) => [
+                        format!("{:.1}", row.gflops),
+                        format!("{floor:.2}"),
+                        format!("{:.2}", row.ours_ms / floor),
+                    ],
+                    None => [
+                        "-".into(),
+                        row.naive_ms
+                            .map_or("-".into(), |ms| format!("{:.1}", flops / ms / 1e9)),
+                        format!("{:.1}", row.gflops / 1e3),
+                    ],
+                };
                 println!(
-                    "{:>5} {:>4} {:>6} | {:>10} {:>10.3} {:>8} | {:>8.1} {:>9.2} {:>8.2}",
+                    "{:>5} {:>4} {:>6} | {:>10} {:>10.3} {:>8} | {:>8} {:>10} {:>10}",
                     row.shape,
                     row.dtype,
                     row.tokens,
@@ -221,9 +253,9 @@ fn main() -> Result<()> {
                     row.ours_ms,
                     row.naive_ms
                         .map_or("-".into(), |v| format!("{:.2}x", v / row.ours_ms)),
-                    row.gflops,
-                    row.floor_ms,
-                    row.ours_ms / row.floor_ms,
+                    last[0],
+                    last[1],
+                    last[2],
                 );
                 rows.push(row);
             }
@@ -237,6 +269,9 @@ fn main() -> Result<()> {
                     "shape": r.shape, "dtype": r.dtype, "tokens": r.tokens,
                     "naive_ms": r.naive_ms, "ours_ms": r.ours_ms, "gflops": r.gflops,
                     "floor_ms": r.floor_ms, "read_gbps": bw,
+                    "device": device_name(&dev),
+                    "naive_tflops": r.naive_ms.map(|ms| r.gflops * r.ours_ms / ms / 1e3),
+                    "tflops": r.gflops / 1e3,
                 })
             })
             .collect();

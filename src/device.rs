@@ -57,11 +57,32 @@ fn cuda() -> Result<Device> {
         });
     }
     Device::new_cuda(0).map_err(|e| Error::Device {
-        message: format!(
-            "cuda was asked for but no CUDA GPU answered (is the NVIDIA driver installed?): {}",
-            first_line(&e.to_string())
-        ),
+        message: cuda_message(&e.to_string()),
     })
+}
+
+/// One line for a failed `Device::new_cuda`: what the driver's error code means, and the code.
+fn cuda_message(error: &str) -> String {
+    let code = error.find("CUDA_ERROR_").map(|i| {
+        let rest = &error[i..];
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        &rest[..end]
+    });
+    let meaning = match code {
+        Some("CUDA_ERROR_STUB_LIBRARY") => {
+            "the libcuda.so.1 loaded is a link-time stub, not the NVIDIA driver's"
+        }
+        Some("CUDA_ERROR_NO_DEVICE") => "the NVIDIA driver sees no GPU",
+        Some("CUDA_ERROR_INSUFFICIENT_DRIVER") => {
+            "the NVIDIA driver is older than the CUDA this build needs"
+        }
+        Some("CUDA_ERROR_INVALID_DEVICE") => "there is no GPU 0",
+        _ => "is the NVIDIA driver installed?",
+    };
+    let detail = code.unwrap_or_else(|| first_line(error));
+    format!("cuda was asked for but no CUDA GPU answered: {meaning} ({detail})")
 }
 
 fn metal() -> Result<Device> {
@@ -141,5 +162,26 @@ mod tests {
             let err = DeviceChoice::Metal.device().unwrap_err().to_string();
             assert!(err.contains("--features metal"), "{err}");
         }
+    }
+
+    #[test]
+    fn cuda_errors_say_what_the_driver_meant() {
+        let stub =
+            "DriverError(CUDA_ERROR_STUB_LIBRARY, \"<Failure when calling cuGetErrorString()>\")";
+        assert_eq!(
+            cuda_message(stub),
+            "cuda was asked for but no CUDA GPU answered: the libcuda.so.1 loaded is a link-time \
+             stub, not the NVIDIA driver's (CUDA_ERROR_STUB_LIBRARY)"
+        );
+        let none = cuda_message("DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device\")");
+        assert!(
+            none.ends_with("the NVIDIA driver sees no GPU (CUDA_ERROR_NO_DEVICE)"),
+            "{none}"
+        );
+        let other = cuda_message("something else\nbacktrace");
+        assert!(
+            other.ends_with("is the NVIDIA driver installed? (something else)"),
+            "{other}"
+        );
     }
 }

@@ -53,6 +53,29 @@ pub fn cpu_kernels_available() -> bool {
 #[cfg(feature = "hub")]
 pub use loading::hub::{fetch_model, HubOptions};
 
+/// `σ(gate) ⊙ up` as the block computes it: one pass of the crate's kernel where one exists for
+/// the device and dtype (CPU with AVX-512, CUDA, Metal), else candle's ops. For tests and
+/// benchmarks.
+#[doc(hidden)]
+pub fn gated_product(
+    gate: &candle_core::Tensor,
+    up: &candle_core::Tensor,
+    act: Activation,
+) -> candle_core::Result<candle_core::Tensor> {
+    kernels::gated(gate, up, act)
+}
+
+/// `σ(gate) ⊙ up` with candle's ops only, in f32 and rounded once: the plain twin of
+/// [`gated_product`].
+#[doc(hidden)]
+pub fn gated_product_reference(
+    gate: &candle_core::Tensor,
+    up: &candle_core::Tensor,
+    act: Activation,
+) -> candle_core::Result<candle_core::Tensor> {
+    ffn::gated_product(gate, up, act)
+}
+
 // The README's examples compile and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -4,7 +4,9 @@
 //! - [`GateUpOp`] `(x, Wg, Wu) → σ(x·Wgᵀ) ⊙ x·Wuᵀ`: the gate and up matmuls with the gated
 //!   product fused into their epilogue (CPU).
 //! - [`LinearOp`] `(h, W2) → h·W2ᵀ`: the down projection (CPU).
-//! - [`GatedOp`] `(gate, up) → σ(gate) ⊙ up`: the gated product alone, in one pass with f32 math.
+//! - [`GatedOp`] `(gate, up) → σ(gate) ⊙ up`: the gated product alone, in one pass with f32 math,
+//!   on the CPU (AVX-512), CUDA (`gated.cu`, compiled at run time by NVRTC) and Metal
+//!   (`gated.metal`, compiled at run time); on the GPUs for any layout.
 //! - [`Q4_1GateUpOp`] and [`Q4_1LinearOp`]: the same matmuls on GGUF Q4_1 weights read in place
 //!   (candle's own Q4_1 matmul has no SIMD path on x86); inference only.
 //!
@@ -12,7 +14,12 @@
 
 mod avx512;
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 mod element;
+#[cfg(feature = "metal")]
+mod metal;
+pub(crate) mod strided;
 #[cfg(test)]
 mod tests;
 
@@ -275,6 +282,28 @@ impl CustomOp2 for GatedOp {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::gated(Act::from(self.act), s1, l1, s2, l2)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s1: &candle_core::MetalStorage,
+        l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        metal::gated(Act::from(self.act), s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -288,19 +317,33 @@ impl CustomOp2 for GatedOp {
 }
 
 /// `σ(gate) ⊙ up` in one pass where a kernel exists for the device and dtype (CPU with
-/// AVX-512), else with candle's ops; differentiable either way.
+/// AVX-512, CUDA, Metal), else with candle's ops; differentiable either way.
 pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
-    let fast = gate.device().is_cpu()
-        && cpu_available()
-        && matches!(gate.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    let kernel = matches!(gate.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && gate.dtype() == up.dtype()
-        && gate.shape() == up.shape();
-    if fast {
+        && gate.shape() == up.shape()
+        && gate.elem_count() > 0;
+    let device = gate.device();
+    if kernel && device.is_cpu() && cpu_available() {
         gate.contiguous()?
             .apply_op2(&up.contiguous()?, GatedOp { act })
+    } else if kernel && gpu_kernel(device) {
+        // The GPU kernels read any layout; past `strided::MAX_DIMS` dimensions that do not
+        // merge, they take contiguous copies.
+        if strided::GatedStrides::new(gate.layout(), up.layout()).is_some() {
+            gate.apply_op2(up, GatedOp { act })
+        } else {
+            gate.contiguous()?
+                .apply_op2(&up.contiguous()?, GatedOp { act })
+        }
     } else {
         crate::ffn::gated_product(gate, up, act)
     }
+}
+
+/// Whether [`GatedOp`] has a kernel for this GPU in this build.
+fn gpu_kernel(device: &candle_core::Device) -> bool {
+    (cfg!(feature = "cuda") && device.is_cuda()) || (cfg!(feature = "metal") && device.is_metal())
 }
 
 /// The gradients of `σ(gate) ⊙ up` with respect to `gate` and `up`, computed in f32 (for half

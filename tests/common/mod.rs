@@ -2,7 +2,7 @@
 //! `scripts/make_fixtures.py`, and error measures against a float64 truth.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -30,8 +30,16 @@ pub struct Case {
     pub notes: Option<String>,
 }
 
+/// The repository: `CARGO_MANIFEST_DIR` as cargo sets it when it runs the tests, else as it was
+/// at build time (a test binary run by hand elsewhere, as scripts/gpu_h200.sh does, sets it).
+pub fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    repo().join("tests/fixtures")
 }
 
 pub fn manifest() -> Manifest {
@@ -126,5 +134,5 @@ pub fn smollm2_gguf() -> PathBuf {
 
 /// The repository's embedded weights directory.
 pub fn embedded_weights() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
+    repo().join("weights")
 }

@@ -1,0 +1,335 @@
+//! The CUDA paths (feature `cuda`) against the CPU reference, built from candle's own ops:
+//!
+//! - `cuda_parity_fixtures`: the PyTorch parity fixtures through the block on the GPU, in f32,
+//!   f16 and bf16, held to the same bounds as on the CPU (`tests/parity.rs`) and to the CPU;
+//! - `cuda_gated_op_*`: `σ(gate) ⊙ up` through the crate's kernel, every activation and dtype,
+//!   contiguous and strided layouts, forward and backward;
+//! - `cuda_block_backward_matches_cpu_autograd`: the block's gradients on the GPU;
+//! - `cuda_device_choice`: `DeviceChoice` with the `cuda` feature, with or without a GPU.
+//!
+//! Without a CUDA device every test but the last prints `SKIPPED: no CUDA device (...)` to
+//! stderr and returns having checked nothing (`cargo test --features cuda -- --nocapture` shows
+//! it). With `CANDLE_GLU_REQUIRE_GPU=1` they fail instead (scripts/gpu_h200.sh sets it).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_glu::device::DeviceChoice;
+use candle_glu::{Activation, GluConfig, GluFeedForward, Projection};
+use candle_nn::{Linear, VarBuilder, VarMap};
+use common::{manifest, max_abs_diff, rel_err, Case};
+
+/// The first CUDA device, or `None` after saying on stderr that `test` checked nothing.
+fn cuda(test: &str) -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(dev) => Some(dev),
+        Err(e) => {
+            let reason = e.to_string();
+            let reason = reason.lines().next().unwrap_or("");
+            if std::env::var_os("CANDLE_GLU_REQUIRE_GPU").is_some_and(|v| v == "1") {
+                panic!("{test}: CANDLE_GLU_REQUIRE_GPU=1 but no CUDA device: {reason}");
+            }
+            eprintln!("SKIPPED: no CUDA device ({reason}): {test} checked nothing");
+            None
+        }
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Tolerance of the gated product against the CPU reference, relative to its largest value:
+/// f32 differs by the last bits of exp/erf; half types by one rounding of the result.
+fn gated_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        _ => 1e-2,
+    }
+}
+
+fn forward_on(case: &Case, dtype: DType, dev: &Device) -> Tensor {
+    let cfg = GluConfig::from_hf_config_file(case.dir().join("config.json")).unwrap();
+    // transformers has no Swish-β; the fixture swapped `act_fn` on a `silu` module.
+    let cfg = cfg.with_activation(case.activation.parse().unwrap());
+    let bytes = std::fs::read(case.dir().join("model.safetensors")).unwrap();
+    let vb = VarBuilder::from_buffered_safetensors(bytes, dtype, dev).unwrap();
+    let ffn = GluFeedForward::new(&cfg, vb.pp(&case.prefix)).unwrap();
+    assert_eq!(ffn.device().location(), dev.location());
+    let x = case
+        .io("x")
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+    let y = ffn.forward(&x).unwrap();
+    assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype), "{}", case.name);
+    assert_eq!(y.device().location(), dev.location());
+    y.to_device(&Device::Cpu).unwrap()
+}
+
+#[test]
+fn cuda_parity_fixtures() {
+    let Some(dev) = cuda("cuda_parity_fixtures") else {
+        return;
+    };
+    let mut checked = 0;
+    for case in manifest().cases {
+        let truth = case.io("y_f64");
+        for dtype in DTYPES {
+            let gpu = forward_on(&case, dtype, &dev);
+            let cpu = forward_on(&case, dtype, &Device::Cpu);
+            let ours = max_abs_diff(&gpu, &truth);
+            let (bound, what) = match dtype {
+                DType::F32 => (1e-5 * common::max_abs(&truth), "1e-5 relative".to_string()),
+                DType::F16 => {
+                    let torch = max_abs_diff(&case.io("y_torch_f16"), &truth);
+                    (2.0 * torch, format!("2 × torch's {torch:.2e}"))
+                }
+                _ => {
+                    let torch = max_abs_diff(&case.io("y_torch_bf16"), &truth);
+                    (2.0 * torch, format!("2 × torch's {torch:.2e}"))
+                }
+            };
+            let vs_cpu = rel_err(&gpu, &cpu);
+            eprintln!(
+                "{:<26} {dtype:?}: |gpu - f64| {ours:.2e} (bound {what}), gpu vs cpu {vs_cpu:.2e}",
+                case.name
+            );
+            assert!(ours <= bound, "{} {dtype:?}: {ours:e} > {what}", case.name);
+            // Both sides round the same f32 values once; cuBLAS sums in another order.
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(
+                vs_cpu <= tol,
+                "{} {dtype:?}: gpu vs cpu {vs_cpu:e}",
+                case.name
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3 * 15, "only {checked} fixture runs");
+}
+
+/// Random `(gate, up)` pairs of `shape` in every layout the kernel walks: contiguous; gate
+/// transposed; the two halves of one fused product (`narrow`); up broadcast from one row; and
+/// seven dimensions that do not merge (the contiguous fallback).
+fn layouts(dev: &Device, dtype: DType) -> Vec<(&'static str, Tensor, Tensor)> {
+    let r = |shape: &[usize]| {
+        (Tensor::randn(0f32, 2.0, shape, dev).unwrap())
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let (m, n) = (37, 515);
+    let mut out = vec![("contiguous", r(&[m, n]), r(&[m, n]))];
+    let t = r(&[n, m]).t().unwrap();
+    out.push(("gate transposed", t, r(&[m, n])));
+    let fused = r(&[m, 2 * n]);
+    out.push((
+        "halves of a fused product",
+        fused.narrow(1, 0, n).unwrap(),
+        fused.narrow(1, n, n).unwrap(),
+    ));
+    let row = r(&[1, n]).broadcast_as((m, n)).unwrap();
+    out.push(("up broadcast", r(&[m, n]), row));
+    let seven = r(&[2, 3, 2, 3, 2, 3, 2]);
+    let rev = r(&[2, 3, 2, 3, 2, 3, 2])
+        .permute(vec![6, 5, 4, 3, 2, 1, 0])
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .permute(vec![6, 5, 4, 3, 2, 1, 0])
+        .unwrap();
+    out.push(("seven unmergeable dimensions", rev, seven));
+    out
+}
+
+#[test]
+fn cuda_gated_op_matches_cpu_reference() {
+    let Some(dev) = cuda("cuda_gated_op_matches_cpu_reference") else {
+        return;
+    };
+    for dtype in DTYPES {
+        for (layout, gate, up) in layouts(&dev, dtype) {
+            let (gate_cpu, up_cpu) = (
+                gate.to_device(&Device::Cpu).unwrap(),
+                up.to_device(&Device::Cpu).unwrap(),
+            );
+            for act in Activation::ALL {
+                let y = candle_glu::gated_product(&gate, &up, act).unwrap();
+                assert_eq!(y.device().location(), dev.location());
+                assert_eq!((y.dims(), y.dtype()), (gate.dims(), dtype));
+                let want = candle_glu::gated_product_reference(&gate_cpu, &up_cpu, act).unwrap();
+                let err = rel_err(&y.to_device(&Device::Cpu).unwrap(), &want);
+                assert!(
+                    err <= gated_tol(dtype),
+                    "{dtype:?} {act} {layout}: {err:e} against the CPU reference"
+                );
+            }
+        }
+    }
+    // Special values: ReLU keeps NaN, every activation of 0 times up is 0 or NaN-free.
+    let g = Tensor::new(&[f32::NAN, 0.0, -0.0, 1e30, -1e30, 3.0], &dev).unwrap();
+    let u = Tensor::new(&[1f32, 1.0, 1.0, 1.0, 1.0, 0.5], &dev).unwrap();
+    let relu: Vec<f32> = candle_glu::gated_product(&g, &u, Activation::Relu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(relu[0].is_nan());
+    assert_eq!(&relu[1..], &[0.0, 0.0, 1e30, 0.0, 1.5]);
+    for act in Activation::ALL {
+        let y: Vec<f32> = candle_glu::gated_product(&g, &u, act)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(y[1..].iter().all(|v| !v.is_nan()), "{act}: {y:?}");
+    }
+}
+
+/// Gradients of `Σ w ⊙ f(gate, up)` with respect to gate and up.
+fn gated_grads(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    act: Activation,
+    ours: bool,
+) -> (Tensor, Tensor) {
+    let (g, u) = (
+        Var::from_tensor(gate).unwrap(),
+        Var::from_tensor(up).unwrap(),
+    );
+    let y = if ours {
+        candle_glu::gated_product(g.as_tensor(), u.as_tensor(), act).unwrap()
+    } else {
+        candle_glu::gated_product_reference(g.as_tensor(), u.as_tensor(), act).unwrap()
+    };
+    let loss = (y.to_dtype(DType::F32).unwrap() * w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let cpu = |v: &Var| {
+        grads
+            .get(v)
+            .expect("a gradient")
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    (cpu(&g), cpu(&u))
+}
+
+#[test]
+fn cuda_gated_op_backward_matches_cpu_autograd() {
+    let Some(dev) = cuda("cuda_gated_op_backward_matches_cpu_autograd") else {
+        return;
+    };
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::F16, 1e-2), (DType::BF16, 3e-2)] {
+        let r = |dev: &Device| Tensor::randn(0f32, 1.5, (19, 133), dev).unwrap();
+        let (gate, up, w) = (r(&Device::Cpu), r(&Device::Cpu), r(&Device::Cpu));
+        let (gate, up) = (gate.to_dtype(dtype).unwrap(), up.to_dtype(dtype).unwrap());
+        let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
+        for act in Activation::ALL {
+            // The crate's op on the GPU (its backward pass) against candle's autograd through
+            // candle's ops on the CPU.
+            let (dg, du) = gated_grads(&on_gpu(&gate), &on_gpu(&up), &on_gpu(&w), act, true);
+            let (want_g, want_u) = gated_grads(&gate, &up, &w, act, false);
+            for (name, got, want) in [("d gate", dg, want_g), ("d up", du, want_u)] {
+                let err = rel_err(&got, &want);
+                assert!(err <= tol, "{dtype:?} {act} {name}: {err:e}");
+            }
+        }
+    }
+}
+
+/// Gradients of `Σ ffn(x)²` with respect to x and every weight, on `dev`.
+fn block_grads(act: Activation, dev: &Device, gpu_forward: bool) -> Vec<(String, Tensor)> {
+    let (h, i) = (40, 72);
+    let map = VarMap::new();
+    // The same weights on both devices: made on the CPU from one seed, then moved.
+    let lin = |o: usize, n: usize, seed: u64| {
+        let mut state = seed;
+        let data: Vec<f32> = (0..o * n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) / (n as f32).sqrt() * 3.0
+            })
+            .collect();
+        Tensor::from_vec(data, (o, n), &Device::Cpu)
+            .unwrap()
+            .to_device(dev)
+            .unwrap()
+    };
+    let vars = [
+        ("gate_proj", lin(i, h, 1)),
+        ("up_proj", lin(i, h, 2)),
+        ("down_proj", lin(h, i, 3)),
+    ];
+    let mut projections = Vec::new();
+    {
+        let mut data = map.data().lock().unwrap();
+        for (name, w) in vars {
+            let v = Var::from_tensor(&w).unwrap();
+            projections.push(Projection::Dense(Linear::new(v.as_tensor().clone(), None)));
+            data.insert(name.to_string(), v);
+        }
+    }
+    let down = projections.pop().unwrap();
+    let up = projections.pop().unwrap();
+    let gate = projections.pop().unwrap();
+    let cfg = GluConfig::new(h, i).with_activation(act);
+    let ffn = GluFeedForward::from_projections(&cfg, gate, up, down).unwrap();
+    let x = Var::from_tensor(&lin(6, h, 4)).unwrap();
+    let y = if gpu_forward {
+        ffn.forward(x.as_tensor()).unwrap()
+    } else {
+        ffn.forward_reference(x.as_tensor()).unwrap()
+    };
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let mut out = vec![("x".to_string(), grads.get(&x).unwrap().clone())];
+    let mut vars: Vec<_> = map.data().lock().unwrap().clone().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, v) in vars {
+        out.push((name, grads.get(&v).expect("a gradient").clone()));
+    }
+    out.into_iter()
+        .map(|(n, t)| (n, t.to_device(&Device::Cpu).unwrap()))
+        .collect()
+}
+
+#[test]
+fn cuda_block_backward_matches_cpu_autograd() {
+    let Some(dev) = cuda("cuda_block_backward_matches_cpu_autograd") else {
+        return;
+    };
+    for act in Activation::ALL {
+        let gpu = block_grads(act, &dev, true);
+        let cpu = block_grads(act, &Device::Cpu, false);
+        for ((name, got), (_, want)) in gpu.iter().zip(&cpu) {
+            let err = rel_err(got, want);
+            assert!(err <= 1e-4, "{act} d{name}: {err:e}");
+        }
+    }
+}
+
+#[test]
+fn cuda_device_choice() {
+    // Asked for by name: the GPU, or one line saying why not. Auto: the GPU, else the CPU.
+    let auto = DeviceChoice::Auto.device().unwrap();
+    match DeviceChoice::Cuda.device() {
+        Ok(dev) => {
+            assert!(dev.is_cuda());
+            assert!(auto.is_cuda());
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("cuda was asked for but no CUDA GPU answered"),
+                "{msg}"
+            );
+            assert_eq!(msg.lines().count(), 1, "{msg}");
+            assert!(auto.is_cpu());
+            eprintln!("no CUDA device here; DeviceChoice::Cuda says: {msg}");
+        }
+    }
+}
