@@ -187,7 +187,8 @@ unsafe fn run<T: Element, F: Format>(
     if m == 0 || n == 0 {
         return out;
     }
-    if m <= DOT_MAX_TOKENS {
+    // The dot schedule also takes k = 0 (sums of nothing, plus the biases).
+    if m <= DOT_MAX_TOKENS || k == 0 {
         dot::run::<T, F>(x, m, k, w, n, bias, &mut out);
     } else {
         packed::run::<T, F>(x, m, k, w, n, bias, compute, &mut out);
@@ -364,11 +365,50 @@ mod packed {
         out: &mut [T],
     ) {
         let blocks = m.div_ceil(MR);
-        // Tokens packed once for every task: block-major, then k, then the block's 12 tokens.
-        let xp = match compute {
-            Compute::Fma => pack_x_f32(x, m, k),
-            Compute::Bf16Dot => pack_x_pairs(x, m, k),
+        // Tokens packed once for every task: block-major, then k, then the block's 12 tokens,
+        // into a buffer kept between calls (fresh pages would cost a fault every 4 KiB).
+        let len = match compute {
+            Compute::Fma => blocks * k * MR,
+            Compute::Bf16Dot => blocks * k.div_ceil(2) * MR,
         };
+        with_packed_tokens(len, |xp| {
+            match compute {
+                Compute::Fma => pack_x_f32(x, m, k, xp),
+                Compute::Bf16Dot => pack_x_pairs(x, m, k, xp),
+            }
+            run_tasks::<T, F>(xp, blocks, m, k, w, n, bias, compute, out);
+        });
+    }
+
+    /// Runs `f` on this thread's packed-token buffer of `len` f32, or on a fresh one if it is in
+    /// use (a forward called from inside another's rayon task on the same thread).
+    fn with_packed_tokens(len: usize, f: impl FnOnce(&mut [f32])) {
+        thread_local! {
+            static TOKENS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        TOKENS.with(|buf| match buf.try_borrow_mut() {
+            Ok(mut buf) => {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+                f(&mut buf[..len])
+            }
+            Err(_) => f(&mut vec![0f32; len]),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_tasks<T: Element, F: Format>(
+        xp: &[f32],
+        blocks: usize,
+        m: usize,
+        k: usize,
+        w: Weights,
+        n: usize,
+        bias: Bias<'_>,
+        compute: Compute,
+        out: &mut [T],
+    ) {
         // Output columns per panel: 32, or 16 gate + 16 up columns giving 16 outputs.
         let per_panel = match w {
             Weights::Single(_) => NR,
@@ -389,7 +429,7 @@ mod packed {
                 per_panel,
             };
             // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
-            unsafe { task.run::<T, F>(&xp, w, bias, compute, out) }
+            unsafe { task.run::<T, F>(xp, w, bias, compute, out) }
         });
     }
 
@@ -511,10 +551,8 @@ mod packed {
         })
     }
 
-    /// `[blocks][k][MR]` f32, zero rows past `m`.
-    unsafe fn pack_x_f32<T: Element>(x: &[T], m: usize, k: usize) -> Vec<f32> {
-        let blocks = m.div_ceil(MR);
-        let mut xp = vec![0f32; blocks * k * MR];
+    /// `[blocks][k][MR]` f32 into `xp` (every value written; zero rows past `m`).
+    unsafe fn pack_x_f32<T: Element>(x: &[T], m: usize, k: usize, xp: &mut [f32]) {
         xp.par_chunks_mut(k * MR).enumerate().for_each(|(b, dst)| {
             let rows: Vec<*const T> = (b * MR..m.min((b + 1) * MR))
                 .map(|r| x[r * k..].as_ptr())
@@ -522,16 +560,13 @@ mod packed {
             // SAFETY: each row holds k values; dst holds k × MR.
             unsafe { avx512::pack_tokens12(&rows, k, dst.as_mut_ptr()) };
         });
-        xp
     }
 
-    /// `[blocks][⌈k/2⌉][MR]` bf16 pairs (as u32 in an f32 buffer), zeros past `m` and `k`.
-    /// Only bf16 activations take the dot-product kernel.
-    unsafe fn pack_x_pairs<T: Element>(x: &[T], m: usize, k: usize) -> Vec<f32> {
+    /// `[blocks][⌈k/2⌉][MR]` bf16 pairs (as u32 in an f32 buffer) into `xp` (every value
+    /// written; zeros past `m` and `k`). Only bf16 activations take the dot-product kernel.
+    unsafe fn pack_x_pairs<T: Element>(x: &[T], m: usize, k: usize, xp: &mut [f32]) {
         debug_assert_eq!(T::DTYPE, candle_core::DType::BF16);
-        let blocks = m.div_ceil(MR);
         let kp = k.div_ceil(2);
-        let mut xp = vec![0f32; blocks * kp * MR];
         xp.par_chunks_mut(kp * MR).enumerate().for_each(|(b, dst)| {
             let rows: Vec<*const u16> = (b * MR..m.min((b + 1) * MR))
                 .map(|r| x[r * k..].as_ptr() as *const u16)
@@ -539,7 +574,6 @@ mod packed {
             // SAFETY: each row holds k bf16 values; dst holds ⌈k/2⌉ × MR u32.
             unsafe { avx512::pack_tokens12_pairs(&rows, k, dst.as_mut_ptr() as *mut u32) };
         });
-        xp
     }
 }
 
