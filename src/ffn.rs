@@ -257,6 +257,9 @@ impl GluFeedForward {
             }
             .into());
         }
+        // Before any allocation: an input too large for memory is an error, not an abort.
+        let tokens = xs.elem_count() / h;
+        self.config.check_tokens(xs.dims(), tokens, self.dtype())?;
         xs.reshape(((), h))?.to_dtype(self.dtype())
     }
 }
@@ -266,7 +269,9 @@ impl Module for GluFeedForward {
     /// dtype.
     ///
     /// # Errors
-    /// An input whose last dimension is not the hidden size, or whose dtype is not a float.
+    /// An input whose last dimension is not the hidden size, or whose dtype is not a float; an
+    /// input whose intermediate activation would exceed
+    /// [`MAX_ACTIVATION_BYTES`](crate::config::MAX_ACTIVATION_BYTES).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let x = self.flatten_input(xs)?;
         if x.dim(0)? == 0 {

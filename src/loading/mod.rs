@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 
-mod gguf;
+pub(crate) mod gguf;
 #[cfg(feature = "hub")]
 pub mod hub;
 mod safetensors;
@@ -109,6 +109,12 @@ impl Checkpoint {
         })?;
         let (weights, dir) = if meta.is_dir() {
             (find_weights(path)?, path.to_path_buf())
+        } else if !meta.is_file() {
+            // A FIFO or a device would block or never end.
+            return Err(Error::InvalidFile {
+                path: path.to_path_buf(),
+                message: "not a regular file or a directory".into(),
+            });
         } else {
             let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
             (path.to_path_buf(), dir)
@@ -244,6 +250,15 @@ impl Checkpoint {
                 found: shape.to_vec(),
             });
         };
+        if rows % rows_per_i != 0 {
+            return Err(Error::InvalidFile {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{gate}` has {rows} rows, an odd number: a fused gate-up projection \
+                     stacks the gate and up weights, 2 × intermediate size rows"
+                ),
+            });
+        }
         let bias = self.contains(&join(prefix, &format!("{}.bias", names.down)));
         Ok(GluConfig::new(hidden, rows / rows_per_i)
             .with_activation(activation)
@@ -280,9 +295,7 @@ impl Checkpoint {
         opts: &LoadOptions,
     ) -> Result<GluFeedForward> {
         cfg.validate()?;
-        for name in cfg.layout.names().all() {
-            self.require(&join(prefix, &format!("{name}.weight")))?;
-        }
+        self.check_shapes(cfg, prefix)?;
         match &self.store {
             Store::Gguf(g) if opts.quantized => {
                 let load = |name: &str| -> Result<Projection> {
@@ -313,6 +326,30 @@ impl Checkpoint {
                 Ok(GluFeedForward::new(cfg, vb.pp(prefix))?)
             }
         }
+    }
+
+    /// Every weight of the block exists with the shape `cfg` implies: checked on the tensor table
+    /// before any data is read, so a wrong shape never costs a read or an allocation.
+    fn check_shapes(&self, cfg: &GluConfig, prefix: &str) -> Result<()> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let names = cfg.layout.names();
+        let mut expected = match names.gate_up {
+            GateUpNames::Split { gate, up } => vec![(gate, [i, h]), (up, [i, h])],
+            GateUpNames::Fused { gate_up } => vec![(gate_up, [2 * i, h])],
+        };
+        expected.push((names.down, [h, i]));
+        for (name, shape) in expected {
+            let name = join(prefix, &format!("{name}.weight"));
+            let found = self.require(&name)?;
+            if found != shape {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: shape.to_vec(),
+                    found: found.to_vec(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Loads layer `layer`'s block, at `cfg.layout`'s prefix for it.

@@ -1,0 +1,163 @@
+//! Behaviour around bad files beyond their messages (which `tests/error_table.rs` pins): what
+//! still works beside a bad tensor, that nothing blocks, and that hand-written files are read
+//! exactly.
+
+#[path = "common/craft.rs"]
+mod craft;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_glu::loading::{Checkpoint, Format, LoadOptions};
+use candle_glu::WeightLayout;
+use craft::{write, Gguf, GgufValue};
+
+fn opts(quantized: bool) -> LoadOptions {
+    LoadOptions::new(DType::F32, Device::Cpu).with_quantized(quantized)
+}
+
+#[test]
+fn hand_written_gguf_is_read_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gguf::llama(32, 64, craft::F32);
+    let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap();
+    assert_eq!(ckpt.format(), Format::Gguf);
+    assert_eq!(ckpt.num_layers(), Some(1));
+    assert_eq!(
+        ckpt.tensor_shape("blk.0.ffn_down.weight"),
+        Some(&[32, 64][..])
+    );
+    let cfg = ckpt.config().unwrap().clone();
+    let ffn = ckpt.load_layer(&cfg, 0, &opts(false)).unwrap();
+    for (proj, (_, dims, _, raw)) in [ffn.gate_proj(), ffn.up_proj(), ffn.down_proj()]
+        .into_iter()
+        .zip(&g.tensors)
+    {
+        let w = proj.as_linear().unwrap().weight();
+        assert_eq!(w.dims(), [dims[0] as usize, dims[1] as usize]);
+        let want: Vec<f32> = raw
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    }
+}
+
+#[test]
+fn an_unreadable_tensor_elsewhere_does_not_stop_the_ffn() {
+    // llama.cpp files often quantize the embeddings in a type candle cannot read; candle's own
+    // reader refuses the whole file for it, ours only that tensor.
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Gguf::llama(32, 64, craft::Q4_0);
+    g.tensors.push((
+        "token_embd.weight".into(),
+        vec![4, 256],
+        craft::IQ2_XXS,
+        vec![0; 264],
+    ));
+    let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap();
+    assert!(ckpt.tensor_names().contains(&"token_embd.weight"));
+    let cfg = ckpt.config().unwrap().clone();
+    let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu).unwrap();
+    let q = ckpt.load_layer(&cfg, 0, &opts(true)).unwrap();
+    assert!(q.gate_proj().is_quantized());
+    let d = ckpt.load_layer(&cfg, 0, &opts(false)).unwrap();
+    let (yq, yd) = (q.forward(&x).unwrap(), d.forward(&x).unwrap());
+    let scale = yd
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (yq - yd)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff <= 0.05 * scale, "{diff} vs {scale}");
+}
+
+#[test]
+fn gguf_without_sizes_in_its_metadata_is_still_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Gguf::llama(32, 64, craft::F32);
+    g.metadata.retain(|(k, _)| k == "general.architecture");
+    let g = g.meta("llama.embedding_length", GgufValue::Str("wide".into()));
+    let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap();
+    assert_eq!(ckpt.config(), None);
+    let cfg = ckpt
+        .infer_config("blk.0", WeightLayout::Gguf, "silu".parse().unwrap())
+        .unwrap();
+    assert_eq!((cfg.hidden_size, cfg.intermediate_size), (32, 64));
+    ckpt.load_layer(&cfg, 0, &opts(true)).unwrap();
+}
+
+#[test]
+fn alignment_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    // The writer pads to 32 bytes, so data and offsets are also aligned to every smaller power
+    // of two: each of them reads the same file.
+    for align in [1u32, 8, 32] {
+        let g = Gguf::llama(32, 64, craft::Q4_0).meta("general.alignment", GgufValue::U32(align));
+        let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap();
+        assert!(ckpt.config().is_some(), "{align}");
+    }
+    let g = Gguf::llama(32, 64, craft::Q4_0).meta("general.alignment", GgufValue::I32(-32));
+    let err = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`general.alignment` is I32(-32), expected a power of two"),
+        "{err}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_shard_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = dir.path().join("model-00001-of-00001.safetensors");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&shard)
+        .status()
+        .unwrap()
+        .success());
+    let index = r#"{"weight_map":{"w":"model-00001-of-00001.safetensors"}}"#;
+    write(dir.path(), "model.safetensors.index.json", index.as_bytes());
+    let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.ends_with("model-00001-of-00001.safetensors: not a regular file"),
+        "{err}"
+    );
+    // And a FIFO named config.json is skipped, not read.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "model.safetensors", &craft::llama_block(4, 8));
+    assert!(std::process::Command::new("mkfifo")
+        .arg(dir.path().join("config.json"))
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(Checkpoint::open(dir.path()).unwrap().config(), None);
+}
+
+#[test]
+fn inputs_up_to_the_activation_limit_run() {
+    // The limit counts tokens × intermediate; ordinary batches are far below it.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "model.safetensors", &craft::llama_block(4, 8));
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let cfg = ckpt
+        .infer_config(
+            "model.layers.0.mlp",
+            WeightLayout::Llama,
+            "silu".parse().unwrap(),
+        )
+        .unwrap();
+    let ffn = ckpt.load_layer(&cfg, 0, &opts(false)).unwrap();
+    for shape in [vec![4096, 4], vec![0, 4], vec![3, 0, 4]] {
+        let x = Tensor::zeros(shape.as_slice(), DType::BF16, &Device::Cpu).unwrap();
+        assert_eq!(ffn.forward(&x).unwrap().dims(), shape.as_slice());
+    }
+}
