@@ -200,8 +200,16 @@ fn found_hint(found: &[String]) -> String {
     if found.is_empty() {
         String::new()
     } else {
-        let names: Vec<String> = found.iter().map(|n| format!("`{n}`")).collect();
+        let names: Vec<String> = found.iter().map(|n| format!("`{}`", shorten(n))).collect();
         format!("; closest names that exist: {}", names.join(", "))
+    }
+}
+
+/// A name cut to 120 characters: a hostile file's names can be megabytes long.
+fn shorten(name: &str) -> String {
+    match name.char_indices().nth(120) {
+        Some((i, _)) => format!("{}…", &name[..i]),
+        None => name.to_string(),
     }
 }
 

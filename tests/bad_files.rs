@@ -161,3 +161,29 @@ fn inputs_up_to_the_activation_limit_run() {
         assert_eq!(ffn.forward(&x).unwrap().dims(), shape.as_slice());
     }
 }
+
+#[test]
+fn megabyte_tensor_names_give_a_short_error_quickly() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "model.layers.0.mlp.".to_string() + &"x".repeat(4 << 20);
+    let header = format!(r#"{{"{long}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}}}"#);
+    write(
+        dir.path(),
+        "model.safetensors",
+        &craft::safetensors_raw(&header, &[0; 4]),
+    );
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let start = std::time::Instant::now();
+    let cfg = candle_glu::GluConfig::new(4, 8);
+    let err = ckpt
+        .load_ffn(&cfg, "model.layers.0.mlp", &opts(false))
+        .unwrap_err()
+        .to_string();
+    assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+    assert!(err.len() < 400, "{} bytes: {}", err.len(), &err[..400]);
+    assert!(
+        err.starts_with("missing tensor `model.layers.0.mlp.gate_proj.weight`; closest"),
+        "{err}"
+    );
+    assert!(err.ends_with("xxx…`"), "{err}");
+}

@@ -490,8 +490,12 @@ pub(crate) fn closest_names<'a>(
         .collect()
 }
 
+/// Levenshtein distance over the first 256 characters of each name: real tensor names are far
+/// shorter, and a hostile file's megabyte-long names must not make an error message slow.
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
+    const MAX_CHARS: usize = 256;
+    let a = &a[..a.char_indices().nth(MAX_CHARS).map_or(a.len(), |(i, _)| i)];
+    let b: Vec<char> = b.chars().take(MAX_CHARS).collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
         let mut prev = row[0];
