@@ -187,3 +187,43 @@ fn megabyte_tensor_names_give_a_short_error_quickly() {
     );
     assert!(err.ends_with("xxx…`"), "{err}");
 }
+
+/// Fuzzing found (crash-31bfe866…): a GGUF weight with a zero dimension, loaded through
+/// `Checkpoint::var_builder`, reached candle's `from_raw_data`, which made a slice from the empty
+/// read buffer's dangling, misaligned pointer (undefined behaviour; a panic with debug
+/// assertions).
+#[test]
+fn an_empty_gguf_tensor_is_never_handed_to_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gguf::llama(32, 64, craft::F32).redim("blk.0.ffn_gate.weight", &[0, 32]);
+    let path = write(dir.path(), "m.gguf", &g.bytes());
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let cfg = ckpt.config().unwrap().clone();
+    let vb = ckpt.var_builder(DType::F32, &Device::Cpu);
+    let err = candle_glu::GluFeedForward::new(&cfg, vb.pp("blk.0"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "tensor `blk.0.ffn_gate.weight` has shape [0, 32], expected [64, 32]"
+    );
+    for quantized in [true, false] {
+        let err = ckpt
+            .load_layer(&cfg, 0, &opts(quantized))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("has shape [0, 32], expected [64, 32]"),
+            "{err}"
+        );
+    }
+    let store = candle_glu::loading::GgufStore::open(&path).unwrap();
+    let err = store
+        .dequantized("blk.0.ffn_gate.weight", DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with("tensor `blk.0.ffn_gate.weight` has shape [0, 32], with no values"),
+        "{err}"
+    );
+}

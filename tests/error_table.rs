@@ -411,6 +411,11 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let g = Gguf::llama(32, 64, craft::Q4_0).retype("blk.0.ffn_down.weight", 99);
         gguf_load(d, &g, true)
     });
+    c.insert("gguf-empty-tensor", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).redim("blk.0.ffn_gate.weight", &[0, 32]);
+        let store = candle_glu::loading::GgufStore::open(&gguf_file(d, &g)).unwrap();
+        err(store.qtensor("blk.0.ffn_gate.weight", &Device::Cpu))
+    });
     c.insert("gguf-zero-size", |d| {
         let g = Gguf::llama(32, 64, craft::Q4_0).meta("llama.embedding_length", GgufValue::U32(0));
         open(&gguf_file(d, &g))

@@ -26,7 +26,7 @@ use crate::{Activation, Error, GluConfig, Result, WeightLayout};
 /// The most values all metadata arrays may hold together. Each costs about 32 bytes in memory
 /// whatever its size on disk, so this bounds the metadata to about 512 MiB; real tokenizers hold
 /// a few hundred thousand.
-pub const MAX_METADATA_VALUES: u64 = 1 << 24;
+pub(crate) const MAX_METADATA_VALUES: u64 = 1 << 24;
 
 /// The longest string accepted, as in llama.cpp (`GGUF_MAX_STRING_LENGTH`).
 const MAX_STRING_BYTES: u64 = 1 << 30;
@@ -204,6 +204,18 @@ impl GgufStore {
                 path: self.path.clone(),
                 name: name.to_string(),
                 found: ggml_type_name(entry.type_id),
+            });
+        }
+        // candle 0.11.1 views the bytes it read as blocks with `slice::from_raw_parts`; for an
+        // empty tensor that pointer is a dangling, misaligned one: undefined behaviour (found by
+        // fuzzing, where debug assertions catch it). No weight is empty, so refuse it.
+        if entry.shape.contains(&0) {
+            return Err(Error::InvalidFile {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, with no values",
+                    entry.shape
+                ),
             });
         }
         let file = File::open(&self.path).map_err(|source| Error::Io {
