@@ -1,6 +1,6 @@
-//! Behaviour around bad files beyond their messages (which `tests/error_table.rs` pins): what
-//! still works beside a bad tensor, that nothing blocks, and that hand-written files are read
-//! exactly.
+//! Robustness beyond the messages (which `tests/error_table.rs` pins): what still works beside a
+//! bad tensor, that nothing blocks or balloons, that hand-written files are read exactly, and the
+//! regression tests for what fuzzing found (`fuzz/`).
 
 #[path = "common/craft.rs"]
 mod craft;
@@ -225,5 +225,48 @@ fn an_empty_gguf_tensor_is_never_handed_to_candle() {
     assert!(
         err.ends_with("tensor `blk.0.ffn_gate.weight` has shape [0, 32], with no values"),
         "{err}"
+    );
+}
+
+/// Fuzzing found (config target, crash-887440b0…): `GluFeedForward::new` over
+/// `VarBuilder::zeros` always failed with bias = false, since that backend claims every name,
+/// biases included ("the checkpoint has biases (`.gate_up_proj.bias`, ...)", with a stray dot
+/// at the root prefix).
+#[test]
+fn a_zeros_var_builder_builds_every_layout_with_and_without_bias() {
+    for layout in WeightLayout::ALL {
+        for bias in [false, true] {
+            let cfg = candle_glu::GluConfig::new(4, 8)
+                .with_layout(layout)
+                .with_bias(bias);
+            let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+            let ffn = candle_glu::GluFeedForward::new(&cfg, vb).unwrap();
+            assert_eq!(ffn.up_proj().as_linear().unwrap().bias().is_some(), bias);
+            let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
+            let y = ffn.forward(&x).unwrap();
+            assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
+}
+
+#[test]
+fn names_at_the_root_prefix_have_no_leading_dot() {
+    let dir = tempfile::tempdir().unwrap();
+    let t: [(&str, &[u64]); 4] = [
+        ("gate_proj.weight", &[8, 4]),
+        ("up_proj.weight", &[8, 4]),
+        ("down_proj.weight", &[4, 8]),
+        ("gate_proj.bias", &[8]),
+    ];
+    write(dir.path(), "model.safetensors", &craft::safetensors_f32(&t));
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let vb = ckpt.var_builder(DType::F32, &Device::Cpu);
+    let err = candle_glu::GluFeedForward::new(&candle_glu::GluConfig::new(4, 8), vb)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "biases exist for only some projections: found `gate_proj.bias`, missing \
+         `up_proj.bias`, `down_proj.bias`"
     );
 }
