@@ -354,6 +354,11 @@ fn detect_layout(ckpt: &Checkpoint, args: &Args) -> Result<WeightLayout> {
 }
 
 fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
+    // Checked first: opening a FIFO would block.
+    let meta = std::fs::metadata(path).with_context(|| format!("--input {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("--input {}: not a regular file", path.display());
+    }
     let tensors = candle_core::safetensors::load(path, device).map_err(|e| {
         anyhow!(
             "{}: {}",

@@ -474,6 +474,17 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     c.insert("cli-output-unwritable", |d| {
         infer(d, &["--output", "no-such-dir/y.safetensors"])
     });
+    c.insert("cli-input-missing", |d| {
+        infer(d, &["--input", "x.safetensors"])
+    });
+    c.insert("cli-input-fifo", |d| {
+        let ok = Command::new("mkfifo")
+            .arg(d.join("x.safetensors"))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        infer(d, &["--input", "x.safetensors"])
+    });
     c.insert("cli-input-no-x", |d| {
         Tensor::zeros((2, 576), DType::F32, &Device::Cpu)
             .unwrap()
