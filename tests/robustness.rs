@@ -270,3 +270,51 @@ fn names_at_the_root_prefix_have_no_leading_dot() {
          `up_proj.bias`, `down_proj.bias`"
     );
 }
+
+/// Fuzzing found (gguf target, crash-5aeafbba…): candle 0.11.1's Q4_1, Q5_0 and Q5_1 dot
+/// products `debug_assert!` an even number of 32-value blocks per row, so a quantized weight
+/// with rows of 32 (or 96, ...) values panicked in debug builds. Such weights now multiply
+/// dequantized; the others stay quantized.
+#[test]
+fn quantized_rows_of_an_odd_number_of_blocks_run() {
+    use candle_core::quantized::QMatMul;
+    use candle_glu::Projection;
+    let dir = tempfile::tempdir().unwrap();
+    let g = Gguf::llama(32, 64, craft::Q5_0); // gate and up rows: 1 block; down rows: 2
+    let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap();
+    let cfg = ckpt.config().unwrap().clone();
+    let q = ckpt.load_layer(&cfg, 0, &opts(true)).unwrap();
+    let kind = |p: &Projection| match p {
+        Projection::Quantized {
+            weight: QMatMul::QTensor(_),
+            ..
+        } => "quantized",
+        Projection::Quantized {
+            weight: QMatMul::Tensor(_),
+            ..
+        } => "dequantized",
+        _ => "other",
+    };
+    assert_eq!(kind(q.gate_proj()), "dequantized");
+    assert_eq!(kind(q.up_proj()), "dequantized");
+    assert_eq!(kind(q.down_proj()), "quantized");
+    let d = ckpt.load_layer(&cfg, 0, &opts(false)).unwrap();
+    let x = Tensor::randn(0f32, 1., (3, 32), &Device::Cpu).unwrap();
+    let (yq, yd) = (q.forward(&x).unwrap(), d.forward(&x).unwrap());
+    let scale = yd
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (yq - yd)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(scale > 0.0 && diff <= 0.05 * scale, "{diff} vs {scale}");
+}

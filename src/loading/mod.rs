@@ -21,7 +21,6 @@ mod safetensors;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
@@ -49,7 +48,9 @@ pub struct LoadOptions {
     /// Where the weights go.
     pub device: Device,
     /// GGUF only: keep the weights quantized and multiply with candle's `QMatMul` (which computes
-    /// in f32) instead of dequantizing them to `dtype`. Default `true`.
+    /// in f32) instead of dequantizing them to `dtype`. Default `true`. A Q4_1, Q5_0 or Q5_1
+    /// weight whose rows hold an odd number of 32-value blocks is dequantized to f32 all the same:
+    /// candle 0.11.1's kernels for them assert an even number (a panic in debug builds).
     pub quantized: bool,
 }
 
@@ -300,7 +301,10 @@ impl Checkpoint {
             Store::Gguf(g) if opts.quantized => {
                 let load = |name: &str| -> Result<Projection> {
                     let qt = g.qtensor(&join(prefix, &format!("{name}.weight")), &opts.device)?;
-                    Ok(Projection::quantized(QMatMul::from_qtensor(qt)?, None))
+                    Ok(Projection::quantized(
+                        gguf::qmatmul(qt, &opts.device)?,
+                        None,
+                    ))
                 };
                 let GateUpNames::Split { gate, up } = cfg.layout.names().gate_up else {
                     return Err(Error::InvalidConfig {

@@ -109,6 +109,7 @@ fn gguf_string(s: &str) -> Vec<u8> {
 /// ggml type ids.
 pub const F32: u32 = 0;
 pub const Q4_0: u32 = 2;
+pub const Q5_0: u32 = 6;
 pub const Q8_K: u32 = 15;
 pub const IQ2_XXS: u32 = 16;
 
@@ -208,7 +209,7 @@ impl Gguf {
 }
 
 /// `n` values of ggml type `ty`: f32, or Q4_0 blocks (an f16 scale and 16 bytes of nibbles per
-/// 32 values).
+/// 32 values), or Q5_0 blocks.
 pub fn tensor_bytes(ty: u32, n: u64) -> Vec<u8> {
     match ty {
         F32 => (0..n)
@@ -218,6 +219,14 @@ pub fn tensor_bytes(ty: u32, n: u64) -> Vec<u8> {
             .flat_map(|b| {
                 let mut block = vec![0x1f, 0x21]; // f16 0.0101
                 block.extend((0..16).map(|k| ((b * 37 + k) % 256) as u8));
+                block
+            })
+            .collect(),
+        // Q5_0: an f16 scale, 4 bytes of high bits and 16 bytes of nibbles per 32 values.
+        Q5_0 => (0..n / 32)
+            .flat_map(|b| {
+                let mut block = vec![0x1f, 0x21];
+                block.extend((0..20).map(|k| ((b * 53 + k * 7) % 256) as u8));
                 block
             })
             .collect(),
