@@ -4,6 +4,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
+use crate::kernels::{self, GateUpOp, LinearOp, Q4_1GateUpOp, Q4_1LinearOp};
 use crate::layout::GateUpNames;
 use crate::{Activation, Error, GluConfig, WeightLayout};
 
@@ -244,6 +245,97 @@ impl GluFeedForward {
         self.down_proj.device()
     }
 
+    /// The block through the fused CPU kernels, when they can take it: dense f32/bf16/f16
+    /// contiguous weights on a CPU with AVX-512, and no biases while training (the kernels
+    /// treat biases as constants). `None` otherwise.
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let dense = |p: &Projection| match p {
+            Projection::Dense(l) if l.weight().is_contiguous() => Some(l.clone()),
+            _ => None,
+        };
+        let (Some(g), Some(u), Some(d)) = (
+            dense(&self.gate_proj),
+            dense(&self.up_proj),
+            dense(&self.down_proj),
+        ) else {
+            return Ok(None);
+        };
+        let w = g.weight();
+        let supported = matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16);
+        if !supported || !w.device().is_cpu() || !kernels::cpu_available() {
+            return Ok(None);
+        }
+        let biases = [g.bias(), u.bias(), d.bias()];
+        let (gate_up_bias, down_bias) = match biases {
+            [None, None, None] => (None, None),
+            [Some(bg), Some(bu), Some(bd)] => {
+                let training = [x, bg, bu, bd, g.weight(), u.weight(), d.weight()]
+                    .iter()
+                    .any(|t| t.track_op());
+                if training {
+                    return Ok(None);
+                }
+                let v = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
+                (Some((v(bg)?, v(bu)?)), Some(v(bd)?))
+            }
+            _ => return Ok(None),
+        };
+        let gate_up = GateUpOp {
+            act: self.config.activation,
+            bias: gate_up_bias,
+        };
+        let hidden = x.contiguous()?.apply_op3(g.weight(), u.weight(), gate_up)?;
+        let y = hidden.apply_op2(d.weight(), LinearOp { bias: down_bias })?;
+        Ok(Some(y))
+    }
+
+    /// The block through the Q4_1 kernels, when all three weights are GGUF Q4_1 blocks on a CPU
+    /// with AVX-512 and there are no biases. `None` otherwise.
+    fn forward_q4_1(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let q4_1 = |p: &Projection| match p {
+            Projection::Quantized {
+                weight: QMatMul::QTensor(q),
+                bias: None,
+            } => Some(q.clone()),
+            _ => None,
+        };
+        let (Some(wg), Some(wu), Some(wd)) = (
+            q4_1(&self.gate_proj),
+            q4_1(&self.up_proj),
+            q4_1(&self.down_proj),
+        ) else {
+            return Ok(None);
+        };
+        if !kernels::q4_1_available(&[&wg, &wu, &wd]) {
+            return Ok(None);
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let act = self.config.activation;
+        let hidden = x.apply_op1_no_bwd(&Q4_1GateUpOp { wg, wu, act })?;
+        Ok(Some(hidden.apply_op1_no_bwd(&Q4_1LinearOp { w: wd })?))
+    }
+
+    /// The block as three projections and the gated product: for quantized weights, GPUs and
+    /// CPUs without AVX-512. The gated product is one fused pass where a kernel exists.
+    fn forward_unfused(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        let hidden = kernels::gated(&gate, &up, self.config.activation)?;
+        self.down_proj.forward(&hidden)
+    }
+
+    /// The block with candle's own ops only: three matmuls and the gated product. The plain twin
+    /// the fused kernels are tested against.
+    #[doc(hidden)]
+    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = self.flatten_input(xs)?;
+        let gate = self.gate_proj.forward(&x)?;
+        let up = self.up_proj.forward(&x)?;
+        let hidden = gated_product(&gate, &up, self.config.activation)?;
+        let y = self.down_proj.forward(&hidden)?;
+        y.reshape(xs.shape())?.to_dtype(xs.dtype())
+    }
+
     /// Checks an input and returns it as `[tokens, H]` in the weights' dtype.
     fn flatten_input(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.config.hidden_size;
@@ -277,10 +369,13 @@ impl Module for GluFeedForward {
         if x.dim(0)? == 0 {
             return Tensor::zeros(xs.shape(), xs.dtype(), xs.device());
         }
-        let gate = self.gate_proj.forward(&x)?;
-        let up = self.up_proj.forward(&x)?;
-        let hidden = gated_product(&gate, &up, self.config.activation)?;
-        let y = self.down_proj.forward(&hidden)?;
+        let y = match self.forward_fused(&x)? {
+            Some(y) => y,
+            None => match self.forward_q4_1(&x)? {
+                Some(y) => y,
+                None => self.forward_unfused(&x)?,
+            },
+        };
         y.reshape(xs.shape())?.to_dtype(xs.dtype())
     }
 }

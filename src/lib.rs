@@ -35,6 +35,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod ffn;
+mod kernels;
 pub mod layout;
 pub mod loading;
 
@@ -43,6 +44,12 @@ pub use config::GluConfig;
 pub use error::{Error, Result};
 pub use ffn::{GluFeedForward, Projection};
 pub use layout::WeightLayout;
+
+/// Whether this CPU runs the fused kernels (AVX-512 with FMA and F16C). Without them,
+/// [`GluFeedForward`] computes the same results with candle's own ops, more slowly.
+pub fn cpu_kernels_available() -> bool {
+    kernels::cpu_available()
+}
 #[cfg(feature = "hub")]
 pub use loading::hub::{fetch_model, HubOptions};
 

@@ -222,10 +222,16 @@ fn gguf_quantized_is_close_to_dequantized() {
         .unwrap();
     let x = Tensor::randn(0f32, 1., (5, 576), &Device::Cpu).unwrap();
     let (yq, yd) = (q.forward(&x).unwrap(), d.forward(&x).unwrap());
-    // QMatMul quantizes the activations to 8 bits for the Q4_1 dot products.
+    // Our Q4_1 kernel decodes the weights exactly (d·q + m is exact in f32); candle's QMatMul,
+    // used without AVX-512, rounds the activations to 8 bits first.
     let err = rel_err(&yq, &yd);
     eprintln!("quantized vs dequantized: rel err {err:.2e}");
-    assert!(err < 2e-2, "{err}");
+    let tol = if candle_glu::cpu_kernels_available() {
+        1e-6
+    } else {
+        2e-2
+    };
+    assert!(err <= tol, "{err}");
 }
 
 #[test]

@@ -1,0 +1,173 @@
+//! Text generation with SmolLM2-135M-Instruct, every FFN a candle-glu `GluFeedForward`.
+//!
+//! ```text
+//! cargo run --release --example generate -- --prompt "The capital of France is" --max-tokens 12
+//! cargo run --release --example generate -- --prompt "Once upon a time" --max-tokens 64 \
+//!     --temperature 0.8 --top-p 0.9 --seed 7 --ffn bf16
+//! ```
+//!
+//! Writes the prompt and then the continuation to stdout as it is generated; timings go to
+//! stderr. Every bad flag or file prints one line starting with `error:` and exits non-zero.
+
+#[path = "smollm2/mod.rs"]
+mod smollm2;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Parser;
+use smollm2::sampler::Sampler;
+use smollm2::tokenizer::Tokenizer;
+use smollm2::{FfnKind, LlamaConfig, Model};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "generate",
+    about = "Generate text with SmolLM2-135M-Instruct, every FFN a candle-glu GluFeedForward"
+)]
+struct Args {
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// The most tokens to generate (fewer if the model ends the text).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// The SmolLM2 GGUF. Default: where scripts/fetch_smollm2.sh puts it
+    /// ($CANDLE_GLU_CACHE, else $XDG_CACHE_HOME/candle-glu, else ~/.cache/candle-glu).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Sample with this temperature (with --top-p). Without it (or at 0), decoding is greedy.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// The probability mass sampled from (nucleus sampling), in (0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    /// The sampler's seed.
+    #[arg(long, default_value_t = 299_792_458)]
+    seed: u64,
+    /// The FFN weights: quantized (Q4_1 through QMatMul), or dequantized to f32 or bf16.
+    #[arg(long, default_value = "quantized")]
+    ffn: FfnKind,
+}
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's own message, on one line.
+            let text = e.render().to_string();
+            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            eprintln!("{}", line.trim());
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&args) {
+        // candle appends a backtrace to some messages when RUST_BACKTRACE is set: one line only.
+        let text = format!("{e:#}");
+        eprintln!("error: {}", text.lines().next().unwrap_or(""));
+        std::process::exit(1);
+    }
+}
+
+fn weights_path(args: &Args) -> Result<PathBuf> {
+    let path = match &args.weights {
+        Some(path) => path.clone(),
+        None => smollm2::default_gguf_path().context(
+            "no --weights, and neither CANDLE_GLU_CACHE, XDG_CACHE_HOME nor HOME is set",
+        )?,
+    };
+    if !path.is_file() {
+        bail!(
+            "the SmolLM2 GGUF is not at {}: run scripts/fetch_smollm2.sh to download it, or pass \
+             --weights <GGUF>",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn per_second(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+fn run(args: &Args) -> Result<()> {
+    let mut sampler =
+        Sampler::new(args.temperature, args.top_p, args.seed).map_err(anyhow::Error::msg)?;
+    let path = weights_path(args)?;
+    let device = Device::Cpu;
+
+    let start = Instant::now();
+    let (content, _) = smollm2::read_gguf(&path)?;
+    let tokenizer = Tokenizer::from_gguf(&content)?;
+    let cfg = LlamaConfig::from_gguf(&content)?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty: SmolLM2 adds no BOS token, so there is nothing to continue");
+    }
+    if prompt.len() + args.max_tokens > cfg.max_positions {
+        bail!(
+            "{} prompt tokens + --max-tokens {} exceed the context length {}",
+            prompt.len(),
+            args.max_tokens,
+            cfg.max_positions
+        );
+    }
+    let model = Model::load(&path, args.ffn, &device)?;
+    eprintln!(
+        "loaded      {} ({} layers, FFN {}) in {:.2} s",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        cfg.num_layers,
+        args.ffn,
+        start.elapsed().as_secs_f64()
+    );
+
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", args.prompt)?;
+    out.flush()?;
+
+    let mut cache = model.new_cache();
+    let mut stream = tokenizer.stream();
+    let start = Instant::now();
+    let input = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
+    let mut logits = model.forward_last(&input, &mut cache)?;
+    let prefill = start.elapsed();
+
+    // The first token comes from the prompt's logits; each further one costs a decode step.
+    let (mut generated, mut steps) = (0, 0);
+    let start = Instant::now();
+    while generated < args.max_tokens {
+        let next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        if next == tokenizer.eos_token_id() {
+            break;
+        }
+        generated += 1;
+        write!(out, "{}", stream.push(next))?;
+        out.flush()?;
+        if generated == args.max_tokens {
+            break;
+        }
+        let input = Tensor::new(&[[next]], &device)?;
+        logits = model.forward_last(&input, &mut cache)?;
+        steps += 1;
+    }
+    let decode = start.elapsed();
+    writeln!(out, "{}", stream.finish())?;
+    out.flush()?;
+
+    eprintln!(
+        "prompt      {} tokens in {:.1} ms ({:.1} tokens/s)",
+        prompt.len(),
+        prefill.as_secs_f64() * 1e3,
+        per_second(prompt.len(), prefill)
+    );
+    eprintln!(
+        "generated   {generated} tokens; {steps} decode steps in {:.1} ms ({:.1} tokens/s)",
+        decode.as_secs_f64() * 1e3,
+        per_second(steps, decode)
+    );
+    Ok(())
+}

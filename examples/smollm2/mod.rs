@@ -1,0 +1,603 @@
+//! A small Llama decoder (SmolLM2-135M) built from candle-nn pieces, with a
+//! [`candle_glu::GluFeedForward`] as the FFN of every layer.
+//!
+//! `h = x + Attn(RmsNorm(x));  y = h + FFN(RmsNorm(h))`, 30 times, then a tied output head.
+//!
+//! Shared by `examples/generate.rs` and `tests/e2e.rs` (both include it with `#[path]`). Everything
+//! except the FFNs comes straight from the GGUF through candle's quantized types, as
+//! candle-transformers' `quantized_llama` does: `QMatMul` for the attention projections and the
+//! output head (the Q8_0 token embedding, tied), the embedding dequantized to f32. The FFNs are
+//! loaded by candle-glu's own loader (`Checkpoint::load_layer`), quantized or dequantized.
+//!
+//! The decoder block takes its FFN through candle's [`Module`] trait (`DecoderLayer<F: Module>`,
+//! `Model<F = GluFeedForward>`), so any module can go in every layer (this snippet is compiled as
+//! part of the README's doctests):
+//!
+//! ```no_run
+//! # #[path = "../examples/smollm2/mod.rs"]
+//! # mod smollm2;
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_glu::loading::{Checkpoint, LoadOptions};
+//! use candle_glu::GluFeedForward;
+//! use smollm2::Model; // examples/smollm2/mod.rs
+//!
+//! /// Any `Module` can be a layer's FFN; this one counts its calls.
+//! struct Counted(GluFeedForward, std::sync::atomic::AtomicUsize);
+//!
+//! impl Module for Counted {
+//!     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+//!         self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+//!         self.0.forward(xs)
+//!     }
+//! }
+//!
+//! fn main() -> anyhow::Result<()> {
+//!     let gguf = "SmolLM2-135M-Instruct.Q4_1.gguf";
+//!     let ckpt = Checkpoint::open(gguf)?;
+//!     let cfg = ckpt.config().expect("a llama GGUF says its FFN sizes").clone();
+//!     let opts = LoadOptions::new(DType::BF16, Device::Cpu).with_quantized(false);
+//!     let model: Model<Counted> = Model::load_with(gguf, &Device::Cpu, |layer| {
+//!         Ok(Counted(ckpt.load_layer(&cfg, layer, &opts)?, 0.into()))
+//!     })?;
+//!
+//!     let mut cache = model.new_cache(); // the KV cache lives outside the model
+//!     let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu)?; // "The capital of France is"
+//!     let logits = model.forward_last(&ids, &mut cache)?; // [1, 49152]: " Paris" (7042) on top
+//!     assert_eq!(logits.dims(), [1, 49152]);
+//!     Ok(())
+//! }
+//! ```
+#![allow(dead_code)]
+
+pub mod sampler;
+pub mod tokenizer;
+
+use std::fmt;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_glu::loading::{Checkpoint, LoadOptions};
+use candle_glu::GluFeedForward;
+use candle_nn::{Embedding, RmsNorm};
+
+/// The file `scripts/fetch_smollm2.sh` downloads.
+pub const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where `scripts/fetch_smollm2.sh` puts the GGUF: `$CANDLE_GLU_CACHE`, else
+/// `$XDG_CACHE_HOME/candle-glu`, else `~/.cache/candle-glu`. `None` when none of these variables
+/// is set.
+pub fn default_gguf_path() -> Option<PathBuf> {
+    let dir = match std::env::var_os("CANDLE_GLU_CACHE").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
+            .join("candle-glu"),
+    };
+    Some(dir.join(GGUF_NAME))
+}
+
+/// How the FFN weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FfnKind {
+    /// Kept in the GGUF's Q4_1 and multiplied by candle's `QMatMul` (which quantizes the
+    /// activations to Q8_1 first).
+    #[default]
+    Quantized,
+    /// Dequantized to f32.
+    F32,
+    /// Dequantized to bf16.
+    Bf16,
+}
+
+impl FfnKind {
+    /// Every kind, in the order the CLI lists them.
+    pub const ALL: [FfnKind; 3] = [FfnKind::Quantized, FfnKind::F32, FfnKind::Bf16];
+
+    /// The load options for this kind on `device`.
+    pub fn load_options(self, device: &Device) -> LoadOptions {
+        match self {
+            FfnKind::Quantized => LoadOptions::new(DType::F32, device.clone()),
+            FfnKind::F32 => LoadOptions::new(DType::F32, device.clone()).with_quantized(false),
+            FfnKind::Bf16 => LoadOptions::new(DType::BF16, device.clone()).with_quantized(false),
+        }
+    }
+}
+
+impl fmt::Display for FfnKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FfnKind::Quantized => "quantized",
+            FfnKind::F32 => "f32",
+            FfnKind::Bf16 => "bf16",
+        })
+    }
+}
+
+impl FromStr for FfnKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.to_string() == s)
+            .ok_or_else(|| format!("unknown FFN kind `{s}`: expected quantized, f32 or bf16"))
+    }
+}
+
+/// The model's hyper-parameters, from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// `llama.embedding_length` (576).
+    pub hidden_size: usize,
+    /// `llama.feed_forward_length` (1536).
+    pub intermediate_size: usize,
+    /// `llama.block_count` (30).
+    pub num_layers: usize,
+    /// `llama.attention.head_count` (9).
+    pub num_heads: usize,
+    /// `llama.attention.head_count_kv` (3).
+    pub num_kv_heads: usize,
+    /// `hidden_size / num_heads` (64).
+    pub head_dim: usize,
+    /// `llama.rope.freq_base` (100000).
+    pub rope_theta: f64,
+    /// `llama.attention.layer_norm_rms_epsilon`, the stored f32 widened (≈ 1e-5).
+    pub rms_norm_eps: f64,
+    /// `llama.context_length` (8192): the positions RoPE is tabulated for.
+    pub max_positions: usize,
+    /// Rows of `token_embd.weight` (49152).
+    pub vocab_size: usize,
+    /// `tokenizer.ggml.eos_token_id` (2).
+    pub eos_token_id: u32,
+}
+
+impl LlamaConfig {
+    /// Reads the config of a `llama` GGUF.
+    pub fn from_gguf(content: &Content) -> anyhow::Result<Self> {
+        let get = |key: &str| -> anyhow::Result<&Value> {
+            content
+                .metadata
+                .get(key)
+                .with_context(|| format!("the GGUF has no `{key}` metadata"))
+        };
+        let uint = |key: &str| -> anyhow::Result<usize> {
+            let v = get(key)?;
+            let n = v.to_u32().map(u64::from).or_else(|_| v.to_u64())?;
+            Ok(usize::try_from(n)?)
+        };
+        let arch = get("general.architecture")?.to_string()?;
+        if arch != "llama" {
+            bail!("expected a `llama` GGUF, found architecture `{arch}`");
+        }
+        let hidden_size = uint("llama.embedding_length")?;
+        let num_heads = uint("llama.attention.head_count")?;
+        let num_kv_heads = uint("llama.attention.head_count_kv")?;
+        if num_heads == 0 || hidden_size % num_heads != 0 || num_heads % num_kv_heads.max(1) != 0 {
+            bail!(
+                "bad head counts: {num_heads} heads, {num_kv_heads} KV heads, hidden {hidden_size}"
+            );
+        }
+        let head_dim = hidden_size / num_heads;
+        let rope_dim = uint("llama.rope.dimension_count").unwrap_or(head_dim);
+        if rope_dim != head_dim {
+            bail!("partial RoPE ({rope_dim} of {head_dim} dims) is not supported");
+        }
+        let vocab_size = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .context("the GGUF has no `token_embd.weight`")?
+            .shape
+            .dims()[0];
+        Ok(Self {
+            hidden_size,
+            intermediate_size: uint("llama.feed_forward_length")?,
+            num_layers: uint("llama.block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta: f64::from(
+                get("llama.rope.freq_base")
+                    .and_then(|v| Ok(v.to_f32()?))
+                    .unwrap_or(10_000.),
+            ),
+            rms_norm_eps: f64::from(get("llama.attention.layer_norm_rms_epsilon")?.to_f32()?),
+            max_positions: uint("llama.context_length").unwrap_or(4096),
+            vocab_size,
+            eos_token_id: get("tokenizer.ggml.eos_token_id")?.to_u32()?,
+        })
+    }
+}
+
+/// Reads a GGUF's header, metadata and tensor table.
+pub fn read_gguf(path: &Path) -> anyhow::Result<(Content, BufReader<File>)> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+    Ok((content, reader))
+}
+
+/// RoPE tables for interleaved pairs: `cos`/`sin` of `pos · θ^(-2i/d)`, `[max_positions, d/2]`.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<Self> {
+        let half = cfg.head_dim / 2;
+        // In f32, as Hugging Face transformers and candle-transformers compute them: the same
+        // tables bit for bit (an f64 angle would differ in the last bit here and there, and
+        // every bit that differs can flip a Q8_1 rounding downstream).
+        let base = cfg.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1. / base.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in 0..cfg.max_positions {
+            for f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (cfg.max_positions, half);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, device)?,
+            sin: Tensor::from_vec(sin, shape, device)?,
+        })
+    }
+
+    /// Rotates `x` (`[batch, heads, tokens, head_dim]`) for positions `pos..pos + tokens`.
+    ///
+    /// llama.cpp's converter permutes the rows of `attn_q`/`attn_k` so that, on GGUF weights,
+    /// the rotated pairs are adjacent `(x[2i], x[2i+1])`: `rope_i`, not the half-split `rope`.
+    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+/// Grouped-query self-attention with quantized projections.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: QMatMul,
+    k_proj: QMatMul,
+    v_proj: QMatMul,
+    o_proj: QMatMul,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// `softmax(q·kᵀ/√d + mask)·v` over the cached and new keys; appends the new keys and
+    /// values to `cache`. `xs` is `[batch, tokens, hidden]`, the new tokens at positions
+    /// `pos..pos + tokens`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |proj: &QMatMul, n: usize| -> candle_core::Result<Tensor> {
+            proj.forward(xs)?.reshape((b, t, n, d))?.transpose(1, 2)
+        };
+        let q = rope.apply(&heads(&self.q_proj, h)?, pos)?;
+        let k = rope.apply(&heads(&self.k_proj, kvh)?, pos)?;
+        let v = heads(&self.v_proj, kvh)?.contiguous()?;
+        let (k, v) = match cache.take() {
+            Some((k_cache, v_cache)) => (
+                Tensor::cat(&[&k_cache, &k], 2)?,
+                Tensor::cat(&[&v_cache, &v], 2)?,
+            ),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let kv_len = k.dim(2)?;
+
+        // Query head j reads KV head j / (h / kvh): fold each group's queries into one
+        // `[group · t, d]` matrix per KV head, so the keys and values are never copied.
+        let group = h / kvh;
+        let q = q.reshape((b, kvh, group * t, d))?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((b, kvh, group, t, kv_len))?
+                .broadcast_add(mask)?
+                .reshape((b, kvh, group * t, kv_len))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ys = probs.matmul(&v)?; // [b, kvh, group · t, d]
+        let ys = ys
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o_proj.forward(&ys)
+    }
+}
+
+/// One pre-norm decoder block: attention, then the FFN `F`, each around a residual.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer<F> {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: F,
+}
+
+impl<F: Module> DecoderLayer<F> {
+    /// The block's FFN.
+    pub fn mlp(&self) -> &F {
+        &self.mlp
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let h = (xs
+            + self
+                .attn
+                .forward(&xs.apply(&self.attn_norm)?, rope, pos, mask, cache)?)?;
+        h.apply(&self.ffn_norm)?.apply(&self.mlp)? + &h
+    }
+}
+
+/// The keys and values of the tokens seen so far, per layer; the next token's position is
+/// [`len`](Cache::len).
+///
+/// Kept apart from [`Model`] so that one model can serve several sequences (and threads).
+#[derive(Debug, Clone)]
+pub struct Cache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl Cache {
+    /// Tokens cached so far: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every token.
+    pub fn clear(&mut self) {
+        self.kv.iter_mut().for_each(|kv| *kv = None);
+        self.len = 0;
+    }
+}
+
+/// SmolLM2 (Llama) with the FFN `F` in every layer; by default candle-glu's `GluFeedForward`.
+#[derive(Debug, Clone)]
+pub struct Model<F = GluFeedForward> {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer<F>>,
+    norm: RmsNorm,
+    lm_head: QMatMul,
+    rope: Rope,
+    config: LlamaConfig,
+    device: Device,
+}
+
+impl Model<GluFeedForward> {
+    /// Loads the GGUF at `path`, with every FFN a `GluFeedForward` loaded by candle-glu
+    /// (`Checkpoint::load_layer`) as `ffn` says.
+    pub fn load(path: impl AsRef<Path>, ffn: FfnKind, device: &Device) -> anyhow::Result<Self> {
+        let path = path.as_ref();
+        let ckpt = Checkpoint::open(path)?;
+        let cfg = ckpt
+            .config()
+            .with_context(|| format!("{}: no FFN config in the GGUF metadata", path.display()))?
+            .clone();
+        let opts = ffn.load_options(device);
+        Self::load_with(path, device, |layer| {
+            Ok(ckpt.load_layer(&cfg, layer, &opts)?)
+        })
+    }
+}
+
+impl<F: Module> Model<F> {
+    /// Loads everything but the FFNs from the GGUF at `path`; `make_ffn(layer)` supplies layer
+    /// `layer`'s FFN, any [`Module`] from `[batch, tokens, hidden]` to the same shape.
+    pub fn load_with(
+        path: impl AsRef<Path>,
+        device: &Device,
+        mut make_ffn: impl FnMut(usize) -> anyhow::Result<F>,
+    ) -> anyhow::Result<Self> {
+        let path = path.as_ref();
+        let (content, mut reader) = read_gguf(path)?;
+        let config = LlamaConfig::from_gguf(&content)?;
+        let mut qtensor = |name: &str| {
+            content
+                .tensor(&mut reader, name, device)
+                .with_context(|| format!("{}: tensor `{name}`", path.display()))
+        };
+        let norm = |w: QTensor| -> anyhow::Result<RmsNorm> {
+            Ok(RmsNorm::new(w.dequantize(device)?, config.rms_norm_eps))
+        };
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let mut proj = |name: &str| -> anyhow::Result<QMatMul> {
+                Ok(QMatMul::from_qtensor(qtensor(&format!(
+                    "blk.{i}.{name}.weight"
+                ))?)?)
+            };
+            let attn = Attention {
+                q_proj: proj("attn_q")?,
+                k_proj: proj("attn_k")?,
+                v_proj: proj("attn_v")?,
+                o_proj: proj("attn_output")?,
+                num_heads: config.num_heads,
+                num_kv_heads: config.num_kv_heads,
+                head_dim: config.head_dim,
+            };
+            layers.push(DecoderLayer {
+                attn_norm: norm(qtensor(&format!("blk.{i}.attn_norm.weight"))?)?,
+                attn,
+                ffn_norm: norm(qtensor(&format!("blk.{i}.ffn_norm.weight"))?)?,
+                mlp: make_ffn(i).with_context(|| format!("layer {i}'s FFN"))?,
+            });
+        }
+        let norm = norm(qtensor("output_norm.weight")?)?;
+        let embed = qtensor("token_embd.weight")?;
+        let embed_tokens = Embedding::new(embed.dequantize(device)?, config.hidden_size);
+        // SmolLM2 ties the output head to the embedding: no `output.weight` in the file.
+        let lm_head = match content.tensor_infos.contains_key("output.weight") {
+            true => qtensor("output.weight")?,
+            false => embed,
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head: QMatMul::from_qtensor(lm_head)?,
+            rope: Rope::new(&config, device)?,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    /// The same model with the attention projections and the output head dequantized to f32
+    /// (the embedding already is): no more Q8 rounding of their inputs. With f32 FFNs the whole
+    /// model then computes in plain f32.
+    pub fn dequantized(mut self) -> candle_core::Result<Self> {
+        let dense = |m: &QMatMul| -> candle_core::Result<QMatMul> {
+            Ok(match m {
+                QMatMul::QTensor(q) => QMatMul::Tensor(q.dequantize(&q.device())?),
+                other => other.clone(),
+            })
+        };
+        for layer in &mut self.layers {
+            let a = &mut layer.attn;
+            a.q_proj = dense(&a.q_proj)?;
+            a.k_proj = dense(&a.k_proj)?;
+            a.v_proj = dense(&a.v_proj)?;
+            a.o_proj = dense(&a.o_proj)?;
+        }
+        self.lm_head = dense(&self.lm_head)?;
+        Ok(self)
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The decoder blocks.
+    pub fn layers(&self) -> &[DecoderLayer<F>] {
+        &self.layers
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            kv: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// The final hidden states (after the last RmsNorm) of `ids` (`[batch, tokens]`, u32),
+    /// which follow the `cache.len()` tokens in `cache`; appends them to `cache`. On an error
+    /// the cache is cleared.
+    pub fn hidden_states(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let pos = cache.len;
+        if t == 0 {
+            candle_core::bail!("no tokens to run");
+        }
+        if pos + t > self.config.max_positions {
+            candle_core::bail!(
+                "{} tokens exceed the context length {}",
+                pos + t,
+                self.config.max_positions
+            );
+        }
+        if cache.kv.len() != self.layers.len() {
+            candle_core::bail!("the cache is not this model's");
+        }
+        let run = |cache: &mut Cache| -> candle_core::Result<Tensor> {
+            let mask = causal_mask(t, pos, &self.device)?;
+            let mut xs = self.embed_tokens.forward(ids)?;
+            for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
+                xs = layer.forward(&xs, &self.rope, pos, mask.as_ref(), kv)?;
+            }
+            xs.apply(&self.norm)
+        };
+        match run(cache) {
+            Ok(xs) => {
+                cache.len += t;
+                Ok(xs)
+            }
+            Err(e) => {
+                // Some layers may have cached these tokens already: start over.
+                cache.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Next-token logits at every position: `[batch, tokens, vocab]`, f32.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        self.lm_head.forward(&self.hidden_states(ids, cache)?)
+    }
+
+    /// Next-token logits after the last token only: `[batch, vocab]`, f32.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
+        let hs = self.hidden_states(ids, cache)?;
+        let last = hs.dim(1)? - 1;
+        self.lm_head
+            .forward(&hs.i((.., last..))?.contiguous()?)?
+            .squeeze(1)
+    }
+}
+
+/// `0` where query `i` (at position `pos + i`) may see key `j`, `-inf` where `j > pos + i`:
+/// `[tokens, pos + tokens]`. `None` for one token, which sees everything cached.
+fn causal_mask(t: usize, pos: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..pos + t).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0. }))
+        .collect();
+    Tensor::from_vec(mask, (t, pos + t), device).map(Some)
+}
+
+/// The index of the largest logit (the first, on ties), as NumPy's `argmax`.
+pub fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
+    let v = logits
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(sampler::argmax(&v))
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Times PyTorch's Llama MLP on the shapes of candle-glu's benchmark, for side-by-side ratios.
+
+    pip install torch
+    python scripts/bench_torch.py [--threads 2] [--runs 20] [--json results.json]
+
+For each shape (7B: hidden 4096, intermediate 11008; small: SmolLM2's 576 -> 1536), dtype (f32,
+bf16, f16) and token count (1, 16, 128, 512) it builds `down(silu(gate(x)) * up(x))` from
+`torch.nn.Linear` without bias (what transformers' LlamaMLP computes), warms up, and prints the
+median latency in ms and GFLOP/s (6·tokens·H·I flops). Optional: torch is never needed by the
+tests or CI. Compare with `cargo bench --bench ffn` run right before or after, since this machine's
+speed drifts; the README's table records both from one sitting.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"7b": (4096, 11008), "small": (576, 1536)}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+TOKENS = [1, 16, 128, 512]
+
+
+def time_one(h, i, dtype, tokens, runs):
+    gen = torch.Generator().manual_seed(0)
+    wg = (torch.randn(i, h, generator=gen) * 0.02).to(dtype)
+    wu = (torch.randn(i, h, generator=gen) * 0.02).to(dtype)
+    wd = (torch.randn(h, i, generator=gen) * 0.02).to(dtype)
+    x = torch.randn(tokens, h, generator=gen).to(dtype)
+
+    def mlp():
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            mlp()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            mlp()
+            times.append(time.perf_counter() - t)
+    ms = statistics.median(times) * 1e3
+    return ms, 6 * tokens * h * i / (ms / 1e3) / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--shapes", default="7b,small")
+    ap.add_argument("--dtypes", default="f32,bf16,f16")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    for shape in args.shapes.split(","):
+        h, i = SHAPES[shape]
+        for dname in args.dtypes.split(","):
+            for tokens in TOKENS:
+                runs = args.runs if tokens <= 128 or shape == "small" else max(5, args.runs // 4)
+                ms, gflops = time_one(h, i, DTYPES[dname], tokens, runs)
+                rows.append({"shape": shape, "dtype": dname, "tokens": tokens, "ms": ms,
+                             "gflops": gflops})
+                print(f"{shape:>5} {dname:>4} {tokens:>4} tokens: {ms:9.3f} ms {gflops:8.1f} GFLOP/s",
+                      flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": args.threads, "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

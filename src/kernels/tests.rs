@@ -1,0 +1,322 @@
+//! The fast kernels against their plain twins: float64 sums and closed-form activations, at
+//! sizes that are not multiples of the vector width (16), the tile (12 × 32) or the block (512).
+
+use half::{bf16, f16};
+
+use super::cpu::{self, Compute};
+use super::element::Element;
+use super::{avx512, Act};
+use crate::Activation;
+
+/// σ in float64, from the closed forms (written without cancellation in the far left tail:
+/// 1 + erf(-8) and 1 + tanh(-8) are 0 in float64).
+fn act64(act: Act, x: f64) -> f64 {
+    let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+    match act {
+        Act::Sigmoid => sig(x),
+        Act::Identity => x,
+        Act::Relu => x.max(0.0),
+        Act::Gelu => 0.5 * x * libm::erfc(-x / std::f64::consts::SQRT_2),
+        Act::GeluTanh => {
+            // ½x(1 + tanh u) = x·sigmoid(2u)
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            x * sig(2.0 * c * (x + 0.044715 * x * x * x))
+        }
+        Act::Swish(b) => x * sig(b as f64 * x),
+    }
+}
+
+fn all_acts() -> Vec<Act> {
+    Activation::ALL.into_iter().map(Act::from).collect()
+}
+
+/// A deterministic pseudo-random sequence in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn avx512() -> bool {
+    let ok = cpu::features().avx512;
+    if !ok {
+        eprintln!("no AVX-512 on this CPU: the fast kernels are not used here, nothing to test");
+    }
+    ok
+}
+
+#[test]
+fn activations_match_float64() {
+    if !avx512() {
+        return;
+    }
+    let mut xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 100.0).collect();
+    xs.extend([
+        -88.0,
+        -87.0,
+        88.0,
+        89.0,
+        -1e-30,
+        1e-30,
+        f32::MIN_POSITIVE,
+        1e6,
+        -1e6,
+    ]);
+    for act in all_acts() {
+        let mut out = vec![0f32; xs.len()];
+        let ones = vec![1f32; xs.len()];
+        // SAFETY: AVX-512 checked; all buffers hold xs.len() values.
+        unsafe { avx512::gated(act, xs.as_ptr(), ones.as_ptr(), out.as_mut_ptr(), xs.len()) };
+        for (x, y) in xs.iter().zip(&out) {
+            let want = act64(act, *x as f64);
+            let err = (*y as f64 - want).abs();
+            // In the far left tail (below 1e-4 past |x| = 4, 1e-15 past 8) f32's rounding of x²
+            // alone moves e^(-x²/2) by x²·2^-24 relative.
+            let rtol = match x.abs() {
+                a if a <= 4.0 => 2e-6,
+                a if a <= 8.0 => 1e-5,
+                _ => 1e-4,
+            };
+            assert!(
+                err <= rtol * want.abs() + 1e-30,
+                "{act:?}({x}) = {y}, want {want}"
+            );
+        }
+        // Non-finite inputs propagate, as in PyTorch.
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        let mut out = [0f32; 3];
+        unsafe {
+            avx512::gated(
+                act,
+                special.as_ptr(),
+                [1f32; 3].as_ptr(),
+                out.as_mut_ptr(),
+                3,
+            )
+        };
+        assert!(out[0].is_nan(), "{act:?}(NaN) = {}", out[0]);
+        let pos = act64(act, f64::INFINITY);
+        if !pos.is_nan() {
+            assert_eq!(out[1] as f64, pos, "{act:?}(inf)");
+        }
+    }
+}
+
+fn check_gate_up<T: Element>(m: usize, k: usize, n: usize, act: Act, compute: Compute, tol: f64) {
+    let round = |v: Vec<f32>| -> Vec<T> { v.into_iter().map(T::from_f32).collect() };
+    let x = round(values(m * k, 1));
+    let wg = round(values(n * k, 2));
+    let wu = round(values(n * k, 3));
+    // Biases on odd sizes only, so both kinds of call are covered.
+    let with_bias = (m + n) % 2 == 1;
+    let (bg, bu) = (values(n, 4), values(n, 5));
+    let bias = if with_bias {
+        cpu::Bias {
+            a: Some(&bg),
+            b: Some(&bu),
+        }
+    } else {
+        cpu::Bias::default()
+    };
+    // SAFETY: AVX-512 checked by the callers; slices have the sizes given.
+    let (g, u) = (cpu::Mat::dense(&wg, k), cpu::Mat::dense(&wu, k));
+    let h = unsafe { cpu::gate_up::<T, cpu::Dense<T>>(&x, m, k, g, u, n, act, bias, compute) };
+    let y = unsafe { cpu::linear::<T, cpu::Dense<T>>(&x, m, k, g, n, bias.a, compute) };
+    let (bg, bu): (Vec<f64>, Vec<f64>) = if with_bias {
+        (
+            bg.iter().map(|v| *v as f64).collect(),
+            bu.iter().map(|v| *v as f64).collect(),
+        )
+    } else {
+        (vec![0.0; n], vec![0.0; n])
+    };
+    let dot = |a: &[T], b: &[T]| {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| a.to_f32() as f64 * b.to_f32() as f64)
+            .sum::<f64>()
+    };
+    let (mut worst_h, mut max_h, mut worst_y, mut max_y) = (0f64, 0f64, 0f64, 0f64);
+    for t in 0..m {
+        let xr = &x[t * k..(t + 1) * k];
+        for j in 0..n {
+            let g = dot(xr, &wg[j * k..(j + 1) * k]) + bg[j];
+            let u = dot(xr, &wu[j * k..(j + 1) * k]) + bu[j];
+            let want = act64(act, g) * u;
+            worst_h = worst_h.max((h[t * n + j].to_f32() as f64 - want).abs());
+            max_h = max_h.max(want.abs());
+            worst_y = worst_y.max((y[t * n + j].to_f32() as f64 - g).abs());
+            max_y = max_y.max(g.abs());
+        }
+    }
+    let (rh, ry) = (worst_h / max_h.max(1e-30), worst_y / max_y.max(1e-30));
+    assert!(
+        rh <= tol && ry <= tol,
+        "{:?} m{m} k{k} n{n} {act:?} {compute:?}: gate_up {rh:e}, linear {ry:e}",
+        T::DTYPE
+    );
+}
+
+/// The schedules (dot for ≤ 16 tokens, packed above) and their edges.
+const SIZES: [(usize, usize, usize); 10] = [
+    (1, 1, 1),
+    (1, 72, 184),
+    (2, 15, 7),
+    (3, 577, 33),
+    (5, 1030, 17),
+    (16, 129, 65),
+    (17, 72, 184),
+    (29, 513, 300),
+    (36, 1100, 16),
+    (61, 31, 129),
+];
+
+#[test]
+fn f32_kernels_match_float64() {
+    if !avx512() {
+        return;
+    }
+    for (m, k, n) in SIZES {
+        for act in all_acts() {
+            check_gate_up::<f32>(m, k, n, act, Compute::Fma, 2e-6);
+        }
+    }
+}
+
+#[test]
+fn half_kernels_match_float64() {
+    if !avx512() {
+        return;
+    }
+    let dp = std::arch::is_x86_feature_detected!("avx512bf16");
+    for (m, k, n) in SIZES {
+        for act in [Act::Swish(1.0), Act::Gelu, Act::Relu] {
+            // One rounding of the output to 8 (bf16) or 11 (f16) significant bits.
+            check_gate_up::<bf16>(m, k, n, act, Compute::Fma, 2f64.powi(-8));
+            check_gate_up::<f16>(m, k, n, act, Compute::Fma, 2f64.powi(-11));
+            if dp {
+                check_gate_up::<bf16>(m, k, n, act, Compute::Bf16Dot, 2f64.powi(-8));
+            }
+        }
+    }
+    if !dp {
+        eprintln!("no AVX512-BF16 on this CPU: the bf16 dot-product kernel is not tested here");
+    }
+}
+
+#[test]
+fn conversions_round_to_nearest_even() {
+    if !avx512() {
+        return;
+    }
+    let mut src = values(1000, 9);
+    src.extend([
+        f32::NAN,
+        f32::INFINITY,
+        -0.0,
+        1e-40,
+        65504.0,
+        65520.0,
+        3.0e38,
+        1.0 + 1.0 / 256.0,
+    ]);
+    let mut b = vec![bf16::ZERO; src.len()];
+    let mut h = vec![f16::ZERO; src.len()];
+    let mut back = vec![0f32; src.len()];
+    // SAFETY: AVX-512 checked; every buffer holds src.len() values.
+    unsafe {
+        avx512::narrow(src.as_ptr(), b.as_mut_ptr(), src.len());
+        avx512::narrow(src.as_ptr(), h.as_mut_ptr(), src.len());
+        avx512::widen(b.as_ptr(), back.as_mut_ptr(), src.len());
+    }
+    for (i, v) in src.iter().enumerate() {
+        let (want_b, want_h) = (bf16::from_f32(*v), f16::from_f32(*v));
+        assert!(
+            b[i] == want_b || (v.is_nan() && b[i].is_nan()),
+            "bf16({v}) = {}",
+            b[i]
+        );
+        assert!(
+            h[i] == want_h || (v.is_nan() && h[i].is_nan()),
+            "f16({v}) = {}",
+            h[i]
+        );
+        assert!(back[i] == b[i].to_f32() || v.is_nan());
+    }
+}
+
+#[test]
+fn q4_1_kernels_match_dequantized_float64() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    if !avx512() {
+        return;
+    }
+    for (m, k, n) in [
+        (1, 32, 1),
+        (3, 576, 37),
+        (16, 64, 100),
+        (17, 96, 33),
+        (40, 1536, 70),
+    ] {
+        let q = |seed| {
+            let v = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+            QTensor::quantize(&v, GgmlDType::Q4_1).unwrap()
+        };
+        let (qg, qu) = (q(7), q(8));
+        let deq = |q: &QTensor| -> Vec<f32> {
+            q.dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (dg, du) = (deq(&qg), deq(&qu));
+        let (bg, bu) = (qg.data().unwrap(), qu.data().unwrap());
+        let x = values(m * k, 9);
+        let (g, u) = (cpu::Mat::q4_1(&bg, k), cpu::Mat::q4_1(&bu, k));
+        let act = Act::Swish(1.0);
+        // SAFETY: AVX-512 checked; the blocks hold n rows of k values.
+        let h = unsafe {
+            cpu::gate_up::<f32, cpu::Q4_1>(
+                &x,
+                m,
+                k,
+                g,
+                u,
+                n,
+                act,
+                cpu::Bias::default(),
+                Compute::Fma,
+            )
+        };
+        let y = unsafe { cpu::linear::<f32, cpu::Q4_1>(&x, m, k, g, n, None, Compute::Fma) };
+        let dot = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+        };
+        let (mut worst, mut max) = (0f64, 0f64);
+        for t in 0..m {
+            let xr = &x[t * k..(t + 1) * k];
+            for j in 0..n {
+                let gs = dot(xr, &dg[j * k..(j + 1) * k]);
+                let us = dot(xr, &du[j * k..(j + 1) * k]);
+                let want = act64(act, gs) * us;
+                worst = worst
+                    .max((h[t * n + j] as f64 - want).abs())
+                    .max((y[t * n + j] as f64 - gs).abs());
+                max = max.max(want.abs()).max(gs.abs());
+            }
+        }
+        assert!(worst <= 2e-6 * max, "m{m} k{k} n{n}: {worst:e} of {max:e}");
+    }
+}
