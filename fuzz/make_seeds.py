@@ -136,6 +136,8 @@ def quant(typ, rows, cols):
         return b"".join(f16(((i * 7) % 13 - 6) * 0.01) for i in range(n))
     if typ == 2:  # Q4_0: f16 scale + 16 bytes of nibbles per 32 values
         return b"".join(f16(0.01) + bytes((j * 37 + k) % 256 for k in range(16)) for j in range(n // 32))
+    if typ == 3:  # Q4_1: f16 scale, f16 minimum + 16 bytes of nibbles per 32 values
+        return b"".join(f16(0.01) + f16(-0.08) + bytes((j * 29 + k) % 256 for k in range(16)) for j in range(n // 32))
     if typ == 8:  # Q8_0: f16 scale + 32 int8 per 32 values
         return b"".join(f16(0.01) + bytes((j * 11 + k) % 256 for k in range(32)) for j in range(n // 32))
     raise ValueError(typ)
@@ -173,6 +175,9 @@ g = {
     "f16_v2": llama_gguf(1, 32, 32, version=2),
     "q4_0": llama_gguf(2),
     "q8_0": llama_gguf(8),
+    # Q4_1 with an even number of blocks per row: the AVX-512 fused kernels' path.
+    "q4_1": llama_gguf(3, 64, 64),
+    "q4_1_odd_blocks": llama_gguf(3),
     "v1_q4_0": llama_gguf(2, version=1),
     "tokenizer": llama_gguf(2, extra=[("tokenizer.ggml.tokens", 9, (8, ["<s>", "a", "b"])),
                                       ("tokenizer.ggml.scores", 9, (6, [0.0, -1.0, -2.0])),
