@@ -10,7 +10,9 @@
 //!
 //! Every bad flag, file or input prints one line starting with `error:` and exits non-zero.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,6 +24,12 @@ use clap::Parser;
 
 /// The weights shipped in the repository: two SmolLM2-135M-Instruct FFN layers.
 const EMBEDDED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights");
+
+/// The most `--bench` runs: more is a typo, and its timings would not fit in memory.
+const MAX_BENCH_RUNS: usize = 1_000_000;
+
+/// The most values the random input may have, 2^31 (8 GiB of f32).
+const MAX_RANDOM_VALUES: usize = 1 << 31;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -114,6 +122,27 @@ fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
     }
 }
 
+/// The temporary file `--output` is being written to, if any. The interrupt handler removes it,
+/// so that Ctrl-C, SIGTERM or SIGHUP leave neither a partial output nor a stray temporary file.
+static PARTIAL: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// On SIGINT, SIGTERM or SIGHUP: remove the temporary output, say so on one line, exit 130.
+fn install_interrupt_handler() {
+    let installed = ctrlc::set_handler(|| {
+        // Holding the lock also keeps `write_output` from renaming the file meanwhile.
+        let partial = PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = partial.as_ref() {
+            let _ = std::fs::remove_file(path);
+        }
+        eprintln!("error: interrupted");
+        std::process::exit(130);
+    });
+    // Without the handler a signal still ends the run, and the target is still never partial.
+    if let Err(e) = installed {
+        eprintln!("warning: no interrupt handler ({e}): Ctrl-C may leave a temporary file");
+    }
+}
+
 fn main() {
     let args = match Args::try_parse() {
         Ok(args) => args,
@@ -126,6 +155,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.output.is_some() {
+        install_interrupt_handler();
+    }
     if let Err(e) = run(&args) {
         // candle appends a backtrace to some messages when RUST_BACKTRACE is set: one line only.
         let text = format!("{e:#}");
@@ -180,12 +212,17 @@ fn run(args: &Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| layout.layer_prefix(args.layer));
     if args.prefix.is_none() {
-        if let Some(n) = ckpt.num_layers().filter(|&n| args.layer >= n) {
-            bail!(
+        match ckpt.num_layers() {
+            Some(0) => bail!(
+                "--layer {}: the model's config says it has 0 layers",
+                args.layer
+            ),
+            Some(n) if args.layer >= n => bail!(
                 "--layer {} is out of range: the model has {n} layers (0..={})",
                 args.layer,
                 n - 1
-            );
+            ),
+            _ => {}
         }
     }
     let activation = args
@@ -214,6 +251,9 @@ fn run(args: &Args) -> Result<()> {
 
     let bench = match args.bench {
         Some(0) => bail!("--bench needs at least 1 run"),
+        Some(n) if n > MAX_BENCH_RUNS => {
+            bail!("--bench {n} is more than the {MAX_BENCH_RUNS} runs a benchmark may have")
+        }
         Some(runs) => Some(bench(&ffn, &x, runs, &device)?),
         None => None,
     };
@@ -314,6 +354,11 @@ fn detect_layout(ckpt: &Checkpoint, args: &Args) -> Result<WeightLayout> {
 }
 
 fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
+    // Checked first: opening a FIFO would block.
+    let meta = std::fs::metadata(path).with_context(|| format!("--input {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("--input {}: not a regular file", path.display());
+    }
     let tensors = candle_core::safetensors::load(path, device).map_err(|e| {
         anyhow!(
             "{}: {}",
@@ -340,10 +385,11 @@ fn random_input(args: &Args, hidden: usize, device: &Device) -> Result<Tensor> {
         .batch
         .checked_mul(args.tokens)
         .and_then(|n| n.checked_mul(hidden))
-        .filter(|&n| n <= 1 << 31)
+        .filter(|&n| n <= MAX_RANDOM_VALUES)
         .ok_or_else(|| {
             anyhow!(
-                "--batch {} × --tokens {} is too large",
+                "--batch {} × --tokens {} × hidden size {hidden} is more than the \
+                 {MAX_RANDOM_VALUES} values a random input may have",
                 args.batch,
                 args.tokens
             )
@@ -394,7 +440,7 @@ fn bench(ffn: &GluFeedForward, x: &Tensor, runs: usize, device: &Device) -> Resu
 }
 
 /// Writes `y` as f32 through a temporary file renamed into place, so that a failure or an
-/// interruption never leaves a partial output.
+/// interruption never leaves a partial output; the interrupt handler removes the temporary file.
 fn write_output(path: &Path, y: &Tensor) -> Result<()> {
     let y = y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let dir = path
@@ -404,21 +450,31 @@ fn write_output(path: &Path, y: &Tensor) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| anyhow!("--output {}: not a file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.partial", name.to_string_lossy()));
-    let result = y
-        .save_safetensors("y", &tmp)
-        .map_err(|e| {
-            anyhow!(
-                "--output {}: {}",
-                path.display(),
-                e.to_string().lines().next().unwrap_or("")
-            )
-        })
-        .and_then(|()| {
-            std::fs::rename(&tmp, path).with_context(|| format!("--output {}", path.display()))
-        });
+    // The process id keeps two runs writing the same target from sharing a temporary file.
+    let tmp = dir.join(format!(
+        ".{}.{}.partial",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    // Serialized here rather than with `save_safetensors`, whose own temporary file has a random
+    // name the interrupt handler could not know.
+    let bytes = safetensors::serialize([("y", &y)], None)
+        .with_context(|| format!("--output {}", path.display()))?;
+    let lock = || PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+    *lock() = Some(tmp.clone());
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?; // the data is on disk before the name points at it
+        let mut partial = lock();
+        std::fs::rename(&tmp, path)?;
+        *partial = None;
+        Ok(())
+    })()
+    .with_context(|| format!("--output {}", path.display()));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        *lock() = None;
     }
     result
 }

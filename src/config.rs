@@ -17,6 +17,15 @@ pub const MAX_DIM: usize = 1 << 20;
 /// 16 GiB in bf16.
 pub const MAX_PROJECTION_ELEMENTS: usize = 1 << 33;
 
+/// The largest intermediate activation a forward pass will allocate, `tokens × intermediate size`
+/// values of at least 4 bytes each (half precision is widened to f32 for σ): 2^34 bytes, 16 GiB.
+/// A larger input is an [`Error::InputTooLarge`] naming the sizes, not an allocation that aborts
+/// the process: split it into smaller batches. (Llama 3.1 405B fits 80,000 tokens per call.)
+pub const MAX_ACTIVATION_BYTES: u64 = 1 << 34;
+
+/// The largest `config.json` read, 16 MiB: real ones are a few kilobytes.
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 24;
+
 /// Sizes, activation, bias and weight layout of a gated feed-forward block.
 ///
 /// ```rust
@@ -78,7 +87,32 @@ impl GluConfig {
     /// # Errors
     /// [`Error::InvalidConfig`] naming the size at fault.
     pub fn validate(&self) -> Result<()> {
-        validate_sizes(self.hidden_size, self.intermediate_size, None)
+        validate_sizes(self.hidden_size, self.intermediate_size, None, None)
+    }
+
+    /// Checks that a forward pass over `tokens` tokens in `dtype` stays within
+    /// [`MAX_ACTIVATION_BYTES`] per intermediate activation.
+    pub(crate) fn check_tokens(
+        &self,
+        shape: &[usize],
+        tokens: usize,
+        dtype: candle_core::DType,
+    ) -> Result<()> {
+        let elem_bytes = dtype.size_in_bytes().max(4);
+        let bytes = (tokens as u64)
+            .saturating_mul(self.intermediate_size as u64)
+            .saturating_mul(elem_bytes as u64);
+        if bytes > MAX_ACTIVATION_BYTES {
+            return Err(Error::InputTooLarge {
+                shape: shape.to_vec(),
+                tokens,
+                intermediate_size: self.intermediate_size,
+                elem_bytes,
+                bytes,
+                limit: MAX_ACTIVATION_BYTES,
+            });
+        }
+        Ok(())
     }
 
     /// Reads a Hugging Face `config.json` from its text.
@@ -105,10 +139,7 @@ impl GluConfig {
     /// with the path in the message.
     pub fn from_hf_config_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_json_text(path, MAX_CONFIG_BYTES)?;
         Self::parse(&text, Some(path))
     }
 
@@ -188,14 +219,19 @@ impl GluConfig {
                 .with_bias(bias)
                 .with_layout(layout)
         };
-        validate_sizes(cfg.hidden_size, cfg.intermediate_size, path)?;
+        let fields = if is_t5 {
+            ("d_model", "d_ff")
+        } else {
+            ("hidden_size", "intermediate_size")
+        };
+        validate_sizes(cfg.hidden_size, cfg.intermediate_size, path, Some(fields))?;
         Ok(cfg)
     }
 }
 
 /// `num_hidden_layers` (or T5's `num_layers`) from a `config.json`, if it has one.
 pub(crate) fn num_layers_in_file(path: &Path) -> Option<usize> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = read_json_text(path, MAX_CONFIG_BYTES).ok()?;
     let root: Value = serde_json::from_str(&text).ok()?;
     let obj = match root.get("text_config") {
         Some(text) if root.get("num_hidden_layers").is_none() => text,
@@ -207,24 +243,60 @@ pub(crate) fn num_layers_in_file(path: &Path) -> Option<usize> {
         .and_then(|n| usize::try_from(n).ok())
 }
 
-fn validate_sizes(hidden: usize, intermediate: usize, path: Option<&Path>) -> Result<()> {
+/// A JSON file's text, refusing files over `max` bytes (a hostile file must not exhaust memory)
+/// and anything that is not a regular file (a FIFO would block forever).
+pub(crate) fn read_json_text(path: &Path, max: u64) -> Result<String> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(Error::InvalidFile {
+            path: path.to_path_buf(),
+            message: "not a regular file".into(),
+        });
+    }
+    if meta.len() > max {
+        return Err(Error::InvalidFile {
+            path: path.to_path_buf(),
+            message: format!(
+                "the file is {} bytes, more than the {max} a JSON file of a checkpoint may be",
+                meta.len()
+            ),
+        });
+    }
+    std::fs::read_to_string(path).map_err(io)
+}
+
+/// Checks the sizes; `fields` names where they came from (`hidden_size`, `d_ff`, a GGUF key).
+pub(crate) fn validate_sizes(
+    hidden: usize,
+    intermediate: usize,
+    path: Option<&Path>,
+    fields: Option<(&str, &str)>,
+) -> Result<()> {
     let fail = |message: String| {
         Err(Error::InvalidConfig {
             path: path.map(PathBuf::from),
             message,
         })
     };
-    for (field, value) in [("hidden size", hidden), ("intermediate size", intermediate)] {
+    let (hidden_name, intermediate_name) = match fields {
+        Some((h, i)) => (format!("`{h}`"), format!("`{i}`")),
+        None => ("the hidden size".into(), "the intermediate size".into()),
+    };
+    for (name, value) in [(hidden_name, hidden), (intermediate_name, intermediate)] {
         if value == 0 {
-            return fail(format!("the {field} is 0, expected at least 1"));
+            return fail(format!("{name} is 0, expected at least 1"));
         }
         if value > MAX_DIM {
             return fail(format!(
-                "the {field} is {value}, larger than the {MAX_DIM} any real model uses"
+                "{name} is {value}, larger than the {MAX_DIM} any real model uses"
             ));
         }
     }
-    if hidden * intermediate > MAX_PROJECTION_ELEMENTS {
+    if hidden.saturating_mul(intermediate) > MAX_PROJECTION_ELEMENTS {
         return fail(format!(
             "hidden size {hidden} × intermediate size {intermediate} is more than \
              {MAX_PROJECTION_ELEMENTS} weights per projection"
@@ -368,11 +440,11 @@ mod tests {
             ),
             (
                 r#"{"hidden_size":0,"intermediate_size":16}"#,
-                "hidden size is 0",
+                "`hidden_size` is 0, expected at least 1",
             ),
             (
                 r#"{"hidden_size":8,"intermediate_size":1000000000000}"#,
-                "intermediate size is 1000000000000",
+                "`intermediate_size` is 1000000000000, larger than the 1048576",
             ),
             (
                 r#"{"hidden_size":8,"intermediate_size":16,"hidden_act":"swiglu"}"#,

@@ -99,6 +99,38 @@ pub enum Error {
         dtype: candle_core::DType,
     },
 
+    /// A GGUF tensor of a GGML type candle cannot read (an `IQ*` or `Q8_K` quantization, an
+    /// integer type, ...).
+    #[error("{}: tensor `{name}` is stored as {found}, which candle cannot load; supported: {}", .path.display(), crate::loading::gguf::READABLE_TYPES)]
+    UnsupportedTensorType {
+        /// The GGUF file.
+        path: PathBuf,
+        /// The full tensor name.
+        name: String,
+        /// The stored type, by ggml's name and id.
+        found: String,
+    },
+
+    /// An input so large that one intermediate activation, `tokens × intermediate size`, would
+    /// exceed [`MAX_ACTIVATION_BYTES`](crate::config::MAX_ACTIVATION_BYTES): an error rather
+    /// than an allocation that aborts the process.
+    #[rustfmt::skip]
+    #[error("input of shape {shape:?} is too large: {tokens} tokens × intermediate size {intermediate_size} × {elem_bytes} bytes = {bytes} bytes per activation, more than the limit of {limit} bytes; split it into smaller batches")]
+    InputTooLarge {
+        /// The input's shape.
+        shape: Vec<usize>,
+        /// The number of tokens, every dimension but the last multiplied.
+        tokens: usize,
+        /// The block's intermediate size.
+        intermediate_size: usize,
+        /// The bytes per value of the activation (f32 at least: half precision is widened).
+        elem_bytes: usize,
+        /// The bytes one activation would take (saturating).
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+
     /// A layer index the checkpoint has no FFN weights for.
     #[error("layer {layer} is not in this checkpoint{}: it holds layers {}", model_layers(.num_layers), list_layers(.present))]
     LayerOutOfRange {
@@ -168,8 +200,16 @@ fn found_hint(found: &[String]) -> String {
     if found.is_empty() {
         String::new()
     } else {
-        let names: Vec<String> = found.iter().map(|n| format!("`{n}`")).collect();
+        let names: Vec<String> = found.iter().map(|n| format!("`{}`", shorten(n))).collect();
         format!("; closest names that exist: {}", names.join(", "))
+    }
+}
+
+/// A name cut to 120 characters: a hostile file's names can be megabytes long.
+fn shorten(name: &str) -> String {
+    match name.char_indices().nth(120) {
+        Some((i, _)) => format!("{}…", &name[..i]),
+        None => name.to_string(),
     }
 }
 

@@ -1,41 +1,94 @@
 //! GGUF files (llama.cpp): metadata, and tensors kept quantized or dequantized.
 //!
-//! candle's reader turns GGUF's `[in, out]` dimension order into PyTorch's `[out, in]`, so FFN
-//! weights need no transpose.
+//! The header (metadata and tensor table) is read here, not by candle's `Content::read`, because
+//! a file from a stranger must give an error, never a panic or an unbounded allocation: candle
+//! 0.11.1 divides by `general.alignment` unchecked (0 panics), multiplies tensor dimensions
+//! unchecked, and refuses a whole file for one tensor of a type it cannot read. Every length here
+//! is checked against the bytes left in the file before anything is allocated, every tensor's
+//! data against the file's end, and the result is handed to candle as its own [`Content`], whose
+//! tensor reader then only ever sees a checked table.
+//!
+//! candle's convention is kept: GGUF's `[in, out]` dimension order is reversed into PyTorch's
+//! `[out, in]`, so FFN weights need no transpose.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::{Activation, Error, GluConfig, Result, WeightLayout};
+
+/// The most values all metadata arrays may hold together. Each costs about 32 bytes in memory
+/// whatever its size on disk, so this bounds the metadata to about 512 MiB; real tokenizers hold
+/// a few hundred thousand.
+pub(crate) const MAX_METADATA_VALUES: u64 = 1 << 24;
+
+/// The longest string accepted, as in llama.cpp (`GGUF_MAX_STRING_LENGTH`).
+const MAX_STRING_BYTES: u64 = 1 << 30;
+/// The most dimensions a tensor may have, as in ggml (`GGML_MAX_DIMS`).
+const MAX_TENSOR_DIMS: u32 = 4;
+/// How deeply arrays may nest.
+const MAX_DEPTH: usize = 8;
+/// The data alignment when `general.alignment` is absent, as in the GGUF spec.
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// One entry of the tensor table.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// PyTorch order, `[out, in]`.
+    shape: Vec<usize>,
+    /// The GGML type id as stored.
+    type_id: u32,
+    /// `None` when candle cannot read the type.
+    dtype: Option<GgmlDType>,
+}
 
 /// An opened GGUF file: its metadata and tensor table; tensor data is read on demand.
 #[derive(Debug)]
 pub struct GgufStore {
     path: PathBuf,
     content: Content,
+    tensors: BTreeMap<String, Entry>,
+    config: Option<GluConfig>,
 }
 
 impl GgufStore {
-    /// Reads and checks the header, metadata and tensor table.
+    /// Reads and checks the header, metadata and tensor table: lengths and counts against the
+    /// file's size, `general.alignment`, tensor ranks and dimensions, and that every tensor of a
+    /// readable type lies inside the file. The FFN sizes in the metadata, if any, must be valid.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read; [`Error::InvalidFile`] naming what is malformed
+    /// (truncated, a bad magic or version, a corrupt table); [`Error::InvalidConfig`] for
+    /// implausible `<arch>.embedding_length` / `<arch>.feed_forward_length`.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.to_path_buf(),
             source,
-        })?;
-        let content = Content::read(&mut BufReader::new(file)).map_err(|e| Error::InvalidFile {
-            path: path.to_path_buf(),
-            message: format!("not a readable GGUF file: {e}"),
-        })?;
-        Ok(Self {
+        };
+        let file = File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut header = Header {
+            reader: BufReader::new(file),
+            pos: 0,
+            len,
+            path,
+            values: 0,
+        };
+        let (content, tensors) = header.read()?;
+        let mut store = Self {
             path: path.to_path_buf(),
             content,
-        })
+            tensors,
+            config: None,
+        };
+        store.config = store.read_config()?;
+        Ok(store)
     }
 
     /// The file.
@@ -43,26 +96,19 @@ impl GgufStore {
         &self.path
     }
 
-    /// Every tensor name, sorted.
+    /// Every tensor name, sorted, including those of types candle cannot read.
     pub fn names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self
-            .content
-            .tensor_infos
-            .keys()
-            .map(String::as_str)
-            .collect();
-        names.sort_unstable();
-        names
+        self.tensors.keys().map(String::as_str).collect()
     }
 
     /// Whether the file has a tensor of this name.
     pub fn contains(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.tensors.contains_key(name)
     }
 
     /// A tensor's shape, PyTorch order.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.content.tensor_infos.get(name).map(|t| t.shape.dims())
+        self.tensors.get(name).map(|t| t.shape.as_slice())
     }
 
     /// A metadata value.
@@ -78,12 +124,19 @@ impl GgufStore {
             .map(String::as_str)
     }
 
+    fn arch_key(&self, key: &str) -> Option<String> {
+        Some(format!("{}.{key}", self.architecture()?))
+    }
+
     fn arch_u64(&self, key: &str) -> Option<usize> {
-        let arch = self.architecture()?;
-        let v = self.metadata(&format!("{arch}.{key}"))?;
+        let v = self.metadata(&self.arch_key(key)?)?;
         v.to_u64()
             .ok()
-            .or_else(|| v.to_u32().ok().map(u64::from))
+            .or_else(|| match v {
+                Value::I32(n) => u64::try_from(*n).ok(),
+                Value::I64(n) => u64::try_from(*n).ok(),
+                _ => None,
+            })
             .and_then(|n| usize::try_from(n).ok())
     }
 
@@ -94,29 +147,75 @@ impl GgufStore {
 
     /// The FFN's config from the metadata: `<arch>.embedding_length`,
     /// `<arch>.feed_forward_length`, and the activation its architecture uses. `None` when the
-    /// architecture is not one whose FFN is a known GLU.
+    /// architecture is not one whose FFN is a known GLU, or the sizes are absent. Sizes were
+    /// validated when the file was opened.
     pub fn config(&self) -> Option<GluConfig> {
-        let activation = match self.architecture()? {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm3" | "granite" | "olmo2"
-            | "cohere" => Activation::Silu,
-            "gemma" | "gemma2" | "gemma3" => Activation::GeluTanh,
-            _ => return None,
+        self.config.clone()
+    }
+
+    fn read_config(&self) -> Result<Option<GluConfig>> {
+        let activation = match self.architecture() {
+            Some(
+                "llama" | "mistral" | "qwen2" | "qwen3" | "smollm3" | "granite" | "olmo2"
+                | "cohere",
+            ) => Activation::Silu,
+            Some("gemma" | "gemma2" | "gemma3") => Activation::GeluTanh,
+            _ => return Ok(None),
         };
-        let hidden = self.arch_u64("embedding_length")?;
-        let intermediate = self.arch_u64("feed_forward_length")?;
-        Some(
+        let (Some(hidden), Some(intermediate)) = (
+            self.arch_u64("embedding_length"),
+            self.arch_u64("feed_forward_length"),
+        ) else {
+            return Ok(None);
+        };
+        let (Some(hidden_key), Some(intermediate_key)) = (
+            self.arch_key("embedding_length"),
+            self.arch_key("feed_forward_length"),
+        ) else {
+            return Ok(None);
+        };
+        crate::config::validate_sizes(
+            hidden,
+            intermediate,
+            Some(&self.path),
+            Some((&hidden_key, &intermediate_key)),
+        )?;
+        Ok(Some(
             GluConfig::new(hidden, intermediate)
                 .with_activation(activation)
                 .with_layout(WeightLayout::Gguf),
-        )
+        ))
     }
 
     /// Reads one tensor as stored (quantized) onto `device`.
+    ///
+    /// # Errors
+    /// A missing tensor (with the closest names that exist), a type candle cannot read
+    /// ([`Error::UnsupportedTensorType`]), or an I/O error.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
-        if !self.contains(name) {
+        let Some(entry) = self.tensors.get(name) else {
             return Err(Error::MissingTensor {
                 name: name.to_string(),
                 found: super::closest_names(name, self.names()),
+            });
+        };
+        if entry.dtype.is_none() {
+            return Err(Error::UnsupportedTensorType {
+                path: self.path.clone(),
+                name: name.to_string(),
+                found: ggml_type_name(entry.type_id),
+            });
+        }
+        // candle 0.11.1 views the bytes it read as blocks with `slice::from_raw_parts`; for an
+        // empty tensor that pointer is a dangling, misaligned one: undefined behaviour (found by
+        // fuzzing, where debug assertions catch it). No weight is empty, so refuse it.
+        if entry.shape.contains(&0) {
+            return Err(Error::InvalidFile {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{name}` has shape {:?}, with no values",
+                    entry.shape
+                ),
             });
         }
         let file = File::open(&self.path).map_err(|source| Error::Io {
@@ -132,11 +231,433 @@ impl GgufStore {
     }
 
     /// Reads one tensor dequantized to `dtype`.
+    ///
+    /// # Errors
+    /// As [`qtensor`](Self::qtensor).
     pub fn dequantized(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         Ok(self
             .qtensor(name, device)?
             .dequantize(device)?
             .to_dtype(dtype)?)
+    }
+}
+
+/// The header reader: every read is checked against the file's length first, so a length or
+/// count read from the file can never make it allocate more than the file holds.
+struct Header<'a> {
+    reader: BufReader<File>,
+    pos: u64,
+    len: u64,
+    path: &'a Path,
+    /// Metadata array values read so far.
+    values: u64,
+}
+
+impl Header<'_> {
+    fn fail(&self, message: String) -> Error {
+        Error::InvalidFile {
+            path: self.path.to_path_buf(),
+            message,
+        }
+    }
+
+    fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
+    }
+
+    fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>> {
+        if n > self.remaining() {
+            return Err(self.fail(format!(
+                "truncated: {what} needs {n} bytes at byte {} but the file ends at byte {}",
+                self.pos, self.len
+            )));
+        }
+        // `n` is at most the file's length, which was just checked.
+        let mut buf = vec![0u8; n as usize];
+        self.reader
+            .read_exact(&mut buf)
+            .map_err(|source| Error::Io {
+                path: self.path.to_path_buf(),
+                source,
+            })?;
+        self.pos += n;
+        Ok(buf)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let bytes = self.bytes(N as u64, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&bytes);
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    /// A length or count: u32 in GGUF v1, u64 after.
+    fn length(&mut self, magic: VersionedMagic, what: &str) -> Result<u64> {
+        match magic {
+            VersionedMagic::GgufV1 => self.u32(what).map(u64::from),
+            _ => self.u64(what),
+        }
+    }
+
+    fn string(&mut self, magic: VersionedMagic, what: &str) -> Result<String> {
+        let n = self.length(magic, what)?;
+        if n > MAX_STRING_BYTES {
+            return Err(self.fail(format!(
+                "{what} is {n} bytes long, more than the {MAX_STRING_BYTES} GGUF allows"
+            )));
+        }
+        let mut bytes = self.bytes(n, what)?;
+        // Strings should not be NUL-terminated but some writers do it; candle strips them too.
+        while bytes.last() == Some(&0) {
+            bytes.pop();
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn read(&mut self) -> Result<(Content, BTreeMap<String, Entry>)> {
+        let magic: [u8; 4] = self.array("the magic number")?;
+        if &magic != b"GGUF" {
+            return Err(self.fail(format!(
+                "not a GGUF file: it starts with `{}`, not the magic `GGUF`",
+                magic.escape_ascii()
+            )));
+        }
+        let magic = match self.u32("the version")? {
+            1 => VersionedMagic::GgufV1,
+            2 => VersionedMagic::GgufV2,
+            3 => VersionedMagic::GgufV3,
+            v => {
+                return Err(self.fail(format!(
+                    "GGUF version {v} is not supported, expected 1, 2 or 3"
+                )))
+            }
+        };
+        let tensor_count = self.length(magic, "the tensor count")?;
+        let kv_count = self.length(magic, "the metadata count")?;
+        // The smallest metadata entry is a length, a type and one byte; the smallest tensor
+        // entry a length, a rank, a type and an offset.
+        let prefix = if magic == VersionedMagic::GgufV1 {
+            4
+        } else {
+            8
+        };
+        let needed = kv_count
+            .saturating_mul(prefix + 4 + 1)
+            .saturating_add(tensor_count.saturating_mul(prefix + 4 + 4 + 8));
+        if needed > self.remaining() {
+            return Err(self.fail(format!(
+                "the header declares {tensor_count} tensors and {kv_count} metadata entries, \
+                 which need at least {needed} bytes, but only {} are left: truncated or corrupt",
+                self.remaining()
+            )));
+        }
+
+        let mut metadata = HashMap::new();
+        for _ in 0..kv_count {
+            let key = self.string(magic, "a metadata key")?;
+            let what = format!("metadata `{key}`");
+            let type_id = self.u32(&what)?;
+            let value = self.value(magic, type_id, &what, 0)?;
+            if metadata.insert(key.clone(), value).is_some() {
+                return Err(self.fail(format!("metadata key `{key}` appears twice")));
+            }
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(v) => integer(v).filter(|a| a.is_power_of_two()).ok_or_else(|| {
+                let found = integer(v).map_or_else(|| format!("{v:?}"), |a| a.to_string());
+                self.fail(format!(
+                    "`general.alignment` is {found}, expected a power of two"
+                ))
+            })?,
+        };
+
+        let mut tensors = BTreeMap::new();
+        let mut tensor_infos = HashMap::new();
+        let mut infos = Vec::new();
+        for _ in 0..tensor_count {
+            let name = self.string(magic, "a tensor name")?;
+            let what = format!("tensor `{name}`");
+            let rank = self.u32(&what)?;
+            if rank > MAX_TENSOR_DIMS {
+                return Err(self.fail(format!(
+                    "{what} has {rank} dimensions, at most {MAX_TENSOR_DIMS} are allowed"
+                )));
+            }
+            let mut shape = Vec::with_capacity(rank as usize);
+            for _ in 0..rank {
+                let d = self.length(magic, &what)?;
+                let d = usize::try_from(d)
+                    .map_err(|_| self.fail(format!("{what} has a dimension of {d}")))?;
+                shape.push(d);
+            }
+            shape.reverse(); // GGUF is [in, out]; PyTorch [out, in]
+            let type_id = self.u32(&what)?;
+            let offset = self.u64(&what)?;
+            let dtype = readable_type(type_id);
+            if let Some(dtype) = dtype {
+                let size =
+                    data_size(&shape, dtype).map_err(|m| self.fail(format!("{what} {m}")))?;
+                infos.push((name.clone(), offset, size));
+                let info = TensorInfo {
+                    ggml_dtype: dtype,
+                    shape: Shape::from(shape.clone()),
+                    offset,
+                };
+                tensor_infos.insert(name.clone(), info);
+            }
+            let entry = Entry {
+                shape,
+                type_id,
+                dtype,
+            };
+            if tensors.insert(name.clone(), entry).is_some() {
+                return Err(self.fail(format!("{what} appears twice in the tensor table")));
+            }
+        }
+
+        let data_start = self
+            .pos
+            .div_ceil(alignment)
+            .checked_mul(alignment)
+            .ok_or_else(|| self.fail("the tensor data offset overflows".into()))?;
+        for (name, offset, size) in &infos {
+            let end = data_start
+                .checked_add(*offset)
+                .and_then(|start| start.checked_add(*size));
+            match end {
+                Some(end) if end <= self.len => {}
+                _ => {
+                    return Err(self.fail(format!(
+                        "tensor `{name}` needs {size} bytes at offset {offset} of the data, which \
+                         starts at byte {data_start}, but the file has {} bytes: truncated?",
+                        self.len
+                    )))
+                }
+            }
+        }
+        Ok((
+            Content {
+                magic,
+                metadata,
+                tensor_infos,
+                tensor_data_offset: data_start,
+            },
+            tensors,
+        ))
+    }
+
+    fn value(
+        &mut self,
+        magic: VersionedMagic,
+        type_id: u32,
+        what: &str,
+        depth: usize,
+    ) -> Result<Value> {
+        let v = match type_id {
+            0 => Value::U8(self.array::<1>(what)?[0]),
+            1 => Value::I8(i8::from_le_bytes(self.array(what)?)),
+            2 => Value::U16(u16::from_le_bytes(self.array(what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(what)?)),
+            4 => Value::U32(self.u32(what)?),
+            5 => Value::I32(i32::from_le_bytes(self.array(what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(what)?)),
+            7 => match self.array::<1>(what)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(self.fail(format!("{what}: a bool of value {b}, expected 0 or 1"))),
+            },
+            8 => Value::String(self.string(magic, what)?),
+            9 => {
+                if depth >= MAX_DEPTH {
+                    return Err(
+                        self.fail(format!("{what}: arrays nested more than {MAX_DEPTH} deep"))
+                    );
+                }
+                let elem_type = self.u32(what)?;
+                let n = self.length(magic, what)?;
+                let min_size = match elem_type {
+                    0 | 1 | 7 => 1, // u8, i8, bool
+                    2 | 3 => 2,     // u16, i16
+                    4..=6 => 4,     // u32, i32, f32
+                    10..=12 => 8,   // u64, i64, f64
+                    8 => {
+                        if magic == VersionedMagic::GgufV1 {
+                            4
+                        } else {
+                            8
+                        }
+                    }
+                    9 => {
+                        if magic == VersionedMagic::GgufV1 {
+                            8
+                        } else {
+                            12
+                        }
+                    }
+                    t => return Err(self.fail(format!("{what}: unknown value type {t}"))),
+                };
+                if n.saturating_mul(min_size) > self.remaining() {
+                    return Err(self.fail(format!(
+                        "{what}: an array of {n} values needs at least {} bytes, but only {} \
+                         are left: truncated or corrupt",
+                        n.saturating_mul(min_size),
+                        self.remaining()
+                    )));
+                }
+                self.values = self.values.saturating_add(n);
+                if self.values > MAX_METADATA_VALUES {
+                    return Err(self.fail(format!(
+                        "{what}: the metadata arrays hold more than {MAX_METADATA_VALUES} values \
+                         in all"
+                    )));
+                }
+                // `n` is bounded by the bytes left in the file and by MAX_METADATA_VALUES.
+                let mut values = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    values.push(self.value(magic, elem_type, what, depth + 1)?);
+                }
+                Value::Array(values)
+            }
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(i64::from_le_bytes(self.array(what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(what)?)),
+            t => return Err(self.fail(format!("{what}: unknown value type {t}"))),
+        };
+        Ok(v)
+    }
+}
+
+/// A metadata integer of any width, if non-negative.
+fn integer(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(n) => Some(n.into()),
+        Value::U16(n) => Some(n.into()),
+        Value::U32(n) => Some(n.into()),
+        Value::U64(n) => Some(n),
+        Value::I8(n) => u64::try_from(n).ok(),
+        Value::I16(n) => u64::try_from(n).ok(),
+        Value::I32(n) => u64::try_from(n).ok(),
+        Value::I64(n) => u64::try_from(n).ok(),
+        _ => None,
+    }
+}
+
+/// A quantized weight as candle's `QMatMul`, or dequantized to f32 where candle's quantized
+/// kernel cannot take it: Q4_1, Q5_0 and Q5_1 dot products `debug_assert!` an even number of
+/// blocks per row (found by fuzzing: rows of 32 values panic in debug builds; release builds
+/// compute them correctly with the generic loop).
+pub(crate) fn qmatmul(qt: QTensor, device: &Device) -> Result<QMatMul> {
+    let pairs_only = matches!(
+        qt.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    );
+    let blocks = qt.shape().dims().last().copied().unwrap_or(0) / qt.dtype().block_size();
+    if pairs_only && blocks % 2 == 1 {
+        return Ok(QMatMul::Tensor(qt.dequantize(device)?));
+    }
+    Ok(QMatMul::from_qtensor(qt)?)
+}
+
+/// The bytes of a tensor of this shape and type, or what is wrong with its shape.
+fn data_size(shape: &[usize], dtype: GgmlDType) -> std::result::Result<u64, String> {
+    let elems = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| format!("has dimensions {shape:?}, whose product overflows"))?;
+    let block = dtype.block_size();
+    if shape.last().is_some_and(|d| d % block != 0) {
+        return Err(format!(
+            "of type {dtype:?} has shape {shape:?}: its rows of {} values are not a multiple of \
+             the block size {block}",
+            shape.last().copied().unwrap_or_default()
+        ));
+    }
+    (elems / block)
+        .checked_mul(dtype.type_size())
+        .map(|b| b as u64)
+        .ok_or_else(|| format!("has dimensions {shape:?}, whose size overflows"))
+}
+
+/// The GGML types candle 0.11 can read into a `QTensor`, by id (ggml.h's `ggml_type`).
+fn readable_type(id: u32) -> Option<GgmlDType> {
+    Some(match id {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// The names of the types [`readable_type`] accepts, for error messages.
+pub(crate) const READABLE_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+
+/// ggml's name of a type id, e.g. `IQ2_XXS (16)`.
+fn ggml_type_name(id: u32) -> String {
+    const NAMES: [&str; 40] = [
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2",
+        "Q4_3",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4",
+        "Q4_0_4_8",
+        "Q4_0_8_8",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4",
+        "IQ4_NL_4_8",
+        "IQ4_NL_8_8",
+        "MXFP4",
+    ];
+    match NAMES.get(id as usize) {
+        Some(name) => format!("{name} (type {id})"),
+        None => format!("unknown type {id}"),
     }
 }
 

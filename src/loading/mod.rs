@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 
-mod gguf;
+pub(crate) mod gguf;
 #[cfg(feature = "hub")]
 pub mod hub;
 mod safetensors;
@@ -21,7 +21,6 @@ mod safetensors;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
@@ -49,7 +48,9 @@ pub struct LoadOptions {
     /// Where the weights go.
     pub device: Device,
     /// GGUF only: keep the weights quantized and multiply with candle's `QMatMul` (which computes
-    /// in f32) instead of dequantizing them to `dtype`. Default `true`.
+    /// in f32) instead of dequantizing them to `dtype`. Default `true`. A Q4_1, Q5_0 or Q5_1
+    /// weight whose rows hold an odd number of 32-value blocks is dequantized to f32 all the same:
+    /// candle 0.11.1's kernels for them assert an even number (a panic in debug builds).
     pub quantized: bool,
 }
 
@@ -109,6 +110,12 @@ impl Checkpoint {
         })?;
         let (weights, dir) = if meta.is_dir() {
             (find_weights(path)?, path.to_path_buf())
+        } else if !meta.is_file() {
+            // A FIFO or a device would block or never end.
+            return Err(Error::InvalidFile {
+                path: path.to_path_buf(),
+                message: "not a regular file or a directory".into(),
+            });
         } else {
             let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
             (path.to_path_buf(), dir)
@@ -244,6 +251,15 @@ impl Checkpoint {
                 found: shape.to_vec(),
             });
         };
+        if rows % rows_per_i != 0 {
+            return Err(Error::InvalidFile {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{gate}` has {rows} rows, an odd number: a fused gate-up projection \
+                     stacks the gate and up weights, 2 × intermediate size rows"
+                ),
+            });
+        }
         let bias = self.contains(&join(prefix, &format!("{}.bias", names.down)));
         Ok(GluConfig::new(hidden, rows / rows_per_i)
             .with_activation(activation)
@@ -280,14 +296,15 @@ impl Checkpoint {
         opts: &LoadOptions,
     ) -> Result<GluFeedForward> {
         cfg.validate()?;
-        for name in cfg.layout.names().all() {
-            self.require(&join(prefix, &format!("{name}.weight")))?;
-        }
+        self.check_shapes(cfg, prefix)?;
         match &self.store {
             Store::Gguf(g) if opts.quantized => {
                 let load = |name: &str| -> Result<Projection> {
                     let qt = g.qtensor(&join(prefix, &format!("{name}.weight")), &opts.device)?;
-                    Ok(Projection::quantized(QMatMul::from_qtensor(qt)?, None))
+                    Ok(Projection::quantized(
+                        gguf::qmatmul(qt, &opts.device)?,
+                        None,
+                    ))
                 };
                 let GateUpNames::Split { gate, up } = cfg.layout.names().gate_up else {
                     return Err(Error::InvalidConfig {
@@ -313,6 +330,30 @@ impl Checkpoint {
                 Ok(GluFeedForward::new(cfg, vb.pp(prefix))?)
             }
         }
+    }
+
+    /// Every weight of the block exists with the shape `cfg` implies: checked on the tensor table
+    /// before any data is read, so a wrong shape never costs a read or an allocation.
+    fn check_shapes(&self, cfg: &GluConfig, prefix: &str) -> Result<()> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let names = cfg.layout.names();
+        let mut expected = match names.gate_up {
+            GateUpNames::Split { gate, up } => vec![(gate, [i, h]), (up, [i, h])],
+            GateUpNames::Fused { gate_up } => vec![(gate_up, [2 * i, h])],
+        };
+        expected.push((names.down, [h, i]));
+        for (name, shape) in expected {
+            let name = join(prefix, &format!("{name}.weight"));
+            let found = self.require(&name)?;
+            if found != shape {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: shape.to_vec(),
+                    found: found.to_vec(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Loads layer `layer`'s block, at `cfg.layout`'s prefix for it.
@@ -453,8 +494,12 @@ pub(crate) fn closest_names<'a>(
         .collect()
 }
 
+/// Levenshtein distance over the first 256 characters of each name: real tensor names are far
+/// shorter, and a hostile file's megabyte-long names must not make an error message slow.
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
+    const MAX_CHARS: usize = 256;
+    let a = &a[..a.char_indices().nth(MAX_CHARS).map_or(a.len(), |(i, _)| i)];
+    let b: Vec<char> = b.chars().take(MAX_CHARS).collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
         let mut prev = row[0];

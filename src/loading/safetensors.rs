@@ -15,6 +15,9 @@ use crate::{Error, Result};
 /// The largest header accepted, as in the `safetensors` crate: 100 MB.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// The largest `model.safetensors.index.json` read, 64 MiB: a 671B model's is about 10 MB.
+const MAX_INDEX_BYTES: u64 = 1 << 26;
+
 /// Where one tensor's bytes are.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -45,10 +48,7 @@ impl SafetensorsStore {
     /// be plain file names in the index's directory: `../x` and absolute paths are refused.
     pub fn open_index(index: &Path) -> Result<Self> {
         let fail = |message: String| invalid(index, message);
-        let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
-            path: index.to_path_buf(),
-            source,
-        })?;
+        let text = crate::config::read_json_text(index, MAX_INDEX_BYTES)?;
         let json: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: index.to_path_buf(),
             source,
@@ -78,7 +78,14 @@ impl SafetensorsStore {
         }
         let mut store = Self::default();
         for shard in shards {
-            store.add_file(&dir.join(shard))?;
+            let path = dir.join(shard);
+            if !path.exists() {
+                return Err(fail(format!(
+                    "the index names shard `{shard}`, which does not exist in {}",
+                    dir.display()
+                )));
+            }
+            store.add_file(&path)?;
         }
         // Every tensor the index names must be in the shard it names.
         for (tensor, shard) in map {
@@ -101,6 +108,10 @@ impl SafetensorsStore {
             source,
         };
         let fail = |message: String| invalid(path, message);
+        // Checked before opening: opening a FIFO would block.
+        if !std::fs::metadata(path).map_err(io)?.is_file() {
+            return Err(fail("not a regular file".into()));
+        }
         let mut file = File::open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         if file_len < 8 {

@@ -1,0 +1,588 @@
+//! `docs/errors.md` is checked here: each row of its tables names a case by id, and the case is
+//! triggered through the public API (or the CLI) and must give exactly the message the row shows,
+//! with the temporary directory written as `<dir>`. Every case has a row and every row a case, so
+//! the document cannot drift from the code.
+//!
+//! `CANDLE_GLU_PRINT_ERRORS=1 cargo test --release --test error_table -- --nocapture` prints
+//! every case's actual row.
+
+#[path = "common/craft.rs"]
+mod craft;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_glu::loading::{Checkpoint, LoadOptions};
+use candle_glu::{Activation, GluConfig, GluFeedForward, WeightLayout};
+use candle_nn::{VarBuilder, VarMap};
+use craft::{write, Gguf, GgufValue};
+
+type Trigger = fn(&Path) -> String;
+
+fn err<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
+    match r {
+        Ok(_) => "no error".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn open(path: &Path) -> String {
+    err(Checkpoint::open(path))
+}
+
+fn f32_opts() -> LoadOptions {
+    LoadOptions::new(DType::F32, Device::Cpu)
+}
+
+/// Opens `dir` and loads layer 0 with its own config, or `cfg`.
+fn load(dir: &Path, cfg: Option<GluConfig>) -> String {
+    let ckpt = match Checkpoint::open(dir) {
+        Ok(c) => c,
+        Err(e) => return e.to_string(),
+    };
+    let cfg = cfg.or_else(|| ckpt.config().cloned()).expect("a config");
+    err(ckpt.load_layer(&cfg, 0, &f32_opts()))
+}
+
+fn llama_file(dir: &Path, tensors: &[(&str, &[u64])]) -> PathBuf {
+    write(dir, "model.safetensors", &craft::safetensors_f32(tensors))
+}
+
+const G: &str = "model.layers.0.mlp.gate_proj.weight";
+const U: &str = "model.layers.0.mlp.up_proj.weight";
+const D: &str = "model.layers.0.mlp.down_proj.weight";
+
+fn gguf_file(dir: &Path, g: &Gguf) -> PathBuf {
+    write(dir, "model.gguf", &g.bytes())
+}
+
+fn gguf_load(dir: &Path, g: &Gguf, quantized: bool) -> String {
+    let path = gguf_file(dir, g);
+    let ckpt = match Checkpoint::open(&path) {
+        Ok(c) => c,
+        Err(e) => return e.to_string(),
+    };
+    let cfg = ckpt.config().cloned().expect("a config");
+    err(ckpt.load_layer(&cfg, 0, &f32_opts().with_quantized(quantized)))
+}
+
+fn config_dir(dir: &Path, config: &str) -> String {
+    write(dir, "model.safetensors", &craft::llama_block(4, 8));
+    write(dir, "config.json", config.as_bytes());
+    open(dir)
+}
+
+fn index_dir(dir: &Path, index: &str) -> String {
+    write(dir, "model.safetensors.index.json", index.as_bytes());
+    open(dir)
+}
+
+fn ffn_4_8() -> GluFeedForward {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "model.safetensors", &craft::llama_block(4, 8));
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    ckpt.load_layer(&GluConfig::new(4, 8), 0, &f32_opts())
+        .unwrap()
+}
+
+/// `target/<profile>/examples/infer`, which `cargo test` builds.
+fn infer(dir: &Path, args: &[&str]) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("examples")
+        .join(format!("infer{}", std::env::consts::EXE_SUFFIX));
+    let out = Command::new(bin)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    stderr.trim_end().to_string()
+}
+
+fn cases() -> BTreeMap<&'static str, Trigger> {
+    let mut c: BTreeMap<&'static str, Trigger> = BTreeMap::new();
+    // --- paths
+    c.insert("no-such-path", |d| open(&d.join("missing")));
+    c.insert("dir-without-weights", open);
+    c.insert("config-not-weights", |d| {
+        open(&write(
+            d,
+            "config.json",
+            br#"{"hidden_size":4,"intermediate_size":8}"#,
+        ))
+    });
+    c.insert("several-weight-files", |d| {
+        write(d, "a.safetensors", &craft::llama_block(4, 8));
+        write(d, "b.safetensors", &craft::llama_block(4, 8));
+        open(d)
+    });
+    c.insert("fifo", |d| {
+        let path = d.join("model.safetensors");
+        let ok = Command::new("mkfifo").arg(&path).status().unwrap();
+        assert!(ok.success());
+        open(&path)
+    });
+    // --- safetensors
+    c.insert("st-too-short", |d| {
+        open(&write(d, "model.safetensors", b"abc"))
+    });
+    c.insert("st-truncated", |d| {
+        let bytes = craft::llama_block(4, 8);
+        open(&write(d, "model.safetensors", &bytes[..bytes.len() - 10]))
+    });
+    c.insert("st-huge-header", |d| {
+        let mut bytes = craft::llama_block(4, 8);
+        bytes[..8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        open(&write(d, "model.safetensors", &bytes))
+    });
+    c.insert("st-invalid-json", |d| {
+        open(&write(
+            d,
+            "model.safetensors",
+            &craft::safetensors_raw("{not json}", b""),
+        ))
+    });
+    c.insert("st-not-an-object", |d| {
+        open(&write(
+            d,
+            "model.safetensors",
+            &craft::safetensors_raw("[1, 2]", b""),
+        ))
+    });
+    c.insert("st-offsets-past-end", |d| {
+        let h = r#"{"w":{"dtype":"F32","shape":[16,16],"data_offsets":[0,1024]}}"#;
+        open(&write(
+            d,
+            "model.safetensors",
+            &craft::safetensors_raw(h, &[0; 64]),
+        ))
+    });
+    c.insert("st-offsets-wrong-size", |d| {
+        let h = r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}}"#;
+        open(&write(
+            d,
+            "model.safetensors",
+            &craft::safetensors_raw(h, &[0; 16]),
+        ))
+    });
+    c.insert("st-overlap", |d| {
+        let h = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},
+                    "b":{"dtype":"F32","shape":[2,2],"data_offsets":[8,24]}}"#;
+        open(&write(
+            d,
+            "model.safetensors",
+            &craft::safetensors_raw(h, &[0; 24]),
+        ))
+    });
+    c.insert("st-shape-overflow", |d| {
+        let h = r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#;
+        open(&write(
+            d,
+            "model.safetensors",
+            &craft::safetensors_raw(h, b""),
+        ))
+    });
+    c.insert("st-unsupported-dtype", |d| {
+        let h = r#"{"w":{"dtype":"BOOL","shape":[4],"data_offsets":[0,4]}}"#;
+        open(&write(
+            d,
+            "model.safetensors",
+            &craft::safetensors_raw(h, &[0; 4]),
+        ))
+    });
+    c.insert("st-int-load-ffn", |d| {
+        let t: [(&str, &str, &[u64]); 3] = [
+            (G, "I32", &[8, 4]),
+            (U, "I32", &[8, 4]),
+            (D, "I32", &[4, 8]),
+        ];
+        write(d, "model.safetensors", &craft::safetensors_typed(&t));
+        load(d, Some(GluConfig::new(4, 8)))
+    });
+    c.insert("st-int-var-builder", |d| {
+        let t: [(&str, &str, &[u64]); 3] = [
+            (G, "F32", &[8, 4]),
+            (U, "I64", &[8, 4]),
+            (D, "F32", &[4, 8]),
+        ];
+        write(d, "model.safetensors", &craft::safetensors_typed(&t));
+        let ckpt = Checkpoint::open(d).unwrap();
+        let vb = ckpt.var_builder(DType::F32, &Device::Cpu);
+        err(GluFeedForward::new(
+            &GluConfig::new(4, 8),
+            vb.pp("model.layers.0.mlp"),
+        ))
+    });
+    // --- shapes and names
+    c.insert("transposed", |d| {
+        llama_file(d, &[(G, &[8, 4]), (U, &[4, 8]), (D, &[4, 8])]);
+        load(d, Some(GluConfig::new(4, 8)))
+    });
+    c.insert("gate-up-disagree", |d| {
+        llama_file(d, &[(G, &[8, 4]), (U, &[6, 4]), (D, &[4, 8])]);
+        let ckpt = Checkpoint::open(d).unwrap();
+        let prefix = "model.layers.0.mlp";
+        let cfg = ckpt
+            .infer_config(prefix, WeightLayout::Llama, Activation::Silu)
+            .unwrap();
+        err(ckpt.load_ffn(&cfg, prefix, &f32_opts()))
+    });
+    c.insert("fused-odd-rows", |d| {
+        let gu = "model.layers.0.mlp.gate_up_proj.weight";
+        llama_file(d, &[(gu, &[15, 4]), (D, &[4, 8])]);
+        let ckpt = Checkpoint::open(d).unwrap();
+        let cfg = ckpt.infer_config("model.layers.0.mlp", WeightLayout::Phi3, Activation::Silu);
+        err(cfg)
+    });
+    c.insert("fused-wrong-rows", |d| {
+        let gu = "model.layers.0.mlp.gate_up_proj.weight";
+        llama_file(d, &[(gu, &[15, 4]), (D, &[4, 8])]);
+        load(
+            d,
+            Some(GluConfig::new(4, 8).with_layout(WeightLayout::Phi3)),
+        )
+    });
+    c.insert("missing-tensor", |d| {
+        llama_file(d, &[(G, &[8, 4]), (U, &[8, 4])]);
+        load(d, Some(GluConfig::new(4, 8)))
+    });
+    c.insert("wrong-layer", |d| {
+        llama_file(d, &[(G, &[8, 4]), (U, &[8, 4]), (D, &[4, 8])]);
+        let ckpt = Checkpoint::open(d).unwrap();
+        err(ckpt.load_layer(&GluConfig::new(4, 8), 3, &f32_opts()))
+    });
+    c.insert("some-biases", |d| {
+        let b = "model.layers.0.mlp.gate_proj.bias";
+        llama_file(d, &[(G, &[8, 4]), (U, &[8, 4]), (D, &[4, 8]), (b, &[8])]);
+        load(d, Some(GluConfig::new(4, 8)))
+    });
+    c.insert("biases-not-in-config", |d| {
+        let bs =
+            ["gate_proj", "up_proj", "down_proj"].map(|p| format!("model.layers.0.mlp.{p}.bias"));
+        let t: [(&str, &[u64]); 6] = [
+            (G, &[8, 4]),
+            (U, &[8, 4]),
+            (D, &[4, 8]),
+            (&bs[0], &[8]),
+            (&bs[1], &[8]),
+            (&bs[2], &[4]),
+        ];
+        llama_file(d, &t);
+        load(d, Some(GluConfig::new(4, 8)))
+    });
+    // --- sharded index
+    c.insert("index-missing-shard", |d| {
+        index_dir(
+            d,
+            r#"{"weight_map":{"w":"model-00001-of-00002.safetensors"}}"#,
+        )
+    });
+    c.insert("index-parent-dir", |d| {
+        index_dir(d, r#"{"weight_map":{"w":"../model.safetensors"}}"#)
+    });
+    c.insert("index-absolute", |d| {
+        index_dir(d, r#"{"weight_map":{"w":"/etc/passwd"}}"#)
+    });
+    c.insert("index-invalid-json", |d| index_dir(d, r#"{"weight_map":"#));
+    c.insert("index-no-weight-map", |d| {
+        index_dir(d, r#"{"metadata":{}}"#)
+    });
+    c.insert("index-wrong-shard", |d| {
+        write(d, "a.safetensors", &craft::llama_block(4, 8));
+        index_dir(
+            d,
+            &format!(r#"{{"weight_map":{{"{G}":"a.safetensors","x":"a.safetensors"}}}}"#),
+        )
+    });
+    // --- config.json
+    c.insert("config-invalid-json", |d| config_dir(d, "{"));
+    c.insert("config-no-sizes", |d| {
+        config_dir(d, r#"{"model_type":"llama"}"#)
+    });
+    c.insert("config-unknown-activation", |d| {
+        config_dir(
+            d,
+            r#"{"hidden_size":4,"intermediate_size":8,"hidden_act":"swiglu"}"#,
+        )
+    });
+    c.insert("config-not-gated", |d| {
+        config_dir(
+            d,
+            r#"{"model_type":"t5","d_model":4,"d_ff":8,"feed_forward_proj":"relu"}"#,
+        )
+    });
+    c.insert("config-zero", |d| {
+        config_dir(d, r#"{"hidden_size":0,"intermediate_size":8}"#)
+    });
+    c.insert("config-absurd", |d| {
+        config_dir(d, r#"{"hidden_size":4,"intermediate_size":1000000000000}"#)
+    });
+    c.insert("config-too-many-weights", |d| {
+        config_dir(d, r#"{"hidden_size":1048576,"intermediate_size":1048576}"#)
+    });
+    c.insert("config-wrong-type", |d| {
+        config_dir(d, r#"{"hidden_size":"4","intermediate_size":8}"#)
+    });
+    c.insert("new-zeros-absurd", |_| {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        err(GluFeedForward::new(
+            &GluConfig::new(8, 1_000_000_000_000),
+            vb,
+        ))
+    });
+    c.insert("new-varmap-absurd", |_| {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        err(GluFeedForward::new(
+            &GluConfig::new(8, 1_000_000_000_000),
+            vb,
+        ))
+    });
+    // --- GGUF
+    c.insert("gguf-garbage", |d| {
+        open(&write(d, "model.gguf", b"this is not a gguf file"))
+    });
+    c.insert("gguf-version", |d| {
+        let g = Gguf {
+            version: 9,
+            ..Gguf::llama(32, 64, craft::Q4_0)
+        };
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-truncated-header", |d| {
+        let bytes = Gguf::llama(32, 64, craft::Q4_0).bytes();
+        open(&write(d, "model.gguf", &bytes[..60]))
+    });
+    c.insert("gguf-truncated-data", |d| {
+        let bytes = Gguf::llama(32, 64, craft::Q4_0).bytes();
+        open(&write(d, "model.gguf", &bytes[..bytes.len() - 100]))
+    });
+    c.insert("gguf-counts", |d| {
+        let mut bytes = Gguf::llama(32, 64, craft::Q4_0).bytes();
+        bytes[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        open(&write(d, "model.gguf", &bytes))
+    });
+    c.insert("gguf-array-length", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).meta(
+            "tokenizer.ggml.tokens",
+            GgufValue::Array(8, 1 << 40, vec![]),
+        );
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-alignment-0", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).meta("general.alignment", GgufValue::U32(0));
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-terabyte-dims", |d| {
+        let g =
+            Gguf::llama(32, 64, craft::Q4_0).redim("blk.0.ffn_gate.weight", &[1 << 20, 1 << 20]);
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-dims-overflow", |d| {
+        let g =
+            Gguf::llama(32, 64, craft::Q4_0).redim("blk.0.ffn_gate.weight", &[1 << 40, 1 << 40]);
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-too-many-dims", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).redim("blk.0.ffn_gate.weight", &[1, 1, 1, 64, 32]);
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-block-size", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).redim("blk.0.ffn_gate.weight", &[32, 33]);
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-unknown-quantization", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).retype("blk.0.ffn_gate.weight", craft::IQ2_XXS);
+        gguf_load(d, &g, true)
+    });
+    c.insert("gguf-unloadable-quantization", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).retype("blk.0.ffn_up.weight", craft::Q8_K);
+        gguf_load(d, &g, false)
+    });
+    c.insert("gguf-unknown-type", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).retype("blk.0.ffn_down.weight", 99);
+        gguf_load(d, &g, true)
+    });
+    c.insert("gguf-empty-tensor", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).redim("blk.0.ffn_gate.weight", &[0, 32]);
+        let store = candle_glu::loading::GgufStore::open(&gguf_file(d, &g)).unwrap();
+        err(store.qtensor("blk.0.ffn_gate.weight", &Device::Cpu))
+    });
+    c.insert("gguf-zero-size", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).meta("llama.embedding_length", GgufValue::U32(0));
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-wrong-shape", |d| {
+        let g =
+            Gguf::llama(32, 64, craft::Q4_0).meta("llama.feed_forward_length", GgufValue::U64(96));
+        gguf_load(d, &g, true)
+    });
+    c.insert("gguf-quantized-bias", |d| {
+        let path = gguf_file(d, &Gguf::llama(32, 64, craft::Q4_0));
+        let ckpt = Checkpoint::open(path).unwrap();
+        let cfg = ckpt.config().unwrap().clone().with_bias(true);
+        err(ckpt.load_layer(&cfg, 0, &f32_opts()))
+    });
+    // --- forward
+    c.insert("input-last-dim", |_| {
+        err(ffn_4_8().forward(&Tensor::zeros((2, 3, 5), DType::F32, &Device::Cpu).unwrap()))
+    });
+    c.insert("input-scalar", |_| {
+        err(ffn_4_8().forward(&Tensor::new(1f32, &Device::Cpu).unwrap()))
+    });
+    c.insert("input-int", |_| {
+        err(ffn_4_8().forward(&Tensor::zeros((2, 4), DType::I64, &Device::Cpu).unwrap()))
+    });
+    c.insert("input-too-large", |_| {
+        // A broadcast view: a billion tokens without a billion tokens' memory.
+        let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
+        let x = x.broadcast_as((1 << 20, 1 << 10, 4)).unwrap();
+        err(ffn_4_8().forward(&x))
+    });
+    // --- the CLI
+    c.insert("cli-unknown-flag", |d| infer(d, &["--frobnicate"]));
+    c.insert("cli-bad-dtype", |d| infer(d, &["--dtype", "f8"]));
+    c.insert("cli-bad-number", |d| infer(d, &["--tokens=-3"]));
+    c.insert("cli-missing-weights", |d| {
+        infer(d, &["--weights", "./none.safetensors"])
+    });
+    c.insert("cli-layer-out-of-range", |d| infer(d, &["--layer", "40"]));
+    c.insert("cli-no-layers", |d| {
+        write(d, "model.safetensors", &craft::llama_block(4, 8));
+        write(
+            d,
+            "config.json",
+            br#"{"hidden_size":4,"intermediate_size":8,"num_hidden_layers":0}"#,
+        );
+        infer(d, &["--weights", "."])
+    });
+    c.insert("cli-bench-zero", |d| infer(d, &["--bench", "0"]));
+    c.insert("cli-bench-huge", |d| {
+        infer(d, &["--bench", "1000000000000"])
+    });
+    c.insert("cli-too-many-tokens", |d| {
+        infer(d, &["--tokens", "100000000", "--batch", "100"])
+    });
+    c.insert("cli-output-unwritable", |d| {
+        infer(d, &["--output", "no-such-dir/y.safetensors"])
+    });
+    c.insert("cli-input-missing", |d| {
+        infer(d, &["--input", "x.safetensors"])
+    });
+    c.insert("cli-input-fifo", |d| {
+        let ok = Command::new("mkfifo")
+            .arg(d.join("x.safetensors"))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        infer(d, &["--input", "x.safetensors"])
+    });
+    c.insert("cli-input-no-x", |d| {
+        Tensor::zeros((2, 576), DType::F32, &Device::Cpu)
+            .unwrap()
+            .save_safetensors("h", d.join("x.safetensors"))
+            .unwrap();
+        infer(d, &["--input", "x.safetensors"])
+    });
+    c
+}
+
+/// The rows of `docs/errors.md`'s tables: id → message, `\|` unescaped.
+fn documented() -> BTreeMap<String, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/errors.md");
+    let text = std::fs::read_to_string(&path).expect("docs/errors.md");
+    let mut rows = BTreeMap::new();
+    // Only the tables headed `| case | bad input | error (first line) |`.
+    let mut in_table = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("| case |") {
+            in_table = true;
+            continue;
+        }
+        if !line.starts_with('|') {
+            in_table = false;
+        }
+        let Some(inner) = line.strip_prefix("| `").filter(|_| in_table) else {
+            continue;
+        };
+        let cells: Vec<String> = split_cells(inner.trim_end_matches('|'));
+        assert_eq!(cells.len(), 3, "a row of three cells: {line}");
+        let id = cells[0].trim().trim_end_matches('`').to_string();
+        let msg = cells[2].trim();
+        let msg = msg
+            .strip_prefix("`` ")
+            .and_then(|m| m.strip_suffix(" ``"))
+            .or_else(|| msg.strip_prefix('`').and_then(|m| m.strip_suffix('`')))
+            .unwrap_or_else(|| panic!("{id}: the message is not in backticks: {msg}"));
+        assert!(
+            rows.insert(id.clone(), msg.to_string()).is_none(),
+            "{id} twice"
+        );
+    }
+    rows
+}
+
+fn split_cells(row: &str) -> Vec<String> {
+    let mut cells = vec![String::new()];
+    let mut chars = row.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&'|') => {
+                cells.last_mut().unwrap().push('|');
+                chars.next();
+            }
+            '|' => cells.push(String::new()),
+            c => cells.last_mut().unwrap().push(c),
+        }
+    }
+    cells
+}
+
+/// The message's first line, with the temporary directory written as `<dir>`.
+fn normalize(msg: &str, dir: &Path) -> String {
+    let first = msg.lines().next().unwrap_or("");
+    let dir = dir.display().to_string();
+    first.replace(&dir, "<dir>")
+}
+
+#[test]
+fn every_documented_error_is_the_one_we_give() {
+    let docs = documented();
+    let print = std::env::var_os("CANDLE_GLU_PRINT_ERRORS").is_some();
+    let mut failures = Vec::new();
+    for (id, trigger) in cases() {
+        let dir = tempfile::tempdir().unwrap();
+        let got = normalize(&trigger(dir.path()), dir.path());
+        assert!(!got.contains("panicked"), "{id}: {got}");
+        if print {
+            println!("| `{id}` | | `` {} `` |", got.replace('|', "\\|"));
+        }
+        match docs.get(id) {
+            None => failures.push(format!(
+                "{id}: no row in docs/errors.md; it gives:\n    {got}"
+            )),
+            Some(want) if *want != got => {
+                failures.push(format!("{id}:\n    doc: {want}\n    got: {got}"))
+            }
+            Some(_) => {}
+        }
+    }
+    let ids = cases();
+    for id in docs.keys() {
+        if !ids.contains_key(id.as_str()) {
+            failures.push(format!(
+                "{id}: a row in docs/errors.md but no case in this test"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
