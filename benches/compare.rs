@@ -8,8 +8,11 @@
 //! ```
 //!
 //! "naive" is the Llama MLP as candle-transformers writes it: three `candle_nn::Linear`, then
-//! `silu`, then `mul`. "floor" is what one decode must take to read the weights once, at the read
-//! bandwidth measured in the same run by streaming 1 GiB with every thread (CPU only).
+//! `silu`, then `mul` (for the GGUF types `q8_0`, `q4k` and `q4_1`: three `QMatMul`, as its
+//! quantized Llama does). "floor" is what one decode must take to read the weights once, at the
+//! read bandwidth measured in the same run by streaming 1 GiB with every thread (CPU only). For
+//! one token, a second phase alternates our forward with that bandwidth probe, and `/floor` is
+//! the median of the per-round ratios, so a drift of the machine's speed hits both sides alike.
 //!
 //! On a GPU (`--device cuda`), both run on the device and every timed run ends with
 //! `Device::synchronize`, so each time is the whole forward pass, kernels included.
@@ -17,7 +20,8 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::device::{device_name, DeviceChoice};
 use candle_glu::{GluConfig, GluFeedForward, Projection};
 use candle_nn::Linear;
@@ -28,7 +32,7 @@ struct Args {
     /// 7b (hidden 4096, intermediate 11008) or small (576 → 1536), comma-separated.
     #[arg(long, default_value = "7b,small", value_delimiter = ',')]
     shape: Vec<String>,
-    /// f32, bf16, f16, comma-separated.
+    /// f32, bf16, f16, q8_0, q4k, q4_1, comma-separated.
     #[arg(long, default_value = "bf16,f32,f16", value_delimiter = ',')]
     dtype: Vec<String>,
     /// Token counts, comma-separated.
@@ -51,36 +55,91 @@ struct Args {
     bench: bool,
 }
 
-fn dtype(name: &str) -> Result<DType> {
+/// The weights' type: a float dtype (weights and activations alike) or a GGUF type (f32
+/// activations).
+#[derive(Clone, Copy)]
+enum WeightType {
+    Float(DType),
+    Quantized(GgmlDType),
+}
+
+fn weight_type(name: &str) -> Result<WeightType> {
     Ok(match name {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => bail!("unknown dtype {name}"),
+        "f32" => WeightType::Float(DType::F32),
+        "bf16" => WeightType::Float(DType::BF16),
+        "f16" => WeightType::Float(DType::F16),
+        "q8_0" => WeightType::Quantized(GgmlDType::Q8_0),
+        "q4k" => WeightType::Quantized(GgmlDType::Q4K),
+        "q4_1" => WeightType::Quantized(GgmlDType::Q4_1),
+        _ => bail!("unknown dtype {name} (expected f32, bf16, f16, q8_0, q4k or q4_1)"),
     })
+}
+
+/// The naive side: gate, up and down.
+type Naive = [Box<dyn Module>; 3];
+
+/// Both sides' three projections for one weight type, and the weights' size in bytes.
+fn build(
+    wt: WeightType,
+    (h, i): (usize, usize),
+    dev: &Device,
+) -> Result<(Naive, GluFeedForward, usize)> {
+    let w = |o, n| Tensor::randn(0f32, 0.02, (o, n), dev);
+    let ws = [w(i, h)?, w(i, h)?, w(h, i)?];
+    let (naive, ours, bytes): (Vec<Box<dyn Module>>, Vec<Projection>, usize) = match wt {
+        WeightType::Float(dt) => {
+            let mut naive: Vec<Box<dyn Module>> = Vec::new();
+            let mut ours = Vec::new();
+            for w in &ws {
+                let w = w.to_dtype(dt)?;
+                naive.push(Box::new(Linear::new(w.clone(), None)));
+                ours.push(Projection::Dense(Linear::new(w, None)));
+            }
+            (naive, ours, 3 * h * i * dt.size_in_bytes())
+        }
+        WeightType::Quantized(q) => {
+            let (mut naive, mut ours, mut bytes): (Vec<Box<dyn Module>>, _, _) =
+                (Vec::new(), Vec::new(), 0);
+            for w in &ws {
+                let qt = std::sync::Arc::new(QTensor::quantize(w, q)?);
+                bytes += qt.storage_size_in_bytes();
+                naive.push(Box::new(QMatMul::from_arc(qt.clone())?));
+                ours.push(Projection::quantized(QMatMul::from_arc(qt)?, None));
+            }
+            (naive, ours, bytes)
+        }
+    };
+    let [ng, nu, nd]: Naive = naive
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("three projections"))?;
+    let [g, u, d]: [Projection; 3] = ours
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("three projections"))?;
+    let ffn = GluFeedForward::from_projections(&GluConfig::new(h, i), g, u, d)?;
+    Ok(([ng, nu, nd], ffn, bytes))
 }
 
 /// Read bandwidth in GB/s: every thread sums its share of a 1 GiB buffer as 8 interleaved
 /// streams (as the decode kernel reads 8 weight rows at once), with 64-byte loads where the CPU
 /// has AVX-512; best of 3.
-fn read_bandwidth() -> f64 {
-    let data = vec![1f32; 256 << 20];
+fn read_bandwidth(data: &[f32]) -> f64 {
+    (0..3).map(|_| read_once(data)).fold(0f64, f64::max)
+}
+
+/// One pass of the probe over `data`, in GB/s.
+fn read_once(data: &[f32]) -> f64 {
     let threads = candle_core::utils::get_num_threads().max(1);
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let sum: f32 = std::thread::scope(|s| {
-            let parts: Vec<_> = data
-                .chunks(data.len().div_ceil(threads))
-                .map(|c| s.spawn(move || sum_streams(c)))
-                .collect();
-            parts.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-        });
-        let secs = t.elapsed().as_secs_f64();
-        std::hint::black_box(sum);
-        best = best.max((data.len() * 4) as f64 / secs / 1e9);
-    }
-    best
+    let t = Instant::now();
+    let sum: f32 = std::thread::scope(|s| {
+        let parts: Vec<_> = data
+            .chunks(data.len().div_ceil(threads))
+            .map(|c| s.spawn(move || sum_streams(c)))
+            .collect();
+        parts.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+    });
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box(sum);
+    std::mem::size_of_val(data) as f64 / secs / 1e9
 }
 
 fn sum_streams(c: &[f32]) -> f32 {
@@ -126,6 +185,8 @@ struct Row {
     ours_ms: f64,
     gflops: f64,
     floor_ms: Option<f64>,
+    /// Ours over the floor; for one token, the median of side-by-side rounds.
+    floor_ratio: Option<f64>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -137,7 +198,12 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dev = args.device.device()?;
     // The weights' read floor is a CPU notion here; on a GPU the table has no floor.
-    let bw = dev.is_cpu().then(read_bandwidth);
+    let probe = if dev.is_cpu() {
+        vec![1f32; 256 << 20]
+    } else {
+        Vec::new()
+    };
+    let bw = dev.is_cpu().then(|| read_bandwidth(&probe));
     match bw {
         Some(bw) => println!(
             "device cpu, threads {}, read bandwidth {bw:.1} GB/s",
@@ -163,23 +229,18 @@ fn main() -> Result<()> {
             _ => bail!("unknown shape {shape}"),
         };
         for dname in &args.dtype {
-            let dt = dtype(dname)?;
-            let w = |o, n| -> Result<Tensor> {
-                Ok(Tensor::randn(0f32, 0.02, (o, n), &dev)?.to_dtype(dt)?)
+            let wt = weight_type(dname)?;
+            if let WeightType::Quantized(q) = wt {
+                if h % q.block_size() != 0 || i % q.block_size() != 0 {
+                    println!("{shape:>5} {dname:>4}: skipped, {h} and {i} are not multiples of {dname}'s block of {}", q.block_size());
+                    continue;
+                }
+            }
+            let (naive, ffn, weight_bytes) = build(wt, (h, i), &dev)?;
+            let dt = match wt {
+                WeightType::Float(dt) => dt,
+                WeightType::Quantized(_) => DType::F32,
             };
-            let (wg, wu, wd) = (w(i, h)?, w(i, h)?, w(h, i)?);
-            let naive = [
-                Linear::new(wg.clone(), None),
-                Linear::new(wu.clone(), None),
-                Linear::new(wd.clone(), None),
-            ];
-            let ffn = GluFeedForward::from_projections(
-                &GluConfig::new(h, i),
-                Projection::Dense(Linear::new(wg, None)),
-                Projection::Dense(Linear::new(wu, None)),
-                Projection::Dense(Linear::new(wd, None)),
-            )?;
-            let weight_bytes = 3 * h * i * dt.size_in_bytes();
             for &tokens in &args.tokens {
                 let x = Tensor::randn(0f32, 1.0, (1, tokens, h), &dev)?.to_dtype(dt)?;
                 // Each run ends when the device is done with it.
@@ -202,7 +263,14 @@ fn main() -> Result<()> {
                     run_ours()?;
                 }
                 let flops = 6.0 * (tokens * h * i) as f64;
-                let slow = dev.is_cpu() && flops * if dt == DType::F32 { 1.0 } else { 2.0 } > 5e10;
+                let slow = dev.is_cpu()
+                    && flops
+                        * match wt {
+                            WeightType::Float(DType::F32) => 1.0,
+                            WeightType::Float(_) => 2.0,
+                            WeightType::Quantized(_) => 8.0,
+                        }
+                        > 5e10;
                 let rounds = if slow {
                     args.rounds.min(5)
                 } else {
@@ -222,6 +290,22 @@ fn main() -> Result<()> {
                 let naive_ms = (!tn.is_empty()).then(|| median(&mut tn));
                 let ours_ms = median(&mut to);
                 let floor_ms = bw.map(|bw| weight_bytes as f64 / (bw * 1e9) * 1e3);
+                // Decode against the floor: alternate our forward with the bandwidth probe.
+                let floor_ratio = match (bw, tokens) {
+                    (Some(_), 1) => {
+                        let mut ratios = Vec::new();
+                        for _ in 0..rounds {
+                            let bw = read_once(&probe);
+                            let t = Instant::now();
+                            std::hint::black_box(run_ours()?);
+                            let ms = t.elapsed().as_secs_f64() * 1e3;
+                            ratios.push(ms / (weight_bytes as f64 / (bw * 1e9) * 1e3));
+                        }
+                        Some(median(&mut ratios))
+                    }
+                    (Some(_), _) => floor_ms.map(|f| ours_ms / f),
+                    (None, _) => None,
+                };
                 let row = Row {
                     shape: shape.clone(),
                     dtype: dname.clone(),
@@ -230,12 +314,13 @@ fn main() -> Result<()> {
                     ours_ms,
                     gflops: flops / (ours_ms / 1e3) / 1e9,
                     floor_ms,
+                    floor_ratio,
                 };
                 let last = match row.floor_ms {
                     Some(floor) => [
                         format!("{:.1}", row.gflops),
                         format!("{floor:.2}"),
-                        format!("{:.2}", row.ours_ms / floor),
+                        format!("{:.2}", row.floor_ratio.unwrap_or(row.ours_ms / floor)),
                     ],
                     None => [
                         "-".into(),
@@ -268,7 +353,7 @@ fn main() -> Result<()> {
                 serde_json::json!({
                     "shape": r.shape, "dtype": r.dtype, "tokens": r.tokens,
                     "naive_ms": r.naive_ms, "ours_ms": r.ours_ms, "gflops": r.gflops,
-                    "floor_ms": r.floor_ms, "read_gbps": bw,
+                    "floor_ms": r.floor_ms, "floor_ratio": r.floor_ratio, "read_gbps": bw,
                     "device": device_name(&dev),
                     "naive_tflops": r.naive_ms.map(|ms| r.gflops * r.ours_ms / ms / 1e3),
                     "tflops": r.gflops / 1e3,
