@@ -232,6 +232,14 @@ mod dot {
     const R: usize = 8;
     /// Output columns per task.
     const COLS: usize = 64;
+    /// Values of each row per pass over more than three tokens (a multiple of 32, for Q4_1):
+    /// 8 rows of 1024 f32 are 32 KiB, inside L1.
+    const CHUNK: usize = 1024;
+
+    thread_local! {
+        /// Per-thread buffer for a chunk of `R` rows widened to f32.
+        static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
 
     pub(super) unsafe fn run<T: Element, F: Format>(
         x: &[T],
@@ -242,21 +250,28 @@ mod dot {
         bias: Bias<'_>,
         out: &mut [T],
     ) {
-        // Tokens as f32, once.
+        // Tokens as f32, once, and what the weight format needs from each (Q4_1: block sums).
         let mut xf = vec![0f32; m * k];
         avx512::widen(x.as_ptr(), xf.as_mut_ptr(), m * k);
+        let aux_len = F::aux_len(k);
+        let mut aux = vec![0f32; m * aux_len];
+        for t in 0..m {
+            F::prepare_aux(xf.as_ptr().add(t * k), k, aux.as_mut_ptr().add(t * aux_len));
+        }
+        let (xf, aux) = (&xf[..], &aux[..]);
         let out = SendPtr(out.as_mut_ptr());
         (0..n.div_ceil(COLS)).into_par_iter().for_each(|t| {
             let j0 = t * COLS;
             let cols = COLS.min(n - j0);
             // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
-            unsafe { task::<T, F>(&xf, m, k, w, n, bias, j0, cols, out) }
+            unsafe { task::<T, F>(xf, aux, m, k, w, n, bias, j0, cols, out) }
         });
     }
 
     #[allow(clippy::too_many_arguments)]
     unsafe fn task<T: Element, F: Format>(
         xf: &[f32],
+        aux: &[f32],
         m: usize,
         k: usize,
         w: Weights,
@@ -275,7 +290,7 @@ mod dot {
                 Weights::Single(mat) => {
                     for j in (0..cols).step_by(R) {
                         let rows = std::array::from_fn(|r| row(mat, j + r));
-                        sums::<F>(xf, m, k, rows, |t, r, s| {
+                        sums::<F>(xf, aux, m, k, rows, |t, r, s| {
                             if j + r < cols {
                                 a[t * cols + j + r] = s + add(bias.a, j + r);
                             }
@@ -293,7 +308,7 @@ mod dot {
                                 row(wu, j + r - half)
                             }
                         });
-                        sums::<F>(xf, m, k, rows, |t, r, s| {
+                        sums::<F>(xf, aux, m, k, rows, |t, r, s| {
                             let (buf, c, bb) = if r < half {
                                 (&mut *a, r, bias.a)
                             } else {
@@ -317,32 +332,71 @@ mod dot {
     }
 
     /// Calls `put(token, row, sum)` for every token and the `R` rows, three tokens at a time.
+    ///
+    /// Past three tokens, the rows are taken `CHUNK` values at a time, so that every pass over
+    /// the tokens reads them from L1 rather than L2; past six tokens, Q4_1 rows are dequantized
+    /// once per chunk rather than once per pass.
     unsafe fn sums<F: Format>(
         xf: &[f32],
+        aux: &[f32],
         m: usize,
         k: usize,
         rows: [*const u8; R],
         mut put: impl FnMut(usize, usize, f32),
     ) {
-        let mut t = 0;
-        while t < m {
-            let x = xf.as_ptr().add(t * k);
-            macro_rules! tokens {
-                ($tt:literal) => {{
-                    let mut s = [[0f32; R]; $tt];
-                    avx512::dot_kernel::<F, R, $tt>(k, rows, x, k, &mut s);
-                    for (dt, s) in s.iter().enumerate() {
-                        for (r, s) in s.iter().enumerate() {
-                            put(t + dt, r, *s);
-                        }
-                    }
-                    t += $tt;
-                }};
+        debug_assert!(m <= DOT_MAX_TOKENS);
+        let mut total = [[0f32; R]; DOT_MAX_TOKENS];
+        let aux_len = F::aux_len(k);
+        let step = if m <= 3 { k } else { CHUNK };
+        let widen = m > 6 && F::WIDEN;
+        WIDE.with(|wide| {
+            let mut wide = wide.borrow_mut();
+            if widen && wide.len() < R * CHUNK {
+                wide.resize(R * CHUNK, 0.0);
             }
-            match m - t {
-                1 => tokens!(1),
-                2 => tokens!(2),
-                _ => tokens!(3),
+            let mut c0 = 0;
+            while c0 < k {
+                let kc = step.min(k - c0);
+                let rows = rows.map(|row| row.add(F::row_bytes(c0)));
+                if widen {
+                    for (r, row) in rows.iter().enumerate() {
+                        avx512::widen_row::<F>(*row, wide.as_mut_ptr().add(r * CHUNK), kc);
+                    }
+                }
+                let wide_rows: [*const u8; R] =
+                    std::array::from_fn(|r| wide.as_ptr().wrapping_add(r * CHUNK) as *const u8);
+                let mut t = 0;
+                while t < m {
+                    let x = xf.as_ptr().add(t * k + c0);
+                    let aux = aux.as_ptr().add(t * aux_len + F::aux_len(c0));
+                    macro_rules! tokens {
+                        ($tt:literal) => {{
+                            let mut s = [[0f32; R]; $tt];
+                            if widen {
+                                Dense::<f32>::dot::<R, $tt>(kc, wide_rows, x, k, aux, 0, &mut s);
+                            } else {
+                                F::dot::<R, $tt>(kc, rows, x, k, aux, aux_len, &mut s);
+                            }
+                            for (total, s) in total[t..].iter_mut().zip(&s) {
+                                for (total, s) in total.iter_mut().zip(s) {
+                                    *total += s;
+                                }
+                            }
+                            t += $tt;
+                        }};
+                    }
+                    match m - t {
+                        1 => tokens!(1),
+                        2 => tokens!(2),
+                        _ => tokens!(3),
+                    }
+                }
+                c0 += kc;
+            }
+        });
+        for (t, total) in total[..m].iter().enumerate() {
+            for (r, s) in total.iter().enumerate() {
+                put(t, r, *s);
             }
         }
     }

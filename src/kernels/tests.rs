@@ -164,12 +164,13 @@ fn check_gate_up<T: Element>(m: usize, k: usize, n: usize, act: Act, compute: Co
 }
 
 /// The schedules (dot for ≤ 16 tokens, packed above) and their edges.
-const SIZES: [(usize, usize, usize); 10] = [
+const SIZES: [(usize, usize, usize); 11] = [
     (1, 1, 1),
     (1, 72, 184),
     (2, 15, 7),
     (3, 577, 33),
     (5, 1030, 17),
+    (12, 2085, 9),
     (16, 129, 65),
     (17, 72, 184),
     (29, 513, 300),
@@ -262,6 +263,7 @@ fn q4_1_kernels_match_dequantized_float64() {
         (1, 32, 1),
         (3, 576, 37),
         (16, 64, 100),
+        (7, 2080, 21),
         (17, 96, 33),
         (40, 1536, 70),
     ] {
