@@ -97,23 +97,13 @@ pub(crate) trait Format: Copy + Send + Sync + 'static {
     /// Whether [`Format::dot`] over many tokens should rather read rows widened to f32 once:
     /// true where widening costs more than reading (Q4_1).
     const WIDEN: bool = false;
-    /// f32 values per token that [`Format::dot`] needs precomputed from the token (none here).
-    fn aux_len(_k: usize) -> usize {
-        0
-    }
-    /// Fills `aux` (`aux_len(k)` values) for the token `x` of `k` values.
-    #[inline(always)]
-    unsafe fn prepare_aux(_x: *const f32, _k: usize, _aux: *mut f32) {}
-    /// `out[t][r] = Σ x[t]·w[r]`, as [`dot_kernel`]; `aux` holds each token's
-    /// [`Format::aux_len`] values for these `k`, `ldaux` apart.
+    /// `out[t][r] = Σ x[t]·w[r]`, as [`dot_kernel`].
     #[inline(always)]
     unsafe fn dot<const R: usize, const TT: usize>(
         k: usize,
         w: [*const u8; R],
         x: *const f32,
         ldx: usize,
-        _aux: *const f32,
-        _ldaux: usize,
         out: &mut [[f32; R]; TT],
     ) {
         dot_kernel::<Self, R, TT>(k, w, x, ldx, out)
@@ -172,60 +162,32 @@ impl Format for Q4_1 {
         _mm512_maskz_mov_ps(tail_mask(n), Self::load16(row, i))
     }
 
-    /// One 16-lane vector per block: the block's sum of `x` in lane 1, zeros elsewhere.
-    fn aux_len(k: usize) -> usize {
-        k / 32 * 16
-    }
-    #[inline(always)]
-    unsafe fn prepare_aux(x: *const f32, k: usize, aux: *mut f32) {
-        q4_1_block_sums(x, k, aux)
-    }
     #[inline(always)]
     unsafe fn dot<const R: usize, const TT: usize>(
         k: usize,
         w: [*const u8; R],
         x: *const f32,
         ldx: usize,
-        aux: *const f32,
-        ldaux: usize,
         out: &mut [[f32; R]; TT],
     ) {
-        dot_kernel_q4_1::<R, TT>(k, w, x, ldx, aux, ldaux, out)
+        dot_kernel_q4_1::<R, TT>(k, w, x, ldx, out)
     }
 }
 
-/// For [`Q4_1`]'s decode kernel: `aux[16·b + 1] = Σ x[32·b .. 32·b + 32]`, zeros in the other
-/// lanes, for the `k / 32` blocks of the token `x`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn q4_1_block_sums(x: *const f32, k: usize, aux: *mut f32) {
-    for b in 0..k / 32 {
-        let v = _mm512_add_ps(
-            _mm512_loadu_ps(x.add(32 * b)),
-            _mm512_loadu_ps(x.add(32 * b + 16)),
-        );
-        _mm512_storeu_ps(aux.add(16 * b), _mm512_setzero_ps());
-        *aux.add(16 * b + 1) = _mm512_reduce_add_ps(v);
-    }
-}
-
-/// [`dot_kernel`] for [`Q4_1`] rows, with each block's scale and minimum applied once per block
-/// instead of once per value: `w·x = Σ_b d_b·(q_b·x_b) + m_b·S_b`, where `S_b` is the block's sum
-/// of `x`, from `aux` ([`q4_1_block_sums`], `k / 32 · 16` values per token, `ldaux` apart). Half the
-/// instructions of dequantizing every value, which is what keeps one token near the memory floor.
+/// [`dot_kernel`] for [`Q4_1`] rows, with each block's scale, minimum and codes unpacked once
+/// per block rather than once per 16 values. Values are still `d·q + m` rounded to f32 and
+/// summed in the same order, so the sums are bit-identical to those over the f32 dequantization.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
     k: usize,
     w: [*const u8; R],
     x: *const f32,
     ldx: usize,
-    aux: *const f32,
-    ldaux: usize,
     out: &mut [[f32; R]; TT],
 ) {
-    let blocks = k / 32;
     let low = _mm512_set1_epi32(0xf);
     let mut acc = [[_mm512_setzero_ps(); R]; TT];
-    for b in 0..blocks {
+    for b in 0..k / 32 {
         if b % 2 == 0 {
             for row in &w {
                 _mm_prefetch::<_MM_HINT_T0>(
@@ -233,27 +195,22 @@ unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
                 );
             }
         }
-        let mut xv = [[_mm512_setzero_ps(); 3]; TT];
+        let mut xv = [[_mm512_setzero_ps(); 2]; TT];
         for (t, v) in xv.iter_mut().enumerate() {
             let xt = x.add(t * ldx + 32 * b);
-            *v = [
-                _mm512_loadu_ps(xt),
-                _mm512_loadu_ps(xt.add(16)),
-                _mm512_loadu_ps(aux.add(t * ldaux + b * 16)),
-            ];
+            *v = [_mm512_loadu_ps(xt), _mm512_loadu_ps(xt.add(16))];
         }
         for (r, row) in w.iter().enumerate() {
             let block = row.add(b * Q4_1_BLOCK_BYTES);
-            // [d, m, 0, …]: with the sums' vector [0, S, 0, …] one FMA adds m·S.
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
             let d = _mm512_broadcastss_ps(dm);
-            let dm = _mm512_zextps128_ps512(dm);
+            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
             let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(4) as *const __m128i));
             let lo = _mm512_cvtepi32_ps(_mm512_and_si512(codes, low));
             let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(codes));
-            for (a, [xl, xh, s]) in acc.iter_mut().zip(&xv) {
-                let p = _mm512_fmadd_ps(hi, *xh, _mm512_mul_ps(lo, *xl));
-                a[r] = _mm512_fmadd_ps(dm, *s, _mm512_fmadd_ps(p, d, a[r]));
+            let (wl, wh) = (_mm512_fmadd_ps(lo, d, m), _mm512_fmadd_ps(hi, d, m));
+            for (a, [xl, xh]) in acc.iter_mut().zip(&xv) {
+                a[r] = _mm512_fmadd_ps(*xh, wh, _mm512_fmadd_ps(*xl, wl, a[r]));
             }
         }
     }

@@ -250,28 +250,22 @@ mod dot {
         bias: Bias<'_>,
         out: &mut [T],
     ) {
-        // Tokens as f32, once, and what the weight format needs from each (Q4_1: block sums).
+        // Tokens as f32, once.
         let mut xf = vec![0f32; m * k];
         avx512::widen(x.as_ptr(), xf.as_mut_ptr(), m * k);
-        let aux_len = F::aux_len(k);
-        let mut aux = vec![0f32; m * aux_len];
-        for t in 0..m {
-            F::prepare_aux(xf.as_ptr().add(t * k), k, aux.as_mut_ptr().add(t * aux_len));
-        }
-        let (xf, aux) = (&xf[..], &aux[..]);
+        let xf = &xf[..];
         let out = SendPtr(out.as_mut_ptr());
         (0..n.div_ceil(COLS)).into_par_iter().for_each(|t| {
             let j0 = t * COLS;
             let cols = COLS.min(n - j0);
             // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
-            unsafe { task::<T, F>(xf, aux, m, k, w, n, bias, j0, cols, out) }
+            unsafe { task::<T, F>(xf, m, k, w, n, bias, j0, cols, out) }
         });
     }
 
     #[allow(clippy::too_many_arguments)]
     unsafe fn task<T: Element, F: Format>(
         xf: &[f32],
-        aux: &[f32],
         m: usize,
         k: usize,
         w: Weights,
@@ -290,7 +284,7 @@ mod dot {
                 Weights::Single(mat) => {
                     for j in (0..cols).step_by(R) {
                         let rows = std::array::from_fn(|r| row(mat, j + r));
-                        sums::<F>(xf, aux, m, k, rows, |t, r, s| {
+                        sums::<F>(xf, m, k, rows, |t, r, s| {
                             if j + r < cols {
                                 a[t * cols + j + r] = s + add(bias.a, j + r);
                             }
@@ -308,7 +302,7 @@ mod dot {
                                 row(wu, j + r - half)
                             }
                         });
-                        sums::<F>(xf, aux, m, k, rows, |t, r, s| {
+                        sums::<F>(xf, m, k, rows, |t, r, s| {
                             let (buf, c, bb) = if r < half {
                                 (&mut *a, r, bias.a)
                             } else {
@@ -338,7 +332,6 @@ mod dot {
     /// once per chunk rather than once per pass.
     unsafe fn sums<F: Format>(
         xf: &[f32],
-        aux: &[f32],
         m: usize,
         k: usize,
         rows: [*const u8; R],
@@ -346,7 +339,6 @@ mod dot {
     ) {
         debug_assert!(m <= DOT_MAX_TOKENS);
         let mut total = [[0f32; R]; DOT_MAX_TOKENS];
-        let aux_len = F::aux_len(k);
         let step = if m <= 3 { k } else { CHUNK };
         let widen = m > 6 && F::WIDEN;
         WIDE.with(|wide| {
@@ -368,14 +360,13 @@ mod dot {
                 let mut t = 0;
                 while t < m {
                     let x = xf.as_ptr().add(t * k + c0);
-                    let aux = aux.as_ptr().add(t * aux_len + F::aux_len(c0));
                     macro_rules! tokens {
                         ($tt:literal) => {{
                             let mut s = [[0f32; R]; $tt];
                             if widen {
-                                Dense::<f32>::dot::<R, $tt>(kc, wide_rows, x, k, aux, 0, &mut s);
+                                Dense::<f32>::dot::<R, $tt>(kc, wide_rows, x, k, &mut s);
                             } else {
-                                F::dot::<R, $tt>(kc, rows, x, k, aux, aux_len, &mut s);
+                                F::dot::<R, $tt>(kc, rows, x, k, &mut s);
                             }
                             for (total, s) in total[t..].iter_mut().zip(&s) {
                                 for (total, s) in total.iter_mut().zip(s) {
