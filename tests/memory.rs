@@ -73,7 +73,7 @@ fn forward_allocates_activations_not_weights() {
         let size = dtype.size_in_bytes();
         let weights = 3 * h * i * size;
         // One intermediate activation [m, i], plus its f32 copy for the micro-kernel, the input's
-        // f32 copy, the output, and rayon's bookkeeping.
+        // f32 copy, the output, and the worker pool's bookkeeping.
         let activations = m * i * (size + 4) + m * h * (4 + size);
         eprintln!(
             "{dtype:?}: peak {:.2} MB = {:.2}x the activations bound, {:.3}x the weights",

@@ -14,13 +14,11 @@
 //!   register micro-kernel computes 12 tokens × 32 columns at a time, with f32 FMAs or, for bf16
 //!   on CPUs where it is faster, bf16 dot products (VDPBF16PS).
 //!
-//! Work is split by output columns across rayon's pool. Only AVX-512 machines take these paths
+//! Work is split by output columns across candle's CPU worker pool. Only AVX-512 machines take these paths
 //! (see [`Features`]); others use candle's ops.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
-
-use rayon::prelude::*;
 
 use super::avx512;
 pub(crate) use super::avx512::{Dense, Format, Q4_1};
@@ -196,12 +194,27 @@ unsafe fn run<T: Element, F: Format>(
     out
 }
 
+/// Runs `f(i)` for every `i` in `0..n` on candle's own CPU worker pool (the one its quantized
+/// matmuls use), this thread included. Sharing candle's pool rather than keeping one of our own
+/// means a model's other layers and this block never have two sets of threads spinning for the
+/// same cores.
+fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(&f));
+}
+
 /// A pointer that tasks writing disjoint parts of one buffer share.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
 // SAFETY: every task writes its own disjoint columns; see the callers.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 thread_local! {
     /// Per-thread scratch, kept between calls: packed weights and the task's accumulators.
@@ -255,7 +268,7 @@ mod dot {
         avx512::widen(x.as_ptr(), xf.as_mut_ptr(), m * k);
         let xf = &xf[..];
         let out = SendPtr(out.as_mut_ptr());
-        (0..n.div_ceil(COLS)).into_par_iter().for_each(|t| {
+        parallel_for(n.div_ceil(COLS), |t| {
             let j0 = t * COLS;
             let cols = COLS.min(n - j0);
             // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
@@ -426,7 +439,7 @@ mod packed {
     }
 
     /// Runs `f` on this thread's packed-token buffer of `len` f32, or on a fresh one if it is in
-    /// use (a forward called from inside another's rayon task on the same thread).
+    /// use (a forward called from inside another's task on the same thread).
     fn with_packed_tokens(len: usize, f: impl FnOnce(&mut [f32])) {
         thread_local! {
             static TOKENS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -461,7 +474,7 @@ mod packed {
         };
         let per_task = per_panel * PANELS;
         let out = SendPtr(out.as_mut_ptr());
-        (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        parallel_for(n.div_ceil(per_task), |t| {
             let j0 = t * per_task;
             let cols = per_task.min(n - j0);
             let task = Task {
@@ -598,12 +611,14 @@ mod packed {
 
     /// `[blocks][k][MR]` f32 into `xp` (every value written; zero rows past `m`).
     unsafe fn pack_x_f32<T: Element>(x: &[T], m: usize, k: usize, xp: &mut [f32]) {
-        xp.par_chunks_mut(k * MR).enumerate().for_each(|(b, dst)| {
+        let dst = SendPtr(xp.as_mut_ptr());
+        parallel_for(xp.len() / (k * MR), |b| {
             let rows: Vec<*const T> = (b * MR..m.min((b + 1) * MR))
                 .map(|r| x[r * k..].as_ptr())
                 .collect();
-            // SAFETY: each row holds k values; dst holds k × MR.
-            unsafe { avx512::pack_tokens12(&rows, k, dst.as_mut_ptr()) };
+            // SAFETY: each row holds k values; block b of dst holds k × MR, written by this
+            // task only.
+            unsafe { avx512::pack_tokens12(&rows, k, dst.get().add(b * k * MR)) };
         });
     }
 
@@ -612,12 +627,16 @@ mod packed {
     unsafe fn pack_x_pairs<T: Element>(x: &[T], m: usize, k: usize, xp: &mut [f32]) {
         debug_assert_eq!(T::DTYPE, candle_core::DType::BF16);
         let kp = k.div_ceil(2);
-        xp.par_chunks_mut(kp * MR).enumerate().for_each(|(b, dst)| {
+        let dst = SendPtr(xp.as_mut_ptr());
+        parallel_for(xp.len() / (kp * MR), |b| {
             let rows: Vec<*const u16> = (b * MR..m.min((b + 1) * MR))
                 .map(|r| x[r * k..].as_ptr() as *const u16)
                 .collect();
-            // SAFETY: each row holds k bf16 values; dst holds ⌈k/2⌉ × MR u32.
-            unsafe { avx512::pack_tokens12_pairs(&rows, k, dst.as_mut_ptr() as *mut u32) };
+            // SAFETY: each row holds k bf16 values; block b of dst holds ⌈k/2⌉ × MR u32,
+            // written by this task only.
+            unsafe {
+                avx512::pack_tokens12_pairs(&rows, k, dst.get().add(b * kp * MR) as *mut u32)
+            };
         });
     }
 }
@@ -666,16 +685,18 @@ mod calibrate {
 /// [`features`]`().avx512` must be true; the three slices have the same length.
 pub(crate) unsafe fn gated<T: Element>(act: Act, g: &[T], u: &[T], out: &mut [T]) {
     const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+    let (len, o) = (out.len(), SendPtr(out.as_mut_ptr()));
+    parallel_for(len.div_ceil(CHUNK), |i| {
         let s = i * CHUNK;
-        // SAFETY: chunk `i` covers [s, s + o.len()) of all three slices.
+        // SAFETY: chunk `i` covers [s, s + CHUNK) ∩ [0, len) of all three slices, and only this
+        // task writes it.
         unsafe {
             avx512::gated(
                 act,
                 g.as_ptr().add(s),
                 u.as_ptr().add(s),
-                o.as_mut_ptr(),
-                o.len(),
+                o.get().add(s),
+                CHUNK.min(len - s),
             )
         }
     });
