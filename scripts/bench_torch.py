@@ -3,18 +3,25 @@
 
     pip install torch
     python scripts/bench_torch.py [--threads 2] [--runs 20] [--json results.json]
+    python scripts/bench_torch.py --vs-ours 3 --shapes small --dtypes bf16 [--tokens 1,16]
 
 For each shape (7B: hidden 4096, intermediate 11008; small: SmolLM2's 576 -> 1536), dtype (f32,
 bf16, f16) and token count (1, 16, 128, 512) it builds `down(silu(gate(x)) * up(x))` from
 `torch.nn.Linear` without bias (what transformers' LlamaMLP computes), warms up, and prints the
 median latency in ms and GFLOP/s (6·tokens·H·I flops). Optional: torch is never needed by the
-tests or CI. Compare with `cargo bench --bench ffn` run right before or after, since this machine's
-speed drifts; the README's table records both from one sitting.
+tests or CI.
+
+The machine's speed drifts by up to 2x for minutes at a time, so a ratio between two separate runs
+can mislead. `--vs-ours N` alternates, for every configuration, N times: PyTorch here, then
+candle-glu's own forward in `cargo bench --bench compare -- --no-naive` (a fresh process on the
+same shape, dtype and token count), and prints both medians and the median of the N per-round
+ratios (PyTorch ms / candle-glu ms: above 1 means candle-glu is faster).
 """
 
 import argparse
 import json
 import statistics
+import subprocess
 import time
 
 import torch
@@ -47,12 +54,28 @@ def time_one(h, i, dtype, tokens, runs):
     return ms, 6 * tokens * h * i / (ms / 1e3) / 1e9
 
 
+def time_ours(shape, dname, tokens, runs):
+    """candle-glu's median ms for one configuration, from the repository's compare bench."""
+    out = subprocess.run(
+        ["cargo", "bench", "-q", "--bench", "compare", "--", "--no-naive", "--shape", shape,
+         "--dtype", dname, "--tokens", str(tokens), "--rounds", str(runs)],
+        check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) > 4 and f[0] == shape and f[1] == dname and f[2] == str(tokens):
+            return float(f[5])
+    raise RuntimeError(f"no row for {shape} {dname} {tokens} in:\n{out}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--shapes", default="7b,small")
     ap.add_argument("--dtypes", default="f32,bf16,f16")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--vs-ours", type=int, default=0, metavar="N",
+                    help="alternate with candle-glu's compare bench, N rounds per configuration")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,8 +84,21 @@ def main():
     for shape in args.shapes.split(","):
         h, i = SHAPES[shape]
         for dname in args.dtypes.split(","):
-            for tokens in TOKENS:
+            for tokens in map(int, args.tokens.split(",")):
                 runs = args.runs if tokens <= 128 or shape == "small" else max(5, args.runs // 4)
+                if args.vs_ours:
+                    theirs, ours = [], []
+                    for _ in range(args.vs_ours):
+                        theirs.append(time_one(h, i, DTYPES[dname], tokens, runs)[0])
+                        ours.append(time_ours(shape, dname, tokens, runs))
+                    ratio = statistics.median(t / o for t, o in zip(theirs, ours))
+                    ms, o_ms = statistics.median(theirs), statistics.median(ours)
+                    gflops = 6 * tokens * h * i / (ms / 1e3) / 1e9
+                    rows.append({"shape": shape, "dtype": dname, "tokens": tokens, "ms": ms,
+                                 "gflops": gflops, "ours_ms": o_ms, "torch_over_ours": ratio})
+                    print(f"{shape:>5} {dname:>4} {tokens:>4} tokens: torch {ms:9.3f} ms, "
+                          f"candle-glu {o_ms:9.3f} ms, torch/candle-glu {ratio:5.2f}", flush=True)
+                    continue
                 ms, gflops = time_one(h, i, DTYPES[dname], tokens, runs)
                 rows.append({"shape": shape, "dtype": dname, "tokens": tokens, "ms": ms,
                              "gflops": gflops})
