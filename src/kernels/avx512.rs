@@ -94,8 +94,8 @@ pub(crate) trait Format: Copy + Send + Sync + 'static {
     /// Values `[i, i + n)`, zeros after; `n < 16`; reads nothing past them.
     unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512;
 
-    /// Whether [`Format::dot`] over many tokens should rather read rows widened to f32 once:
-    /// true where widening costs more than reading (Q4_1).
+    /// Whether, over many tokens, rows are better decoded to f32 once per chunk than on every
+    /// pass over the tokens: true where decoding costs more than reading f32 from L1 (Q4_1).
     const WIDEN: bool = false;
     /// `out[t][r] = Σ x[t]·w[r]`, as [`dot_kernel`].
     #[inline(always)]
