@@ -354,8 +354,10 @@ mod dot {
         let mut total = [[0f32; R]; DOT_MAX_TOKENS];
         let step = if m <= 3 { k } else { CHUNK };
         let widen = m > 6 && F::WIDEN;
-        WIDE.with(|wide| {
-            let mut wide = wide.borrow_mut();
+        WIDE.with(|cell| {
+            // A fresh buffer should this thread's be in use (never, as the kernels do not nest).
+            let (mut guard, mut own) = (cell.try_borrow_mut().ok(), Vec::new());
+            let wide = guard.as_deref_mut().unwrap_or(&mut own);
             if widen && wide.len() < R * CHUNK {
                 wide.resize(R * CHUNK, 0.0);
             }
