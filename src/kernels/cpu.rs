@@ -221,11 +221,12 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Borrows this thread's two scratch buffers, grown to at least `a` and `b` f32.
+/// Borrows this thread's two scratch buffers, grown to at least `a` and `b` f32 (fresh ones
+/// should they be in use: never, as the kernels do not nest).
 fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        let (sa, sb) = &mut *s;
+    SCRATCH.with(|cell| {
+        let (mut guard, mut own) = (cell.try_borrow_mut().ok(), Default::default());
+        let (sa, sb): &mut (Vec<f32>, Vec<f32>) = guard.as_deref_mut().unwrap_or(&mut own);
         if sa.len() < a {
             sa.resize(a, 0.0);
         }
