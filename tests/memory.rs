@@ -36,6 +36,13 @@ static ALLOC: Counting = Counting;
 /// The counters are process-wide: one measurement at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// And one test at a time, so that no other test's allocations land in a measurement.
+static ONE_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_test() -> std::sync::MutexGuard<'static, ()> {
+    ONE_TEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Bytes allocated at the peak of `f`, above what was live before it.
 fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -47,6 +54,7 @@ fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
 
 #[test]
 fn forward_allocates_activations_not_weights() {
+    let _one = one_test();
     let dev = Device::Cpu;
     let (h, i, m) = (1024, 2816, 64);
     for dtype in [DType::BF16, DType::F32, DType::F16] {
@@ -95,6 +103,7 @@ fn forward_allocates_activations_not_weights() {
 
 #[test]
 fn the_counter_sees_a_weight_copy() {
+    let _one = one_test();
     // candle's own bf16 matmul widens the whole weight to f32 on every call: the measurement
     // above would catch a path that did the same.
     let dev = Device::Cpu;
@@ -128,6 +137,7 @@ fn quantized(o: usize, n: usize, dtype: candle_core::quantized::GgmlDType) -> (Q
 
 #[test]
 fn q4_1_forward_reads_the_blocks_in_place() {
+    let _one = one_test();
     use candle_core::quantized::GgmlDType;
     if !candle_glu::cpu_kernels_available() {
         eprintln!("SKIPPED: no AVX-512, so Q4_1 runs through candle's QMatMul");
@@ -169,6 +179,7 @@ fn q4_1_forward_reads_the_blocks_in_place() {
 #[test]
 #[cfg(target_arch = "x86_64")]
 fn candle_keeps_a_repacked_copy_of_q8_0_and_q4k_weights() {
+    let _one = one_test();
     // README, Performance: why q8_0 and q4k weights, which run through candle's QMatMul, miss the
     // memory target. Should candle stop keeping the copy, this fails, and the README must change.
     use candle_core::quantized::GgmlDType;
