@@ -8,14 +8,15 @@
 //! outputs are f32/bf16/f16 ([`Element`]). Two schedules, chosen by the number of tokens `m`:
 //!
 //! - **dot** (`m ≤ DOT_MAX_TOKENS`, decode): each weight row is streamed once from memory and
-//!   dotted with every token; weights are read in place, nothing is packed or copied.
+//!   dotted with every token, in L1-sized chunks past three tokens; weights are read in place
+//!   (past six tokens, each chunk of Q4_1 rows is decoded once into a 32 KiB per-thread buffer).
 //! - **packed** (prefill): GotoBLAS-style blocking. Tokens are packed once, weights per
 //!   `KC`-deep block of `PANELS × 32` columns into a per-thread buffer that stays in L2, and a
 //!   register micro-kernel computes 12 tokens × 32 columns at a time, with f32 FMAs or, for bf16
 //!   on CPUs where it is faster, bf16 dot products (VDPBF16PS).
 //!
-//! Work is split by output columns across candle's CPU worker pool. Only AVX-512 machines take these paths
-//! (see [`Features`]); others use candle's ops.
+//! Work is split by output columns across candle's CPU worker pool. Only AVX-512 machines take
+//! these paths (see [`Features`]); others use candle's ops.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
