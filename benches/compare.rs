@@ -84,39 +84,27 @@ fn build(
     (h, i): (usize, usize),
     dev: &Device,
 ) -> Result<(Naive, GluFeedForward, usize)> {
-    let w = |o, n| Tensor::randn(0f32, 0.02, (o, n), dev);
-    let ws = [w(i, h)?, w(i, h)?, w(h, i)?];
-    let (naive, ours, bytes): (Vec<Box<dyn Module>>, Vec<Projection>, usize) = match wt {
-        WeightType::Float(dt) => {
-            let mut naive: Vec<Box<dyn Module>> = Vec::new();
-            let mut ours = Vec::new();
-            for w in &ws {
+    // One projection `[o, n]`: naive's layer, ours, and its bytes.
+    let one = |o, n| -> Result<(Box<dyn Module>, Projection, usize)> {
+        let w = Tensor::randn(0f32, 0.02, (o, n), dev)?;
+        Ok(match wt {
+            WeightType::Float(dt) => {
                 let w = w.to_dtype(dt)?;
-                naive.push(Box::new(Linear::new(w.clone(), None)));
-                ours.push(Projection::Dense(Linear::new(w, None)));
+                let bytes = w.elem_count() * dt.size_in_bytes();
+                let ours = Projection::Dense(Linear::new(w.clone(), None));
+                (Box::new(Linear::new(w, None)), ours, bytes)
             }
-            (naive, ours, 3 * h * i * dt.size_in_bytes())
-        }
-        WeightType::Quantized(q) => {
-            let (mut naive, mut ours, mut bytes): (Vec<Box<dyn Module>>, _, _) =
-                (Vec::new(), Vec::new(), 0);
-            for w in &ws {
-                let qt = std::sync::Arc::new(QTensor::quantize(w, q)?);
-                bytes += qt.storage_size_in_bytes();
-                naive.push(Box::new(QMatMul::from_arc(qt.clone())?));
-                ours.push(Projection::quantized(QMatMul::from_arc(qt)?, None));
+            WeightType::Quantized(q) => {
+                let qt = std::sync::Arc::new(QTensor::quantize(&w, q)?);
+                let bytes = qt.storage_size_in_bytes();
+                let ours = Projection::quantized(QMatMul::from_arc(qt.clone())?, None);
+                (Box::new(QMatMul::from_arc(qt)?), ours, bytes)
             }
-            (naive, ours, bytes)
-        }
+        })
     };
-    let [ng, nu, nd]: Naive = naive
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("three projections"))?;
-    let [g, u, d]: [Projection; 3] = ours
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("three projections"))?;
+    let ((ng, g, bg), (nu, u, bu), (nd, d, bd)) = (one(i, h)?, one(i, h)?, one(h, i)?);
     let ffn = GluFeedForward::from_projections(&GluConfig::new(h, i), g, u, d)?;
-    Ok(([ng, nu, nd], ffn, bytes))
+    Ok(([ng, nu, nd], ffn, bg + bu + bd))
 }
 
 /// Read bandwidth in GB/s: every thread sums its share of a 1 GiB buffer as 8 interleaved

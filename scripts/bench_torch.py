@@ -20,8 +20,10 @@ ratios (PyTorch ms / candle-glu ms: above 1 means candle-glu is faster).
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -56,15 +58,15 @@ def time_one(h, i, dtype, tokens, runs):
 
 def time_ours(shape, dname, tokens, runs):
     """candle-glu's median ms for one configuration, from the repository's compare bench."""
-    out = subprocess.run(
-        ["cargo", "bench", "-q", "--bench", "compare", "--", "--no-naive", "--shape", shape,
-         "--dtype", dname, "--tokens", str(tokens), "--rounds", str(runs)],
-        check=True, capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        f = line.split()
-        if len(f) > 4 and f[0] == shape and f[1] == dname and f[2] == str(tokens):
-            return float(f[5])
-    raise RuntimeError(f"no row for {shape} {dname} {tokens} in:\n{out}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ours.json")
+        subprocess.run(
+            ["cargo", "bench", "-q", "--bench", "compare", "--", "--no-naive", "--shape", shape,
+             "--dtype", dname, "--tokens", str(tokens), "--rounds", str(runs), "--json", path],
+            check=True, capture_output=True)
+        with open(path) as f:
+            (row,) = json.load(f)
+    return row["ours_ms"]
 
 
 def main():

@@ -219,22 +219,32 @@ impl<T> SendPtr<T> {
 
 thread_local! {
     /// Per-thread scratch, kept between calls: packed weights and the task's accumulators.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Borrows this thread's two scratch buffers, grown to at least `a` and `b` f32 (fresh ones
-/// should they be in use: never, as the kernels do not nest).
+/// Runs `f` on this thread's buffer in `key`, grown to at least `len` f32 and kept between
+/// calls (fresh pages would cost a fault every 4 KiB); on a fresh one should it be in use, as
+/// when a forward runs inside another's task on the same thread.
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| {
+        let (mut guard, mut own) = (cell.try_borrow_mut().ok(), Vec::new());
+        let buf = guard.as_deref_mut().unwrap_or(&mut own);
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Borrows this thread's two scratch buffers, of at least `a` and `b` f32.
 fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| {
-        let (mut guard, mut own) = (cell.try_borrow_mut().ok(), Default::default());
-        let (sa, sb): &mut (Vec<f32>, Vec<f32>) = guard.as_deref_mut().unwrap_or(&mut own);
-        if sa.len() < a {
-            sa.resize(a, 0.0);
-        }
-        if sb.len() < b {
-            sb.resize(b, 0.0);
-        }
-        f(&mut sa[..a], &mut sb[..b])
+    with_buffer(&SCRATCH_A, a, |sa| {
+        with_buffer(&SCRATCH_B, b, |sb| f(sa, sb))
     })
 }
 
@@ -352,17 +362,19 @@ mod dot {
         rows: [*const u8; R],
         mut put: impl FnMut(usize, usize, f32),
     ) {
-        debug_assert!(m <= DOT_MAX_TOKENS);
+        // Sums of nothing; the schedule takes more than DOT_MAX_TOKENS tokens only then.
+        if k == 0 {
+            for t in 0..m {
+                for r in 0..R {
+                    put(t, r, 0.0);
+                }
+            }
+            return;
+        }
         let mut total = [[0f32; R]; DOT_MAX_TOKENS];
         let step = if m <= 3 { k } else { CHUNK };
         let widen = m > 6 && F::WIDEN;
-        WIDE.with(|cell| {
-            // A fresh buffer should this thread's be in use (never, as the kernels do not nest).
-            let (mut guard, mut own) = (cell.try_borrow_mut().ok(), Vec::new());
-            let wide = guard.as_deref_mut().unwrap_or(&mut own);
-            if widen && wide.len() < R * CHUNK {
-                wide.resize(R * CHUNK, 0.0);
-            }
+        with_buffer(&WIDE, if widen { R * CHUNK } else { 0 }, |wide| {
             let mut c0 = 0;
             while c0 < k {
                 let kc = step.min(k - c0);
@@ -448,15 +460,7 @@ mod packed {
         thread_local! {
             static TOKENS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
-        TOKENS.with(|buf| match buf.try_borrow_mut() {
-            Ok(mut buf) => {
-                if buf.len() < len {
-                    buf.resize(len, 0.0);
-                }
-                f(&mut buf[..len])
-            }
-            Err(_) => f(&mut vec![0f32; len]),
-        })
+        with_buffer(&TOKENS, len, f)
     }
 
     #[allow(clippy::too_many_arguments)]

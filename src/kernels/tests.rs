@@ -164,8 +164,9 @@ fn check_gate_up<T: Element>(m: usize, k: usize, n: usize, act: Act, compute: Co
 }
 
 /// The schedules (dot for ≤ 16 tokens, packed above) and their edges.
-const SIZES: [(usize, usize, usize); 11] = [
+const SIZES: [(usize, usize, usize); 12] = [
     (1, 1, 1),
+    (20, 0, 7),
     (1, 72, 184),
     (2, 15, 7),
     (3, 577, 33),
