@@ -4,7 +4,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
-use crate::kernels::{self, GateUpOp, LinearOp, Q4_1GateUpOp, Q4_1LinearOp};
+use crate::kernels::{self, GateUpOp, LinearOp, QuantGateUpOp, QuantLinearOp};
 use crate::layout::GateUpNames;
 use crate::{Activation, Error, GluConfig, WeightLayout};
 
@@ -289,10 +289,12 @@ impl GluFeedForward {
         Ok(Some(y))
     }
 
-    /// The block through the Q4_1 kernels, when all three weights are GGUF Q4_1 blocks on a CPU
-    /// with AVX-512 and there are no biases. `None` otherwise.
-    fn forward_q4_1(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let q4_1 = |p: &Projection| match p {
+    /// The block through the quantized kernels, when the three weights are GGUF blocks that
+    /// this CPU reads in place (Q4_1 with AVX-512; q8_0, q4k with AVX512-VNNI), gate and up in
+    /// one format, and there are no biases. Any projection they cannot take goes through
+    /// candle's `QMatMul`. `None` when neither gate/up nor down can.
+    fn forward_quantized(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let blocks = |p: &Projection| match p {
             Projection::Quantized {
                 weight: QMatMul::QTensor(q),
                 bias: None,
@@ -300,19 +302,30 @@ impl GluFeedForward {
             _ => None,
         };
         let (Some(wg), Some(wu), Some(wd)) = (
-            q4_1(&self.gate_proj),
-            q4_1(&self.up_proj),
-            q4_1(&self.down_proj),
+            blocks(&self.gate_proj),
+            blocks(&self.up_proj),
+            blocks(&self.down_proj),
         ) else {
             return Ok(None);
         };
-        if !kernels::q4_1_available(&[&wg, &wu, &wd]) {
+        let gate_up = kernels::quantized_available(&[&wg, &wu]);
+        let down = kernels::quantized_available(&[&wd]);
+        if !gate_up && !down {
             return Ok(None);
         }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let act = self.config.activation;
-        let hidden = x.apply_op1_no_bwd(&Q4_1GateUpOp { wg, wu, act })?;
-        Ok(Some(hidden.apply_op1_no_bwd(&Q4_1LinearOp { w: wd })?))
+        let hidden = if gate_up {
+            x.apply_op1_no_bwd(&QuantGateUpOp { wg, wu, act })?
+        } else {
+            let gate = self.gate_proj.forward(&x)?;
+            kernels::gated(&gate, &self.up_proj.forward(&x)?, act)?
+        };
+        if down {
+            Ok(Some(hidden.apply_op1_no_bwd(&QuantLinearOp { w: wd })?))
+        } else {
+            Ok(Some(self.down_proj.forward(&hidden)?))
+        }
     }
 
     /// The block as three projections and the gated product: for quantized weights, GPUs and
@@ -371,7 +384,7 @@ impl Module for GluFeedForward {
         }
         let y = match self.forward_fused(&x)? {
             Some(y) => y,
-            None => match self.forward_q4_1(&x)? {
+            None => match self.forward_quantized(&x)? {
                 Some(y) => y,
                 None => self.forward_unfused(&x)?,
             },

@@ -235,6 +235,104 @@ fn gguf_quantized_is_close_to_dequantized() {
 }
 
 #[test]
+fn real_weights_requantized_to_q8_0_and_q4k_match_candle_and_float64() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_glu::{GluFeedForward, Projection};
+    // SmolLM2's layer 15, requantized: gate and up (576 inputs) to q8_0, down (1536) to q4k,
+    // which also takes each projection through its own kernel. Against candle's QMatMul MLP
+    // (which rounds activations to 8 bits per 256 values) and against float64 over the
+    // dequantized weights and unrounded activations.
+    let ckpt = Checkpoint::open(embedded_weights()).unwrap();
+    let cfg = ckpt.config().unwrap().clone();
+    let f = ckpt
+        .load_ffn(&cfg, "model.layers.15.mlp", &f32_opts())
+        .unwrap();
+    let weight = |p: &Projection| p.as_linear().unwrap().weight().clone();
+    let quantize = |w: Tensor, dtype| QTensor::quantize(&w, dtype).unwrap();
+    let qs = [
+        quantize(weight(f.gate_proj()), GgmlDType::Q8_0),
+        quantize(weight(f.up_proj()), GgmlDType::Q8_0),
+        quantize(weight(f.down_proj()), GgmlDType::Q4K),
+    ];
+    let deq: Vec<Vec<f64>> = qs
+        .iter()
+        .map(|q| {
+            let t = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            t.flatten_all().unwrap().to_vec1().unwrap()
+        })
+        .collect();
+    let mm: Vec<QMatMul> = qs
+        .into_iter()
+        .map(|q| QMatMul::from_qtensor(q).unwrap())
+        .collect();
+    let proj = |i: usize| Projection::quantized(mm[i].clone(), None);
+    let ffn = GluFeedForward::from_projections(&cfg, proj(0), proj(1), proj(2)).unwrap();
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    // 1, 9 and 40 tokens: each schedule of the kernels.
+    for m in [1, 9, 40] {
+        let x = Tensor::randn(0f32, 1., (m, h), &Device::Cpu).unwrap();
+        let y = ffn.forward(&x).unwrap();
+        let naive = {
+            let g = mm[0].forward(&x).unwrap();
+            let u = mm[1].forward(&x).unwrap();
+            mm[2]
+                .forward(&(candle_nn::ops::silu(&g).unwrap() * u).unwrap())
+                .unwrap()
+        };
+        // float64: W2·(silu(x·Wg)·x·Wu) over the dequantized weights.
+        let xs: Vec<f64> = x
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| *v as f64)
+            .collect();
+        let mut want = vec![0f64; m * h];
+        for t in 0..m {
+            let xt = &xs[t * h..(t + 1) * h];
+            let hid: Vec<f64> = (0..i)
+                .map(|j| {
+                    let dot = |w: &[f64]| {
+                        w[j * h..(j + 1) * h]
+                            .iter()
+                            .zip(xt)
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                    };
+                    let (g, u) = (dot(&deq[0]), dot(&deq[1]));
+                    g / (1.0 + (-g).exp()) * u
+                })
+                .collect();
+            for o in 0..h {
+                want[t * h + o] = deq[2][o * i..(o + 1) * i]
+                    .iter()
+                    .zip(&hid)
+                    .map(|(a, b)| a * b)
+                    .sum();
+            }
+        }
+        let want = Tensor::from_vec(want, (m, h), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let (ours, candle) = (rel_err(&y, &want), rel_err(&naive, &want));
+        eprintln!("{m} tokens: rel err vs float64: ours {ours:.2e}, candle's QMatMul {candle:.2e}");
+        // The 8-bit activations' rounding: ours per 32 values, candle's per 256.
+        assert!(ours <= 2e-2, "{m} tokens: {ours}");
+        assert!(
+            ours <= 1.5 * candle,
+            "{m} tokens: ours {ours}, candle {candle}"
+        );
+        assert!(rel_err(&y, &naive) <= 3e-2, "{m} tokens");
+    }
+}
+
+#[test]
 fn missing_block_names_the_closest_tensors() {
     let ckpt = Checkpoint::open(embedded_weights()).unwrap();
     let cfg = ckpt.config().unwrap().clone();

@@ -45,6 +45,8 @@ pub(crate) struct Features {
     /// AVX512-BF16, and its dot products beat f32 FMAs here (they run at twice the FMA rate on
     /// AMD Zen 4/5, and at half of it on Intel's Sapphire Rapids).
     pub bf16_dot: bool,
+    /// AVX-512 with VNNI (VPDPBUSD): the q8_0 and q4k kernels.
+    pub vnni: bool,
 }
 
 /// The CPU's features, probed once.
@@ -60,6 +62,7 @@ pub(crate) fn features() -> Features {
         Features {
             avx512,
             bf16_dot: bf16 && calibrate::bf16_dot_is_faster(),
+            vnni: avx512 && std::arch::is_x86_feature_detected!("avx512vnni"),
         }
     })
 }
@@ -104,15 +107,15 @@ impl Mat {
         }
     }
 
-    /// Q4_1 blocks, `k / 32` per row (`k` a multiple of 32).
-    pub(crate) fn q4_1(w: &[u8], k: usize) -> Self {
+    /// Rows of `row_bytes` bytes each (GGUF blocks).
+    pub(crate) fn blocks(w: &[u8], row_bytes: usize) -> Self {
         Self {
             base: w.as_ptr(),
-            row_bytes: Q4_1::row_bytes(k),
+            row_bytes,
         }
     }
 
-    fn row(&self, j: usize) -> *const u8 {
+    pub(super) fn row(&self, j: usize) -> *const u8 {
         self.base.wrapping_add(j * self.row_bytes)
     }
 }
@@ -199,20 +202,20 @@ unsafe fn run<T: Element, F: Format>(
 /// matmuls use), this thread included. Sharing candle's pool rather than keeping one of our own
 /// means a model's other layers and this block never have two sets of threads spinning for the
 /// same cores.
-fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
+pub(super) fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
     candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(&f));
 }
 
 /// A pointer that tasks writing disjoint parts of one buffer share.
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(super) struct SendPtr<T>(pub(super) *mut T);
 // SAFETY: every task writes its own disjoint columns; see the callers.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
     /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut T {
+    pub(super) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -226,7 +229,7 @@ thread_local! {
 /// Runs `f` on this thread's buffer in `key`, grown to at least `len` f32 and kept between
 /// calls (fresh pages would cost a fault every 4 KiB); on a fresh one should it be in use, as
 /// when a forward runs inside another's task on the same thread.
-fn with_buffer<R>(
+pub(super) fn with_buffer<R>(
     key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
@@ -242,19 +245,23 @@ fn with_buffer<R>(
 }
 
 /// Borrows this thread's two scratch buffers, of at least `a` and `b` f32.
-fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+pub(super) fn with_scratch<R>(
+    a: usize,
+    b: usize,
+    f: impl FnOnce(&mut [f32], &mut [f32]) -> R,
+) -> R {
     with_buffer(&SCRATCH_A, a, |sa| {
         with_buffer(&SCRATCH_B, b, |sb| f(sa, sb))
     })
 }
 
-mod dot {
+pub(super) mod dot {
     //! Few tokens: weight rows streamed in place, 8 at a time, dotted with up to 3 tokens.
 
     use super::*;
 
     /// Weight rows per kernel call.
-    const R: usize = 8;
+    pub(crate) const R: usize = 8;
     /// Output columns per task.
     const COLS: usize = 64;
     /// Values of each row per pass over more than three tokens (a multiple of 32, for Q4_1):
@@ -279,26 +286,44 @@ mod dot {
         let mut xf = vec![0f32; m * k];
         avx512::widen(x.as_ptr(), xf.as_mut_ptr(), m * k);
         let xf = &xf[..];
+        run_with(m, w, n, bias, out, &|rows, put| unsafe {
+            sums::<F>(xf, m, k, rows, put)
+        });
+    }
+
+    /// Row sums of `R` weight rows: `put(token, row, sum)` for every token.
+    pub(crate) type RowSums<'a> =
+        dyn Fn([*const u8; R], &mut dyn FnMut(usize, usize, f32)) + Sync + 'a;
+
+    /// The schedule around a way of taking row sums: tasks of `COLS` output columns, each
+    /// adding biases, the gated product and the rounding to `T` to its rows' sums.
+    pub(crate) fn run_with<T: Element>(
+        m: usize,
+        w: Weights,
+        n: usize,
+        bias: Bias<'_>,
+        out: &mut [T],
+        sums: &RowSums<'_>,
+    ) {
         let out = SendPtr(out.as_mut_ptr());
         parallel_for(n.div_ceil(COLS), |t| {
             let j0 = t * COLS;
             let cols = COLS.min(n - j0);
             // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
-            unsafe { task::<T, F>(xf, m, k, w, n, bias, j0, cols, out) }
+            unsafe { task::<T>(m, w, n, bias, j0, cols, out, sums) }
         });
     }
 
     #[allow(clippy::too_many_arguments)]
-    unsafe fn task<T: Element, F: Format>(
-        xf: &[f32],
+    unsafe fn task<T: Element>(
         m: usize,
-        k: usize,
         w: Weights,
         n: usize,
         bias: Bias<'_>,
         j0: usize,
         cols: usize,
         out: SendPtr<T>,
+        sums: &RowSums<'_>,
     ) {
         let add = |b: Option<&[f32]>, j: usize| b.map_or(0.0, |b| b[j0 + j]);
         // Past the task's last column, rows repeat the last one; their sums are dropped.
@@ -309,7 +334,7 @@ mod dot {
                 Weights::Single(mat) => {
                     for j in (0..cols).step_by(R) {
                         let rows = std::array::from_fn(|r| row(mat, j + r));
-                        sums::<F>(xf, m, k, rows, |t, r, s| {
+                        sums(rows, &mut |t, r, s| {
                             if j + r < cols {
                                 a[t * cols + j + r] = s + add(bias.a, j + r);
                             }
@@ -327,7 +352,7 @@ mod dot {
                                 row(wu, j + r - half)
                             }
                         });
-                        sums::<F>(xf, m, k, rows, |t, r, s| {
+                        sums(rows, &mut |t, r, s| {
                             let (buf, c, bb) = if r < half {
                                 (&mut *a, r, bias.a)
                             } else {
@@ -360,7 +385,7 @@ mod dot {
         m: usize,
         k: usize,
         rows: [*const u8; R],
-        mut put: impl FnMut(usize, usize, f32),
+        put: &mut dyn FnMut(usize, usize, f32),
     ) {
         // Sums of nothing; the schedule takes more than DOT_MAX_TOKENS tokens only then.
         if k == 0 {
@@ -422,7 +447,7 @@ mod dot {
     }
 }
 
-mod packed {
+pub(super) mod packed {
     //! Many tokens: packed operands and a register-blocked micro-kernel.
 
     use super::*;
@@ -578,32 +603,47 @@ mod packed {
                         }
                     }
                 }
-                // The epilogue: biases, σ(gate) ⊙ up or a plain copy, rounded once into `out`.
-                for r in 0..m {
-                    let row = c.as_mut_ptr().add(r * ldc);
-                    for p in 0..panels {
-                        let valid = per_panel.min(cols - p * per_panel);
-                        let j = j0 + p * per_panel;
-                        let src = row.add(p * NR);
-                        if let Some(b) = bias.a {
-                            avx512::add_assign(src, b.as_ptr().add(j), valid);
-                        }
-                        if let Weights::GateUp(_, _, act) = w {
-                            if let Some(b) = bias.b {
-                                avx512::add_assign(src.add(16), b.as_ptr().add(j), valid);
-                            }
-                            avx512::gated(act, src, src.add(16), src, valid);
-                        }
-                        avx512::narrow(src, out.0.add(r * n + j), valid);
-                    }
-                }
+                epilogue(c, ldc, m, w, bias, (j0, cols, per_panel, n), out);
             });
+        }
+    }
+
+    /// A task's epilogue: biases, σ(gate) ⊙ up or a plain copy, rounded once into `out`. `c`
+    /// holds `m` rows of `ldc` sums: per panel, 32 columns of one matrix, or 16 gate columns
+    /// then the same 16 up columns; the task's outputs are columns `[j0, j0 + cols)` of `n`.
+    pub(crate) unsafe fn epilogue<T: Element>(
+        c: &mut [f32],
+        ldc: usize,
+        m: usize,
+        w: Weights,
+        bias: Bias<'_>,
+        (j0, cols, per_panel, n): (usize, usize, usize, usize),
+        out: SendPtr<T>,
+    ) {
+        let panels = cols.div_ceil(per_panel);
+        for r in 0..m {
+            let row = c.as_mut_ptr().add(r * ldc);
+            for p in 0..panels {
+                let valid = per_panel.min(cols - p * per_panel);
+                let j = j0 + p * per_panel;
+                let src = row.add(p * NR);
+                if let Some(b) = bias.a {
+                    avx512::add_assign(src, b.as_ptr().add(j), valid);
+                }
+                if let Weights::GateUp(_, _, act) = w {
+                    if let Some(b) = bias.b {
+                        avx512::add_assign(src.add(16), b.as_ptr().add(j), valid);
+                    }
+                    avx512::gated(act, src, src.add(16), src, valid);
+                }
+                avx512::narrow(src, out.0.add(r * n + j), valid);
+            }
         }
     }
 
     /// The 32 weight rows of the panel starting at output column `j` (up to `end`): 32 rows of
     /// one matrix, or 16 gate rows then the same 16 up rows. Rows past `end` are `None` (zeros).
-    fn panel_rows(w: Weights, j: usize, end: usize) -> [Option<*const u8>; NR] {
+    pub(crate) fn panel_rows(w: Weights, j: usize, end: usize) -> [Option<*const u8>; NR] {
         let row = |mat: Mat, j: usize| (j < end).then(|| mat.row(j));
         std::array::from_fn(|r| match w {
             Weights::Single(mat) => row(mat, j + r),

@@ -7,8 +7,10 @@
 //! - [`GatedOp`] `(gate, up) → σ(gate) ⊙ up`: the gated product alone, in one pass with f32 math,
 //!   on the CPU (AVX-512), CUDA (`gated.cu`, compiled at run time by NVRTC) and Metal
 //!   (`gated.metal`, compiled at run time); on the GPUs for any layout.
-//! - [`Q4_1GateUpOp`] and [`Q4_1LinearOp`]: the same matmuls on GGUF Q4_1 weights read in place
-//!   (candle's own Q4_1 matmul has no SIMD path on x86); inference only.
+//! - [`QuantGateUpOp`] and [`QuantLinearOp`]: the same matmuls on GGUF weights read in place,
+//!   with no copy kept: Q4_1 decoded exactly to f32 (candle's own Q4_1 matmul has no SIMD path
+//!   on x86), q8_0 and q4k in AVX512-VNNI integer dot products (candle's keeps a repacked copy
+//!   of each weight); inference only.
 //!
 //! On CPUs without AVX-512 the CPU ops are not used; the block then runs on candle's ops.
 
@@ -17,11 +19,13 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 mod element;
+mod int8;
 #[cfg(feature = "metal")]
 mod metal;
 pub(crate) mod strided;
 #[cfg(test)]
 mod tests;
+mod vnni;
 
 use std::sync::Arc;
 
@@ -407,96 +411,146 @@ fn activation_derivative(act: Activation, g: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The raw Q4_1 blocks of a CPU `QTensor` `[n, k]`, if it is one.
-fn q4_1_blocks(q: &QTensor) -> Option<(std::borrow::Cow<'_, [u8]>, usize, usize)> {
+/// The GGUF formats the CPU ops read in place, with the CPU features each needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blocks {
+    /// Q4_1, decoded exactly to f32 (AVX-512).
+    Q4_1,
+    /// q8_0 or q4k, in integer dot products (AVX512-VNNI).
+    Int8(vnni::Kind),
+}
+
+impl Blocks {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        let features = cpu::features();
+        match dtype {
+            GgmlDType::Q4_1 if features.avx512 => Some(Blocks::Q4_1),
+            GgmlDType::Q8_0 if features.vnni => Some(Blocks::Int8(vnni::Kind::Q8_0)),
+            GgmlDType::Q4K if features.vnni => Some(Blocks::Int8(vnni::Kind::Q4K)),
+            _ => None,
+        }
+    }
+
+    fn block_values(self) -> usize {
+        match self {
+            Blocks::Q4_1 => 32,
+            Blocks::Int8(kind) => kind.block_values(),
+        }
+    }
+
+    fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Blocks::Q4_1 => <cpu::Q4_1 as cpu::Format>::row_bytes(k),
+            Blocks::Int8(kind) => kind.row_bytes(k),
+        }
+    }
+}
+
+/// A CPU `QTensor` `[n, k]` the ops can read in place: its format, its raw blocks, `n`, `k`.
+fn blocks(q: &QTensor) -> Option<(Blocks, std::borrow::Cow<'_, [u8]>, usize, usize)> {
     let (n, k) = q.shape().dims2().ok()?;
-    let ok = q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() && k % 32 == 0;
+    let format = Blocks::of(q.dtype())?;
+    let ok = q.device().is_cpu() && k > 0 && k.is_multiple_of(format.block_values());
     let data = q.data().ok()?;
-    (ok && data.len() == n * k / 32 * avx512::Q4_1_BLOCK_BYTES).then_some((data, n, k))
+    (ok && data.len() == n * format.row_bytes(k)).then_some((format, data, n, k))
 }
 
-/// Whether the Q4_1 kernels can take these weights.
-pub(crate) fn q4_1_available(ws: &[&QTensor]) -> bool {
-    cpu_available() && ws.iter().all(|q| q4_1_blocks(q).is_some())
+/// Whether the quantized ops can take these weights: all read in place, in one format.
+pub(crate) fn quantized_available(ws: &[&QTensor]) -> bool {
+    let formats: Option<Vec<Blocks>> = ws.iter().map(|q| blocks(q).map(|b| b.0)).collect();
+    formats.is_some_and(|f| f.windows(2).all(|w| w[0] == w[1]))
 }
 
-/// [`GateUpOp`] for GGUF Q4_1 weights, read in place; f32 activations.
+/// [`GateUpOp`] for GGUF weights read in place (Q4_1, q8_0, q4k); f32 activations.
 #[derive(Debug, Clone)]
-pub(crate) struct Q4_1GateUpOp {
+pub(crate) struct QuantGateUpOp {
     pub(crate) wg: Arc<QTensor>,
     pub(crate) wu: Arc<QTensor>,
     pub(crate) act: Activation,
 }
 
-impl CustomOp1 for Q4_1GateUpOp {
+/// The f32 activations `[m, k]` of a quantized op.
+fn f32_input<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize, usize)> {
+    let (m, k) = l.shape().dims2()?;
+    let CpuStorage::F32(x) = s else {
+        candle_core::bail!("{op}: activations must be f32")
+    };
+    let Some(x) = contiguous(x, l) else {
+        return Err(not_contiguous(op));
+    };
+    Ok((x, m, k))
+}
+
+impl CustomOp1 for QuantGateUpOp {
     fn name(&self) -> &'static str {
-        "glu-gate-up-q4_1"
+        "glu-gate-up-quantized"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
-        let (Some((wg, n, kg)), Some((wu, n2, ku))) =
-            (q4_1_blocks(&self.wg), q4_1_blocks(&self.wu))
+        let (x, m, k) = f32_input(self.name(), s, l)?;
+        let (Some((fg, wg, n, kg)), Some((fu, wu, n2, ku))) = (blocks(&self.wg), blocks(&self.wu))
         else {
-            candle_core::bail!("glu-gate-up-q4_1: weights are not Q4_1 on the CPU")
+            candle_core::bail!("glu-gate-up-quantized: weights this CPU cannot read in place")
         };
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("glu-gate-up-q4_1: activations must be f32")
-        };
-        let Some(x) = contiguous(x, l) else {
-            return Err(not_contiguous("glu-gate-up-q4_1"));
-        };
-        if (kg, ku, n2) != (k, k, n) || !cpu_available() {
-            candle_core::bail!("glu-gate-up-q4_1: bad shapes or no AVX-512")
+        if (kg, ku, n2, fu) != (k, k, n, fg) {
+            candle_core::bail!("glu-gate-up-quantized: weights of different shapes or formats")
         }
-        let (g, u) = (cpu::Mat::q4_1(&wg, k), cpu::Mat::q4_1(&wu, k));
+        let (g, u) = (
+            cpu::Mat::blocks(&wg, fg.row_bytes(k)),
+            cpu::Mat::blocks(&wu, fg.row_bytes(k)),
+        );
         let act = Act::from(self.act);
-        // SAFETY: AVX-512 checked; the blocks hold n rows of k values; x holds m × k.
+        // SAFETY: `blocks` checked the CPU features and that the blocks hold n rows of k
+        // values; x holds m × k.
         let h = unsafe {
-            cpu::gate_up::<f32, cpu::Q4_1>(
-                x,
-                m,
-                k,
-                g,
-                u,
-                n,
-                act,
-                cpu::Bias::default(),
-                cpu::Compute::Fma,
-            )
+            match fg {
+                Blocks::Q4_1 => cpu::gate_up::<f32, cpu::Q4_1>(
+                    x,
+                    m,
+                    k,
+                    g,
+                    u,
+                    n,
+                    act,
+                    cpu::Bias::default(),
+                    cpu::Compute::Fma,
+                ),
+                Blocks::Int8(kind) => int8::gate_up(x, m, k, g, u, n, act, kind),
+            }
         };
         Ok((CpuStorage::F32(h), Shape::from((m, n))))
     }
 }
 
-/// [`LinearOp`] for GGUF Q4_1 weights, read in place; f32 activations.
+/// [`LinearOp`] for GGUF weights read in place (Q4_1, q8_0, q4k); f32 activations.
 #[derive(Debug, Clone)]
-pub(crate) struct Q4_1LinearOp {
+pub(crate) struct QuantLinearOp {
     pub(crate) w: Arc<QTensor>,
 }
 
-impl CustomOp1 for Q4_1LinearOp {
+impl CustomOp1 for QuantLinearOp {
     fn name(&self) -> &'static str {
-        "glu-linear-q4_1"
+        "glu-linear-quantized"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
-        let Some((w, n, kw)) = q4_1_blocks(&self.w) else {
-            candle_core::bail!("glu-linear-q4_1: the weight is not Q4_1 on the CPU")
+        let (x, m, k) = f32_input(self.name(), s, l)?;
+        let Some((format, w, n, kw)) = blocks(&self.w) else {
+            candle_core::bail!("glu-linear-quantized: a weight this CPU cannot read in place")
         };
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("glu-linear-q4_1: activations must be f32")
-        };
-        let Some(x) = contiguous(x, l) else {
-            return Err(not_contiguous("glu-linear-q4_1"));
-        };
-        if kw != k || !cpu_available() {
-            candle_core::bail!("glu-linear-q4_1: bad shapes or no AVX-512")
+        if kw != k {
+            candle_core::bail!("glu-linear-quantized: the weight has {kw} inputs, x has {k}")
         }
-        let w = cpu::Mat::q4_1(&w, k);
-        // SAFETY: AVX-512 checked; the blocks hold n rows of k values; x holds m × k.
-        let y = unsafe { cpu::linear::<f32, cpu::Q4_1>(x, m, k, w, n, None, cpu::Compute::Fma) };
+        let w = cpu::Mat::blocks(&w, format.row_bytes(k));
+        // SAFETY: as in QuantGateUpOp.
+        let y = unsafe {
+            match format {
+                Blocks::Q4_1 => {
+                    cpu::linear::<f32, cpu::Q4_1>(x, m, k, w, n, None, cpu::Compute::Fma)
+                }
+                Blocks::Int8(kind) => int8::linear(x, m, k, w, n, kind),
+            }
+        };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }

@@ -284,7 +284,8 @@ fn q4_1_kernels_match_dequantized_float64() {
         let (dg, du) = (deq(&qg), deq(&qu));
         let (bg, bu) = (qg.data().unwrap(), qu.data().unwrap());
         let x = values(m * k, 9);
-        let (g, u) = (cpu::Mat::q4_1(&bg, k), cpu::Mat::q4_1(&bu, k));
+        let rb = <cpu::Q4_1 as cpu::Format>::row_bytes(k);
+        let (g, u) = (cpu::Mat::blocks(&bg, rb), cpu::Mat::blocks(&bu, rb));
         let act = Act::Swish(1.0);
         // SAFETY: AVX-512 checked; the blocks hold n rows of k values.
         let h = unsafe {
@@ -321,5 +322,112 @@ fn q4_1_kernels_match_dequantized_float64() {
             }
         }
         assert!(worst <= 2e-6 * max, "m{m} k{k} n{n}: {worst:e} of {max:e}");
+    }
+}
+
+/// Activations rounded as the VNNI kernels round them, in plain Rust: per block of 32,
+/// `d = max|x| / 127`, `q = round(x / d)` to nearest even; returned as the values `d·q` (f64).
+fn rounded_activations(x: &[f32]) -> Vec<f64> {
+    x.chunks(32)
+        .flat_map(|b| {
+            let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let (d, id) = if amax == 0.0 {
+                (0.0, 0.0)
+            } else {
+                (amax / 127.0, 127.0 / amax)
+            };
+            b.iter()
+                .map(move |v| (v * id).round_ties_even() as f64 * d as f64)
+        })
+        .collect()
+}
+
+#[test]
+fn int8_kernels_match_float64_over_rounded_activations() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::int8;
+    use super::vnni::Kind;
+    if !cpu::features().vnni {
+        eprintln!("no AVX512-VNNI on this CPU: the q8_0/q4k kernels are not used here");
+        return;
+    }
+    // Token counts in each schedule (q8_0: dot ≤ 5, lanes ≤ 15, packed; q4k: dot ≤ 6, packed)
+    // and on both sides of the 3-token and 6-token tiles; k past the 1024-deep weight block,
+    // with an odd number of q8_0 blocks; n not a multiple of 16 or 32.
+    let q8_sizes = vec![
+        (1, 32, 1),
+        (2, 96, 37),
+        (5, 2080, 21),
+        (9, 544, 9),
+        (15, 96, 33),
+        (17, 96, 33),
+        (40, 2080, 70),
+    ];
+    let q4k_sizes = vec![
+        (1, 256, 1),
+        (3, 512, 37),
+        (6, 2304, 21),
+        (7, 256, 9),
+        (17, 1280, 33),
+        (40, 2560, 70),
+    ];
+    for (kind, dtype, sizes) in [
+        (Kind::Q8_0, GgmlDType::Q8_0, q8_sizes),
+        (Kind::Q4K, GgmlDType::Q4K, q4k_sizes),
+    ] {
+        for (m, k, n) in sizes {
+            let q = |seed| {
+                let v = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+                QTensor::quantize(&v, dtype).unwrap()
+            };
+            let (qg, qu) = (q(7), q(8));
+            let deq = |q: &QTensor| -> Vec<f32> {
+                let t = q.dequantize(&Device::Cpu).unwrap();
+                t.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let (dg, du) = (deq(&qg), deq(&qu));
+            let (bg, bu) = (qg.data().unwrap(), qu.data().unwrap());
+            let mut x = values(m * k, 9);
+            // A block of zeros and one of a single value: the rounding's edge cases.
+            x[..32].fill(0.0);
+            if k >= 64 {
+                x[32..64].fill(0.0);
+                x[40] = -0.5;
+            }
+            let rb = kind.row_bytes(k);
+            let (g, u) = (cpu::Mat::blocks(&bg, rb), cpu::Mat::blocks(&bu, rb));
+            let act = Act::Swish(1.0);
+            // SAFETY: VNNI checked; the blocks hold n rows of k values.
+            let h = unsafe { int8::gate_up(&x, m, k, g, u, n, act, kind) };
+            let y = unsafe { int8::linear(&x, m, k, g, n, kind) };
+            let xr = rounded_activations(&x);
+            let dot =
+                |a: &[f64], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * *b as f64).sum::<f64>();
+            let exact: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+            let (mut worst, mut rounding, mut max) = (0f64, 0f64, 0f64);
+            for t in 0..m {
+                let (xt, et) = (&xr[t * k..(t + 1) * k], &exact[t * k..(t + 1) * k]);
+                for j in 0..n {
+                    let gs = dot(xt, &dg[j * k..(j + 1) * k]);
+                    let us = dot(xt, &du[j * k..(j + 1) * k]);
+                    let want = act64(act, gs) * us;
+                    worst = worst
+                        .max((h[t * n + j] as f64 - want).abs())
+                        .max((y[t * n + j] as f64 - gs).abs());
+                    // Against the unrounded activations: only the 8-bit rounding apart.
+                    let ge = dot(et, &dg[j * k..(j + 1) * k]);
+                    rounding = rounding.max((y[t * n + j] as f64 - ge).abs());
+                    max = max.max(want.abs()).max(gs.abs());
+                }
+            }
+            let what = format!("{kind:?} m{m} k{k} n{n}");
+            assert!(worst <= 2e-6 * max, "{what}: {worst:e} of {max:e}");
+            assert!(
+                rounding <= 2e-2 * max,
+                "{what}: rounding {rounding:e} of {max:e}"
+            );
+        }
     }
 }

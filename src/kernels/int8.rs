@@ -1,0 +1,430 @@
+//! The block's matmuls on GGUF q8_0 and q4k weights, read in place, with AVX512-VNNI integer
+//! dot products over activations rounded to 8 bits (see [`vnni`]): `h = σ(x·Wgᵀ) ⊙ x·Wuᵀ` and
+//! `y = x·Wᵀ`, f32 in and out.
+//!
+//! candle's own matmul for these types repacks each weight at its first call and keeps the
+//! copy (+100% of a q8_0 weight's bytes, +134% of a q4k one's); these read the blocks as they
+//! are. Two schedules, by the number of tokens `m`:
+//!
+//! - **dot** (decode, up to 5 or 6 tokens): [`cpu`]'s dot schedule, each weight row streamed
+//!   once and dotted with every token, 64 values of a row against 64 of a token per VPDPBUSD;
+//! - **lanes** (q8_0, 6 to 15 tokens): the same schedule with the tokens across the lanes of a
+//!   vector, 4 values of a row broadcast against 15 tokens per VPDPBUSD;
+//! - **packed** (prefill): tokens packed once; per task and `KC`-deep block, 32-row tiles of
+//!   weights unpacked into a per-thread buffer (40 KiB a tile, reused for every token), and a
+//!   6-token × 32-row micro-kernel.
+//!
+//! See [`Schedule`] for where each wins.
+
+use super::cpu::{self, dot, packed, with_scratch, Bias, Mat, SendPtr, Weights};
+use super::vnni::{self, DotTokens, Kind, LaneTokens, LANES, MT, NT, QK, QK_K};
+use super::Act;
+
+/// Depth of one weight block (a multiple of 256, so q4k super-blocks are never split).
+const KC: usize = 1024;
+/// Tiles (of 32 rows) per task.
+const PANELS: usize = 8;
+
+/// `h = σ(x·Wgᵀ) ⊙ x·Wuᵀ`: `x` is `[m, k]`, `wg` and `wu` `[n, k]` in `kind`'s blocks;
+/// returns `[m, n]`.
+///
+/// # Safety
+/// [`cpu::features`]`().vnni` must be true; `wg` and `wu` hold `n` rows of `k` values in
+/// `kind`'s blocks (`k` a positive multiple of its block).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gate_up(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    wg: Mat,
+    wu: Mat,
+    n: usize,
+    act: Act,
+    kind: Kind,
+) -> Vec<f32> {
+    run(x, m, k, Weights::GateUp(wg, wu, act), n, kind)
+}
+
+/// `y = x·Wᵀ`: `x` is `[m, k]`, `w` `[n, k]` in `kind`'s blocks; returns `[m, n]`.
+///
+/// # Safety
+/// As [`gate_up`].
+pub(crate) unsafe fn linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Mat,
+    n: usize,
+    kind: Kind,
+) -> Vec<f32> {
+    run(x, m, k, Weights::Single(w), n, kind)
+}
+
+unsafe fn run(x: &[f32], m: usize, k: usize, w: Weights, n: usize, kind: Kind) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert!(k > 0 && k.is_multiple_of(kind.block_values()));
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let nb = k / kind.block_values();
+    match Schedule::of(kind, m) {
+        Schedule::Dot => {
+            let toks = DotBuffers::new(x, m, k, kind);
+            let view = toks.view();
+            dot::run_with(m, w, n, Bias::default(), &mut out, &|rows, put| unsafe {
+                sums(kind, view, nb, m, rows, put)
+            });
+        }
+        Schedule::Lanes => {
+            let toks = LaneBuffers::new(x, m, k);
+            let view = toks.view();
+            dot::run_with(m, w, n, Bias::default(), &mut out, &|rows, put| unsafe {
+                lane_sums(view, nb, m, rows, put)
+            });
+        }
+        Schedule::Packed => packed_run(x, m, k, w, n, kind, &mut out),
+    }
+    out
+}
+
+/// The three ways of taking the sums, by cost per call (measured on 7B shapes, Intel Emerald
+/// Rapids, 2 threads):
+/// - dot: about 1.3 ms (q8_0) to 2 ms (q4k) per token beyond the weights' read;
+/// - lanes (q8_0 only): one VPDPBUSD per 4 values of a row for 15 tokens at once, about 10 ms
+///   whatever the number of tokens up to 15;
+/// - packed: a fixed cost of unpacking the blocks into tiles (about 8 ms), then the fastest per
+///   token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schedule {
+    Dot,
+    Lanes,
+    Packed,
+}
+
+impl Schedule {
+    fn of(kind: Kind, m: usize) -> Self {
+        match (kind, m) {
+            (Kind::Q8_0, ..=5) | (Kind::Q4K, ..=6) => Schedule::Dot,
+            (Kind::Q8_0, ..LANES) => Schedule::Lanes,
+            _ => Schedule::Packed,
+        }
+    }
+}
+
+/// Where q4k decode stores sub-block `j` of a super-block (and which it stores at `j`): the
+/// order in which the weights' nibbles come, 0, 2, 1, 3, 4, 6, 5, 7.
+const Q4K_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+
+/// The tokens of a decode call, rounded and laid out as [`DotTokens`] describes.
+struct DotBuffers {
+    q: Vec<i8>,
+    dxv: Vec<f32>,
+    corr: Vec<i32>,
+    xsv: Vec<f32>,
+    kp: usize,
+}
+
+impl DotBuffers {
+    unsafe fn new(x: &[f32], m: usize, k: usize, kind: Kind) -> Self {
+        let kp = k.next_multiple_of(64);
+        let nbp = kp / QK;
+        let mut q = vec![0i8; m * kp];
+        let (mut d, mut s) = (vec![0f32; m * nbp], vec![0i32; m * nbp]);
+        for t in 0..m {
+            for b in 0..k / QK {
+                let pos = match kind {
+                    Kind::Q8_0 => b,
+                    Kind::Q4K => b / 8 * 8 + Q4K_ORDER[b % 8],
+                };
+                let (db, sb) = vnni::quantize_block(
+                    x.as_ptr().add(t * k + b * QK),
+                    q.as_mut_ptr().add(t * kp + pos * QK),
+                );
+                (d[t * nbp + pos], s[t * nbp + pos]) = (db, sb);
+            }
+        }
+        let pairs = m * kp / 64;
+        let mut dxv = vec![0f32; pairs * 16];
+        for (p, v) in dxv.chunks_exact_mut(16).enumerate() {
+            v[..8].fill(d[2 * p]);
+            v[8..].fill(d[2 * p + 1]);
+        }
+        let (mut corr, mut xsv) = (Vec::new(), Vec::new());
+        match kind {
+            Kind::Q8_0 => {
+                corr = vec![0i32; pairs * 16];
+                for (p, v) in corr.chunks_exact_mut(16).enumerate() {
+                    (v[0], v[8]) = (-128 * s[2 * p], -128 * s[2 * p + 1]);
+                }
+            }
+            Kind::Q4K => {
+                xsv = vec![0f32; m * kp / QK_K * 16];
+                for (sb, v) in xsv.chunks_exact_mut(16).enumerate() {
+                    for (j, pos) in Q4K_ORDER.iter().enumerate() {
+                        let i = sb * 8 + pos;
+                        v[8 + j] = d[i] * s[i] as f32;
+                    }
+                }
+            }
+        }
+        Self {
+            q,
+            dxv,
+            corr,
+            xsv,
+            kp,
+        }
+    }
+
+    fn view(&self) -> DotTokens<'_> {
+        DotTokens {
+            q: &self.q,
+            dxv: &self.dxv,
+            corr: &self.corr,
+            xsv: &self.xsv,
+            kp: self.kp,
+        }
+    }
+}
+
+/// Calls `put(token, row, sum)` for every token and the `R` rows, three tokens at a time.
+unsafe fn sums(
+    kind: Kind,
+    toks: DotTokens<'_>,
+    nb: usize,
+    m: usize,
+    rows: [*const u8; dot::R],
+    put: &mut dyn FnMut(usize, usize, f32),
+) {
+    let mut t = 0;
+    while t < m {
+        macro_rules! tokens {
+            ($tt:literal) => {{
+                let mut s = [[0f32; dot::R]; $tt];
+                match kind {
+                    Kind::Q8_0 => vnni::dot_q8_0::<{ dot::R }, $tt>(nb, rows, toks, t, &mut s),
+                    Kind::Q4K => vnni::dot_q4k::<{ dot::R }, $tt>(nb, rows, toks, t, &mut s),
+                }
+                for (i, s) in s.iter().enumerate() {
+                    for (r, v) in s.iter().enumerate() {
+                        put(t + i, r, *v);
+                    }
+                }
+                t += $tt;
+            }};
+        }
+        match m - t {
+            1 => tokens!(1),
+            2 => tokens!(2),
+            _ => tokens!(3),
+        }
+    }
+}
+
+/// The tokens of a call, rounded and laid out as [`LaneTokens`] describes.
+struct LaneBuffers {
+    q: Vec<u8>,
+    d: Vec<f32>,
+    nb: usize,
+}
+
+/// Tokens per vector of lanes: the last lane holds the offset sum.
+const PER_VECTOR: usize = LANES - 1;
+
+impl LaneBuffers {
+    unsafe fn new(x: &[f32], m: usize, k: usize) -> Self {
+        let nb = k / QK;
+        let vecs = m.div_ceil(PER_VECTOR);
+        // Codes are offset by +128: 128 is a zero.
+        let mut q = vec![128u8; vecs * nb * 8 * 64];
+        let mut d = vec![0f32; vecs * nb * LANES];
+        let (qp, dp) = (SendPtr(q.as_mut_ptr()), SendPtr(d.as_mut_ptr()));
+        cpu::parallel_for(m, |t| {
+            let (v, lane) = (t / PER_VECTOR, t % PER_VECTOR);
+            let mut codes = [0u8; QK];
+            for b in 0..nb {
+                // SAFETY: token t's lane is written by this task only; x holds m × k values.
+                unsafe {
+                    let (db, _) = vnni::quantize_block(
+                        x.as_ptr().add(t * k + b * QK),
+                        codes.as_mut_ptr() as *mut i8,
+                    );
+                    let i = v * nb + b;
+                    *dp.get().add(i * LANES + lane) = db;
+                    for (g, c) in codes.chunks_exact(4).enumerate() {
+                        let dst = qp.get().add((i * 8 + g) * 64 + 4 * lane);
+                        for (o, c) in c.iter().enumerate() {
+                            *dst.add(o) = c ^ 0x80;
+                        }
+                    }
+                }
+            }
+        });
+        Self { q, d, nb }
+    }
+
+    fn view(&self) -> LaneTokens<'_> {
+        LaneTokens {
+            q: &self.q,
+            d: &self.d,
+            nb: self.nb,
+        }
+    }
+}
+
+/// Calls `put(token, row, sum)` for every token and the `R` rows, 15 tokens at a time.
+unsafe fn lane_sums(
+    toks: LaneTokens<'_>,
+    nb: usize,
+    m: usize,
+    rows: [*const u8; dot::R],
+    put: &mut dyn FnMut(usize, usize, f32),
+) {
+    for v in 0..m.div_ceil(PER_VECTOR) {
+        let mut s = [[0f32; LANES]; dot::R];
+        vnni::lanes_q8_0::<{ dot::R }>(nb, rows, toks, v, &mut s);
+        for (r, s) in s.iter().enumerate() {
+            for (lane, s) in s
+                .iter()
+                .enumerate()
+                .take(PER_VECTOR.min(m - v * PER_VECTOR))
+            {
+                put(v * PER_VECTOR + lane, r, *s);
+            }
+        }
+    }
+}
+
+/// Tokens packed for [`vnni::packed_kernel`]: by block of `MT` tokens, `[nb][8][MT]` u32 of
+/// codes, `[nb][MT]` scales and code sums (zeros for the tokens past `m`).
+struct PackedTokens {
+    q: Vec<i32>,
+    d: Vec<f32>,
+    s: Vec<i32>,
+    nb: usize,
+}
+
+impl PackedTokens {
+    unsafe fn new(x: &[f32], m: usize, k: usize) -> Self {
+        let nb = k / QK;
+        let tbs = m.div_ceil(MT);
+        let mut q = vec![0i32; tbs * nb * 8 * MT];
+        let (mut d, mut s) = (vec![0f32; tbs * nb * MT], vec![0i32; tbs * nb * MT]);
+        let (qp, dp, sp) = (
+            SendPtr(q.as_mut_ptr()),
+            SendPtr(d.as_mut_ptr()),
+            SendPtr(s.as_mut_ptr()),
+        );
+        cpu::parallel_for(tbs, |tb| {
+            let mut codes = [0i32; 8];
+            for t in tb * MT..m.min((tb + 1) * MT) {
+                let lane = t % MT;
+                for b in 0..nb {
+                    // SAFETY: block tb of each buffer is written by this task only; x holds
+                    // m × k values.
+                    unsafe {
+                        let (db, sb) = vnni::quantize_block(
+                            x.as_ptr().add(t * k + b * QK),
+                            codes.as_mut_ptr() as *mut i8,
+                        );
+                        let i = (tb * nb + b) * MT + lane;
+                        *dp.get().add(i) = db;
+                        *sp.get().add(i) = sb;
+                        for (g, c) in codes.iter().enumerate() {
+                            *qp.get().add(((tb * nb + b) * 8 + g) * MT + lane) = *c;
+                        }
+                    }
+                }
+            }
+        });
+        Self { q, d, s, nb }
+    }
+
+    /// The kernel's token pointers for token block `tb`, from block `b`.
+    fn at(&self, tb: usize, b: usize) -> (*const i32, *const f32, *const i32) {
+        let i = tb * self.nb + b;
+        (
+            self.q[i * 8 * MT..].as_ptr(),
+            self.d[i * MT..].as_ptr(),
+            self.s[i * MT..].as_ptr(),
+        )
+    }
+}
+
+unsafe fn packed_run(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights,
+    n: usize,
+    kind: Kind,
+    out: &mut [f32],
+) {
+    let toks = PackedTokens::new(x, m, k);
+    let toks = &toks;
+    let per_panel = match w {
+        Weights::Single(_) => NT,
+        Weights::GateUp(..) => NT / 2,
+    };
+    let per_task = per_panel * PANELS;
+    let out = SendPtr(out.as_mut_ptr());
+    cpu::parallel_for(n.div_ceil(per_task), |t| {
+        let j0 = t * per_task;
+        let cols = per_task.min(n - j0);
+        // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
+        unsafe { packed_task(toks, m, k, w, n, kind, (j0, cols, per_panel), out) }
+    });
+}
+
+/// Per tile (32 rows × `KC` values): codes as i32, then scales and minima as f32.
+const TILE_CODES: usize = KC / QK * 8 * NT;
+const TILE_FLOATS: usize = TILE_CODES + 2 * KC / QK * NT;
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_task(
+    toks: &PackedTokens,
+    m: usize,
+    k: usize,
+    w: Weights,
+    n: usize,
+    kind: Kind,
+    (j0, cols, per_panel): (usize, usize, usize),
+    out: SendPtr<f32>,
+) {
+    let panels = cols.div_ceil(per_panel);
+    let ldc = panels * NT;
+    let tbs = m.div_ceil(MT);
+    let nbk = k / QK;
+    with_scratch(panels * TILE_FLOATS, tbs * MT * ldc, |wbuf, c| {
+        for pc in (0..k).step_by(KC) {
+            let nb = KC.min(k - pc) / QK;
+            let wb = wbuf.as_mut_ptr();
+            let tile = |p: usize| {
+                let base = wb.add(p * TILE_FLOATS);
+                let wd = base.add(TILE_CODES);
+                (base as *mut i32, wd, wd.add(KC / QK * NT))
+            };
+            for p in 0..panels {
+                let rows = packed::panel_rows(w, j0 + p * per_panel, j0 + cols);
+                for half in 0..2 {
+                    let rows = std::array::from_fn(|r| rows[half * 16 + r]);
+                    vnni::pack16(kind, &rows, pc / QK, nb, nbk, tile(p), half * 16);
+                }
+            }
+            for p in 0..panels {
+                let (wq, wd, wm) = tile(p);
+                for tb in 0..tbs {
+                    let cp = c.as_mut_ptr().add(tb * MT * ldc + p * NT);
+                    let xs = toks.at(tb, pc / QK);
+                    let ws = (wq as *const i32, wd as *const f32, wm as *const f32);
+                    match kind {
+                        Kind::Q8_0 => vnni::packed_kernel::<false>(nb, xs, ws, cp, ldc, pc == 0),
+                        Kind::Q4K => vnni::packed_kernel::<true>(nb, xs, ws, cp, ldc, pc == 0),
+                    }
+                }
+            }
+        }
+        packed::epilogue(c, ldc, m, w, Bias::default(), (j0, cols, per_panel, n), out);
+    });
+}

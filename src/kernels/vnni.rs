@@ -1,0 +1,494 @@
+//! AVX512-VNNI building blocks for GGUF q8_0 and q4k weights, read in place.
+//!
+//! Activations are rounded to 8 bits in blocks of 32 values, each block with its own f32 scale
+//! (as llama.cpp's q8_0 activations; finer than the 256-value blocks candle uses with these
+//! weights). Weights and activations meet in integer dot products (VPDPBUSD: u8 × i8, four
+//! products summed per i32 lane), and the scales are applied in f32 once per 32 values.
+//!
+//! VPDPBUSD needs one operand unsigned. q4k's 4-bit codes are; q8_0's signed weights are offset
+//! by +128 (their sign bit flipped), and the `128·Σq` this adds to each activation block's sum
+//! is taken back through the accumulator's starting value.
+//!
+//! Every function here is `unsafe`: callers must have checked
+//! [`super::cpu::Features::vnni`] and pass pointers valid for the lengths the docs give.
+
+use std::arch::x86_64::*;
+
+/// Values per block of activations, of q8_0 weights and of q4k sub-blocks.
+pub(crate) const QK: usize = 32;
+/// Values per q4k super-block.
+pub(crate) const QK_K: usize = 256;
+/// Bytes of a q8_0 block: an f16 scale `d`, then 32 signed codes; a value is `d·q`.
+pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
+/// Bytes of a q4k super-block: f16 `d` and `dmin`, 12 bytes of 6-bit sub-block scales and
+/// minima, 128 bytes of 4-bit codes; value `i` of sub-block `j` is `d·sc[j]·q − dmin·m[j]`.
+pub(crate) const Q4K_BLOCK_BYTES: usize = 144;
+/// How far ahead of the loads the kernels prefetch each weight row, q8_0 and q4k (tuned on 7B
+/// decode: 1024 bytes ahead was 10–25% slower).
+const PREFETCH_BYTES: usize = 512;
+const PREFETCH_BYTES_Q4K: usize = 256;
+
+/// The GGUF block formats these kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// q8_0: blocks of 32 signed bytes and one scale.
+    Q8_0,
+    /// q4k ("Q4_K"): super-blocks of 256 values in 8 sub-blocks of 32.
+    Q4K,
+}
+
+impl Kind {
+    /// Values per block.
+    pub(crate) fn block_values(self) -> usize {
+        match self {
+            Kind::Q8_0 => QK,
+            Kind::Q4K => QK_K,
+        }
+    }
+
+    /// Bytes of a row of `k` values (`k` a multiple of [`Self::block_values`]).
+    pub(crate) fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Kind::Q8_0 => k / QK * Q8_0_BLOCK_BYTES,
+            Kind::Q4K => k / QK_K * Q4K_BLOCK_BYTES,
+        }
+    }
+}
+
+/// Rounds 32 f32 values to 8 bits: `d = max|x| / 127`, `q = round(x / d)` (to nearest even),
+/// written to `q`. Returns `(d, Σq)`. A block with a NaN or an infinity gets `d = NaN` (and
+/// zero codes), so that the sums it enters are NaN, as they would be in f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, i32) {
+    let (a, b) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
+    let zero = _mm512_setzero_ps();
+    // x·0 is 0 for finite x, NaN otherwise.
+    let bad = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_mul_ps(a, zero), zero)
+        | _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_mul_ps(b, zero), zero);
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    if bad != 0 || amax == 0.0 {
+        _mm256_storeu_si256(q as *mut __m256i, _mm256_setzero_si256());
+        return (if bad != 0 { f32::NAN } else { 0.0 }, 0);
+    }
+    let id = _mm512_set1_ps(127.0 / amax);
+    let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
+    let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+    _mm_storeu_si128(q as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
+    (
+        amax / 127.0,
+        _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)),
+    )
+}
+
+/// 16 lanes, the first 8 from lane `a` of `v`, the last 8 from lane `b`.
+#[inline(always)]
+unsafe fn spread(v: __m512, a: i32, b: i32) -> __m512 {
+    let idx = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(a), _mm512_set1_epi32(b));
+    _mm512_permutexvar_ps(idx, v)
+}
+
+/// An f16 at `p` (unaligned), as its bits.
+#[inline(always)]
+unsafe fn f16_bits(p: *const u8) -> i16 {
+    (p as *const i16).read_unaligned()
+}
+
+/// q8_0 blocks `b` and `b + 1` of a row: their 64 codes offset to u8 (as one vector) and
+/// `[d_b ×8, d_b+1 ×8]`. With `second` false, only block `b` exists: the other half is codes
+/// 128 (zero after the offset) with `d_b`, and reads nothing past block `b`.
+#[inline(always)]
+unsafe fn q8_0_pair(row: *const u8, b: usize, second: bool) -> (__m512i, __m512) {
+    let pa = row.add(b * Q8_0_BLOCK_BYTES);
+    let lo = _mm256_loadu_si256(pa.add(2) as *const __m256i);
+    let da = _mm_set1_epi16(f16_bits(pa));
+    let (codes, db) = if second {
+        let pb = pa.add(Q8_0_BLOCK_BYTES);
+        let hi = _mm256_loadu_si256(pb.add(2) as *const __m256i);
+        (
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+            _mm_set1_epi16(f16_bits(pb)),
+        )
+    } else {
+        (_mm512_zextsi256_si512(lo), da)
+    };
+    let codes = _mm512_xor_si512(codes, _mm512_set1_epi8(-128));
+    (codes, _mm512_cvtph_ps(_mm256_set_m128i(db, da)))
+}
+
+/// A q4k super-block's 8 sub-block scales and minima: `[d·sc[0..8], dmin·m[0..8]]`.
+#[inline(always)]
+unsafe fn q4k_scales(blk: *const u8) -> __m512 {
+    let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+    let sm = blk.add(4) as *const u32;
+    let (u0, u1, u2) = (
+        sm.read_unaligned(),
+        sm.add(1).read_unaligned(),
+        sm.add(2).read_unaligned(),
+    );
+    // The 6-bit fields: sc[0..4] and m[0..4] in the low 6 bits of bytes 0..4 and 4..8;
+    // sc[4..8] and m[4..8] in the nibbles of bytes 8..12, topped by the high 2 bits of bytes 0..8.
+    let sc_lo = u0 & 0x3f3f_3f3f;
+    let sc_hi = (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4);
+    let m_lo = u1 & 0x3f3f_3f3f;
+    let m_hi = ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4);
+    let fields = _mm_set_epi32(m_hi as i32, m_lo as i32, sc_hi as i32, sc_lo as i32);
+    let fields = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(fields));
+    _mm512_mul_ps(fields, spread(_mm512_castps128_ps512(dd), 0, 1))
+}
+
+/// The 4-bit codes of q4k sub-blocks `2c` and `2c + 1` (the low and high nibbles of the 32
+/// code bytes `c`), as 64 u8.
+#[inline(always)]
+unsafe fn q4k_sub_pair(blk: *const u8, c: usize) -> __m512i {
+    let v = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+    let low = _mm256_set1_epi8(0x0f);
+    let lo = _mm256_and_si256(v, low);
+    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// The tokens of a decode call, rounded to 8 bits and laid out for [`dot_q8_0`] and
+/// [`dot_q4k`]: by token, `q` codes (i8), and per pair of 32-value blocks `dxv`, the two blocks'
+/// scales spread over 8 lanes each. For q8_0, `corr` holds per pair `−128·Σq` of each block
+/// in lanes 0 and 8; for q4k, `xsv` per super-block holds `d·Σq` of its 8 sub-blocks in lanes
+/// 8..16 (zeros below), and the codes of each super-block are stored with its sub-blocks in
+/// the order 0, 2, 1, 3, 4, 6, 5, 7, as the weights' nibbles come.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DotTokens<'a> {
+    pub q: &'a [i8],
+    pub dxv: &'a [f32],
+    /// q8_0 only.
+    pub corr: &'a [i32],
+    /// q4k only.
+    pub xsv: &'a [f32],
+    /// Codes per token (a multiple of 64).
+    pub kp: usize,
+}
+
+/// `out[t][r] = Σ x[t]·w[r]` over `nb` q8_0 blocks of `R` weight rows, for `TT` tokens from
+/// `toks` starting at token `t0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn dot_q8_0<const R: usize, const TT: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    toks: DotTokens<'_>,
+    t0: usize,
+    out: &mut [[f32; R]; TT],
+) {
+    let mut acc = [[_mm512_setzero_ps(); R]; TT];
+    let pairs = nb.div_ceil(2);
+    let pp = toks.kp / 64;
+    for p in 0..pairs {
+        let second = 2 * p + 1 < nb;
+        for row in &w {
+            _mm_prefetch::<_MM_HINT_T0>(
+                row.add(2 * p * Q8_0_BLOCK_BYTES + PREFETCH_BYTES) as *const i8
+            );
+        }
+        for (r, row) in w.iter().enumerate() {
+            let (codes, dw) = q8_0_pair(*row, 2 * p, second);
+            for (t, a) in acc.iter_mut().enumerate() {
+                let i = (t0 + t) * pp + p;
+                let x = _mm512_loadu_si512(toks.q.as_ptr().add(64 * i) as *const _);
+                let c = _mm512_loadu_si512(toks.corr.as_ptr().add(16 * i) as *const _);
+                let isum = _mm512_dpbusd_epi32(c, codes, x);
+                let s = _mm512_mul_ps(dw, _mm512_loadu_ps(toks.dxv.as_ptr().add(16 * i)));
+                a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, a[r]);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
+/// `out[t][r] = Σ x[t]·w[r]` over `nb` q4k super-blocks of `R` weight rows, for `TT` tokens
+/// from `toks` starting at token `t0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    toks: DotTokens<'_>,
+    t0: usize,
+    out: &mut [[f32; R]; TT],
+) {
+    let mut acc = [[_mm512_setzero_ps(); R]; TT];
+    let pp = toks.kp / 64;
+    let sbs = toks.kp / QK_K;
+    for sb in 0..nb {
+        for row in &w {
+            let p = row.add(sb * Q4K_BLOCK_BYTES + PREFETCH_BYTES_Q4K);
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.add(64) as *const i8);
+        }
+        for (r, row) in w.iter().enumerate() {
+            let blk = row.add(sb * Q4K_BLOCK_BYTES);
+            let v = q4k_scales(blk);
+            // Code vector i holds sub-blocks (0, 2), (1, 3), (4, 6), (5, 7).
+            let q0 = _mm512_loadu_si512(blk.add(16) as *const _);
+            let q1 = _mm512_loadu_si512(blk.add(80) as *const _);
+            let low = _mm512_set1_epi8(0x0f);
+            let codes = [
+                _mm512_and_si512(q0, low),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low),
+                _mm512_and_si512(q1, low),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low),
+            ];
+            let scales = [
+                spread(v, 0, 2),
+                spread(v, 1, 3),
+                spread(v, 4, 6),
+                spread(v, 5, 7),
+            ];
+            for (t, a) in acc.iter_mut().enumerate() {
+                let t = t0 + t;
+                for (i, (codes, scale)) in codes.iter().zip(&scales).enumerate() {
+                    let pi = t * pp + 4 * sb + i;
+                    let x = _mm512_loadu_si512(toks.q.as_ptr().add(64 * pi) as *const _);
+                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *codes, x);
+                    let s = _mm512_mul_ps(*scale, _mm512_loadu_ps(toks.dxv.as_ptr().add(16 * pi)));
+                    a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, a[r]);
+                }
+                // The minima: Σ_j dmin·m[j] · d_x[j]·Σq[j], in lanes 8..16.
+                let xs = toks.xsv.as_ptr().add(16 * (t * sbs + sb));
+                a[r] = _mm512_fnmadd_ps(v, _mm512_loadu_ps(xs), a[r]);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
+/// Lanes of a vector of [`LaneTokens`]: 15 tokens, and a 16th lane for the weights' offset sum.
+pub(crate) const LANES: usize = 16;
+
+/// Tokens rounded to 8 bits and laid out for [`lanes_q8_0`]: tokens across the lanes of a
+/// vector, so that 4 codes of a weight row, broadcast from its blocks in place, meet 15 tokens
+/// in one VPDPBUSD. By vector of tokens and 32-value block: `q`, 8 groups of 16 × 4 codes
+/// offset to u8 by +128 (lane 15 all 128, a zero); `d`, 16 scales.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaneTokens<'a> {
+    pub q: &'a [u8],
+    pub d: &'a [f32],
+    /// 32-value blocks per token.
+    pub nb: usize,
+}
+
+/// `out[r][lane] = Σ x[lane]·w[r]` over `nb` q8_0 blocks of `R` rows, for the tokens of vector
+/// `v` of `toks` (lanes 0..15).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn lanes_q8_0<const R: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    toks: LaneTokens<'_>,
+    v: usize,
+    out: &mut [[f32; LANES]; R],
+) {
+    let mut acc = [_mm512_setzero_ps(); R];
+    let last = _mm512_set1_epi32(15);
+    for b in 0..nb {
+        if b % 2 == 0 {
+            for row in &w {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.add(b * Q8_0_BLOCK_BYTES + PREFETCH_BYTES) as *const i8
+                );
+            }
+        }
+        let i = v * toks.nb + b;
+        let xq = toks.q.as_ptr().add(i * 8 * 64);
+        let xq: [__m512i; 8] =
+            std::array::from_fn(|g| _mm512_loadu_si512(xq.add(64 * g) as *const _));
+        let dx = _mm512_loadu_ps(toks.d.as_ptr().add(i * LANES));
+        for (a, row) in acc.iter_mut().zip(&w) {
+            let blk = row.add(b * Q8_0_BLOCK_BYTES);
+            let codes = blk.add(2) as *const i32;
+            let mut isum = _mm512_setzero_si512();
+            for (g, x) in xq.iter().enumerate() {
+                let wb = _mm512_set1_epi32(codes.add(g).read_unaligned());
+                isum = _mm512_dpbusd_epi32(isum, *x, wb);
+            }
+            // Lane 15 is 128·Σw, the +128 offset's share of every lane.
+            let isum = _mm512_sub_epi32(isum, _mm512_permutexvar_epi32(last, isum));
+            let dw = _mm512_cvtph_ps(_mm256_set1_epi16(f16_bits(blk)));
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, dx), *a);
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), *a);
+    }
+}
+
+/// Tokens per tile of [`packed_kernel`].
+pub(crate) const MT: usize = 6;
+/// Weight rows per tile of [`packed_kernel`] (two vectors of 16).
+pub(crate) const NT: usize = 32;
+
+/// The packed micro-kernel: `C[t][0..32] (+)= Σ_b` over `nb` 32-value blocks, for `MT` tokens
+/// and 32 weight rows, each block's integer sums scaled once.
+///
+/// - `xq`: `[nb][8][MT]` u32, each 4 activation codes (i8); `xd`, `xs`: `[nb][MT]` scales
+///   and code sums;
+/// - `wq`: `[nb][8][32]` u32, each 4 weight codes (u8; q8_0 offset by +128); `wd`: `[nb][32]`
+///   scales; `wm`: `[nb][32]` minima (`MIN` only: q4k);
+/// - `c`: `MT` rows of 32 f32, `ldc` apart; overwritten if `first`, else accumulated into.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn packed_kernel<const MIN: bool>(
+    nb: usize,
+    (xq, xd, xs): (*const i32, *const f32, *const i32),
+    (wq, wd, wm): (*const i32, *const f32, *const f32),
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MT];
+    if !first {
+        for (t, a) in acc.iter_mut().enumerate() {
+            a[0] = _mm512_loadu_ps(c.add(t * ldc));
+            a[1] = _mm512_loadu_ps(c.add(t * ldc + 16));
+        }
+    }
+    for b in 0..nb {
+        let mut isum = [[_mm512_setzero_si512(); 2]; MT];
+        if !MIN {
+            // q8_0's +128 offset adds 128·Σq to every row's sum.
+            for (t, s) in isum.iter_mut().enumerate() {
+                let corr = _mm512_set1_epi32(-128 * *xs.add(b * MT + t));
+                *s = [corr, corr];
+            }
+        }
+        for g in 0..8 {
+            let w = wq.add((b * 8 + g) * NT);
+            let (w0, w1) = (
+                _mm512_loadu_si512(w as *const _),
+                _mm512_loadu_si512(w.add(16) as *const _),
+            );
+            let x = xq.add((b * 8 + g) * MT);
+            for (t, s) in isum.iter_mut().enumerate() {
+                let xb = _mm512_set1_epi32(*x.add(t));
+                s[0] = _mm512_dpbusd_epi32(s[0], w0, xb);
+                s[1] = _mm512_dpbusd_epi32(s[1], w1, xb);
+            }
+        }
+        let (d0, d1) = (
+            _mm512_loadu_ps(wd.add(b * NT)),
+            _mm512_loadu_ps(wd.add(b * NT + 16)),
+        );
+        for (t, (a, s)) in acc.iter_mut().zip(&isum).enumerate() {
+            let dx = *xd.add(b * MT + t);
+            let dxv = _mm512_set1_ps(dx);
+            a[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_mul_ps(d0, dxv), a[0]);
+            a[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1]), _mm512_mul_ps(d1, dxv), a[1]);
+            if MIN {
+                let ms = _mm512_set1_ps(dx * *xs.add(b * MT + t) as f32);
+                a[0] = _mm512_fnmadd_ps(_mm512_loadu_ps(wm.add(b * NT)), ms, a[0]);
+                a[1] = _mm512_fnmadd_ps(_mm512_loadu_ps(wm.add(b * NT + 16)), ms, a[1]);
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(c.add(t * ldc), a[0]);
+        _mm512_storeu_ps(c.add(t * ldc + 16), a[1]);
+    }
+}
+
+/// Transposes a 16 × 16 matrix of 32-bit lanes held in 16 registers.
+#[inline(always)]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    let mut f: [__m512; 16] = std::array::from_fn(|i| _mm512_castsi512_ps(r[i]));
+    super::avx512::transpose16(&mut f);
+    for (r, f) in r.iter_mut().zip(&f) {
+        *r = _mm512_castps_si512(*f);
+    }
+}
+
+/// Packs 16 weight rows' blocks `[b0, b0 + nb)` (32-value blocks; `b0` even, and a multiple of
+/// 8 for q4k) for [`packed_kernel`]: codes into `wq[(b·8 + g)·32 + i]` and scales into
+/// `wd[b·32 + i]` (and, for q4k, minima into `wm[b·32 + i]`), `i` the row's place in the tile
+/// (`i0 + 0..16`). Rows that are `None` pack as zeros. `nbk`: the blocks in the whole row (the
+/// last pair may have one).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn pack16(
+    kind: Kind,
+    rows: &[Option<*const u8>; 16],
+    b0: usize,
+    nb: usize,
+    nbk: usize,
+    (wq, wd, wm): (*mut i32, *mut f32, *mut f32),
+    i0: usize,
+) {
+    // Ask for every line of the rows' blocks up front: the loads below then wait for memory
+    // once, not once per row and line.
+    let (start, bytes) = match kind {
+        Kind::Q8_0 => (b0 * Q8_0_BLOCK_BYTES, nb.min(nbk - b0) * Q8_0_BLOCK_BYTES),
+        Kind::Q4K => (b0 / 8 * Q4K_BLOCK_BYTES, nb / 8 * Q4K_BLOCK_BYTES),
+    };
+    for row in rows.iter().flatten() {
+        for off in (0..bytes + 63).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(row.add(start + off) as *const i8);
+        }
+    }
+    // q4k: each row's [d·sc[0..8], dmin·m[0..8]] of the current super-block.
+    let mut q4k = [[0f32; 16]; 16];
+    for p in 0..nb.div_ceil(2) {
+        let b = b0 + 2 * p;
+        let mut r = [_mm512_setzero_si512(); 16];
+        // q8_0: the rows' scales (f16 bits) of blocks b and b + 1.
+        let mut d = [[0i16; 16]; 2];
+        for (i, row) in rows.iter().enumerate() {
+            let Some(row) = row else { continue };
+            match kind {
+                Kind::Q8_0 => {
+                    let pa = row.add(b * Q8_0_BLOCK_BYTES);
+                    r[i] = q8_0_pair(*row, b, b + 1 < nbk).0;
+                    d[0][i] = f16_bits(pa);
+                    if b + 1 < nbk {
+                        d[1][i] = f16_bits(pa.add(Q8_0_BLOCK_BYTES));
+                    }
+                }
+                Kind::Q4K => {
+                    let blk = row.add(b / 8 * Q4K_BLOCK_BYTES);
+                    if b.is_multiple_of(8) {
+                        _mm512_storeu_ps(q4k[i].as_mut_ptr(), q4k_scales(blk));
+                    }
+                    r[i] = q4k_sub_pair(blk, b % 8 / 2);
+                }
+            }
+        }
+        // Row i's 16 u32 (block b's 8 groups, then block b + 1's) become 16 vectors across rows.
+        transpose16(&mut r);
+        for (h, v) in r.iter().enumerate() {
+            let (bb, g) = (2 * p + h / 8, h % 8);
+            if bb < nb {
+                _mm512_storeu_si512(wq.add((bb * 8 + g) * NT + i0) as *mut _, *v);
+            }
+        }
+        for (h, d) in d.iter().enumerate() {
+            let bb = 2 * p + h;
+            if bb >= nb {
+                break;
+            }
+            let (wd, wm) = (wd.add(bb * NT + i0), wm.add(bb * NT + i0));
+            match kind {
+                Kind::Q8_0 => {
+                    let bits = _mm256_loadu_si256(d.as_ptr() as *const __m256i);
+                    _mm512_storeu_ps(wd, _mm512_cvtph_ps(bits));
+                }
+                Kind::Q4K => {
+                    let j = (b + h) % 8;
+                    for (i, v) in q4k.iter().enumerate() {
+                        *wd.add(i) = v[j];
+                        *wm.add(i) = v[8 + j];
+                    }
+                }
+            }
+        }
+    }
+}
