@@ -11,7 +11,7 @@ out=bench-results
 mkdir -p "$out"
 cargo bench --bench compare -- --shape 7b,small --dtype bf16,f32,f16 --tokens 1,16,128,512 \
     --json "$out/dense.json" | tee "$out/dense.txt"
-cargo bench --bench compare -- --shape 7b,small --dtype q8_0,q4k,q4_1 --tokens 1,16,128 \
+cargo bench --bench compare -- --shape 7b,small --dtype q8_0,q4k,q4_1 --tokens 1,4,8,16,128 \
     --rounds 10 --json "$out/quantized.json" | tee "$out/quantized.txt"
 if python3 -c "import torch" 2>/dev/null; then
     python3 scripts/bench_torch.py --vs-ours 3 --runs 10 --json "$out/torch.json" \
