@@ -431,3 +431,40 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         }
     }
 }
+
+#[test]
+fn int8_kernels_keep_nan_to_its_token() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::int8;
+    use super::vnni::Kind;
+    if !cpu::features().vnni {
+        return;
+    }
+    let (k, n) = (512, 40);
+    for (kind, dtype) in [(Kind::Q8_0, GgmlDType::Q8_0), (Kind::Q4K, GgmlDType::Q4K)] {
+        let v = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&v, dtype).unwrap();
+        let data = q.data().unwrap();
+        let w = cpu::Mat::blocks(&data, kind.row_bytes(k));
+        // One token of each schedule gets a NaN (and one an infinity): only its outputs are NaN.
+        for m in [1, 9, 20] {
+            let mut x = values(m * k, 4);
+            x[5] = f32::NAN;
+            if m > 1 {
+                x[k + 7] = f32::INFINITY;
+            }
+            // SAFETY: VNNI checked; the blocks hold n rows of k values.
+            let y = unsafe { int8::linear(&x, m, k, w, n, kind) };
+            for t in 0..m {
+                let row = &y[t * n..(t + 1) * n];
+                if t < 2.min(m) {
+                    assert!(row.iter().all(|v| v.is_nan()), "{kind:?} m{m} token {t}");
+                } else {
+                    assert!(row.iter().all(|v| v.is_finite()), "{kind:?} m{m} token {t}");
+                }
+            }
+        }
+    }
+}
