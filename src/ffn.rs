@@ -14,7 +14,9 @@ use crate::{Activation, Error, GluConfig, WeightLayout};
 pub enum Projection {
     /// A dense weight in any float dtype, as a [`candle_nn::Linear`].
     Dense(Linear),
-    /// A quantized weight (GGUF), multiplied by candle's [`QMatMul`] in f32.
+    /// A quantized weight (GGUF) in candle's [`QMatMul`], with f32 activations. On a CPU, the
+    /// block multiplies Q4_1 (with AVX-512), q8_0 and q4k (with AVX512-VNNI) by its own kernels,
+    /// which read the blocks in place; other types, and other devices, go through `QMatMul`.
     Quantized {
         /// The quantized weight, `[out, in]`.
         weight: QMatMul,
