@@ -165,8 +165,8 @@ fn quantized_forwards_read_the_blocks_in_place() {
         )
         .unwrap();
         // The first calls too: a copy made once and cached (as candle's QMatMul does for q8_0
-        // and q4k on AVX512-VNNI CPUs) would show there. 1, 9 and 64 tokens take each of the
-        // quantized kernels' schedules.
+        // and q4k on AVX512-VNNI CPUs) would show there. 1, 9 and 64 tokens: decode, and the
+        // packed schedule with one and with many token tiles.
         for m in [1, 9, 64, 1, 9, 64] {
             let x = Tensor::randn(0f32, 1.0, (m, h), &Device::Cpu).unwrap();
             let (y, peak) = peak_of(|| ffn.forward(&x).unwrap());

@@ -6,20 +6,22 @@
 //! copy (+100% of a q8_0 weight's bytes, +134% of a q4k one's); these read the blocks as they
 //! are. Two schedules, by the number of tokens `m`:
 //!
-//! - **dot** (decode, up to 5 or 6 tokens): [`cpu`]'s dot schedule, each weight row streamed
+//! - **dot** (`m ≤ DOT_MAX_TOKENS`, decode): [`cpu`]'s dot schedule, each weight row streamed
 //!   once and dotted with every token, 64 values of a row against 64 of a token per VPDPBUSD;
-//! - **lanes** (q8_0, 6 to 15 tokens): the same schedule with the tokens across the lanes of a
-//!   vector, 4 values of a row broadcast against 15 tokens per VPDPBUSD;
-//! - **packed** (prefill): tokens packed once; per task and `KC`-deep block, 32-row tiles of
-//!   weights unpacked into a per-thread buffer (40 KiB a tile, reused for every token), and a
-//!   6-token × 32-row micro-kernel.
+//! - **packed**: tokens packed once; per task, 32-row tiles of weights gathered from the blocks
+//!   into a per-thread buffer (unpacked: one u32 of 4 codes per row and group, f32 scales), each
+//!   used by every token while it is in L2, through a 6-token × 32-row micro-kernel.
 //!
-//! See [`Schedule`] for where each wins.
+//! Measured on 7B shapes (Intel Emerald Rapids, 2 threads), the dot schedule costs about 1 ms
+//! per token beyond the weights' read and the packed one a fixed ~4 ms (the tiles) plus about
+//! 0.35 ms per token: dot wins up to 3 tokens.
 
 use super::cpu::{self, dot, packed, with_scratch, Bias, Mat, SendPtr, Weights};
-use super::vnni::{self, DotTokens, Kind, LaneTokens, LANES, MT, NT, QK, QK_K};
+use super::vnni::{self, DotTokens, Kind, MT, NT, QK, QK_K};
 use super::Act;
 
+/// Up to this many tokens, the dot schedule.
+const DOT_MAX_TOKENS: usize = 3;
 /// Depth of one weight block (a multiple of 256, so q4k super-blocks are never split).
 const KC: usize = 1024;
 /// Tiles (of 32 rows) per task.
@@ -68,48 +70,16 @@ unsafe fn run(x: &[f32], m: usize, k: usize, w: Weights, n: usize, kind: Kind) -
         return out;
     }
     let nb = k / kind.block_values();
-    match Schedule::of(kind, m) {
-        Schedule::Dot => {
-            let toks = DotBuffers::new(x, m, k, kind);
-            let view = toks.view();
-            dot::run_with(m, w, n, Bias::default(), &mut out, &|rows, put| unsafe {
-                sums(kind, view, nb, m, rows, put)
-            });
-        }
-        Schedule::Lanes => {
-            let toks = LaneBuffers::new(x, m, k);
-            let view = toks.view();
-            dot::run_with(m, w, n, Bias::default(), &mut out, &|rows, put| unsafe {
-                lane_sums(view, nb, m, rows, put)
-            });
-        }
-        Schedule::Packed => packed_run(x, m, k, w, n, kind, &mut out),
+    if m <= DOT_MAX_TOKENS {
+        let toks = DotBuffers::new(x, m, k, kind);
+        let view = toks.view();
+        dot::run_with(m, w, n, Bias::default(), &mut out, &|rows, put| unsafe {
+            sums(kind, view, nb, m, rows, put)
+        });
+    } else {
+        packed_run(x, m, k, w, n, kind, &mut out);
     }
     out
-}
-
-/// The three ways of taking the sums, by cost per call (measured on 7B shapes, Intel Emerald
-/// Rapids, 2 threads):
-/// - dot: about 1.3 ms (q8_0) to 2 ms (q4k) per token beyond the weights' read;
-/// - lanes (q8_0 only): one VPDPBUSD per 4 values of a row for 15 tokens at once, about 10 ms
-///   whatever the number of tokens up to 15;
-/// - packed: a fixed cost of unpacking the blocks into tiles (about 8 ms), then the fastest per
-///   token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Schedule {
-    Dot,
-    Lanes,
-    Packed,
-}
-
-impl Schedule {
-    fn of(kind: Kind, m: usize) -> Self {
-        match (kind, m) {
-            (Kind::Q8_0, ..=5) | (Kind::Q4K, ..=6) => Schedule::Dot,
-            (Kind::Q8_0, ..LANES) => Schedule::Lanes,
-            _ => Schedule::Packed,
-        }
-    }
 }
 
 /// Where q4k decode stores sub-block `j` of a super-block (and which it stores at `j`): the
@@ -222,80 +192,6 @@ unsafe fn sums(
     }
 }
 
-/// The tokens of a call, rounded and laid out as [`LaneTokens`] describes.
-struct LaneBuffers {
-    q: Vec<u8>,
-    d: Vec<f32>,
-    nb: usize,
-}
-
-/// Tokens per vector of lanes: the last lane holds the offset sum.
-const PER_VECTOR: usize = LANES - 1;
-
-impl LaneBuffers {
-    unsafe fn new(x: &[f32], m: usize, k: usize) -> Self {
-        let nb = k / QK;
-        let vecs = m.div_ceil(PER_VECTOR);
-        // Codes are offset by +128: 128 is a zero.
-        let mut q = vec![128u8; vecs * nb * 8 * 64];
-        let mut d = vec![0f32; vecs * nb * LANES];
-        let (qp, dp) = (SendPtr(q.as_mut_ptr()), SendPtr(d.as_mut_ptr()));
-        cpu::parallel_for(m, |t| {
-            let (v, lane) = (t / PER_VECTOR, t % PER_VECTOR);
-            let mut codes = [0u8; QK];
-            for b in 0..nb {
-                // SAFETY: token t's lane is written by this task only; x holds m × k values.
-                unsafe {
-                    let (db, _) = vnni::quantize_block(
-                        x.as_ptr().add(t * k + b * QK),
-                        codes.as_mut_ptr() as *mut i8,
-                    );
-                    let i = v * nb + b;
-                    *dp.get().add(i * LANES + lane) = db;
-                    for (g, c) in codes.chunks_exact(4).enumerate() {
-                        let dst = qp.get().add((i * 8 + g) * 64 + 4 * lane);
-                        for (o, c) in c.iter().enumerate() {
-                            *dst.add(o) = c ^ 0x80;
-                        }
-                    }
-                }
-            }
-        });
-        Self { q, d, nb }
-    }
-
-    fn view(&self) -> LaneTokens<'_> {
-        LaneTokens {
-            q: &self.q,
-            d: &self.d,
-            nb: self.nb,
-        }
-    }
-}
-
-/// Calls `put(token, row, sum)` for every token and the `R` rows, 15 tokens at a time.
-unsafe fn lane_sums(
-    toks: LaneTokens<'_>,
-    nb: usize,
-    m: usize,
-    rows: [*const u8; dot::R],
-    put: &mut dyn FnMut(usize, usize, f32),
-) {
-    for v in 0..m.div_ceil(PER_VECTOR) {
-        let mut s = [[0f32; LANES]; dot::R];
-        vnni::lanes_q8_0::<{ dot::R }>(nb, rows, toks, v, &mut s);
-        for (r, s) in s.iter().enumerate() {
-            for (lane, s) in s
-                .iter()
-                .enumerate()
-                .take(PER_VECTOR.min(m - v * PER_VECTOR))
-            {
-                put(v * PER_VECTOR + lane, r, *s);
-            }
-        }
-    }
-}
-
 /// Tokens packed for [`vnni::packed_kernel`]: by block of `MT` tokens, `[nb][8][MT]` u32 of
 /// codes, `[nb][MT]` scales and code sums (zeros for the tokens past `m`).
 struct PackedTokens {
@@ -377,9 +273,21 @@ unsafe fn packed_run(
     });
 }
 
-/// Per tile (32 rows × `KC` values): codes as i32, then scales and minima as f32.
-const TILE_CODES: usize = KC / QK * 8 * NT;
-const TILE_FLOATS: usize = TILE_CODES + 2 * KC / QK * NT;
+/// The depth of the weight blocks for `m` tokens of `k` values: all of `k` while the tokens'
+/// codes fit in half of L2 beside the tile (each row then streams from memory in one piece),
+/// else `KC`.
+fn depth(m: usize, k: usize) -> usize {
+    if m * k <= 1 << 20 {
+        k
+    } else {
+        KC
+    }
+}
+
+/// f32 slots of one tile of 32 rows × `kc` values: codes (as i32), then scales and minima.
+fn tile_floats(kc: usize) -> usize {
+    kc / QK * (8 + 2) * NT
+}
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn packed_task(
@@ -395,29 +303,36 @@ unsafe fn packed_task(
     let panels = cols.div_ceil(per_panel);
     let ldc = panels * NT;
     let tbs = m.div_ceil(MT);
-    let nbk = k / QK;
-    with_scratch(panels * TILE_FLOATS, tbs * MT * ldc, |wbuf, c| {
-        for pc in (0..k).step_by(KC) {
-            let nb = KC.min(k - pc) / QK;
-            let wb = wbuf.as_mut_ptr();
-            let tile = |p: usize| {
-                let base = wb.add(p * TILE_FLOATS);
-                let wd = base.add(TILE_CODES);
-                (base as *mut i32, wd, wd.add(KC / QK * NT))
-            };
+    let kc = depth(m, k);
+    with_scratch(tile_floats(kc), tbs * MT * ldc, |tile, c| {
+        let wq = tile.as_mut_ptr() as *mut i32;
+        let wd = tile.as_mut_ptr().add(kc / QK * 8 * NT);
+        let wm = wd.add(kc / QK * NT);
+        for pc in (0..k).step_by(kc) {
+            let nb = kc.min(k - pc) / QK;
+            // One panel at a time: unpacked, then used by every token while it is in L2.
             for p in 0..panels {
-                let rows = packed::panel_rows(w, j0 + p * per_panel, j0 + cols);
-                for half in 0..2 {
-                    let rows = std::array::from_fn(|r| rows[half * 16 + r]);
-                    vnni::pack16(kind, &rows, pc / QK, nb, nbk, tile(p), half * 16);
+                let j = j0 + p * per_panel;
+                let valid = per_panel.min(j0 + cols - j);
+                let rows = |mat: Mat, j: usize, valid: usize| vnni::Rows16 {
+                    base: mat.row(j),
+                    stride: kind.row_bytes(k),
+                    valid,
+                };
+                let halves = match w {
+                    Weights::Single(mat) => [
+                        rows(mat, j, valid.min(16)),
+                        rows(mat, j + 16, valid.saturating_sub(16)),
+                    ],
+                    Weights::GateUp(wg, wu, _) => [rows(wg, j, valid), rows(wu, j, valid)],
+                };
+                for (half, rows) in halves.into_iter().enumerate() {
+                    vnni::pack16(kind, rows, pc / QK, nb, (wq, wd, wm), half * 16);
                 }
-            }
-            for p in 0..panels {
-                let (wq, wd, wm) = tile(p);
+                let ws = (wq as *const i32, wd as *const f32, wm as *const f32);
                 for tb in 0..tbs {
                     let cp = c.as_mut_ptr().add(tb * MT * ldc + p * NT);
                     let xs = toks.at(tb, pc / QK);
-                    let ws = (wq as *const i32, wd as *const f32, wm as *const f32);
                     match kind {
                         Kind::Q8_0 => vnni::packed_kernel::<false>(nb, xs, ws, cp, ldc, pc == 0),
                         Kind::Q4K => vnni::packed_kernel::<true>(nb, xs, ws, cp, ldc, pc == 0),

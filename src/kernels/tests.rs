@@ -353,17 +353,21 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         eprintln!("no AVX512-VNNI on this CPU: the q8_0/q4k kernels are not used here");
         return;
     }
-    // Token counts in each schedule (q8_0: dot ≤ 5, lanes ≤ 15, packed; q4k: dot ≤ 6, packed)
-    // and on both sides of the 3-token and 6-token tiles; k past the 1024-deep weight block,
-    // with an odd number of q8_0 blocks; n not a multiple of 16 or 32.
+    // Token counts in both schedules (dot up to 3, packed) and on both sides of the 6-token
+    // tile; k past the 1024-deep weight block (which
+    // the packed schedule uses past 1 MiB of tokens' codes), with an odd number of q8_0 blocks;
+    // n not a multiple of 16 or 32.
     let q8_sizes = vec![
         (1, 32, 1),
         (2, 96, 37),
+        (3, 2080, 21),
         (5, 2080, 21),
         (9, 544, 9),
         (15, 96, 33),
         (17, 96, 33),
         (40, 2080, 70),
+        // Past 1 MiB of tokens' codes, blocks of 1024 values (81 blocks: an odd tail).
+        (410, 2592, 40),
     ];
     let q4k_sizes = vec![
         (1, 256, 1),
@@ -372,6 +376,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         (7, 256, 9),
         (17, 1280, 33),
         (40, 2560, 70),
+        (410, 2560, 40),
     ];
     for (kind, dtype, sizes) in [
         (Kind::Q8_0, GgmlDType::Q8_0, q8_sizes),
@@ -448,8 +453,8 @@ fn int8_kernels_keep_nan_to_its_token() {
         let q = QTensor::quantize(&v, dtype).unwrap();
         let data = q.data().unwrap();
         let w = cpu::Mat::blocks(&data, kind.row_bytes(k));
-        // One token of each schedule gets a NaN (and one an infinity): only its outputs are NaN.
-        for m in [1, 9, 20] {
+        // A token of each schedule gets a NaN (and one an infinity): only its outputs are NaN.
+        for m in [1, 3, 20] {
             let mut x = values(m * k, 4);
             x[5] = f32::NAN;
             if m > 1 {

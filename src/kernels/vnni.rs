@@ -137,17 +137,6 @@ unsafe fn q4k_scales(blk: *const u8) -> __m512 {
     _mm512_mul_ps(fields, spread(_mm512_castps128_ps512(dd), 0, 1))
 }
 
-/// The 4-bit codes of q4k sub-blocks `2c` and `2c + 1` (the low and high nibbles of the 32
-/// code bytes `c`), as 64 u8.
-#[inline(always)]
-unsafe fn q4k_sub_pair(blk: *const u8, c: usize) -> __m512i {
-    let v = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
-    let low = _mm256_set1_epi8(0x0f);
-    let lo = _mm256_and_si256(v, low);
-    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
-}
-
 /// The tokens of a decode call, rounded to 8 bits and laid out for [`dot_q8_0`] and
 /// [`dot_q4k`]: by token, `q` codes (i8), and per pair of 32-value blocks `dxv`, the two blocks'
 /// scales spread over 8 lanes each. For q8_0, `corr` holds per pair `−128·Σq` of each block
@@ -265,65 +254,6 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
     }
 }
 
-/// Lanes of a vector of [`LaneTokens`]: 15 tokens, and a 16th lane for the weights' offset sum.
-pub(crate) const LANES: usize = 16;
-
-/// Tokens rounded to 8 bits and laid out for [`lanes_q8_0`]: tokens across the lanes of a
-/// vector, so that 4 codes of a weight row, broadcast from its blocks in place, meet 15 tokens
-/// in one VPDPBUSD. By vector of tokens and 32-value block: `q`, 8 groups of 16 × 4 codes
-/// offset to u8 by +128 (lane 15 all 128, a zero); `d`, 16 scales.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LaneTokens<'a> {
-    pub q: &'a [u8],
-    pub d: &'a [f32],
-    /// 32-value blocks per token.
-    pub nb: usize,
-}
-
-/// `out[r][lane] = Σ x[lane]·w[r]` over `nb` q8_0 blocks of `R` rows, for the tokens of vector
-/// `v` of `toks` (lanes 0..15).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-pub(crate) unsafe fn lanes_q8_0<const R: usize>(
-    nb: usize,
-    w: [*const u8; R],
-    toks: LaneTokens<'_>,
-    v: usize,
-    out: &mut [[f32; LANES]; R],
-) {
-    let mut acc = [_mm512_setzero_ps(); R];
-    let last = _mm512_set1_epi32(15);
-    for b in 0..nb {
-        if b % 2 == 0 {
-            for row in &w {
-                _mm_prefetch::<_MM_HINT_T0>(
-                    row.add(b * Q8_0_BLOCK_BYTES + PREFETCH_BYTES) as *const i8
-                );
-            }
-        }
-        let i = v * toks.nb + b;
-        let xq = toks.q.as_ptr().add(i * 8 * 64);
-        let xq: [__m512i; 8] =
-            std::array::from_fn(|g| _mm512_loadu_si512(xq.add(64 * g) as *const _));
-        let dx = _mm512_loadu_ps(toks.d.as_ptr().add(i * LANES));
-        for (a, row) in acc.iter_mut().zip(&w) {
-            let blk = row.add(b * Q8_0_BLOCK_BYTES);
-            let codes = blk.add(2) as *const i32;
-            let mut isum = _mm512_setzero_si512();
-            for (g, x) in xq.iter().enumerate() {
-                let wb = _mm512_set1_epi32(codes.add(g).read_unaligned());
-                isum = _mm512_dpbusd_epi32(isum, *x, wb);
-            }
-            // Lane 15 is 128·Σw, the +128 offset's share of every lane.
-            let isum = _mm512_sub_epi32(isum, _mm512_permutexvar_epi32(last, isum));
-            let dw = _mm512_cvtph_ps(_mm256_set1_epi16(f16_bits(blk)));
-            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, dx), *a);
-        }
-    }
-    for (o, a) in out.iter_mut().zip(&acc) {
-        _mm512_storeu_ps(o.as_mut_ptr(), *a);
-    }
-}
-
 /// Tokens per tile of [`packed_kernel`].
 pub(crate) const MT: usize = 6;
 /// Weight rows per tile of [`packed_kernel`] (two vectors of 16).
@@ -398,94 +328,104 @@ pub(crate) unsafe fn packed_kernel<const MIN: bool>(
     }
 }
 
-/// Transposes a 16 × 16 matrix of 32-bit lanes held in 16 registers.
-#[inline(always)]
-unsafe fn transpose16(r: &mut [__m512i; 16]) {
-    let mut f: [__m512; 16] = std::array::from_fn(|i| _mm512_castsi512_ps(r[i]));
-    super::avx512::transpose16(&mut f);
-    for (r, f) in r.iter_mut().zip(&f) {
-        *r = _mm512_castps_si512(*f);
-    }
+/// 16 weight rows for [`pack16`]: the first at `base`, the next `stride` bytes apart; only the
+/// first `valid` exist (the others pack as zeros and are never read).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rows16 {
+    pub base: *const u8,
+    pub stride: usize,
+    pub valid: usize,
 }
 
-/// Packs 16 weight rows' blocks `[b0, b0 + nb)` (32-value blocks; `b0` even, and a multiple of
-/// 8 for q4k) for [`packed_kernel`]: codes into `wq[(b·8 + g)·32 + i]` and scales into
-/// `wd[b·32 + i]` (and, for q4k, minima into `wm[b·32 + i]`), `i` the row's place in the tile
-/// (`i0 + 0..16`). Rows that are `None` pack as zeros. `nbk`: the blocks in the whole row (the
-/// last pair may have one).
-#[allow(clippy::too_many_arguments)]
+/// Packs 16 weight rows' 32-value blocks `[b0, b0 + nb)` (`b0` a multiple of 8 for q4k) for
+/// [`packed_kernel`]: codes into `wq[(b·8 + g)·32 + i]`, scales into `wd[b·32 + i]` and, for
+/// q4k, minima into `wm[b·32 + i]`, with `i = i0 + row`. Each vector of 16 rows' values is one
+/// gather from the blocks, so nothing is transposed.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(crate) unsafe fn pack16(
     kind: Kind,
-    rows: &[Option<*const u8>; 16],
+    rows: Rows16,
     b0: usize,
     nb: usize,
-    nbk: usize,
     (wq, wd, wm): (*mut i32, *mut f32, *mut f32),
     i0: usize,
 ) {
-    // Ask for every line of the rows' blocks up front: the loads below then wait for memory
-    // once, not once per row and line.
-    let (start, bytes) = match kind {
-        Kind::Q8_0 => (b0 * Q8_0_BLOCK_BYTES, nb.min(nbk - b0) * Q8_0_BLOCK_BYTES),
-        Kind::Q4K => (b0 / 8 * Q4K_BLOCK_BYTES, nb / 8 * Q4K_BLOCK_BYTES),
+    let mask: __mmask16 = ((1u32 << rows.valid) - 1) as __mmask16;
+    let idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(rows.stride as i32),
+    );
+    // The u32 at byte `off` of each row (zeros for the rows that do not exist).
+    let gather = |off: usize| {
+        _mm512_mask_i32gather_epi32::<1>(
+            _mm512_setzero_si512(),
+            mask,
+            idx,
+            rows.base.wrapping_add(off) as *const i32,
+        )
     };
-    for row in rows.iter().flatten() {
-        for off in (0..bytes + 63).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(row.add(start + off) as *const i8);
+    let store = |b: usize, g: usize, v: __m512i| {
+        _mm512_storeu_si512(wq.add((b * 8 + g) * NT + i0) as *mut _, v)
+    };
+    match kind {
+        Kind::Q8_0 => {
+            for b in 0..nb {
+                let blk = (b0 + b) * Q8_0_BLOCK_BYTES;
+                for g in 0..8 {
+                    store(
+                        b,
+                        g,
+                        _mm512_xor_si512(gather(blk + 2 + 4 * g), _mm512_set1_epi8(-128)),
+                    );
+                }
+                let d = _mm512_cvtepi32_epi16(gather(blk));
+                _mm512_storeu_ps(wd.add(b * NT + i0), _mm512_cvtph_ps(d));
+            }
         }
-    }
-    // q4k: each row's [d·sc[0..8], dmin·m[0..8]] of the current super-block.
-    let mut q4k = [[0f32; 16]; 16];
-    for p in 0..nb.div_ceil(2) {
-        let b = b0 + 2 * p;
-        let mut r = [_mm512_setzero_si512(); 16];
-        // q8_0: the rows' scales (f16 bits) of blocks b and b + 1.
-        let mut d = [[0i16; 16]; 2];
-        for (i, row) in rows.iter().enumerate() {
-            let Some(row) = row else { continue };
-            match kind {
-                Kind::Q8_0 => {
-                    let pa = row.add(b * Q8_0_BLOCK_BYTES);
-                    r[i] = q8_0_pair(*row, b, b + 1 < nbk).0;
-                    d[0][i] = f16_bits(pa);
-                    if b + 1 < nbk {
-                        d[1][i] = f16_bits(pa.add(Q8_0_BLOCK_BYTES));
+        Kind::Q4K => {
+            let low = _mm512_set1_epi8(0x0f);
+            for sb in 0..nb / 8 {
+                let blk = (b0 / 8 + sb) * Q4K_BLOCK_BYTES;
+                for c in 0..4 {
+                    for g in 0..8 {
+                        let v = gather(blk + 16 + 32 * c + 4 * g);
+                        let b = sb * 8 + 2 * c;
+                        store(b, g, _mm512_and_si512(v, low));
+                        store(b + 1, g, _mm512_and_si512(_mm512_srli_epi16::<4>(v), low));
                     }
                 }
-                Kind::Q4K => {
-                    let blk = row.add(b / 8 * Q4K_BLOCK_BYTES);
-                    if b.is_multiple_of(8) {
-                        _mm512_storeu_ps(q4k[i].as_mut_ptr(), q4k_scales(blk));
-                    }
-                    r[i] = q4k_sub_pair(blk, b % 8 / 2);
-                }
-            }
-        }
-        // Row i's 16 u32 (block b's 8 groups, then block b + 1's) become 16 vectors across rows.
-        transpose16(&mut r);
-        for (h, v) in r.iter().enumerate() {
-            let (bb, g) = (2 * p + h / 8, h % 8);
-            if bb < nb {
-                _mm512_storeu_si512(wq.add((bb * 8 + g) * NT + i0) as *mut _, *v);
-            }
-        }
-        for (h, d) in d.iter().enumerate() {
-            let bb = 2 * p + h;
-            if bb >= nb {
-                break;
-            }
-            let (wd, wm) = (wd.add(bb * NT + i0), wm.add(bb * NT + i0));
-            match kind {
-                Kind::Q8_0 => {
-                    let bits = _mm256_loadu_si256(d.as_ptr() as *const __m256i);
-                    _mm512_storeu_ps(wd, _mm512_cvtph_ps(bits));
-                }
-                Kind::Q4K => {
-                    let j = (b + h) % 8;
-                    for (i, v) in q4k.iter().enumerate() {
-                        *wd.add(i) = v[j];
-                        *wm.add(i) = v[8 + j];
+                // d, dmin and the 6-bit fields, unpacked for 16 rows at once (see q4k_scales).
+                let dd = gather(blk);
+                let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+                let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+                let (u0, u1, u2) = (gather(blk + 4), gather(blk + 8), gather(blk + 12));
+                let m6 = _mm512_set1_epi32(0x3f3f_3f3f);
+                let (m4, m2) = (
+                    _mm512_set1_epi32(0x0f0f_0f0f),
+                    _mm512_set1_epi32(0x0303_0303),
+                );
+                let top = |u: __m512i| {
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u), m2))
+                };
+                let fields = [
+                    (_mm512_and_si512(u0, m6), _mm512_and_si512(u1, m6)),
+                    (
+                        _mm512_or_si512(_mm512_and_si512(u2, m4), top(u0)),
+                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32::<4>(u2), m4), top(u1)),
+                    ),
+                ];
+                for (half, (sc, mn)) in fields.iter().enumerate() {
+                    for byte in 0..4 {
+                        let j = sb * 8 + 4 * half + byte;
+                        let field = |v: __m512i| {
+                            let v = _mm512_and_si512(
+                                _mm512_srlv_epi32(v, _mm512_set1_epi32(8 * byte as i32)),
+                                _mm512_set1_epi32(0xff),
+                            );
+                            _mm512_cvtepi32_ps(v)
+                        };
+                        _mm512_storeu_ps(wd.add(j * NT + i0), _mm512_mul_ps(field(*sc), d));
+                        _mm512_storeu_ps(wm.add(j * NT + i0), _mm512_mul_ps(field(*mn), dmin));
                     }
                 }
             }
