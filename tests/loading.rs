@@ -322,8 +322,11 @@ fn real_weights_requantized_to_q8_0_and_q4k_match_candle_and_float64() {
             .unwrap();
         let (ours, candle) = (rel_err(&y, &want), rel_err(&naive, &want));
         eprintln!("{m} tokens: rel err vs float64: ours {ours:.2e}, candle's QMatMul {candle:.2e}");
-        // The 8-bit activations' rounding: ours per 32 values, candle's per 256.
-        assert!(ours <= 2e-2, "{m} tokens: {ours}");
+        // The 8-bit activations' rounding: ours per 32 values, candle's per 256. (Without the
+        // kernels, ours is candle's.)
+        if candle_glu::cpu_kernels_available() {
+            assert!(ours <= 2e-2, "{m} tokens: {ours}");
+        }
         assert!(
             ours <= 1.5 * candle,
             "{m} tokens: ours {ours}, candle {candle}"

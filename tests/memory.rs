@@ -55,6 +55,11 @@ fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
 #[test]
 fn forward_allocates_activations_not_weights() {
     let _one = one_test();
+    if !candle_glu::cpu_kernels_available() {
+        // candle's own bf16 matmul widens the weights on every call (see below).
+        eprintln!("SKIPPED: no AVX-512 (or not x86-64), so the block runs on candle's ops");
+        return;
+    }
     let dev = Device::Cpu;
     let (h, i, m) = (1024, 2816, 64);
     for dtype in [DType::BF16, DType::F32, DType::F16] {

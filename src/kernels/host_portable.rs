@@ -1,0 +1,75 @@
+//! The CPU side of the custom ops on architectures other than x86-64, where this crate has no
+//! CPU kernels: [`available`] and [`quantized_available`] say no, so the block runs on candle's
+//! own ops there, and the ops, should they be called anyway, return an error.
+
+use candle_core::quantized::QTensor;
+use candle_core::{CpuStorage, Layout, Result, Shape};
+
+use super::{GateUpOp, GatedOp, LinearOp, QuantGateUpOp, QuantLinearOp};
+
+/// Whether the CPU ops can run on this machine: never here.
+pub(super) fn available() -> bool {
+    false
+}
+
+/// Whether the quantized ops can take these weights: never here.
+pub(super) fn quantized_available(_: &[&QTensor]) -> bool {
+    false
+}
+
+fn unavailable<T>(op: &str) -> Result<T> {
+    candle_core::bail!("{op}: this crate's CPU kernels need an x86-64 CPU with AVX-512")
+}
+
+/// [`GateUpOp`]'s forward pass.
+pub(super) fn gate_up(
+    _: &GateUpOp,
+    _: &CpuStorage,
+    _: &Layout,
+    _: &CpuStorage,
+    _: &Layout,
+    _: &CpuStorage,
+    _: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    unavailable("glu-gate-up")
+}
+
+/// [`LinearOp`]'s forward pass.
+pub(super) fn linear(
+    _: &LinearOp,
+    _: &CpuStorage,
+    _: &Layout,
+    _: &CpuStorage,
+    _: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    unavailable("glu-linear")
+}
+
+/// [`GatedOp`]'s forward pass.
+pub(super) fn gated(
+    _: &GatedOp,
+    _: &CpuStorage,
+    _: &Layout,
+    _: &CpuStorage,
+    _: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    unavailable("glu-gated")
+}
+
+/// [`QuantGateUpOp`]'s forward pass.
+pub(super) fn quant_gate_up(
+    _: &QuantGateUpOp,
+    _: &CpuStorage,
+    _: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    unavailable("glu-gate-up-quantized")
+}
+
+/// [`QuantLinearOp`]'s forward pass.
+pub(super) fn quant_linear(
+    _: &QuantLinearOp,
+    _: &CpuStorage,
+    _: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    unavailable("glu-linear-quantized")
+}
