@@ -516,7 +516,7 @@ pub(crate) unsafe fn narrow<T: Element>(src: *const f32, dst: *mut T, n: usize) 
 
 /// Transposes a 16 × 16 matrix of 32-bit lanes held in 16 registers.
 #[inline(always)]
-unsafe fn transpose16(r: &mut [__m512; 16]) {
+pub(crate) unsafe fn transpose16(r: &mut [__m512; 16]) {
     // Stage 1: interleave 32-bit lanes of row pairs.
     let mut t = [_mm512_setzero_ps(); 16];
     for i in 0..8 {

@@ -14,14 +14,14 @@
 //!
 //! Measured on 7B shapes (Intel Emerald Rapids, 2 threads), the dot schedule costs about 1 ms
 //! per token beyond the weights' read and the packed one a fixed ~4 ms (the tiles) plus about
-//! 0.35 ms per token: dot wins up to 3 tokens.
+//! 0.35 ms per token: dot wins up to 4 tokens.
 
 use super::cpu::{self, dot, packed, with_scratch, Bias, Mat, SendPtr, Weights};
 use super::vnni::{self, DotTokens, Kind, MT, NT, QK, QK_K};
 use super::Act;
 
-/// Up to this many tokens, the dot schedule.
-const DOT_MAX_TOKENS: usize = 3;
+/// Up to this many tokens, the dot schedule (measured: where it beats the packed one).
+pub(crate) const DOT_MAX_TOKENS: usize = 4;
 /// Depth of one weight block (a multiple of 256, so q4k super-blocks are never split).
 const KC: usize = 1024;
 /// Tiles (of 32 rows) per task.
@@ -100,50 +100,65 @@ impl DotBuffers {
         let kp = k.next_multiple_of(64);
         let nbp = kp / QK;
         let mut q = vec![0i8; m * kp];
-        let (mut d, mut s) = (vec![0f32; m * nbp], vec![0i32; m * nbp]);
-        for t in 0..m {
-            for b in 0..k / QK {
-                let pos = match kind {
-                    Kind::Q8_0 => b,
-                    Kind::Q4K => b / 8 * 8 + Q4K_ORDER[b % 8],
-                };
-                let (db, sb) = vnni::quantize_block(
-                    x.as_ptr().add(t * k + b * QK),
-                    q.as_mut_ptr().add(t * kp + pos * QK),
-                );
-                (d[t * nbp + pos], s[t * nbp + pos]) = (db, sb);
-            }
-        }
-        let pairs = m * kp / 64;
-        let mut dxv = vec![0f32; pairs * 16];
-        for (p, v) in dxv.chunks_exact_mut(16).enumerate() {
-            v[..8].fill(d[2 * p]);
-            v[8..].fill(d[2 * p + 1]);
-        }
-        let (mut corr, mut xsv) = (Vec::new(), Vec::new());
         match kind {
             Kind::Q8_0 => {
-                corr = vec![0i32; pairs * 16];
-                for (p, v) in corr.chunks_exact_mut(16).enumerate() {
-                    (v[0], v[8]) = (-128 * s[2 * p], -128 * s[2 * p + 1]);
+                // One scale per block.
+                let (mut d, mut s) = (vec![0f32; m * nbp], vec![0i32; m * nbp]);
+                for t in 0..m {
+                    for b in 0..k / QK {
+                        let i = t * nbp + b;
+                        let dst = q.as_mut_ptr().add(t * kp + b * QK);
+                        (d[i], s[i]) = vnni::quantize_block(x.as_ptr().add(t * k + b * QK), dst);
+                    }
+                }
+                let pairs = m * kp / 64;
+                let mut dxv = vec![0f32; pairs * 16];
+                let mut corr = vec![0i32; pairs * 16];
+                for (p, (v, c)) in dxv
+                    .chunks_exact_mut(16)
+                    .zip(corr.chunks_exact_mut(16))
+                    .enumerate()
+                {
+                    v[..8].fill(d[2 * p]);
+                    v[8..].fill(d[2 * p + 1]);
+                    (c[0], c[8]) = (-128 * s[2 * p], -128 * s[2 * p + 1]);
+                }
+                Self {
+                    q,
+                    dxv,
+                    corr,
+                    xsv: Vec::new(),
+                    kp,
                 }
             }
             Kind::Q4K => {
-                xsv = vec![0f32; m * kp / QK_K * 16];
-                for (sb, v) in xsv.chunks_exact_mut(16).enumerate() {
-                    for (j, pos) in Q4K_ORDER.iter().enumerate() {
-                        let i = sb * 8 + pos;
-                        v[8 + j] = d[i] * s[i] as f32;
+                // One scale per super-block; sub-blocks stored in the weights' nibble order.
+                let sbs = k / QK_K;
+                let (mut dxv, mut xsv) = (vec![0f32; m * sbs], vec![0f32; m * sbs * 16]);
+                let mut codes = [0i8; QK_K];
+                let mut sums = [0i32; 8];
+                for t in 0..m {
+                    for sb in 0..sbs {
+                        let src = x.as_ptr().add(t * k + sb * QK_K);
+                        let d =
+                            vnni::quantize_shared(src, 8, codes.as_mut_ptr(), sums.as_mut_ptr());
+                        let base = t * kp + sb * QK_K;
+                        for (j, pos) in Q4K_ORDER.iter().enumerate() {
+                            q[base + pos * QK..base + (pos + 1) * QK]
+                                .copy_from_slice(&codes[j * QK..(j + 1) * QK]);
+                            xsv[(t * sbs + sb) * 16 + 8 + j] = d * sums[j] as f32;
+                        }
+                        dxv[t * sbs + sb] = d;
                     }
                 }
+                Self {
+                    q,
+                    dxv,
+                    corr: Vec::new(),
+                    xsv,
+                    kp,
+                }
             }
-        }
-        Self {
-            q,
-            dxv,
-            corr,
-            xsv,
-            kp,
         }
     }
 
@@ -169,25 +184,30 @@ unsafe fn sums(
 ) {
     let mut t = 0;
     while t < m {
+        // `$r` rows a kernel call (4 for 4 tokens: 8 × 4 accumulators would not fit in registers).
         macro_rules! tokens {
-            ($tt:literal) => {{
-                let mut s = [[0f32; dot::R]; $tt];
-                match kind {
-                    Kind::Q8_0 => vnni::dot_q8_0::<{ dot::R }, $tt>(nb, rows, toks, t, &mut s),
-                    Kind::Q4K => vnni::dot_q4k::<{ dot::R }, $tt>(nb, rows, toks, t, &mut s),
-                }
-                for (i, s) in s.iter().enumerate() {
-                    for (r, v) in s.iter().enumerate() {
-                        put(t + i, r, *v);
+            ($tt:literal, $r:literal) => {{
+                for h in 0..dot::R / $r {
+                    let rows: [*const u8; $r] = std::array::from_fn(|i| rows[h * $r + i]);
+                    let mut s = [[0f32; $r]; $tt];
+                    match kind {
+                        Kind::Q8_0 => vnni::dot_q8_0::<$r, $tt>(nb, rows, toks, t, &mut s),
+                        Kind::Q4K => vnni::dot_q4k::<$r, $tt>(nb, rows, toks, t, &mut s),
+                    }
+                    for (i, s) in s.iter().enumerate() {
+                        for (r, v) in s.iter().enumerate() {
+                            put(t + i, h * $r + r, *v);
+                        }
                     }
                 }
                 t += $tt;
             }};
         }
         match m - t {
-            1 => tokens!(1),
-            2 => tokens!(2),
-            _ => tokens!(3),
+            1 => tokens!(1, 8),
+            2 => tokens!(2, 8),
+            3 => tokens!(3, 8),
+            _ => tokens!(4, 4),
         }
     }
 }

@@ -325,10 +325,11 @@ fn q4_1_kernels_match_dequantized_float64() {
     }
 }
 
-/// Activations rounded as the VNNI kernels round them, in plain Rust: per block of 32,
-/// `d = max|x| / 127`, `q = round(x / d)` to nearest even; returned as the values `d·q` (f64).
-fn rounded_activations(x: &[f32]) -> Vec<f64> {
-    x.chunks(32)
+/// Activations rounded as the VNNI kernels round them, in plain Rust: per block of `block`
+/// values, `d = max|x| / 127`, `q = round(x / d)` to nearest even; returned as the values `d·q`
+/// (f64).
+fn rounded_activations(x: &[f32], block: usize) -> Vec<f64> {
+    x.chunks(block)
         .flat_map(|b| {
             let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
             let (d, id) = if amax == 0.0 {
@@ -353,14 +354,14 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         eprintln!("no AVX512-VNNI on this CPU: the q8_0/q4k kernels are not used here");
         return;
     }
-    // Token counts in both schedules (dot up to 3, packed) and on both sides of the 6-token
+    // Token counts in both schedules (dot up to 4, packed) and on both sides of the 6-token
     // tile; k past the 1024-deep weight block (which
     // the packed schedule uses past 1 MiB of tokens' codes), with an odd number of q8_0 blocks;
     // n not a multiple of 16 or 32.
     let q8_sizes = vec![
         (1, 32, 1),
         (2, 96, 37),
-        (3, 2080, 21),
+        (4, 2080, 21),
         (5, 2080, 21),
         (9, 544, 9),
         (15, 96, 33),
@@ -372,6 +373,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
     let q4k_sizes = vec![
         (1, 256, 1),
         (3, 512, 37),
+        (4, 768, 19),
         (6, 2304, 21),
         (7, 256, 9),
         (17, 1280, 33),
@@ -407,7 +409,10 @@ fn int8_kernels_match_float64_over_rounded_activations() {
             // SAFETY: VNNI checked; the blocks hold n rows of k values.
             let h = unsafe { int8::gate_up(&x, m, k, g, u, n, act, kind) };
             let y = unsafe { int8::linear(&x, m, k, g, n, kind) };
-            let xr = rounded_activations(&x);
+            // One scale per 32 values; per 256 (a super-block) for q4k decode.
+            let decode = m <= int8::DOT_MAX_TOKENS;
+            let block = if kind == Kind::Q4K && decode { 256 } else { 32 };
+            let xr = rounded_activations(&x, block);
             let dot =
                 |a: &[f64], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * *b as f64).sum::<f64>();
             let exact: Vec<f64> = x.iter().map(|v| *v as f64).collect();
@@ -454,7 +459,7 @@ fn int8_kernels_keep_nan_to_its_token() {
         let data = q.data().unwrap();
         let w = cpu::Mat::blocks(&data, kind.row_bytes(k));
         // A token of each schedule gets a NaN (and one an infinity): only its outputs are NaN.
-        for m in [1, 3, 20] {
+        for m in [1, 4, 20] {
             let mut x = values(m * k, 4);
             x[5] = f32::NAN;
             if m > 1 {

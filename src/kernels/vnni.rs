@@ -55,37 +55,46 @@ impl Kind {
     }
 }
 
-/// Rounds 32 f32 values to 8 bits: `d = max|x| / 127`, `q = round(x / d)` (to nearest even),
-/// written to `q`. Returns `(d, Σq)`. A block with a NaN or an infinity gets `d = NaN` (and
-/// zero codes), so that the sums it enters are NaN, as they would be in f32.
+/// Rounds `nb` blocks of 32 f32 values to 8 bits with one scale: `d = max|x| / 127`,
+/// `q = round(x / d)` (to nearest even), written to `q`, with each block's `Σq` in `sums`.
+/// Returns `d`. Blocks with a NaN or an infinity make `d` NaN (and the codes zeros), so that the
+/// sums they enter are NaN, as they would be in f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, i32) {
-    let (a, b) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
+pub(crate) unsafe fn quantize_shared(x: *const f32, nb: usize, q: *mut i8, sums: *mut i32) -> f32 {
     let zero = _mm512_setzero_ps();
-    // x·0 is 0 for finite x, NaN otherwise.
-    let bad = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_mul_ps(a, zero), zero)
-        | _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_mul_ps(b, zero), zero);
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    let (mut amax, mut bad) = (zero, 0u16);
+    for i in 0..2 * nb {
+        let v = _mm512_loadu_ps(x.add(16 * i));
+        // v·0 is 0 for finite v, NaN otherwise.
+        bad |= _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_mul_ps(v, zero), zero);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    let amax = _mm512_reduce_max_ps(amax);
     if bad != 0 || amax == 0.0 {
-        _mm256_storeu_si256(q as *mut __m256i, _mm256_setzero_si256());
-        return (if bad != 0 { f32::NAN } else { 0.0 }, 0);
+        std::ptr::write_bytes(q, 0, 32 * nb);
+        std::ptr::write_bytes(sums, 0, nb);
+        return if bad != 0 { f32::NAN } else { 0.0 };
     }
     let id = _mm512_set1_ps(127.0 / amax);
-    let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
-    let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
-    _mm_storeu_si128(q as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
-    _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(qb));
-    (
-        amax / 127.0,
-        _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)),
-    )
+    for b in 0..nb {
+        let qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.add(32 * b)), id));
+        let qb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.add(32 * b + 16)), id));
+        _mm_storeu_si128(q.add(32 * b) as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128(
+            q.add(32 * b + 16) as *mut __m128i,
+            _mm512_cvtsepi32_epi8(qb),
+        );
+        *sums.add(b) = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    }
+    amax / 127.0
 }
 
-/// 16 lanes, the first 8 from lane `a` of `v`, the last 8 from lane `b`.
-#[inline(always)]
-unsafe fn spread(v: __m512, a: i32, b: i32) -> __m512 {
-    let idx = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(a), _mm512_set1_epi32(b));
-    _mm512_permutexvar_ps(idx, v)
+/// [`quantize_shared`] for one block: returns `(d, Σq)`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, i32) {
+    let mut sum = 0;
+    let d = quantize_shared(x, 1, q, &mut sum);
+    (d, sum)
 }
 
 /// An f16 at `p` (unaligned), as its bits.
@@ -116,9 +125,9 @@ unsafe fn q8_0_pair(row: *const u8, b: usize, second: bool) -> (__m512i, __m512)
     (codes, _mm512_cvtph_ps(_mm256_set_m128i(db, da)))
 }
 
-/// A q4k super-block's 8 sub-block scales and minima: `[d·sc[0..8], dmin·m[0..8]]`.
+/// A q4k super-block's 6-bit fields as i32 `[sc[0..8], m[0..8]]`, its `d` and its `dmin`.
 #[inline(always)]
-unsafe fn q4k_scales(blk: *const u8) -> __m512 {
+unsafe fn q4k_fields(blk: *const u8) -> (__m512i, f32, f32) {
     let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
     let sm = blk.add(4) as *const u32;
     let (u0, u1, u2) = (
@@ -126,23 +135,33 @@ unsafe fn q4k_scales(blk: *const u8) -> __m512 {
         sm.add(1).read_unaligned(),
         sm.add(2).read_unaligned(),
     );
-    // The 6-bit fields: sc[0..4] and m[0..4] in the low 6 bits of bytes 0..4 and 4..8;
-    // sc[4..8] and m[4..8] in the nibbles of bytes 8..12, topped by the high 2 bits of bytes 0..8.
+    // sc[0..4] and m[0..4] in the low 6 bits of bytes 0..4 and 4..8; sc[4..8] and m[4..8] in
+    // the nibbles of bytes 8..12, topped by the high 2 bits of bytes 0..8.
     let sc_lo = u0 & 0x3f3f_3f3f;
     let sc_hi = (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4);
     let m_lo = u1 & 0x3f3f_3f3f;
     let m_hi = ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4);
     let fields = _mm_set_epi32(m_hi as i32, m_lo as i32, sc_hi as i32, sc_lo as i32);
-    let fields = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(fields));
-    _mm512_mul_ps(fields, spread(_mm512_castps128_ps512(dd), 0, 1))
+    let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+    (_mm512_cvtepu8_epi32(fields), d, dmin)
+}
+
+/// 16 i32 lanes, the first 8 from lane `a` of `v`, the last 8 from lane `b`.
+#[inline(always)]
+unsafe fn spread_i32(v: __m512i, a: i32, b: i32) -> __m512i {
+    let idx = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(a), _mm512_set1_epi32(b));
+    _mm512_permutexvar_epi32(idx, v)
 }
 
 /// The tokens of a decode call, rounded to 8 bits and laid out for [`dot_q8_0`] and
-/// [`dot_q4k`]: by token, `q` codes (i8), and per pair of 32-value blocks `dxv`, the two blocks'
-/// scales spread over 8 lanes each. For q8_0, `corr` holds per pair `−128·Σq` of each block
-/// in lanes 0 and 8; for q4k, `xsv` per super-block holds `d·Σq` of its 8 sub-blocks in lanes
-/// 8..16 (zeros below), and the codes of each super-block are stored with its sub-blocks in
-/// the order 0, 2, 1, 3, 4, 6, 5, 7, as the weights' nibbles come.
+/// [`dot_q4k`]: by token, `q` codes (i8).
+///
+/// - q8_0: one scale per 32-value block; per pair of blocks, `dxv` holds the two scales spread
+///   over 8 lanes each and `corr` `−128·Σq` of each block in lanes 0 and 8.
+/// - q4k: one scale `d` per super-block of 256 values (as llama.cpp's and candle's q8K), in
+///   `dxv`; `xsv` per super-block holds `d·Σq` of its 8 sub-blocks in lanes 8..16 (zeros
+///   below); the codes of each super-block are stored with its sub-blocks in the order 0, 2,
+///   1, 3, 4, 6, 5, 7, as the weights' nibbles come.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DotTokens<'a> {
     pub q: &'a [i8],
@@ -196,6 +215,11 @@ pub(crate) unsafe fn dot_q8_0<const R: usize, const TT: usize>(
 
 /// `out[t][r] = Σ x[t]·w[r]` over `nb` q4k super-blocks of `R` weight rows, for `TT` tokens
 /// from `toks` starting at token `t0`.
+///
+/// With one activation scale per super-block, the sub-block scales apply in integers, as in
+/// llama.cpp: VPDPBUSD gives the codes' dot products (at most 4·15·127 per lane, so they fit
+/// in 16 bits), and VPDPWSSD multiplies them by the 6-bit scales and sums the super-block; one
+/// conversion to f32 per super-block and token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
     nb: usize,
@@ -207,6 +231,7 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
     let mut acc = [[_mm512_setzero_ps(); R]; TT];
     let pp = toks.kp / 64;
     let sbs = toks.kp / QK_K;
+    let low = _mm512_set1_epi8(0x0f);
     for sb in 0..nb {
         for row in &w {
             let p = row.add(sb * Q4K_BLOCK_BYTES + PREFETCH_BYTES_Q4K);
@@ -215,11 +240,13 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
         }
         for (r, row) in w.iter().enumerate() {
             let blk = row.add(sb * Q4K_BLOCK_BYTES);
-            let v = q4k_scales(blk);
-            // Code vector i holds sub-blocks (0, 2), (1, 3), (4, 6), (5, 7).
+            let (fields, d, dmin) = q4k_fields(blk);
+            // [0 ×8, dmin·m[0..8]]
+            let mins =
+                _mm512_maskz_mul_ps(0xff00, _mm512_cvtepi32_ps(fields), _mm512_set1_ps(dmin));
+            // Code vector i holds sub-blocks (0, 2), (1, 3), (4, 6), (5, 7); their scales too.
             let q0 = _mm512_loadu_si512(blk.add(16) as *const _);
             let q1 = _mm512_loadu_si512(blk.add(80) as *const _);
-            let low = _mm512_set1_epi8(0x0f);
             let codes = [
                 _mm512_and_si512(q0, low),
                 _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low),
@@ -227,23 +254,25 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
                 _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low),
             ];
             let scales = [
-                spread(v, 0, 2),
-                spread(v, 1, 3),
-                spread(v, 4, 6),
-                spread(v, 5, 7),
+                spread_i32(fields, 0, 2),
+                spread_i32(fields, 1, 3),
+                spread_i32(fields, 4, 6),
+                spread_i32(fields, 5, 7),
             ];
             for (t, a) in acc.iter_mut().enumerate() {
                 let t = t0 + t;
+                let mut isum = _mm512_setzero_si512();
                 for (i, (codes, scale)) in codes.iter().zip(&scales).enumerate() {
                     let pi = t * pp + 4 * sb + i;
                     let x = _mm512_loadu_si512(toks.q.as_ptr().add(64 * pi) as *const _);
-                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *codes, x);
-                    let s = _mm512_mul_ps(*scale, _mm512_loadu_ps(toks.dxv.as_ptr().add(16 * pi)));
-                    a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, a[r]);
+                    let dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *codes, x);
+                    isum = _mm512_dpwssd_epi32(isum, dots, *scale);
                 }
-                // The minima: Σ_j dmin·m[j] · d_x[j]·Σq[j], in lanes 8..16.
+                let dx = *toks.dxv.get_unchecked(t * sbs + sb);
+                a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d * dx), a[r]);
+                // The minima: Σ_j dmin·m[j] · d_x·Σq[j], in lanes 8..16.
                 let xs = toks.xsv.as_ptr().add(16 * (t * sbs + sb));
-                a[r] = _mm512_fnmadd_ps(v, _mm512_loadu_ps(xs), a[r]);
+                a[r] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(xs), a[r]);
             }
         }
     }
@@ -337,6 +366,14 @@ pub(crate) struct Rows16 {
     pub valid: usize,
 }
 
+/// Transposes a 16 × 16 matrix of u32 held in 16 registers.
+#[inline(always)]
+unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+    let mut f: [__m512; 16] = std::array::from_fn(|i| _mm512_castsi512_ps(r[i]));
+    super::avx512::transpose16(&mut f);
+    std::array::from_fn(|i| _mm512_castps_si512(f[i]))
+}
+
 /// Packs 16 weight rows' 32-value blocks `[b0, b0 + nb)` (`b0` a multiple of 8 for q4k) for
 /// [`packed_kernel`]: codes into `wq[(b·8 + g)·32 + i]`, scales into `wd[b·32 + i]` and, for
 /// q4k, minima into `wm[b·32 + i]`, with `i = i0 + row`. Each vector of 16 rows' values is one
@@ -369,17 +406,22 @@ pub(crate) unsafe fn pack16(
     };
     match kind {
         Kind::Q8_0 => {
-            for b in 0..nb {
-                let blk = (b0 + b) * Q8_0_BLOCK_BYTES;
-                for g in 0..8 {
-                    store(
-                        b,
-                        g,
-                        _mm512_xor_si512(gather(blk + 2 + 4 * g), _mm512_set1_epi8(-128)),
-                    );
+            // Codes by row (blocks b and b + 1 as 16 u32), transposed in registers: cheaper than
+            // 8 gathers a block. Rows that do not exist read row 0; their scales are zeros.
+            let row = |i: usize| {
+                rows.base
+                    .add(if i < rows.valid { i * rows.stride } else { 0 })
+            };
+            for p in (0..nb).step_by(2) {
+                let (b, second) = (b0 + p, p + 1 < nb);
+                let v = transpose(std::array::from_fn(|i| q8_0_pair(row(i), b, second).0));
+                for (h, v) in v.iter().enumerate().take(if second { 16 } else { 8 }) {
+                    store(p + h / 8, h % 8, *v);
                 }
-                let d = _mm512_cvtepi32_epi16(gather(blk));
-                _mm512_storeu_ps(wd.add(b * NT + i0), _mm512_cvtph_ps(d));
+                for bb in p..nb.min(p + 2) {
+                    let d = _mm512_cvtepi32_epi16(gather((b0 + bb) * Q8_0_BLOCK_BYTES));
+                    _mm512_storeu_ps(wd.add(bb * NT + i0), _mm512_cvtph_ps(d));
+                }
             }
         }
         Kind::Q4K => {
