@@ -274,7 +274,18 @@ fn real_weights_requantized_to_q8_0_and_q4k_match_candle_and_float64() {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     // 1, 9 and 40 tokens: each schedule of the kernels.
     for m in [1, 9, 40] {
-        let x = Tensor::randn(0f32, 1., (m, h), &Device::Cpu).unwrap();
+        // A fixed input (so that the bounds below hold on every run): sums of uniforms, ~N(0, 1).
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ m as u64;
+        let mut uniform = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let xs: Vec<f32> = (0..m * h)
+            .map(|_| (0..12).map(|_| uniform()).sum())
+            .collect();
+        let x = Tensor::from_vec(xs, (m, h), &Device::Cpu).unwrap();
         let y = ffn.forward(&x).unwrap();
         let naive = {
             let g = mm[0].forward(&x).unwrap();
@@ -322,11 +333,9 @@ fn real_weights_requantized_to_q8_0_and_q4k_match_candle_and_float64() {
             .unwrap();
         let (ours, candle) = (rel_err(&y, &want), rel_err(&naive, &want));
         eprintln!("{m} tokens: rel err vs float64: ours {ours:.2e}, candle's QMatMul {candle:.2e}");
-        // The 8-bit activations' rounding: ours per 32 values, candle's per 256. (Without the
-        // kernels, ours is candle's.)
-        if candle_glu::cpu_kernels_available() {
-            assert!(ours <= 2e-2, "{m} tokens: {ours}");
-        }
+        // The 8-bit activations' rounding: ours per 32 values (per 256 for q4k at up to 4
+        // tokens), candle's per 256. (Without the kernels, ours is candle's.)
+        assert!(ours <= 3e-2, "{m} tokens: {ours}");
         assert!(
             ours <= 1.5 * candle,
             "{m} tokens: ours {ours}, candle {candle}"
