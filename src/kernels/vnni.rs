@@ -387,6 +387,14 @@ pub(crate) unsafe fn pack16(
     (wq, wd, wm): (*mut i32, *mut f32, *mut f32),
     i0: usize,
 ) {
+    if rows.valid == 0 {
+        // No rows (past the matrix's end): zero scales and minima, and nothing read.
+        for b in 0..nb {
+            std::ptr::write_bytes(wd.add(b * NT + i0), 0, 16);
+            std::ptr::write_bytes(wm.add(b * NT + i0), 0, 16);
+        }
+        return;
+    }
     let mask: __mmask16 = ((1u32 << rows.valid) - 1) as __mmask16;
     let idx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
