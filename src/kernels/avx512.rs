@@ -191,7 +191,7 @@ unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
         if b % 2 == 0 {
             for row in &w {
                 _mm_prefetch::<_MM_HINT_T0>(
-                    row.add(b * Q4_1_BLOCK_BYTES + PREFETCH_BYTES) as *const i8
+                    row.wrapping_add(b * Q4_1_BLOCK_BYTES + PREFETCH_BYTES) as *const i8,
                 );
             }
         }
@@ -432,7 +432,9 @@ pub(crate) unsafe fn dot_kernel<F: Format, const R: usize, const TT: usize>(
             // Software prefetch a little ahead on every row: the hardware prefetcher alone does
             // not keep R streams per core busy enough to saturate memory.
             for row in &w {
-                _mm_prefetch::<_MM_HINT_T0>(row.add(F::row_bytes(i) + PREFETCH_BYTES) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.wrapping_add(F::row_bytes(i) + PREFETCH_BYTES) as *const i8
+                );
             }
         }
         let mut wv = [_mm512_setzero_ps(); R];

@@ -191,7 +191,7 @@ pub(crate) unsafe fn dot_q8_0<const R: usize, const TT: usize>(
         let second = 2 * p + 1 < nb;
         for row in &w {
             _mm_prefetch::<_MM_HINT_T0>(
-                row.add(2 * p * Q8_0_BLOCK_BYTES + PREFETCH_BYTES) as *const i8
+                row.wrapping_add(2 * p * Q8_0_BLOCK_BYTES + PREFETCH_BYTES) as *const i8,
             );
         }
         for (r, row) in w.iter().enumerate() {
@@ -234,9 +234,9 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
     let low = _mm512_set1_epi8(0x0f);
     for sb in 0..nb {
         for row in &w {
-            let p = row.add(sb * Q4K_BLOCK_BYTES + PREFETCH_BYTES_Q4K);
+            let p = row.wrapping_add(sb * Q4K_BLOCK_BYTES + PREFETCH_BYTES_Q4K);
             _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(p.add(64) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64) as *const i8);
         }
         for (r, row) in w.iter().enumerate() {
             let blk = row.add(sb * Q4K_BLOCK_BYTES);
