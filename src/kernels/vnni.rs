@@ -2,8 +2,10 @@
 //!
 //! Activations are rounded to 8 bits in blocks of 32 values, each block with its own f32 scale
 //! (as llama.cpp's q8_0 activations; finer than the 256-value blocks candle uses with these
-//! weights). Weights and activations meet in integer dot products (VPDPBUSD: u8 × i8, four
-//! products summed per i32 lane), and the scales are applied in f32 once per 32 values.
+//! weights), except in [`dot_q4k`], which takes one scale per 256 values so that the sub-block
+//! scales apply in integers. Weights and activations meet in integer dot products (VPDPBUSD:
+//! u8 × i8, four products summed per i32 lane), and the scales are applied in f32 once per 32
+//! values (per 256 in [`dot_q4k`]).
 //!
 //! VPDPBUSD needs one operand unsigned. q4k's 4-bit codes are; q8_0's signed weights are offset
 //! by +128 (their sign bit flipped), and the `128·Σq` this adds to each activation block's sum
