@@ -4,8 +4,7 @@
 # does on x86-64 CPUs without AVX-512. No other target's standard library can be installed here,
 # so this copies the tracked files to a temporary directory, turns every `target_arch = "x86_64"`
 # test in src/ false (it asks for aarch64 instead), and lints and tests that copy on this machine
-# (the SmolLM2 GGUF must be
-# fetched first for the full run, as for the tests: scripts/fetch_smollm2.sh).
+# (the full run needs the SmolLM2 GGUF, as the tests do: scripts/fetch_smollm2.sh).
 #
 #   scripts/portable_check.sh          # lints every target, runs every test (~8 min cold)
 #   scripts/portable_check.sh --quick  # lints every target, runs the library's tests (CI)
