@@ -176,9 +176,9 @@ fn quantized_forwards_read_the_blocks_in_place() {
             let x = Tensor::randn(0f32, 1.0, (m, h), &Device::Cpu).unwrap();
             let (y, peak) = peak_of(|| ffn.forward(&x).unwrap());
             drop(y);
-            // Activations ([m, i] twice at most, input and output, and their 8-bit copies)
-            // and per-thread scratch.
-            let bound = 3 * m * i * 4 + 2 * m * h * 4 + (4 << 20);
+            // Activations ([m, i] twice at most, input and output; their 8-bit copies with
+            // scales, 2 bytes a value at most) and per-thread scratch.
+            let bound = 2 * m * i * 4 + 2 * m * i + 2 * m * h * 4 + (4 << 20);
             eprintln!(
                 "{dtype:?}, {m} tokens: peak {:.2} MB, weights {:.2} MB",
                 peak as f64 / 1e6,

@@ -229,7 +229,7 @@ thread_local! {
 /// Runs `f` on this thread's buffer in `key`, grown to at least `len` f32 and kept between
 /// calls (fresh pages would cost a fault every 4 KiB); on a fresh one should it be in use, as
 /// when a forward runs inside another's task on the same thread.
-pub(super) fn with_buffer<R>(
+fn with_buffer<R>(
     key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
@@ -285,37 +285,60 @@ pub(super) mod dot {
         // Tokens as f32, once.
         let mut xf = vec![0f32; m * k];
         avx512::widen(x.as_ptr(), xf.as_mut_ptr(), m * k);
-        let xf = &xf[..];
-        run_with(m, w, n, bias, out, &|rows, put| unsafe {
-            sums::<F>(xf, m, k, rows, put)
-        });
+        let sums = DenseSums::<F> {
+            xf: &xf,
+            m,
+            k,
+            format: std::marker::PhantomData,
+        };
+        run_with(m, w, n, bias, out, &sums);
     }
 
-    /// Row sums of `R` weight rows: `put(token, row, sum)` for every token.
-    pub(crate) type RowSums<'a> =
-        dyn Fn([*const u8; R], &mut dyn FnMut(usize, usize, f32)) + Sync + 'a;
+    /// A way of taking the sums of `R` weight rows with every token of a call (generic, so
+    /// that `put` inlines: it runs once per row and token).
+    pub(crate) trait RowSums: Sync {
+        /// Calls `put(token, row, sum)` for every token and the `R` rows.
+        ///
+        /// # Safety
+        /// The rows hold the values the implementation was made for, in its format.
+        unsafe fn sums(&self, rows: [*const u8; R], put: impl FnMut(usize, usize, f32));
+    }
+
+    /// Rows in format `F` against f32 tokens `xf` (`m` of `k` values).
+    struct DenseSums<'a, F> {
+        xf: &'a [f32],
+        m: usize,
+        k: usize,
+        format: std::marker::PhantomData<F>,
+    }
+
+    impl<F: Format> RowSums for DenseSums<'_, F> {
+        unsafe fn sums(&self, rows: [*const u8; R], put: impl FnMut(usize, usize, f32)) {
+            sums::<F>(self.xf, self.m, self.k, rows, put)
+        }
+    }
 
     /// The schedule around a way of taking row sums: tasks of `COLS` output columns, each
     /// adding biases, the gated product and the rounding to `T` to its rows' sums.
-    pub(crate) fn run_with<T: Element>(
+    pub(crate) fn run_with<T: Element, S: RowSums>(
         m: usize,
         w: Weights,
         n: usize,
         bias: Bias<'_>,
         out: &mut [T],
-        sums: &RowSums<'_>,
+        sums: &S,
     ) {
         let out = SendPtr(out.as_mut_ptr());
         parallel_for(n.div_ceil(COLS), |t| {
             let j0 = t * COLS;
             let cols = COLS.min(n - j0);
             // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
-            unsafe { task::<T>(m, w, n, bias, j0, cols, out, sums) }
+            unsafe { task::<T, S>(m, w, n, bias, j0, cols, out, sums) }
         });
     }
 
     #[allow(clippy::too_many_arguments)]
-    unsafe fn task<T: Element>(
+    unsafe fn task<T: Element, S: RowSums>(
         m: usize,
         w: Weights,
         n: usize,
@@ -323,7 +346,7 @@ pub(super) mod dot {
         j0: usize,
         cols: usize,
         out: SendPtr<T>,
-        sums: &RowSums<'_>,
+        sums: &S,
     ) {
         let add = |b: Option<&[f32]>, j: usize| b.map_or(0.0, |b| b[j0 + j]);
         // Past the task's last column, rows repeat the last one; their sums are dropped.
@@ -334,7 +357,7 @@ pub(super) mod dot {
                 Weights::Single(mat) => {
                     for j in (0..cols).step_by(R) {
                         let rows = std::array::from_fn(|r| row(mat, j + r));
-                        sums(rows, &mut |t, r, s| {
+                        sums.sums(rows, |t, r, s| {
                             if j + r < cols {
                                 a[t * cols + j + r] = s + add(bias.a, j + r);
                             }
@@ -352,7 +375,7 @@ pub(super) mod dot {
                                 row(wu, j + r - half)
                             }
                         });
-                        sums(rows, &mut |t, r, s| {
+                        sums.sums(rows, |t, r, s| {
                             let (buf, c, bb) = if r < half {
                                 (&mut *a, r, bias.a)
                             } else {
@@ -385,7 +408,7 @@ pub(super) mod dot {
         m: usize,
         k: usize,
         rows: [*const u8; R],
-        put: &mut dyn FnMut(usize, usize, f32),
+        mut put: impl FnMut(usize, usize, f32),
     ) {
         // Sums of nothing; the schedule takes more than DOT_MAX_TOKENS tokens only then.
         if k == 0 {
@@ -643,7 +666,7 @@ pub(super) mod packed {
 
     /// The 32 weight rows of the panel starting at output column `j` (up to `end`): 32 rows of
     /// one matrix, or 16 gate rows then the same 16 up rows. Rows past `end` are `None` (zeros).
-    pub(crate) fn panel_rows(w: Weights, j: usize, end: usize) -> [Option<*const u8>; NR] {
+    fn panel_rows(w: Weights, j: usize, end: usize) -> [Option<*const u8>; NR] {
         let row = |mat: Mat, j: usize| (j < end).then(|| mat.row(j));
         std::array::from_fn(|r| match w {
             Weights::Single(mat) => row(mat, j + r),

@@ -72,10 +72,13 @@ unsafe fn run(x: &[f32], m: usize, k: usize, w: Weights, n: usize, kind: Kind) -
     let nb = k / kind.block_values();
     if m <= DOT_MAX_TOKENS {
         let toks = DotBuffers::new(x, m, k, kind);
-        let view = toks.view();
-        dot::run_with(m, w, n, Bias::default(), &mut out, &|rows, put| unsafe {
-            sums(kind, view, nb, m, rows, put)
-        });
+        let sums = QuantSums {
+            kind,
+            toks: toks.view(),
+            nb,
+            m,
+        };
+        dot::run_with(m, w, n, Bias::default(), &mut out, &sums);
     } else {
         packed_run(x, m, k, w, n, kind, &mut out);
     }
@@ -173,14 +176,28 @@ impl DotBuffers {
     }
 }
 
-/// Calls `put(token, row, sum)` for every token and the `R` rows, three tokens at a time.
+/// Rows of `nb` blocks of `kind` against the `m` rounded tokens `toks`.
+struct QuantSums<'a> {
+    kind: Kind,
+    toks: DotTokens<'a>,
+    nb: usize,
+    m: usize,
+}
+
+impl dot::RowSums for QuantSums<'_> {
+    unsafe fn sums(&self, rows: [*const u8; dot::R], put: impl FnMut(usize, usize, f32)) {
+        sums(self.kind, self.toks, self.nb, self.m, rows, put)
+    }
+}
+
+/// Calls `put(token, row, sum)` for every token and the `R` rows, up to four tokens at a time.
 unsafe fn sums(
     kind: Kind,
     toks: DotTokens<'_>,
     nb: usize,
     m: usize,
     rows: [*const u8; dot::R],
-    put: &mut dyn FnMut(usize, usize, f32),
+    mut put: impl FnMut(usize, usize, f32),
 ) {
     let mut t = 0;
     while t < m {

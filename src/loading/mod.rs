@@ -47,8 +47,9 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Where the weights go.
     pub device: Device,
-    /// GGUF only: keep the weights quantized and multiply with candle's `QMatMul` (which computes
-    /// in f32) instead of dequantizing them to `dtype`. Default `true`. A Q4_1, Q5_0 or Q5_1
+    /// GGUF only: keep the weights quantized, in candle's `QMatMul` (f32 activations), instead of
+    /// dequantizing them to `dtype`; on the CPU, the block multiplies Q4_1, q8_0 and q4k itself,
+    /// reading the blocks in place (see [`crate::Projection`]). Default `true`. A Q4_1, Q5_0 or Q5_1
     /// weight whose rows hold an odd number of 32-value blocks is dequantized to f32 all the same:
     /// candle 0.11.1's kernels for them assert an even number (a panic in debug builds).
     pub quantized: bool,
