@@ -297,11 +297,18 @@ pub(super) mod dot {
     /// A way of taking the sums of `R` weight rows with every token of a call (generic, so
     /// that `put` inlines: it runs once per row and token).
     pub(crate) trait RowSums: Sync {
-        /// Calls `put(token, row, sum)` for every token and the `R` rows.
+        /// Calls `put(token, row, sum)` for every token and the `R` rows. `ahead` is how many
+        /// bytes past each row the same row of the next call starts, for prefetching (the
+        /// dense kernels, already at the read floor, ignore it).
         ///
         /// # Safety
         /// The rows hold the values the implementation was made for, in its format.
-        unsafe fn sums(&self, rows: [*const u8; R], put: impl FnMut(usize, usize, f32));
+        unsafe fn sums(
+            &self,
+            rows: [*const u8; R],
+            ahead: usize,
+            put: impl FnMut(usize, usize, f32),
+        );
     }
 
     /// Rows in format `F` against f32 tokens `xf` (`m` of `k` values).
@@ -313,7 +320,12 @@ pub(super) mod dot {
     }
 
     impl<F: Format> RowSums for DenseSums<'_, F> {
-        unsafe fn sums(&self, rows: [*const u8; R], put: impl FnMut(usize, usize, f32)) {
+        unsafe fn sums(
+            &self,
+            rows: [*const u8; R],
+            _ahead: usize,
+            put: impl FnMut(usize, usize, f32),
+        ) {
             sums::<F>(self.xf, self.m, self.k, rows, put)
         }
     }
@@ -357,7 +369,7 @@ pub(super) mod dot {
                 Weights::Single(mat) => {
                     for j in (0..cols).step_by(R) {
                         let rows = std::array::from_fn(|r| row(mat, j + r));
-                        sums.sums(rows, |t, r, s| {
+                        sums.sums(rows, R * mat.row_bytes, |t, r, s| {
                             if j + r < cols {
                                 a[t * cols + j + r] = s + add(bias.a, j + r);
                             }
@@ -375,7 +387,7 @@ pub(super) mod dot {
                                 row(wu, j + r - half)
                             }
                         });
-                        sums.sums(rows, |t, r, s| {
+                        sums.sums(rows, half * wg.row_bytes, |t, r, s| {
                             let (buf, c, bb) = if r < half {
                                 (&mut *a, r, bias.a)
                             } else {

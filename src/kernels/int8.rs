@@ -185,8 +185,13 @@ struct QuantSums<'a> {
 }
 
 impl dot::RowSums for QuantSums<'_> {
-    unsafe fn sums(&self, rows: [*const u8; dot::R], put: impl FnMut(usize, usize, f32)) {
-        sums(self.kind, self.toks, self.nb, self.m, rows, put)
+    unsafe fn sums(
+        &self,
+        rows: [*const u8; dot::R],
+        ahead: usize,
+        put: impl FnMut(usize, usize, f32),
+    ) {
+        sums(self.kind, self.toks, self.nb, self.m, rows, ahead, put)
     }
 }
 
@@ -197,6 +202,7 @@ unsafe fn sums(
     nb: usize,
     m: usize,
     rows: [*const u8; dot::R],
+    ahead: usize,
     mut put: impl FnMut(usize, usize, f32),
 ) {
     let mut t = 0;
@@ -208,8 +214,8 @@ unsafe fn sums(
                     let rows: [*const u8; $r] = std::array::from_fn(|i| rows[h * $r + i]);
                     let mut s = [[0f32; $r]; $tt];
                     match kind {
-                        Kind::Q8_0 => vnni::dot_q8_0::<$r, $tt>(nb, rows, toks, t, &mut s),
-                        Kind::Q4K => vnni::dot_q4k::<$r, $tt>(nb, rows, toks, t, &mut s),
+                        Kind::Q8_0 => vnni::dot_q8_0::<$r, $tt>(nb, rows, ahead, toks, t, &mut s),
+                        Kind::Q4K => vnni::dot_q4k::<$r, $tt>(nb, rows, ahead, toks, t, &mut s),
                     }
                     for (i, s) in s.iter().enumerate() {
                         for (r, v) in s.iter().enumerate() {
