@@ -18,7 +18,7 @@
 //! `--copies`), for both sides: every run then reads its weights from memory, as each layer of a
 //! 7B model does. With one copy, a 76 MB q4k layer partly stays in the 260 MiB L3 between runs,
 //! even across the 1 GiB probe: one-token q4k decode measured 1.01× the floor that way,
-//! against 1.20× with the copies, in the same sitting.
+//! against 1.20× with the copies, in the same sitting (an earlier build of the present kernel).
 //!
 //! On a GPU (`--device cuda`), both run on the device and every timed run ends with
 //! `Device::synchronize`, so each time is the whole forward pass, kernels included.
@@ -252,8 +252,10 @@ fn main() -> Result<()> {
                 let (naive, ffn, _) = build(wt, (h, i), &dev)?;
                 layers.push((naive, ffn));
             }
-            // The copy the next run of each side takes.
-            let (next_naive, next_ours) = (Cell::new(0), Cell::new(0));
+            // The copy the next run of each side takes. The sides share each copy's weights
+            // (dense and Q4_1), so naive runs half a turn behind: with two copies or more, no run
+            // takes the copy that the run just before it read.
+            let (next_naive, next_ours) = (Cell::new(layers.len() / 2), Cell::new(0));
             let take = |next: &Cell<usize>| {
                 let c = next.get();
                 next.set((c + 1) % layers.len());

@@ -387,6 +387,8 @@ pub(super) mod dot {
                                 row(wu, j + r - half)
                             }
                         });
+                        // Gate and up rows are alike, so one distance serves both.
+                        debug_assert_eq!(wg.row_bytes, wu.row_bytes);
                         sums.sums(rows, half * wg.row_bytes, |t, r, s| {
                             let (buf, c, bb) = if r < half {
                                 (&mut *a, r, bias.a)

@@ -31,12 +31,12 @@ const PREFETCH_BYTES: usize = 512;
 const PREFETCH_BYTES_Q4K: usize = 256;
 
 /// Prefetches the lines of a weight block of `BYTES` bytes at `p`: `near` bytes ahead into L1,
-/// and `ahead` bytes ahead (the same block of the rows that the next call takes) into L2.
+/// and `ahead` bytes ahead (the same block of the rows that the schedule takes next) into L2.
 ///
 /// The L2 prefetch is what lets decode stream at the memory's pace: eight rows read in lockstep
 /// are eight streams, more than the hardware prefetchers follow well. On 7B decode, taking
 /// turns over copies of the weights (so every run reads them from memory), it cut q4k from
-/// 1.27–1.43× to 1.00–1.13× the read floor, and q8_0 from 1.04–1.06× to 0.91–0.97×.
+/// 1.27–1.43× to 1.00–1.15× the read floor, and q8_0 from 1.04–1.06× to 0.91–1.03×.
 #[inline(always)]
 unsafe fn prefetch_block<const BYTES: usize>(p: *const u8, near: usize, ahead: usize) {
     for line in 0..BYTES.div_ceil(64) {
