@@ -334,10 +334,11 @@ fn real_weights_requantized_to_q8_0_and_q4k_match_candle_and_float64() {
         let (ours, candle) = (rel_err(&y, &want), rel_err(&naive, &want));
         eprintln!("{m} tokens: rel err vs float64: ours {ours:.2e}, candle's QMatMul {candle:.2e}");
         // The 8-bit activations' rounding: ours per 32 values (per 256 for q4k at up to 4
-        // tokens), candle's per 256. (Without the kernels, ours is candle's.)
-        assert!(ours <= 3e-2, "{m} tokens: {ours}");
+        // tokens), candle's per 256. (Without the kernels, ours is candle's.) Measured on this
+        // input: ours 1.32e-2, 5.7e-3, 4.2e-3; candle's 1.28e-2, 1.14e-2, 6.9e-3.
+        assert!(ours <= 2e-2, "{m} tokens: {ours}");
         assert!(
-            ours <= 1.5 * candle,
+            ours <= 1.25 * candle,
             "{m} tokens: ours {ours}, candle {candle}"
         );
         assert!(rel_err(&y, &naive) <= 3e-2, "{m} tokens");

@@ -372,6 +372,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
     ];
     let q4k_sizes = vec![
         (1, 256, 1),
+        (2, 512, 13),
         (3, 512, 37),
         (4, 768, 19),
         (6, 2304, 21),

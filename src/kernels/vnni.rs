@@ -446,8 +446,9 @@ unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
 
 /// Packs 16 weight rows' 32-value blocks `[b0, b0 + nb)` (`b0` a multiple of 8 for q4k) for
 /// [`packed_kernel`]: codes into `wq[(b·8 + g)·32 + i]`, scales into `wd[b·32 + i]` and, for
-/// q4k, minima into `wm[b·32 + i]`, with `i = i0 + row`. Each vector of 16 rows' values is one
-/// gather from the blocks, so nothing is transposed.
+/// q4k, minima into `wm[b·32 + i]`, with `i = i0 + row`. q8_0 codes are loaded by row and
+/// transposed in registers; q4k codes, and both types' scales, are gathered from the blocks, one
+/// gather per vector of 16 rows' values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(crate) unsafe fn pack16(
     kind: Kind,
@@ -514,7 +515,8 @@ pub(crate) unsafe fn pack16(
                         store(b + 1, g, _mm512_and_si512(_mm512_srli_epi16::<4>(v), low));
                     }
                 }
-                // d, dmin and the 6-bit fields, unpacked for 16 rows at once (see q4k_scales).
+                // d, dmin and the 6-bit fields, unpacked for 16 rows at once (the layout is in
+                // `q4k_fields`, which unpacks one row's for decode).
                 let dd = gather(blk);
                 let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
                 let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
