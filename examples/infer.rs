@@ -18,9 +18,12 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::device::{device_name, DeviceChoice};
-use candle_glu::loading::{Checkpoint, Format, LoadOptions};
+use candle_glu::loading::{Checkpoint, FileFormat, LoadOptions};
 use candle_glu::{Activation, GluConfig, GluFeedForward, WeightLayout};
 use clap::Parser;
+
+#[path = "common/rng.rs"]
+mod rng;
 
 /// The weights shipped in the repository: two SmolLM2-135M-Instruct FFN layers.
 const EMBEDDED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights");
@@ -102,22 +105,20 @@ fn parse_layout(s: &str) -> std::result::Result<LayoutArg, String> {
     }
     s.parse()
         .map(|l| LayoutArg(Some(l)))
-        .map_err(|e: candle_glu::Error| format!("{e}, or auto"))
+        .map_err(|e: candle_glu::ParseError| format!("{e}, or auto"))
 }
 
 fn parse_activation(s: &str) -> std::result::Result<Activation, String> {
-    s.parse().map_err(|e: candle_glu::Error| e.to_string())
+    s.parse().map_err(|e: candle_glu::ParseError| e.to_string())
 }
 
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
-    s.parse().map_err(|e: candle_glu::Error| e.to_string())
+    s.parse().map_err(|e: candle_glu::ParseError| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
+    match s.to_ascii_lowercase().parse() {
+        Ok(dtype @ (DType::F32 | DType::F16 | DType::BF16)) => Ok(dtype),
         _ => Err(format!("unknown dtype `{s}`, expected f32, f16 or bf16")),
     }
 }
@@ -173,6 +174,7 @@ struct Report {
     prefix: String,
     cfg: GluConfig,
     quantized: bool,
+    path: candle_glu::ForwardPath,
     device: String,
     dtype: DType,
     input_shape: Vec<usize>,
@@ -201,7 +203,7 @@ struct Bench {
 fn run(args: &Args) -> Result<()> {
     let device = args.device.device()?;
     let (ckpt, model) = open_weights(args)?;
-    let quantized = ckpt.format() == Format::Gguf && !args.dequantize;
+    let quantized = ckpt.format() == FileFormat::Gguf && !args.dequantize;
 
     let layout = match args.layout.0 {
         Some(layout) => layout,
@@ -244,6 +246,7 @@ fn run(args: &Args) -> Result<()> {
         None => random_input(args, cfg.hidden_size, &device)?,
     };
     let x = x.to_dtype(args.dtype)?;
+    let path = ffn.forward_path(&x);
     let start = Instant::now();
     let y = ffn.forward(&x)?;
     device.synchronize()?;
@@ -263,12 +266,13 @@ fn run(args: &Args) -> Result<()> {
     let report = Report {
         model,
         format: match ckpt.format() {
-            Format::Gguf => "gguf",
+            FileFormat::Gguf => "gguf",
             _ => "safetensors",
         },
         prefix,
         cfg,
         quantized,
+        path,
         device: device_name(&device),
         dtype: if quantized { DType::F32 } else { args.dtype },
         input_shape: x.dims().to_vec(),
@@ -310,12 +314,54 @@ fn open_weights(args: &Args) -> Result<(Checkpoint, String)> {
 #[cfg(feature = "hub")]
 fn open_hub(repo: &str, args: &Args) -> Result<(Checkpoint, String)> {
     use candle_glu::loading::hub::HubOptions;
-    let opts = HubOptions::new()
+    let mut opts = HubOptions::new()
         .with_revision(args.revision.clone())
-        .with_offline(args.offline)
-        .with_progress(!args.json);
+        .with_offline(args.offline);
+    if !args.json {
+        opts = opts.with_progress(StderrProgress::default());
+    }
     let ckpt = Checkpoint::from_hub(repo, &opts)?;
     Ok((ckpt, format!("{repo}@{}", args.revision)))
+}
+
+/// Download progress on stderr: one line redrawn in place (at most 5 times a second) on a
+/// terminal, and the final size of each file.
+#[cfg(feature = "hub")]
+#[derive(Default)]
+struct StderrProgress {
+    last_draw: Mutex<Option<Instant>>,
+}
+
+#[cfg(feature = "hub")]
+impl candle_glu::DownloadProgress for StderrProgress {
+    fn update(&self, file: &str, done: u64, total: u64) {
+        use std::io::IsTerminal;
+        let mut last = self.last_draw.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|t| t.elapsed().as_millis() >= 200);
+        if std::io::stderr().is_terminal() && due {
+            *last = Some(Instant::now());
+            let pct = (100 * done).checked_div(total).unwrap_or(0);
+            eprint!(
+                "\r{file}: {:.1} / {:.1} MiB ({pct}%)\x1b[K",
+                mib(done),
+                mib(total)
+            );
+        }
+    }
+
+    fn finish(&self, file: &str) {
+        use std::io::IsTerminal;
+        if std::io::stderr().is_terminal() {
+            eprintln!("\r{file}: downloaded\x1b[K");
+        } else {
+            eprintln!("{file}: downloaded");
+        }
+    }
+}
+
+#[cfg(feature = "hub")]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 #[cfg(not(feature = "hub"))]
@@ -334,7 +380,7 @@ fn detect_layout(ckpt: &Checkpoint, args: &Args) -> Result<WeightLayout> {
             )
         });
     }
-    if ckpt.format() == Format::Gguf {
+    if ckpt.format() == FileFormat::Gguf {
         return Ok(WeightLayout::Gguf);
     }
     if let Some(layout) = ckpt.config().map(|c| c.layout) {
@@ -394,14 +440,8 @@ fn random_input(args: &Args, hidden: usize, device: &Device) -> Result<Tensor> {
                 args.tokens
             )
         })?;
-    let mut state = args.seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = rng::Rng::new(args.seed);
+    let mut next = || rng.next_f64();
     let data: Vec<f32> = (0..n)
         .map(|_| {
             let (u, v) = (next().max(f64::MIN_POSITIVE), next());
@@ -493,12 +533,11 @@ fn stats(y: &Tensor) -> Result<Stats> {
     })
 }
 
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "other",
+/// What runs the block: the path of `forward`, and the crate's CPU kernels if they run.
+fn kernels(r: &Report) -> String {
+    match (r.path, candle_glu::cpu_kernels()) {
+        (candle_glu::ForwardPath::Candle, _) | (_, None) => format!("{}", r.path),
+        (path, Some(k)) => format!("{path}, {k}"),
     }
 }
 
@@ -518,11 +557,12 @@ fn print_summary(r: &Report) {
         c.bias
     );
     let weights = if r.quantized {
-        " (weights quantized, QMatMul)"
+        " (weights quantized, GGUF blocks)"
     } else {
         ""
     };
-    println!("device      {}, {}{weights}", r.device, dtype_name(r.dtype));
+    println!("device      {}, {}{weights}", r.device, r.dtype.as_str());
+    println!("kernels     {}", kernels(r));
     println!("input       {:?}", r.input_shape);
     println!("output      {:?}", r.output_shape);
     let s = &r.stats;
@@ -555,7 +595,9 @@ fn to_json(r: &Report) -> serde_json::Value {
         "bias": c.bias,
         "quantized": r.quantized,
         "device": r.device,
-        "dtype": dtype_name(r.dtype),
+        "dtype": r.dtype.as_str(),
+        "path": r.path.to_string(),
+        "cpu_kernels": candle_glu::cpu_kernels().map(|k| k.name()),
         "input_shape": r.input_shape,
         "output_shape": r.output_shape,
         "stats": {

@@ -5,7 +5,7 @@
 #
 # Needs python3 with pip (for PyPI's cuda-toolkit, cached in ~/.cache/candle-glu/cuda), gcc and
 # g++. A cold run takes about 11 minutes on 2 cores (lints 9, links 2); a warm one seconds. See
-# README, "GPUs".
+# docs/gpu.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

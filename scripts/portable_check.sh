@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the build for architectures other than x86-64, where the CPU kernels are compiled out
-# (src/kernels/host_portable.rs stands in for host.rs) and the block runs on candle's ops, as it
+# (src/kernels/portable.rs stands in for src/kernels/cpu/) and the block runs on candle's ops, as it
 # does on x86-64 CPUs without AVX-512. No other target's standard library can be installed here,
 # so this copies the tracked files to a temporary directory, turns every `target_arch = "x86_64"`
 # test in src/ false (it asks for aarch64 instead), and lints and tests that copy on this machine

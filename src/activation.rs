@@ -14,12 +14,14 @@
 //! # Ok::<(), candle_glu::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{DType, Module, Result, Tensor};
 
-use crate::Error;
+use crate::error::ParseError;
 
 /// The gate activation σ, named as Hugging Face's `hidden_act`.
 ///
@@ -97,7 +99,110 @@ impl Activation {
             Activation::Silu | Activation::Swish { .. } => "SwiGLU",
         }
     }
+
+    /// β when σ is Swish-β, `x · sigmoid(β·x)`: 1 for [`Silu`](Self::Silu), 1.702 for
+    /// [`QuickGelu`](Self::QuickGelu), `beta` for [`Swish`](Self::Swish); `None` otherwise.
+    pub fn swish_beta(&self) -> Option<f64> {
+        match *self {
+            Activation::Silu => Some(1.0),
+            Activation::Swish { beta } => Some(beta),
+            Activation::QuickGelu => Some(QUICK_GELU_BETA),
+            _ => None,
+        }
+    }
+
+    /// The gated product `σ(gate) ⊙ up` with candle's own ops: differentiable, on any device,
+    /// with the inputs' dtype; computed in f32 and rounded once for f16 and bf16.
+    ///
+    /// This is the plain twin of [`gated_product`](crate::gated_product), which does the same
+    /// in one pass where the crate has a kernel for the device.
+    ///
+    /// Rounding once is what keeps half-precision results within PyTorch's own error: Swish-β and
+    /// quick_gelu are three ops each, and rounding after every one of them doubles the error in
+    /// bf16.
+    ///
+    /// ```rust
+    /// use candle_core::{Device, Tensor};
+    /// use candle_glu::Activation;
+    /// let gate = Tensor::new(&[-1f32, 0., 2.], &Device::Cpu)?;
+    /// let up = Tensor::new(&[3f32, 5., 0.5], &Device::Cpu)?;
+    /// let h = Activation::Relu.gated(&gate, &up)?;
+    /// assert_eq!(h.to_vec1::<f32>()?, [0., 0., 1.]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// `gate` and `up` of different shapes or dtypes, or on different devices.
+    pub fn gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let dtype = gate.dtype();
+        if matches!(dtype, DType::F32 | DType::F64) {
+            return gate.apply(self)? * up;
+        }
+        let gate = gate.to_dtype(DType::F32)?.apply(self)?;
+        (gate * up.to_dtype(DType::F32)?)?.to_dtype(dtype)
+    }
+
+    /// The gradients of `σ(gate) ⊙ up` with respect to `gate` and `up`, given the gradient
+    /// `grad` of the product: computed in f32 for half dtypes, returned in the inputs' dtype.
+    /// The backward pass of every fused op of the crate.
+    pub(crate) fn gated_backward(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let dtype = gate.dtype();
+        let wide = |t: &Tensor| match dtype {
+            DType::F16 | DType::BF16 => t.to_dtype(DType::F32),
+            _ => Ok(t.clone()),
+        };
+        let (g, u, dy) = (wide(gate)?, wide(up)?, wide(grad)?);
+        let sigma = g.apply(self)?;
+        let d_sigma = self.derivative(&g)?;
+        let d_gate = ((&dy * &u)? * d_sigma)?.to_dtype(dtype)?;
+        let d_up = (dy * sigma)?.to_dtype(dtype)?;
+        Ok((d_gate, d_up))
+    }
+
+    /// σ'(g), from the closed forms.
+    fn derivative(&self, g: &Tensor) -> Result<Tensor> {
+        let sigmoid = |t: &Tensor| candle_nn::ops::sigmoid(t);
+        match self {
+            Activation::Sigmoid => {
+                let s = sigmoid(g)?;
+                &s * (1.0 - &s)?
+            }
+            Activation::Identity => g.ones_like(),
+            Activation::Relu => g.gt(0.0)?.to_dtype(g.dtype()),
+            Activation::Gelu => {
+                // Φ(g) + g·φ(g)
+                let cdf = ((g / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
+                let pdf = (g.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+                cdf? + (g * pdf?)?
+            }
+            Activation::GeluTanh => {
+                // u = c(g + a·g³), σ = ½g(1 + tanh u), σ' = ½(1 + tanh u) + ½g(1 - tanh²u)·c(1 + 3a·g²)
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let a = 0.044715;
+                let t = ((g + (g.powf(3.0)? * a)?)? * c)?.tanh()?;
+                let left = ((&t + 1.0)? * 0.5)?;
+                let inner = ((g.sqr()? * (3.0 * a))? + 1.0)? * c;
+                let right = ((g * 0.5)? * (1.0 - t.sqr()?)?)? * inner?;
+                left + right?
+            }
+            Activation::Silu | Activation::Swish { .. } | Activation::QuickGelu => {
+                let beta = self.swish_beta().unwrap_or(1.0);
+                // σ = g·s(βg), σ' = s + βg·s(1 - s)
+                let s = sigmoid(&(g * beta)?)?;
+                let ds = ((&s * (1.0 - &s)?)? * g)? * beta;
+                s + ds?
+            }
+        }
+    }
 }
+
+/// β of quick_gelu, CLIP's `x · sigmoid(1.702·x)`.
+const QUICK_GELU_BETA: f64 = 1.702;
 
 impl Module for Activation {
     /// Applies σ element-wise with candle's own ops; differentiable. The result has `xs`'s dtype.
@@ -119,7 +224,7 @@ impl Module for Activation {
             Activation::GeluTanh => xs.gelu(),
             Activation::Silu => xs.silu(),
             Activation::Swish { beta } => xs * candle_nn::ops::sigmoid(&(xs * beta)?)?,
-            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * QUICK_GELU_BETA)?)?,
         }
     }
 }
@@ -141,10 +246,10 @@ impl fmt::Display for Activation {
 }
 
 impl FromStr for Activation {
-    type Err = Error;
+    type Err = ParseError;
 
     /// Parses a Hugging Face `hidden_act` name; surrounding whitespace and ASCII case are ignored.
-    fn from_str(s: &str) -> std::result::Result<Self, Error> {
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
         let name = s.trim().to_ascii_lowercase();
         let act = match name.as_str() {
             "sigmoid" => Activation::Sigmoid,
@@ -154,7 +259,10 @@ impl FromStr for Activation {
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
             "silu" | "swish" => Activation::Silu,
             "quick_gelu" => Activation::QuickGelu,
-            _ => return parse_swish_beta(&name).ok_or_else(|| unknown(s)),
+            _ => {
+                return parse_swish_beta(&name)
+                    .ok_or_else(|| ParseError::new("activation", s, Activation::NAMES))
+            }
         };
         Ok(act)
     }
@@ -169,12 +277,6 @@ fn parse_swish_beta(name: &str) -> Option<Activation> {
         .parse()
         .ok()?;
     beta.is_finite().then_some(Activation::Swish { beta })
-}
-
-fn unknown(name: &str) -> Error {
-    Error::UnknownActivation {
-        name: name.to_string(),
-    }
 }
 
 impl serde::Serialize for Activation {

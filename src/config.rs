@@ -3,6 +3,8 @@
 //! Built in code with [`GluConfig::new`] and `with_*` setters, or read from a Hugging Face
 //! `config.json` with [`GluConfig::from_hf_json`] / [`GluConfig::from_hf_config_file`].
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -139,7 +141,7 @@ impl GluConfig {
     /// with the path in the message.
     pub fn from_hf_config_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = read_json_text(path, MAX_CONFIG_BYTES)?;
+        let text = crate::files::read_json_text(path, MAX_CONFIG_BYTES)?;
         Self::parse(&text, Some(path))
     }
 
@@ -231,7 +233,7 @@ impl GluConfig {
 
 /// `num_hidden_layers` (or T5's `num_layers`) from a `config.json`, if it has one.
 pub(crate) fn num_layers_in_file(path: &Path) -> Option<usize> {
-    let text = read_json_text(path, MAX_CONFIG_BYTES).ok()?;
+    let text = crate::files::read_json_text(path, MAX_CONFIG_BYTES).ok()?;
     let root: Value = serde_json::from_str(&text).ok()?;
     let obj = match root.get("text_config") {
         Some(text) if root.get("num_hidden_layers").is_none() => text,
@@ -241,32 +243,6 @@ pub(crate) fn num_layers_in_file(path: &Path) -> Option<usize> {
         .iter()
         .find_map(|k| obj.get(*k)?.as_u64())
         .and_then(|n| usize::try_from(n).ok())
-}
-
-/// A JSON file's text, refusing files over `max` bytes (a hostile file must not exhaust memory)
-/// and anything that is not a regular file (a FIFO would block forever).
-pub(crate) fn read_json_text(path: &Path, max: u64) -> Result<String> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if !meta.is_file() {
-        return Err(Error::InvalidFile {
-            path: path.to_path_buf(),
-            message: "not a regular file".into(),
-        });
-    }
-    if meta.len() > max {
-        return Err(Error::InvalidFile {
-            path: path.to_path_buf(),
-            message: format!(
-                "the file is {} bytes, more than the {max} a JSON file of a checkpoint may be",
-                meta.len()
-            ),
-        });
-    }
-    std::fs::read_to_string(path).map_err(io)
 }
 
 /// Checks the sizes; `fields` names where they came from (`hidden_size`, `d_ff`, a GGUF key).

@@ -1,5 +1,7 @@
-//! Choosing a candle [`Device`] that never surprises: `auto` picks CUDA, then Metal, then the
-//! CPU; asking for a backend this build or machine lacks is an error that says what is missing.
+//! Choosing a candle [`Device`] that never surprises, for command lines and configs: `auto`
+//! picks CUDA, then Metal, then the CPU; asking for a backend this build or machine lacks is an
+//! error that says what is missing (candle's own `Device::new_cuda` says only that a call
+//! failed). Public because every CLI built on the crate needs the same choice.
 //!
 //! ```rust
 //! use candle_glu::device::DeviceChoice;
@@ -8,11 +10,14 @@
 //! # Ok::<(), candle_glu::Error>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 
 use candle_core::Device;
 
+use crate::error::ParseError;
 use crate::{Error, Result};
 
 /// Which device to run on.
@@ -117,25 +122,27 @@ impl fmt::Display for DeviceChoice {
 }
 
 impl FromStr for DeviceChoice {
-    type Err = Error;
+    type Err = ParseError;
 
-    fn from_str(s: &str) -> Result<Self> {
+    /// Parses a device name (see [`NAMES`](Self::NAMES); `gpu` is an alias of `cuda`);
+    /// surrounding whitespace and ASCII case are ignored.
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
             "metal" => Ok(DeviceChoice::Metal),
             "auto" => Ok(DeviceChoice::Auto),
-            _ => Err(Error::Device {
-                message: format!(
-                    "unknown device `{s}`, expected one of: {}",
-                    Self::NAMES.join(", ")
-                ),
-            }),
+            _ => Err(ParseError::new("device", s, Self::NAMES)),
         }
     }
 }
 
-/// A short name for a device: `cpu`, `cuda:0`, `metal`.
+/// A short name for a device, for logs and reports: `cpu`, `cuda:0`, `metal:0`.
+///
+/// ```rust
+/// use candle_glu::device::device_name;
+/// assert_eq!(device_name(&candle_core::Device::Cpu), "cpu");
+/// ```
 pub fn device_name(device: &Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cpu => "cpu".into(),

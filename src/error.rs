@@ -4,6 +4,8 @@
 //! works inside a candle model; they wrap an [`Error`] from this module, whose message is kept.
 //! Config and loading calls return [`Result`] directly.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 
 /// Everything that can go wrong in this crate, one variant per failure.
@@ -13,19 +15,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An activation name that is not one of the Hugging Face `hidden_act` names we know.
-    #[error("unknown activation `{name}`, expected one of: {}", crate::Activation::NAMES.join(", "))]
-    UnknownActivation {
-        /// The name that was given.
-        name: String,
-    },
-
-    /// A weight layout name that is not known.
-    #[error("unknown weight layout `{name}`, expected one of: {}", crate::WeightLayout::NAMES.join(", "))]
-    UnknownLayout {
-        /// The name that was given.
-        name: String,
-    },
+    /// A name that does not parse: an activation, a weight layout or a device.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
 
     /// A tensor the layout needs is not in the checkpoint.
     #[error("missing tensor `{name}`{}", found_hint(.found))]
@@ -101,7 +93,7 @@ pub enum Error {
 
     /// A GGUF tensor of a GGML type candle cannot read (an `IQ*` or `Q8_K` quantization, an
     /// integer type, ...).
-    #[error("{}: tensor `{name}` is stored as {found}, which candle cannot load; supported: {}", .path.display(), crate::loading::gguf::READABLE_TYPES)]
+    #[error("{}: tensor `{name}` is stored as {found}, which candle cannot load; supported: {}", .path.display(), .supported.join(", "))]
     UnsupportedTensorType {
         /// The GGUF file.
         path: PathBuf,
@@ -109,6 +101,8 @@ pub enum Error {
         name: String,
         /// The stored type, by ggml's name and id.
         found: String,
+        /// The types that can be read, by ggml's names.
+        supported: &'static [&'static str],
     },
 
     /// An input so large that one intermediate activation, `tokens × intermediate size`, would
@@ -169,17 +163,61 @@ pub enum Error {
 
     /// The Hugging Face Hub, or its cache offline, could not provide a file; or a repo id,
     /// revision or shard name that cannot be fetched.
+    ///
+    /// The message says what failed and what to do; the client's own error, when there is one
+    /// (a refused connection, an HTTP status), is the [`source`](std::error::Error::source).
     #[error("hub repo `{repo}`: {message}")]
     Hub {
         /// The repository id, as given.
         repo: String,
         /// What went wrong, naming the file, the revision and, offline, the cache directory.
         message: String,
+        /// The hub client's error underneath, if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
     /// An error from candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// A name that is not one of those a [`FromStr`](std::str::FromStr) impl of this crate accepts
+/// (an [`Activation`](crate::Activation), a [`WeightLayout`](crate::WeightLayout), a
+/// [`DeviceChoice`](crate::device::DeviceChoice)); it converts into [`Error::Parse`].
+///
+/// ```rust
+/// let err = "swiglu".parse::<candle_glu::Activation>().unwrap_err();
+/// assert_eq!(err.name(), "swiglu");
+/// assert!(err.to_string().starts_with("unknown activation `swiglu`, expected one of: silu"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} `{name}`, expected one of: {}", .expected.join(", "))]
+pub struct ParseError {
+    what: &'static str,
+    name: String,
+    expected: &'static [&'static str],
+}
+
+impl ParseError {
+    /// `name` is not a valid `what` (`"activation"`, ...); `expected` lists the valid names.
+    pub(crate) fn new(what: &'static str, name: &str, expected: &'static [&'static str]) -> Self {
+        Self {
+            what,
+            name: name.to_string(),
+            expected,
+        }
+    }
+
+    /// The name that was given.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The names that are accepted.
+    pub fn expected(&self) -> &'static [&'static str] {
+        self.expected
+    }
 }
 
 /// The crate's result type.
@@ -193,6 +231,13 @@ impl From<Error> for candle_core::Error {
             // set: our messages already say where the problem is.
             e => candle_core::Error::Wrapped(Box::new(e)),
         }
+    }
+}
+
+/// So that `"silu".parse()?` works inside code returning candle's `Result`.
+impl From<ParseError> for candle_core::Error {
+    fn from(e: ParseError) -> Self {
+        Error::Parse(e).into()
     }
 }
 

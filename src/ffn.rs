@@ -1,12 +1,14 @@
 //! [`GluFeedForward`], the gated feed-forward block `FFN(x) = W2 · (σ(x·W) ⊙ x·V)`.
 
+#![forbid(unsafe_code)]
+
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::kernels::{self, GateUpOp, LinearOp, QuantGateUpOp, QuantLinearOp};
-use crate::layout::GateUpNames;
-use crate::{Activation, Error, GluConfig, WeightLayout};
+use crate::layout::{self, WeightLayout};
+use crate::{Activation, Error, GluConfig};
 
 /// One projection of the block, `y = x·Wᵀ + b`, with `W` stored as PyTorch's `[out, in]`.
 #[derive(Debug, Clone)]
@@ -14,9 +16,10 @@ use crate::{Activation, Error, GluConfig, WeightLayout};
 pub enum Projection {
     /// A dense weight in any float dtype, as a [`candle_nn::Linear`].
     Dense(Linear),
-    /// A quantized weight (GGUF) in candle's [`QMatMul`], with f32 activations. On a CPU, the
-    /// block multiplies Q4_1 (with AVX-512), q8_0 and q4k (with AVX512-VNNI) by its own kernels,
-    /// which read the blocks in place; other types, and other devices, go through `QMatMul`.
+    /// A quantized weight (GGUF), held in candle's [`QMatMul`], with f32 activations. On a CPU,
+    /// the block multiplies Q4_1 (with AVX-512), q8_0 and q4k (with AVX512-VNNI) by the crate's
+    /// own kernels, which read the blocks in place; other types, other devices, and a
+    /// `Projection` used alone, multiply through `QMatMul`.
     Quantized {
         /// The quantized weight, `[out, in]`.
         weight: QMatMul,
@@ -153,28 +156,26 @@ impl GluFeedForward {
     pub fn new(cfg: &GluConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let names = cfg.layout.names();
-        let mut projections = names.all();
-        check_biases(cfg, &vb, &projections)?;
-
-        let down_name = projections.pop().unwrap_or(names.down);
-        let (gate_proj, up_proj) = match names.gate_up {
-            GateUpNames::Split { gate, up } => (
-                load_linear(&vb, gate, (i, h), cfg.bias)?,
-                load_linear(&vb, up, (i, h), cfg.bias)?,
-            ),
-            GateUpNames::Fused { gate_up } => {
+        let shapes = cfg.layout.projection_shapes(h, i);
+        let names: Vec<&str> = shapes.iter().map(|(name, _)| *name).collect();
+        check_biases(cfg, &vb, &names)?;
+        let loaded = shapes
+            .iter()
+            .map(|(name, shape)| load_linear(&vb, name, *shape, cfg.bias))
+            .collect::<Result<Vec<_>>>()?;
+        let (gate_proj, up_proj, down_proj) = match loaded.as_slice() {
+            [gate, up, down] => (gate.clone(), up.clone(), down.clone()),
+            [gate_up, down] => {
                 // Rows 0..I are the gate, I..2I the up projection; `narrow` shares the storage.
-                let fused = load_linear(&vb, gate_up, (2 * i, h), cfg.bias)?;
                 let half = |start| -> Result<Linear> {
-                    let w = fused.weight().narrow(0, start, i)?;
-                    let b = fused.bias().map(|b| b.narrow(0, start, i)).transpose()?;
+                    let w = gate_up.weight().narrow(0, start, i)?;
+                    let b = gate_up.bias().map(|b| b.narrow(0, start, i)).transpose()?;
                     Ok(Linear::new(w, b))
                 };
-                (half(0)?, half(i)?)
+                (half(0)?, half(i)?, down.clone())
             }
+            _ => candle_core::bail!("layout {} has no gated block", cfg.layout),
         };
-        let down_proj = load_linear(&vb, down_name, (h, i), cfg.bias)?;
         Ok(Self {
             gate_proj: Projection::Dense(gate_proj),
             up_proj: Projection::Dense(up_proj),
@@ -183,10 +184,13 @@ impl GluFeedForward {
         })
     }
 
-    /// Builds the block from projections made elsewhere, checking their shapes against `cfg`.
+    /// Builds the block from projections made elsewhere (quantized weights, weights shared with
+    /// another module), checking them against `cfg`. `cfg.layout` is kept as given: it names
+    /// where the weights were read from, which these projections do not say.
     ///
     /// # Errors
-    /// A projection whose weight is not `[I, H]` (gate, up) or `[H, I]` (down).
+    /// A projection whose weight is not `[I, H]` (gate, up) or `[H, I]` (down); biases on only
+    /// some projections, or biases that disagree with `cfg.bias`.
     pub fn from_projections(
         cfg: &GluConfig,
         gate_proj: Projection,
@@ -195,14 +199,33 @@ impl GluFeedForward {
     ) -> Result<Self> {
         cfg.validate()?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        for (name, proj, expected) in [
-            ("gate_proj", &gate_proj, [i, h]),
-            ("up_proj", &up_proj, [i, h]),
-            ("down_proj", &down_proj, [h, i]),
-        ] {
+        let projections = [&gate_proj, &up_proj, &down_proj];
+        // The split layout's names and shapes are the block's own: gate, up, down.
+        let shapes = WeightLayout::Llama.projection_shapes(h, i);
+        for ((name, expected), proj) in shapes.iter().zip(projections) {
             if proj.weight_dims() != expected {
-                return Err(shape_error(name, &expected, proj.weight_dims()));
+                return Err(shape_error(name, expected, proj.weight_dims()));
             }
+        }
+        let with_bias: Vec<&str> = shapes
+            .iter()
+            .zip(projections)
+            .filter(|(_, p)| p.bias().is_some())
+            .map(|((name, _), _)| *name)
+            .collect();
+        let message = match with_bias.len() {
+            0 if cfg.bias => "the config has bias = true but no projection has a bias".into(),
+            3 if !cfg.bias => "the projections have biases but the config has bias = false; \
+                               use `with_bias(true)`"
+                .into(),
+            0 | 3 => String::new(),
+            _ => format!(
+                "biases exist for only some projections: {}",
+                with_bias.join(", ")
+            ),
+        };
+        if !message.is_empty() {
+            return Err(Error::Bias { message }.into());
         }
         Ok(Self {
             gate_proj,
@@ -247,55 +270,71 @@ impl GluFeedForward {
         self.down_proj.device()
     }
 
-    /// The block through the fused CPU kernels, when they can take it: dense f32/bf16/f16
-    /// contiguous weights on a CPU with AVX-512, and no biases while training (the kernels
-    /// treat biases as constants). `None` otherwise.
-    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let dense = |p: &Projection| match p {
-            Projection::Dense(l) if l.weight().is_contiguous() => Some(l.clone()),
-            _ => None,
-        };
-        let (Some(g), Some(u), Some(d)) = (
-            dense(&self.gate_proj),
-            dense(&self.up_proj),
-            dense(&self.down_proj),
-        ) else {
-            return Ok(None);
-        };
-        let w = g.weight();
-        let supported = matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16);
-        if !supported || !w.device().is_cpu() || !kernels::cpu_available() {
-            return Ok(None);
+    /// Which way [`forward`](Module::forward) takes `xs`: through the crate's fused CPU
+    /// kernels, its quantized CPU kernels, or candle's own ops. For logs and tests: the result
+    /// is the same either way, within the dtype's rounding.
+    ///
+    /// ```rust
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_glu::{ForwardPath, GluConfig, GluFeedForward};
+    /// let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let ffn = GluFeedForward::new(&GluConfig::new(8, 16), vb)?;
+    /// let x = Tensor::zeros((3, 8), DType::F32, &Device::Cpu)?;
+    /// let path = ffn.forward_path(&x);
+    /// if candle_glu::cpu_kernels().is_some() {
+    ///     assert_eq!(path, ForwardPath::Fused);
+    /// } else {
+    ///     assert_eq!(path, ForwardPath::Candle);
+    /// }
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_path(&self, xs: &Tensor) -> ForwardPath {
+        if xs.elem_count() == 0 {
+            ForwardPath::Candle
+        } else if self.fused_weights(xs.track_op()).is_some() {
+            ForwardPath::Fused
+        } else if self.quantized_weights().is_some() {
+            ForwardPath::Quantized
+        } else {
+            ForwardPath::Candle
         }
-        let biases = [g.bias(), u.bias(), d.bias()];
-        let (gate_up_bias, down_bias) = match biases {
-            [None, None, None] => (None, None),
-            [Some(bg), Some(bu), Some(bd)] => {
-                let training = [x, bg, bu, bd, g.weight(), u.weight(), d.weight()]
-                    .iter()
-                    .any(|t| t.track_op());
-                if training {
-                    return Ok(None);
-                }
-                let v = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
-                (Some((v(bg)?, v(bu)?)), Some(v(bd)?))
-            }
-            _ => return Ok(None),
-        };
-        let gate_up = GateUpOp {
-            act: self.config.activation,
-            bias: gate_up_bias,
-        };
-        let hidden = x.contiguous()?.apply_op3(g.weight(), u.weight(), gate_up)?;
-        let y = hidden.apply_op2(d.weight(), LinearOp { bias: down_bias })?;
-        Ok(Some(y))
     }
 
-    /// The block through the quantized kernels, when the three weights are GGUF blocks that
-    /// this CPU reads in place (Q4_1 with AVX-512; q8_0, q4k with AVX512-VNNI), gate and up in
-    /// one format, and there are no biases. Any projection they cannot take goes through
-    /// candle's `QMatMul`. `None` when neither gate/up nor down can.
-    fn forward_quantized(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// The three dense weights, when the fused CPU kernels can take them: f32/bf16/f16,
+    /// contiguous, on a CPU whose kernels run, and no biases while training (the kernels treat
+    /// biases as constants).
+    fn fused_weights(&self, input_tracked: bool) -> Option<[&Linear; 3]> {
+        fn dense(p: &Projection) -> Option<&Linear> {
+            match p {
+                Projection::Dense(l) if l.weight().is_contiguous() => Some(l),
+                _ => None,
+            }
+        }
+        let ws = [
+            dense(&self.gate_proj)?,
+            dense(&self.up_proj)?,
+            dense(&self.down_proj)?,
+        ];
+        let w = ws[0].weight();
+        let supported = matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16);
+        if !supported || !w.device().is_cpu() || crate::cpu_kernels().is_none() {
+            return None;
+        }
+        match ws.map(|l| l.bias()) {
+            [None, None, None] => Some(ws),
+            [Some(bg), Some(bu), Some(bd)] => {
+                let training = input_tracked
+                    || [bg, bu, bd].iter().any(|t| t.track_op())
+                    || ws.iter().any(|l| l.weight().track_op());
+                (!training).then_some(ws)
+            }
+            _ => None,
+        }
+    }
+
+    /// The GGUF blocks of the three weights, and whether the quantized CPU kernels take gate/up
+    /// and down: `None` when neither can be (other types, devices, biases, no kernels).
+    fn quantized_weights(&self) -> Option<QuantizedWeights> {
         let blocks = |p: &Projection| match p {
             Projection::Quantized {
                 weight: QMatMul::QTensor(q),
@@ -303,20 +342,55 @@ impl GluFeedForward {
             } => Some(q.clone()),
             _ => None,
         };
-        let (Some(wg), Some(wu), Some(wd)) = (
-            blocks(&self.gate_proj),
-            blocks(&self.up_proj),
-            blocks(&self.down_proj),
-        ) else {
-            return Ok(None);
-        };
+        let (wg, wu, wd) = (
+            blocks(&self.gate_proj)?,
+            blocks(&self.up_proj)?,
+            blocks(&self.down_proj)?,
+        );
         let gate_up = kernels::quantized_available(&[&wg, &wu]);
         let down = kernels::quantized_available(&[&wd]);
-        if !gate_up && !down {
-            return Ok(None);
-        }
+        (gate_up || down).then_some(QuantizedWeights {
+            wg,
+            wu,
+            wd,
+            gate_up,
+            down,
+        })
+    }
+
+    /// The block through the fused CPU kernels.
+    fn forward_fused(&self, x: &Tensor, [g, u, d]: [&Linear; 3]) -> Result<Tensor> {
+        let biases = match [g.bias(), u.bias(), d.bias()] {
+            [Some(bg), Some(bu), Some(bd)] => {
+                let v = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
+                Some((v(bg)?, v(bu)?, v(bd)?))
+            }
+            _ => None,
+        };
+        let (gate_up_bias, down_bias) = match biases {
+            Some((bg, bu, bd)) => (Some((bg, bu)), Some(bd)),
+            None => (None, None),
+        };
+        let gate_up = GateUpOp {
+            act: self.config.activation,
+            bias: gate_up_bias,
+        };
+        let hidden = x.contiguous()?.apply_op3(g.weight(), u.weight(), gate_up)?;
+        hidden.apply_op2(d.weight(), LinearOp { bias: down_bias })
+    }
+
+    /// The block through the quantized CPU kernels; a projection they cannot take goes through
+    /// candle's `QMatMul`.
+    fn forward_quantized(&self, x: &Tensor, q: QuantizedWeights) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let act = self.config.activation;
+        let QuantizedWeights {
+            wg,
+            wu,
+            wd,
+            gate_up,
+            down,
+        } = q;
         let hidden = if gate_up {
             x.apply_op1_no_bwd(&QuantGateUpOp { wg, wu, act })?
         } else {
@@ -324,31 +398,19 @@ impl GluFeedForward {
             kernels::gated(&gate, &self.up_proj.forward(&x)?, act)?
         };
         if down {
-            Ok(Some(hidden.apply_op1_no_bwd(&QuantLinearOp { w: wd })?))
+            hidden.apply_op1_no_bwd(&QuantLinearOp { w: wd })
         } else {
-            Ok(Some(self.down_proj.forward(&hidden)?))
+            self.down_proj.forward(&hidden)
         }
     }
 
-    /// The block as three projections and the gated product: for quantized weights, GPUs and
-    /// CPUs without AVX-512. The gated product is one fused pass where a kernel exists.
-    fn forward_unfused(&self, x: &Tensor) -> Result<Tensor> {
+    /// The block as three projections on candle's ops, and the gated product in one pass where
+    /// a kernel exists: GPUs, CPUs without the kernels, training with biases, other types.
+    fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
         let hidden = kernels::gated(&gate, &up, self.config.activation)?;
         self.down_proj.forward(&hidden)
-    }
-
-    /// The block with candle's own ops only: three matmuls and the gated product. The plain twin
-    /// the fused kernels are tested against.
-    #[doc(hidden)]
-    pub fn forward_reference(&self, xs: &Tensor) -> Result<Tensor> {
-        let x = self.flatten_input(xs)?;
-        let gate = self.gate_proj.forward(&x)?;
-        let up = self.up_proj.forward(&x)?;
-        let hidden = gated_product(&gate, &up, self.config.activation)?;
-        let y = self.down_proj.forward(&hidden)?;
-        y.reshape(xs.shape())?.to_dtype(xs.dtype())
     }
 
     /// Checks an input and returns it as `[tokens, H]` in the weights' dtype.
@@ -371,6 +433,42 @@ impl GluFeedForward {
     }
 }
 
+/// Which way a [`GluFeedForward`] computes a forward pass; see
+/// [`GluFeedForward::forward_path`]. Which CPU kernels run is
+/// [`cpu_kernels`](crate::cpu_kernels)'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForwardPath {
+    /// Dense f32/bf16/f16 weights through the crate's CPU kernels: gate and up in one fused
+    /// matmul with σ in its epilogue, then the down projection.
+    Fused,
+    /// GGUF blocks (Q4_1, q8_0, q4k) read in place by the crate's CPU kernels; a projection they
+    /// cannot take goes through candle's `QMatMul`.
+    Quantized,
+    /// candle's own matmuls (or `QMatMul`), with the gated product in one pass where the crate
+    /// has a kernel for the device (CPU with AVX-512, CUDA, Metal).
+    Candle,
+}
+
+impl std::fmt::Display for ForwardPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ForwardPath::Fused => "fused",
+            ForwardPath::Quantized => "quantized",
+            ForwardPath::Candle => "candle",
+        })
+    }
+}
+
+/// The GGUF weights of a block, and which of gate/up and down the quantized kernels take.
+struct QuantizedWeights {
+    wg: std::sync::Arc<candle_core::quantized::QTensor>,
+    wu: std::sync::Arc<candle_core::quantized::QTensor>,
+    wd: std::sync::Arc<candle_core::quantized::QTensor>,
+    gate_up: bool,
+    down: bool,
+}
+
 impl Module for GluFeedForward {
     /// `W2 · (σ(x·W) ⊙ x·V)` over the last dimension of `xs`; the result has `xs`'s shape and
     /// dtype.
@@ -384,37 +482,19 @@ impl Module for GluFeedForward {
         if x.dim(0)? == 0 {
             return Tensor::zeros(xs.shape(), xs.dtype(), xs.device());
         }
-        let y = match self.forward_fused(&x)? {
-            Some(y) => y,
-            None => match self.forward_quantized(&x)? {
-                Some(y) => y,
-                None => self.forward_unfused(&x)?,
-            },
+        let y = if let Some(ws) = self.fused_weights(x.track_op()) {
+            self.forward_fused(&x, ws)?
+        } else if let Some(q) = self.quantized_weights() {
+            self.forward_quantized(&x, q)?
+        } else {
+            self.forward_candle(&x)?
         };
         y.reshape(xs.shape())?.to_dtype(xs.dtype())
     }
 }
 
-/// `σ(gate) ⊙ up` with candle's ops, computed in f32 and rounded once to the inputs' dtype.
-///
-/// Rounding once is what keeps half-precision results within PyTorch's own error: Swish-β and
-/// quick_gelu are three ops each, and rounding after every one of them doubles the error in bf16.
-pub(crate) fn gated_product(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
-    let dtype = gate.dtype();
-    if matches!(dtype, DType::F32 | DType::F64) {
-        return gate.apply(&act)? * up;
-    }
-    let gate = gate.to_dtype(DType::F32)?.apply(&act)?;
-    (gate * up.to_dtype(DType::F32)?)?.to_dtype(dtype)
-}
-
-/// Reads `<name>.weight` of shape `(out, in)` and, if `bias`, `<name>.bias`.
-fn load_linear(
-    vb: &VarBuilder,
-    name: &str,
-    (out, inp): (usize, usize),
-    bias: bool,
-) -> Result<Linear> {
+/// Reads `<name>.weight` of shape `[out, in]` and, if `bias`, `<name>.bias`.
+fn load_linear(vb: &VarBuilder, name: &str, [out, inp]: [usize; 2], bias: bool) -> Result<Linear> {
     let vb = vb.pp(name);
     let weight = load(
         &vb,
@@ -441,10 +521,11 @@ fn load(vb: &VarBuilder, name: &str, shape: &[usize], init: Init) -> Result<Tens
         Ok(t) => return Ok(t),
         Err(err) => err,
     };
-    let full = full_name(vb, name);
+    let full = layout::join(&vb.prefix(), name);
     if !vb.contains_tensor(name) {
+        let root = vb.root();
         return Err(Error::MissingTensor {
-            found: nearby_names(vb, &full),
+            found: layout::nearby_names(&full, |n| root.contains_tensor(n)),
             name: full,
         }
         .into());
@@ -455,14 +536,6 @@ fn load(vb: &VarBuilder, name: &str, shape: &[usize], init: Init) -> Result<Tens
     }
 }
 
-/// `name` under `vb`'s prefix, without a leading dot at the root.
-fn full_name(vb: &VarBuilder, name: &str) -> String {
-    match vb.prefix().as_str() {
-        "" => name.to_string(),
-        prefix => format!("{prefix}.{name}"),
-    }
-}
-
 fn shape_error(name: &str, expected: &[usize], found: &[usize]) -> candle_core::Error {
     Error::ShapeMismatch {
         name: name.to_string(),
@@ -470,39 +543,6 @@ fn shape_error(name: &str, expected: &[usize], found: &[usize]) -> candle_core::
         found: found.to_vec(),
     }
     .into()
-}
-
-/// Known FFN tensor names that do exist near `missing`: under the same block prefix in another
-/// layout, or under a prefix one common slip away (`.mlp` left out or doubled, `model.` left out).
-fn nearby_names(vb: &VarBuilder, missing: &str) -> Vec<String> {
-    let root = vb.root();
-    let block = missing
-        .rsplit_once('.')
-        .and_then(|(rest, _)| rest.rsplit_once('.'))
-        .map_or("", |(block, _)| block);
-    let mut bases = vec![block.to_string()];
-    for base in [format!("{block}.mlp"), format!("model.{block}")] {
-        bases.push(base);
-    }
-    if let Some(parent) = block.strip_suffix(".mlp") {
-        bases.push(parent.to_string());
-    }
-    let mut found = Vec::new();
-    for base in bases {
-        for layout in WeightLayout::ALL {
-            for proj in layout.names().all() {
-                for suffix in ["weight", "bias"] {
-                    let name = format!("{base}.{proj}.{suffix}");
-                    let name = name.trim_start_matches('.').to_string();
-                    if name != missing && !found.contains(&name) && root.contains_tensor(&name) {
-                        found.push(name);
-                    }
-                }
-            }
-        }
-    }
-    found.truncate(8);
-    found
 }
 
 /// Biases must exist for every projection or for none, and agree with `cfg.bias`.
@@ -516,7 +556,7 @@ fn check_biases(cfg: &GluConfig, vb: &VarBuilder, projections: &[&str]) -> Resul
         .partition(|p| vb.contains_tensor(&format!("{p}.bias")));
     let full = |ps: Vec<&&str>| -> Vec<String> {
         ps.into_iter()
-            .map(|p| full_name(vb, &format!("{p}.bias")))
+            .map(|p| layout::join(&vb.prefix(), &format!("{p}.bias")))
             .collect()
     };
     let (present, absent) = (full(present), full(absent));

@@ -14,10 +14,12 @@
 //! Each projection is `<prefix>.<name>.weight`, shaped as PyTorch's `[out, in]`, with an optional
 //! `<prefix>.<name>.bias`.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::str::FromStr;
 
-use crate::Error;
+use crate::error::ParseError;
 
 /// A checkpoint's naming convention for the gate, up and down projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -38,6 +40,7 @@ pub enum WeightLayout {
 
 /// The tensor names of one layout, relative to the block's prefix and without `.weight`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ProjectionNames {
     /// How the gate and up projections are stored.
     pub gate_up: GateUpNames,
@@ -47,6 +50,7 @@ pub struct ProjectionNames {
 
 /// How a layout stores the gate (W) and up (V) projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GateUpNames {
     /// Two tensors of shape `[I, H]`.
     Split {
@@ -84,6 +88,24 @@ impl WeightLayout {
 
     /// The names [`FromStr`] accepts.
     pub const NAMES: &'static [&'static str] = &["llama", "phi3", "t5", "mixtral", "gguf"];
+
+    /// Each weight of the layout (relative to the prefix, without `.weight`) with the shape,
+    /// PyTorch's `[out, in]`, that a block of hidden size `h` and intermediate size `i` gives it.
+    ///
+    /// ```rust
+    /// use candle_glu::WeightLayout;
+    /// let shapes = WeightLayout::Phi3.projection_shapes(576, 1536);
+    /// assert_eq!(shapes, [("gate_up_proj", [3072, 576]), ("down_proj", [576, 1536])]);
+    /// ```
+    pub fn projection_shapes(&self, h: usize, i: usize) -> Vec<(&'static str, [usize; 2])> {
+        let names = self.names();
+        let mut shapes = match names.gate_up {
+            GateUpNames::Split { gate, up } => vec![(gate, [i, h]), (up, [i, h])],
+            GateUpNames::Fused { gate_up } => vec![(gate_up, [2 * i, h])],
+        };
+        shapes.push((names.down, [h, i]));
+        shapes
+    }
 
     /// The layout's tensor names.
     pub fn names(&self) -> ProjectionNames {
@@ -167,10 +189,27 @@ impl WeightLayout {
             .then_some(layer)
     }
 
-    /// Finds the layout whose weights all exist, given a test for names relative to the
-    /// block's prefix (e.g. `|n| vb.contains_tensor(n)`). Layouts are tried in the order of
-    /// [`ALL`](Self::ALL); `None` when no layout is complete.
-    pub fn detect(contains: impl Fn(&str) -> bool) -> Option<WeightLayout> {
+    /// The layout whose weights all exist under a `VarBuilder`'s prefix. Layouts are tried in
+    /// the order of [`ALL`](Self::ALL); `None` when no layout is complete. (For an opened
+    /// checkpoint, [`Checkpoint::detect_layout`](crate::loading::Checkpoint::detect_layout).)
+    ///
+    /// ```rust
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_glu::WeightLayout;
+    /// let mut ws = std::collections::HashMap::new();
+    /// for name in ["gate_up_proj", "down_proj"] {
+    ///     ws.insert(format!("mlp.{name}.weight"), Tensor::zeros((4, 4), DType::F32, &Device::Cpu)?);
+    /// }
+    /// let vb = candle_nn::VarBuilder::from_tensors(ws, DType::F32, &Device::Cpu);
+    /// assert_eq!(WeightLayout::detect(&vb.pp("mlp")), Some(WeightLayout::Phi3));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn detect(vb: &candle_nn::VarBuilder) -> Option<WeightLayout> {
+        Self::detect_by(|name| vb.contains_tensor(name))
+    }
+
+    /// [`detect`](Self::detect) given a test for names relative to the block's prefix.
+    pub(crate) fn detect_by(contains: impl Fn(&str) -> bool) -> Option<WeightLayout> {
         Self::ALL.into_iter().find(|layout| {
             layout
                 .names()
@@ -178,11 +217,6 @@ impl WeightLayout {
                 .iter()
                 .all(|name| contains(&format!("{name}.weight")))
         })
-    }
-
-    /// [`detect`](Self::detect) on the tensors under a `VarBuilder`'s prefix.
-    pub fn detect_in(vb: &candle_nn::VarBuilder) -> Option<WeightLayout> {
-        Self::detect(|name| vb.contains_tensor(name))
     }
 }
 
@@ -200,17 +234,106 @@ impl fmt::Display for WeightLayout {
 }
 
 impl FromStr for WeightLayout {
-    type Err = Error;
+    type Err = ParseError;
 
-    fn from_str(s: &str) -> std::result::Result<Self, Error> {
+    /// Parses a layout name (see [`NAMES`](Self::NAMES)); surrounding whitespace and ASCII case
+    /// are ignored.
+    fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
         let name = s.trim().to_ascii_lowercase();
         Self::ALL
             .into_iter()
             .find(|layout| layout.to_string() == name)
-            .ok_or_else(|| Error::UnknownLayout {
-                name: s.to_string(),
-            })
+            .ok_or_else(|| ParseError::new("weight layout", s, Self::NAMES))
     }
+}
+
+/// `name` under `prefix`, without a leading dot at the root: `model.layers.0.mlp` + `up_proj`.
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Up to three names from `names` closest to `wanted`, for a missing tensor's "did you mean":
+/// those sharing its longest prefix first, then by edit distance.
+pub(crate) fn closest_names<'a>(
+    wanted: &str,
+    names: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let mut scored: Vec<(usize, usize, &str)> = names
+        .into_iter()
+        .filter(|n| *n != wanted)
+        .map(|n| {
+            let common = wanted
+                .bytes()
+                .zip(n.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            (usize::MAX - common, edit_distance(wanted, n), n)
+        })
+        .collect();
+    scored.sort_unstable();
+    scored.dedup_by_key(|s| s.2);
+    scored
+        .into_iter()
+        .take(3)
+        .map(|(_, _, n)| n.to_string())
+        .collect()
+}
+
+/// Levenshtein distance over the first 256 characters of each name: real tensor names are far
+/// shorter, and a hostile file's megabyte-long names must not make an error message slow.
+fn edit_distance(a: &str, b: &str) -> usize {
+    const MAX_CHARS: usize = 256;
+    let a = &a[..a.char_indices().nth(MAX_CHARS).map_or(a.len(), |(i, _)| i)];
+    let b: Vec<char> = b.chars().take(MAX_CHARS).collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Tensor names of known layouts that exist (by `contains`, on full names) near `missing`: under
+/// the same block prefix in another layout, or under a prefix one common slip away (`.mlp` left
+/// out or doubled, `model.` left out). For stores that can say whether a name exists but not
+/// list their names, as a `VarBuilder`; ranked by [`closest_names`].
+pub(crate) fn nearby_names(missing: &str, contains: impl Fn(&str) -> bool) -> Vec<String> {
+    let block = missing
+        .rsplit_once('.')
+        .and_then(|(rest, _)| rest.rsplit_once('.'))
+        .map_or("", |(block, _)| block);
+    let mut bases = vec![
+        block.to_string(),
+        format!("{block}.mlp"),
+        format!("model.{block}"),
+    ];
+    if let Some(parent) = block.strip_suffix(".mlp") {
+        bases.push(parent.to_string());
+    }
+    let mut found = Vec::new();
+    for base in bases {
+        for layout in WeightLayout::ALL {
+            for proj in layout.names().all() {
+                for suffix in ["weight", "bias"] {
+                    let name = join(&base, &format!("{proj}.{suffix}"));
+                    let name = name.trim_start_matches('.').to_string();
+                    if contains(&name) {
+                        found.push(name);
+                    }
+                }
+            }
+        }
+    }
+    closest_names(missing, found.iter().map(String::as_str))
 }
 
 #[cfg(test)]
@@ -231,16 +354,44 @@ mod tests {
     fn detection_needs_every_weight() {
         let phi3 = ["gate_up_proj.weight", "down_proj.weight"];
         assert_eq!(
-            WeightLayout::detect(|n| phi3.contains(&n)),
+            WeightLayout::detect_by(|n| phi3.contains(&n)),
             Some(WeightLayout::Phi3)
         );
         let t5 = ["wi_0.weight", "wi_1.weight", "wo.weight", "wi_0.bias"];
         assert_eq!(
-            WeightLayout::detect(|n| t5.contains(&n)),
+            WeightLayout::detect_by(|n| t5.contains(&n)),
             Some(WeightLayout::T5)
         );
         let incomplete = ["gate_proj.weight", "up_proj.weight"];
-        assert_eq!(WeightLayout::detect(|n| incomplete.contains(&n)), None);
+        assert_eq!(WeightLayout::detect_by(|n| incomplete.contains(&n)), None);
+    }
+
+    #[test]
+    fn closest_names_prefer_the_longest_shared_prefix() {
+        let names = [
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.10.mlp.gate_proj.weight",
+            "lm_head.weight",
+        ];
+        let got = closest_names("model.layers.1.mlp.gate_proj.weight", names);
+        assert_eq!(got[0], "model.layers.10.mlp.gate_proj.weight");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn nearby_names_find_a_slipped_prefix_or_another_layout() {
+        let exists = [
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+        ];
+        let contains = |n: &str| exists.contains(&n);
+        let got = nearby_names("model.layers.0.gate_proj.weight", contains);
+        assert_eq!(got[0], "model.layers.0.mlp.gate_proj.weight");
+        let got = nearby_names("model.layers.0.mlp.gate_up_proj.weight", contains);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(nearby_names("model.layers.7.mlp.gate_proj.weight", contains).is_empty());
     }
 
     #[test]

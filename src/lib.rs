@@ -29,51 +29,69 @@
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
+// Only the kernels need `unsafe`; every other module says `#![forbid(unsafe_code)]`.
 
 pub mod activation;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod ffn;
+mod files;
 mod kernels;
 pub mod layout;
 pub mod loading;
 
 pub use activation::Activation;
 pub use config::GluConfig;
-pub use error::{Error, Result};
-pub use ffn::{GluFeedForward, Projection};
+pub use error::{Error, ParseError, Result};
+pub use ffn::{ForwardPath, GluFeedForward, Projection};
+pub use kernels::detect::CpuKernels;
 pub use layout::WeightLayout;
-
-/// Whether this CPU runs the fused kernels (AVX-512 with FMA and F16C). Without them,
-/// [`GluFeedForward`] computes the same results with candle's own ops, more slowly.
-pub fn cpu_kernels_available() -> bool {
-    kernels::cpu_available()
-}
 #[cfg(feature = "hub")]
-pub use loading::hub::{fetch_model, HubOptions};
+pub use loading::hub::{fetch_model, DownloadProgress, HubOptions};
 
-/// `σ(gate) ⊙ up` as the block computes it: one pass of the crate's kernel where one exists for
-/// the device and dtype (CPU with AVX-512, CUDA, Metal), else candle's ops. For tests and
-/// benchmarks.
-#[doc(hidden)]
+/// The crate's CPU kernels that run in this process, or `None` where they do not (a CPU
+/// without AVX-512 F/BW/VL, FMA and F16C; an architecture other than x86-64; or
+/// `CANDLE_GLU_KERNELS=candle`). Without them, [`GluFeedForward`] computes the same results
+/// with candle's own ops, more slowly.
+///
+/// The kernels are chosen once per process from the CPU's features and vendor, and the
+/// environment variable `CANDLE_GLU_KERNELS` (`auto`, `candle`, `avx512`, `avx512-bf16`) can force
+/// a set, so that every path can be run on one machine; see `docs/architecture.md`.
+///
+/// ```rust
+/// match candle_glu::cpu_kernels() {
+///     Some(k) => println!("kernels: {k}"), // e.g. "avx512 (int8: vnni)"
+///     None => println!("kernels: candle's ops"),
+/// }
+/// ```
+pub fn cpu_kernels() -> Option<CpuKernels> {
+    kernels::detect::cpu_kernels()
+}
+
+/// `σ(gate) ⊙ up` in one pass: the crate's kernel where one exists for the device and dtype
+/// (f32, bf16, f16 on a CPU with the kernels, CUDA and Metal; any layout on the GPUs), else
+/// candle's ops ([`Activation::gated`], its plain twin). f32 math, rounded once to the inputs'
+/// dtype; differentiable.
+///
+/// ```rust
+/// use candle_core::{Device, Tensor};
+/// use candle_glu::Activation;
+/// let gate = Tensor::new(&[[-1f32, 2.]], &Device::Cpu)?;
+/// let up = Tensor::new(&[[3f32, 0.5]], &Device::Cpu)?;
+/// let h = candle_glu::gated_product(&gate, &up, Activation::Relu)?;
+/// assert_eq!(h.to_vec2::<f32>()?, [[0., 1.]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// # Errors
+/// `gate` and `up` of different shapes, dtypes or devices.
 pub fn gated_product(
     gate: &candle_core::Tensor,
     up: &candle_core::Tensor,
     act: Activation,
 ) -> candle_core::Result<candle_core::Tensor> {
     kernels::gated(gate, up, act)
-}
-
-/// `σ(gate) ⊙ up` with candle's ops only, in f32 and rounded once: the plain twin of
-/// [`gated_product`].
-#[doc(hidden)]
-pub fn gated_product_reference(
-    gate: &candle_core::Tensor,
-    up: &candle_core::Tensor,
-    act: Activation,
-) -> candle_core::Result<candle_core::Tensor> {
-    ffn::gated_product(gate, up, act)
 }
 
 // The README's examples compile and run as doctests.

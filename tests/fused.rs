@@ -43,7 +43,7 @@ fn fused_forward_matches_candle_ops() {
                 let x = Tensor::randn(0f32, 1.0, (tokens, h), &Device::Cpu).unwrap();
                 let x = x.to_dtype(dtype).unwrap();
                 let fused = ffn.forward(&x).unwrap();
-                let plain = ffn.forward_reference(&x).unwrap();
+                let plain = common::plain_forward(&ffn, &x).unwrap();
                 assert_eq!(fused.dtype(), dtype);
                 let err = rel_err(&fused, &plain);
                 assert!(
@@ -60,7 +60,7 @@ fn grads(ffn: &GluFeedForward, map: &VarMap, x: &Var, fused: bool) -> Vec<(Strin
     let y = if fused {
         ffn.forward(x.as_tensor()).unwrap()
     } else {
-        ffn.forward_reference(x.as_tensor()).unwrap()
+        common::plain_forward(ffn, x.as_tensor()).unwrap()
     };
     let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let mut out = vec![("x".to_string(), g.get(x).unwrap().clone())];
@@ -117,7 +117,7 @@ fn phi3_halves_are_views_and_take_the_fused_path() {
     assert!(
         rel_err(
             &ffn.forward(&x).unwrap(),
-            &ffn.forward_reference(&x).unwrap()
+            &common::plain_forward(&ffn, &x).unwrap()
         ) <= 1e-5
     );
 }

@@ -158,7 +158,7 @@ fn cuda_gated_op_matches_cpu_reference() {
                 let y = candle_glu::gated_product(&gate, &up, act).unwrap();
                 assert_eq!(y.device().location(), dev.location());
                 assert_eq!((y.dims(), y.dtype()), (gate.dims(), dtype));
-                let want = candle_glu::gated_product_reference(&gate_cpu, &up_cpu, act).unwrap();
+                let want = act.gated(&gate_cpu, &up_cpu).unwrap();
                 let err = rel_err(&y.to_device(&Device::Cpu).unwrap(), &want);
                 assert!(
                     err <= gated_tol(dtype),
@@ -200,7 +200,7 @@ fn gated_grads(
     let y = if ours {
         candle_glu::gated_product(g.as_tensor(), u.as_tensor(), act).unwrap()
     } else {
-        candle_glu::gated_product_reference(g.as_tensor(), u.as_tensor(), act).unwrap()
+        act.gated(g.as_tensor(), u.as_tensor()).unwrap()
     };
     let loss = (y.to_dtype(DType::F32).unwrap() * w)
         .unwrap()
@@ -283,7 +283,7 @@ fn block_grads(act: Activation, dev: &Device, gpu_forward: bool) -> Vec<(String,
     let y = if gpu_forward {
         ffn.forward(x.as_tensor()).unwrap()
     } else {
-        ffn.forward_reference(x.as_tensor()).unwrap()
+        common::plain_forward(ffn, x.as_tensor()).unwrap()
     };
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let mut out = vec![("x".to_string(), grads.get(&x).unwrap().clone())];

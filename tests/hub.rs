@@ -1,7 +1,7 @@
 //! `fetch_model` against a fake Hugging Face cache in a temp dir, offline: revisions, symlinked
 //! and plain snapshots, sharded weights, hostile shard names, cache misses and bad repo ids.
 //!
-//! Nothing here reads or writes environment variables (see `hub_env.rs` for those), and every
+//! Nothing here reads or writes environment variables (see `hub_online.rs` for those), and every
 //! call is offline, so the tests run in parallel and never touch the network.
 
 #![cfg(feature = "hub")]
@@ -276,6 +276,13 @@ fn bad_revisions_are_refused() {
     }
 }
 
+/// A progress callback that ignores what it is told.
+struct Quiet;
+
+impl candle_glu::DownloadProgress for Quiet {
+    fn update(&self, _: &str, _: u64, _: u64) {}
+}
+
 #[test]
 fn options_builders_and_debug() {
     let opts = HubOptions::new()
@@ -283,16 +290,17 @@ fn options_builders_and_debug() {
         .with_token("hf_secret")
         .with_cache_dir("/c")
         .with_offline(true)
-        .with_progress(true);
+        .with_progress(Quiet);
     assert_eq!(opts.revision.as_deref(), Some("v1"));
     assert_eq!(opts.token.as_deref(), Some("hf_secret"));
     assert_eq!(opts.cache_dir.as_deref(), Some(std::path::Path::new("/c")));
-    assert!(opts.offline && opts.progress);
+    assert!(opts.offline && opts.progress.is_some());
     let debug = format!("{opts:?}");
     assert!(!debug.contains("hf_secret"), "{debug}");
     assert!(debug.contains("<redacted>"), "{debug}");
+    assert!(debug.contains("<callback>"), "{debug}");
 
     let d = HubOptions::default();
     assert!(d.revision.is_none() && d.token.is_none() && d.cache_dir.is_none());
-    assert!(!d.offline && !d.progress);
+    assert!(!d.offline && d.progress.is_none());
 }

@@ -17,7 +17,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use candle_glu::{fetch_model, HubOptions};
+use candle_glu::{fetch_model, DownloadProgress, HubOptions};
 use fake_hub::FakeHub;
 use hub_cache::{index, tiny_safetensors, FakeCache, CONFIG, HASH_MAIN, HASH_V1, REPO};
 
@@ -151,17 +151,30 @@ fn unreachable_endpoint_fails_fast_with_a_clear_error() {
     ]);
     let empty = FakeCache::new();
     let start = Instant::now();
-    let err = fetch_model(REPO, &empty.opts().with_offline(false).with_progress(true)).unwrap_err();
+    let progress = Progress::default();
+    let opts = empty
+        .opts()
+        .with_offline(false)
+        .with_progress(progress.clone());
+    let err = fetch_model(REPO, &opts).unwrap_err();
+    assert!(progress.events().is_empty(), "{:?}", progress.events());
     let took = start.elapsed();
     let msg = err.to_string();
     assert!(
         msg.starts_with(&format!(
-            "hub repo `{REPO}`: could not fetch `config.json` (revision `main`) from {endpoint}: "
+            "hub repo `{REPO}`: could not fetch `config.json` (revision `main`) from {endpoint}; "
         )),
         "{msg}"
     );
-    assert!(msg.to_lowercase().contains("connect"), "says why: {msg}");
     assert!(msg.contains("HF_HUB_OFFLINE=1"), "says what to do: {msg}");
+    // Why, in the error's sources: the client's own error.
+    let mut why = String::new();
+    let mut source = std::error::Error::source(&err);
+    while let Some(e) = source {
+        why.push_str(&format!("{e}: "));
+        source = e.source();
+    }
+    assert!(why.to_lowercase().contains("connect"), "says why: {why}");
     // hf-hub retries connection errors 5 times with jittered backoff from 100 ms (at most
     // 6.2 s of sleep in all); far less than this bound.
     assert!(took < Duration::from_secs(30), "took {took:?}");
@@ -187,9 +200,33 @@ fn unreachable_endpoint_falls_back_to_the_cache() {
     );
 }
 
-/// Online options on `cache`, with progress on stderr (visible with `--nocapture`).
+/// Online options on `cache`.
 fn online(cache: &FakeCache) -> HubOptions {
-    cache.opts().with_offline(false).with_progress(true)
+    cache.opts().with_offline(false)
+}
+
+/// A [`DownloadProgress`] that records what it is told: `(file, done, total)` for updates and
+/// `(file, u64::MAX, u64::MAX)` when a file is finished.
+#[derive(Clone, Default)]
+struct Progress(std::sync::Arc<Mutex<Vec<(String, u64, u64)>>>);
+
+impl Progress {
+    fn events(&self) -> Vec<(String, u64, u64)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl DownloadProgress for Progress {
+    fn update(&self, file: &str, done: u64, total: u64) {
+        self.0.lock().unwrap().push((file.into(), done, total));
+    }
+
+    fn finish(&self, file: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((file.into(), u64::MAX, u64::MAX));
+    }
 }
 
 fn hub_env(hub: &FakeHub) -> EnvGuard {
@@ -211,8 +248,21 @@ fn downloads_into_an_empty_cache_at_one_commit() {
     let _env = hub_env(&hub);
     let cache = FakeCache::new();
 
-    let dir = fetch_model(REPO, &online(&cache)).unwrap();
+    let progress = Progress::default();
+    let dir = fetch_model(REPO, &online(&cache).with_progress(progress.clone())).unwrap();
     assert_eq!(dir, cache.snapshot(HASH_MAIN));
+    // Each download is reported, up to its whole size, then finished.
+    let weights_len = tiny_safetensors("w", 1.0).len() as u64;
+    let events = progress.events();
+    assert!(
+        events.contains(&("model.safetensors".into(), weights_len, weights_len)),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last(),
+        Some(&("model.safetensors".into(), u64::MAX, u64::MAX)),
+        "{events:?}"
+    );
     let w = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(w["w"].to_vec1::<f32>().unwrap(), [1.0]);
     // The real cache layout: a ref, and snapshot entries that point into blobs/.
@@ -246,8 +296,11 @@ fn downloads_into_an_empty_cache_at_one_commit() {
     // Again: the blobs are cached, so nothing is downloaded (hf-hub still checks with HEAD).
     let gets = |log: &[String]| log.iter().filter(|l| l.starts_with("GET")).count();
     let before = gets(&hub.log());
-    assert_eq!(fetch_model(REPO, &online(&cache)).unwrap(), dir);
+    let progress = Progress::default();
+    let opts = online(&cache).with_progress(progress.clone());
+    assert_eq!(fetch_model(REPO, &opts).unwrap(), dir);
     assert_eq!(gets(&hub.log()), before, "{:?}", hub.log());
+    assert!(progress.events().is_empty(), "cache hits report nothing");
 
     // And offline, the same cache answers without the hub.
     let n = hub.log().len();

@@ -110,7 +110,7 @@ fn f16_and_bf16_within_twice_torch_error() {
 fn layout_is_detected_from_tensor_names() {
     for case in manifest().cases {
         let vb = case.var_builder(DType::F32);
-        let detected = WeightLayout::detect_in(&vb.pp(&case.prefix));
+        let detected = WeightLayout::detect(&vb.pp(&case.prefix));
         assert_eq!(
             detected,
             Some(case.layout.parse().unwrap()),

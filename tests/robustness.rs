@@ -6,7 +6,7 @@
 mod craft;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_glu::loading::{Checkpoint, Format, LoadOptions};
+use candle_glu::loading::{Checkpoint, FileFormat, LoadOptions};
 use candle_glu::WeightLayout;
 use craft::{write, Gguf, GgufValue};
 
@@ -19,7 +19,7 @@ fn hand_written_gguf_is_read_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let g = Gguf::llama(32, 64, craft::F32);
     let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap();
-    assert_eq!(ckpt.format(), Format::Gguf);
+    assert_eq!(ckpt.format(), FileFormat::Gguf);
     assert_eq!(ckpt.num_layers(), Some(1));
     assert_eq!(
         ckpt.tensor_shape("blk.0.ffn_down.weight"),

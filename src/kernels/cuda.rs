@@ -20,7 +20,7 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
 use half::{bf16, f16};
 
 use super::strided::GatedStrides;
-use super::Act;
+use crate::Activation;
 
 /// The kernels' source: `σ(gate) ⊙ up` for f32, f16 and bf16.
 pub(crate) const SOURCE: &str = include_str!("gated.cu");
@@ -32,18 +32,6 @@ const MAX_BLOCKS: u64 = 1 << 16;
 
 // SAFETY: `#[repr(C)]`, plain integers, and the same layout as `struct Strides` in gated.cu.
 unsafe impl DeviceRepr for GatedStrides {}
-
-/// The activation's number in gated.cu, and β for Swish-β.
-fn act_code(act: Act) -> (i32, f32) {
-    match act {
-        Act::Sigmoid => (0, 0.0),
-        Act::Identity => (1, 0.0),
-        Act::Relu => (2, 0.0),
-        Act::Gelu => (3, 0.0),
-        Act::GeluTanh => (4, 0.0),
-        Act::Swish(beta) => (5, beta),
-    }
-}
 
 /// The PTX of [`SOURCE`], compiled by NVRTC on first use; the compile error, if any, is kept
 /// (a process that lacks NVRTC will not get it later).
@@ -72,7 +60,7 @@ pub(crate) fn ptx() -> Result<&'static str> {
 
 /// `σ(gate) ⊙ up` on the device of `gate`, for any layouts of equal shape.
 pub(crate) fn gated(
-    act: Act,
+    act: Activation,
     gate: &CudaStorage,
     l1: &Layout,
     up: &CudaStorage,
@@ -114,7 +102,7 @@ pub(crate) fn gated(
 }
 
 struct Launch<'a> {
-    act: Act,
+    act: Activation,
     strides: GatedStrides,
     n: usize,
     dev: &'a CudaDevice,
@@ -143,7 +131,7 @@ impl Launch<'_> {
             shared_mem_bytes: 0,
         };
         let n = self.n as u64;
-        let (act, beta) = act_code(self.act);
+        let (act, beta) = super::strided::activation_code(self.act);
         let mut builder = func.builder();
         builder.arg(&gate);
         builder.arg(&up);

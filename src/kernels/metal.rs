@@ -12,7 +12,7 @@ use candle_metal_kernels::metal::{ComputeCommandEncoder, ComputePipeline, Device
 use objc2_metal::{MTLCompileOptions, MTLSize};
 
 use super::strided::GatedStrides;
-use super::Act;
+use crate::Activation;
 
 /// The kernels' source: `σ(gate) ⊙ up` for f32, f16 and bf16.
 const SOURCE: &str = include_str!("gated.metal");
@@ -45,7 +45,7 @@ fn pipeline(device: &Device, name: &'static str) -> Result<ComputePipeline> {
 
 /// `σ(gate) ⊙ up` on the device of `gate`, for any layouts of equal shape.
 pub(crate) fn gated(
-    act: Act,
+    act: Activation,
     gate: &MetalStorage,
     l1: &Layout,
     up: &MetalStorage,
@@ -77,14 +77,7 @@ pub(crate) fn gated(
         .build()?;
     if n > 0 {
         let pipeline = pipeline(device.device(), name)?;
-        let (act, beta) = match act {
-            Act::Sigmoid => (0i32, 0f32),
-            Act::Identity => (1, 0.0),
-            Act::Relu => (2, 0.0),
-            Act::Gelu => (3, 0.0),
-            Act::GeluTanh => (4, 0.0),
-            Act::Swish(beta) => (5, beta),
-        };
+        let (act, beta) = super::strided::activation_code(act);
         let size = dtype.size_in_bytes();
         let guard = device.command_encoder()?;
         let encoder: &ComputeCommandEncoder = guard.as_ref();

@@ -11,11 +11,12 @@
 //! candle's convention is kept: GGUF's `[in, out]` dimension order is reversed into PyTorch's
 //! `[out, in]`, so FFN weights need no transpose.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -49,6 +50,21 @@ struct Entry {
 }
 
 /// An opened GGUF file: its metadata and tensor table; tensor data is read on demand.
+///
+/// [`Checkpoint`](super::Checkpoint) opens GGUF files through it ([`Checkpoint::gguf`](super::Checkpoint::gguf));
+/// it is public for what a model needs beyond the FFN: the metadata (hyperparameters, the
+/// tokenizer) and the other tensors, quantized or dequantized.
+///
+/// ```no_run
+/// use candle_core::{DType, Device};
+/// use candle_glu::loading::GgufStore;
+/// let gguf = GgufStore::open("SmolLM2-135M-Instruct.Q4_1.gguf".as_ref())?;
+/// assert_eq!(gguf.architecture(), Some("llama"));
+/// let layers = gguf.num_layers();
+/// let embed = gguf.dequantized("token_embd.weight", DType::F32, &Device::Cpu)?;
+/// let up = gguf.qtensor("blk.0.ffn_up.weight", &Device::Cpu)?; // kept quantized
+/// # Ok::<(), candle_glu::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct GgufStore {
     path: PathBuf,
@@ -196,7 +212,7 @@ impl GgufStore {
         let Some(entry) = self.tensors.get(name) else {
             return Err(Error::MissingTensor {
                 name: name.to_string(),
-                found: super::closest_names(name, self.names()),
+                found: crate::layout::closest_names(name, self.names()),
             });
         };
         if entry.dtype.is_none() {
@@ -204,6 +220,7 @@ impl GgufStore {
                 path: self.path.clone(),
                 name: name.to_string(),
                 found: ggml_type_name(entry.type_id),
+                supported: READABLE_TYPES,
             });
         }
         // candle 0.11.1 views the bytes it read as blocks with `slice::from_raw_parts`; for an
@@ -608,8 +625,10 @@ fn readable_type(id: u32) -> Option<GgmlDType> {
 }
 
 /// The names of the types [`readable_type`] accepts, for error messages.
-pub(crate) const READABLE_TYPES: &str =
-    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+const READABLE_TYPES: &[&str] = &[
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+    "Q6_K",
+];
 
 /// ggml's name of a type id, e.g. `IQ2_XXS (16)`.
 fn ggml_type_name(id: u32) -> String {
@@ -661,28 +680,13 @@ fn ggml_type_name(id: u32) -> String {
     }
 }
 
-/// A GGUF file as a `VarBuilder` backend, dequantizing every tensor it is asked for.
-#[derive(Debug, Clone)]
-pub(crate) struct DequantizingBackend(pub(crate) Arc<GgufStore>);
-
-impl candle_nn::var_builder::SimpleBackend for DequantizingBackend {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        super::check_stored_shape(name, self.0.shape(name), &shape)?;
-        Ok(self.0.dequantized(name, dtype, dev)?)
+impl super::LazyStore for GgufStore {
+    fn stored_shape(&self, name: &str) -> Option<&[usize]> {
+        self.shape(name)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        Ok(self.0.dequantized(name, dtype, dev)?)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.0.contains(name)
+    /// Dequantizes the tensor.
+    fn read(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.dequantized(name, dtype, device)
     }
 }

@@ -12,22 +12,18 @@
 //! ```no_run
 //! use candle_glu::{fetch_model, HubOptions};
 //! # fn main() -> candle_glu::Result<()> {
-//! let dir = fetch_model(
-//!     "HuggingFaceTB/SmolLM2-135M-Instruct",
-//!     &HubOptions::new().with_progress(true),
-//! )?;
+//! let dir = fetch_model("HuggingFaceTB/SmolLM2-135M-Instruct", &HubOptions::new())?;
 //! assert!(dir.join("model.safetensors").exists());
 //! # Ok(()) }
 //! ```
 //!
 //! This module is behind the `hub` cargo feature (on by default).
 
-use std::collections::BTreeSet;
+#![forbid(unsafe_code)]
+
 use std::fmt;
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use hf_hub::progress::{DownloadEvent, FileStatus, Progress, ProgressEvent, ProgressHandler};
 use hf_hub::repository::RepoTypeModel;
@@ -74,8 +70,35 @@ pub struct HubOptions {
     /// Resolve from the local cache only, never the network. Also on when the environment
     /// variable `HF_HUB_OFFLINE` is `1`, `true`, `yes` or `on` (any case).
     pub offline: bool,
-    /// Show download progress on stderr.
-    pub progress: bool,
+    /// Told of each download's progress; files found in the cache report nothing. The library
+    /// itself prints nothing.
+    pub progress: Option<Arc<dyn DownloadProgress>>,
+}
+
+/// Receives the progress of [`fetch_model`]'s downloads, to show it as the application likes
+/// (a progress bar, a log line). Files found in the cache report nothing.
+///
+/// ```
+/// use candle_glu::{DownloadProgress, HubOptions};
+///
+/// struct Log;
+/// impl DownloadProgress for Log {
+///     fn update(&self, file: &str, done: u64, total: u64) {
+///         eprintln!("{file}: {done} / {total} bytes");
+///     }
+/// }
+/// let opts = HubOptions::new().with_progress(Log);
+/// assert!(opts.progress.is_some());
+/// ```
+pub trait DownloadProgress: Send + Sync {
+    /// `done` of `total` bytes of `file` have arrived (`total` is 0 while unknown). Called
+    /// often: throttle the drawing.
+    fn update(&self, file: &str, done: u64, total: u64);
+
+    /// `file` has arrived whole.
+    fn finish(&self, file: &str) {
+        let _ = file;
+    }
 }
 
 impl fmt::Debug for HubOptions {
@@ -85,7 +108,7 @@ impl fmt::Debug for HubOptions {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("cache_dir", &self.cache_dir)
             .field("offline", &self.offline)
-            .field("progress", &self.progress)
+            .field("progress", &self.progress.as_ref().map(|_| "<callback>"))
             .finish()
     }
 }
@@ -122,9 +145,9 @@ impl HubOptions {
         self
     }
 
-    /// Show (`true`) or hide download progress on stderr.
-    pub fn with_progress(mut self, progress: bool) -> Self {
-        self.progress = progress;
+    /// Report download progress to `progress`.
+    pub fn with_progress(mut self, progress: impl DownloadProgress + 'static) -> Self {
+        self.progress = Some(Arc::new(progress));
         self
     }
 
@@ -249,7 +272,7 @@ struct Fetcher<'a> {
     cache_dir: PathBuf,
     endpoint: String,
     offline: bool,
-    progress: bool,
+    progress: Option<Arc<dyn DownloadProgress>>,
 }
 
 impl<'a> Fetcher<'a> {
@@ -261,20 +284,13 @@ impl<'a> Fetcher<'a> {
         if let Some(token) = &opts.token {
             builder = builder.token(token.clone());
         }
-        let client = builder.build().map_err(|e| {
-            hub_error(
-                repo_id,
-                format!("cannot set up the hub client: {}", chain(&e)),
-            )
-        })?;
+        let client = builder
+            .build()
+            .map_err(|e| hub_error_from(repo_id, "cannot set up the hub client".into(), e))?;
         let cache_dir = client.cache_dir().to_path_buf();
         let endpoint = client.endpoint().to_string();
-        let client = HFClientSync::from_inner(client).map_err(|e| {
-            hub_error(
-                repo_id,
-                format!("cannot start the hub client: {}", chain(&e)),
-            )
-        })?;
+        let client = HFClientSync::from_inner(client)
+            .map_err(|e| hub_error_from(repo_id, "cannot start the hub client".into(), e))?;
         let (owner, name) = hf_hub::split_id(repo_id);
         Ok(Self {
             repo_id,
@@ -285,7 +301,7 @@ impl<'a> Fetcher<'a> {
             cache_dir,
             endpoint,
             offline: opts.is_offline(),
-            progress: opts.progress,
+            progress: opts.progress.clone(),
         })
     }
 
@@ -296,8 +312,10 @@ impl<'a> Fetcher<'a> {
 
     /// Downloads `file`, or finds it in the cache; records the snapshot directory.
     fn fetch(&mut self, file: &str) -> Result<Lookup> {
-        let progress =
-            (self.progress && !self.offline).then(|| Progress::new(StderrProgress::new(file)));
+        let progress = match &self.progress {
+            Some(sink) if !self.offline => Some(Progress::new(Relay::new(file, sink.clone()))),
+            _ => None,
+        };
         let result = self
             .repo
             .download_file()
@@ -312,7 +330,7 @@ impl<'a> Fetcher<'a> {
                 return Ok(Lookup::Missing { not_cached: true })
             }
             Err(HFError::EntryNotFound { .. }) => return Ok(Lookup::Missing { not_cached: false }),
-            Err(e) => return Err(self.download_error(file, &e)),
+            Err(e) => return Err(self.download_error(file, e)),
         };
         self.record(file, &path)?;
         Ok(Lookup::Found(path))
@@ -413,10 +431,10 @@ impl<'a> Fetcher<'a> {
     }
 
     /// The error for a failed download: says which file, revision and endpoint, and what to do
-    /// for access errors.
-    fn download_error(&self, file: &str, e: &HFError) -> Error {
+    /// for access errors; the client's error is its source.
+    fn download_error(&self, file: &str, e: HFError) -> Error {
         let revision = self.revision;
-        let hint = match e {
+        let hint = match &e {
             HFError::AuthRequired { context }
                 if context.error_code.as_deref() == Some("RepoNotFound") =>
             {
@@ -434,68 +452,29 @@ impl<'a> Fetcher<'a> {
             }
             _ => "",
         };
-        // `HFError::Request` repeats the URL that reqwest's message already has.
-        let cause = match e {
-            HFError::Request { source, .. } => chain(source),
-            e => chain(e),
-        };
-        hub_error(
+        hub_error_from(
             self.repo_id,
             format!(
-                "could not fetch `{file}` (revision `{revision}`) from {}: {cause}{hint}",
+                "could not fetch `{file}` (revision `{revision}`) from {}{hint}",
                 self.endpoint,
             ),
+            e,
         )
     }
 }
 
-/// Reads the shard names from a `model.safetensors.index.json`: the distinct values of its
-/// `weight_map`, in order, each checked to be a plain file name.
+/// The shard names of a `model.safetensors.index.json`, read by the loaders' own parser; what
+/// is wrong with the index is said as a hub error.
 fn shard_names(repo_id: &str, revision: &str, index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
-        path: index.to_path_buf(),
-        source,
-    })?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: index.to_path_buf(),
-        source,
-    })?;
-    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
-        return Err(hub_error(
+    let weight_map = super::safetensors::read_index(index).map_err(|e| match e {
+        Error::InvalidFile { message, .. } => hub_error(
             repo_id,
-            format!("`{INDEX_FILE}` (revision `{revision}`) has no `weight_map` object"),
-        ));
-    };
-    let mut shards = BTreeSet::new();
-    for (tensor, shard) in map {
-        let Some(shard) = shard.as_str() else {
-            return Err(hub_error(
-                repo_id,
-                format!(
-                    "`{INDEX_FILE}` (revision `{revision}`) maps tensor `{tensor}` to {shard}, \
-                     expected a file name string"
-                ),
-            ));
-        };
-        if !super::is_plain_file_name(shard) {
-            return Err(hub_error(
-                repo_id,
-                format!(
-                    "`{INDEX_FILE}` (revision `{revision}`) names shard `{shard}` (for tensor \
-                     `{tensor}`), which is not a plain file name in the repository; refusing to \
-                     fetch it"
-                ),
-            ));
-        }
-        shards.insert(shard.to_string());
-    }
-    if shards.is_empty() {
-        return Err(hub_error(
-            repo_id,
-            format!("`{INDEX_FILE}` (revision `{revision}`) has an empty `weight_map`"),
-        ));
-    }
-    Ok(shards.into_iter().collect())
+            format!("`{INDEX_FILE}` (revision `{revision}`): {message}"),
+        ),
+        e => e,
+    })?;
+    let shards = super::safetensors::shards(&weight_map);
+    Ok(shards.into_iter().map(str::to_string).collect())
 }
 
 /// Checks a repository id: `org/name` or `name`, as the Hub allows them.
@@ -576,111 +555,55 @@ fn hub_error(repo: &str, message: String) -> Error {
     Error::Hub {
         repo: repo.to_string(),
         message,
+        source: None,
     }
 }
 
-/// An error's message followed by those of its sources, skipping repeats (reqwest's message does
-/// not include the "connection refused" underneath it).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let msg = s.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        source = s.source();
+/// [`hub_error`] caused by the hub client's error `source`.
+fn hub_error_from(repo: &str, message: String, source: HFError) -> Error {
+    Error::Hub {
+        repo: repo.to_string(),
+        message,
+        source: Some(Box::new(source)),
     }
-    out
 }
 
-/// Download progress for one file on stderr: a line redrawn in place on a terminal, a line per
-/// 10% otherwise. Files served from the cache print nothing.
-struct StderrProgress {
+/// Relays hf-hub's progress events for one file to a [`DownloadProgress`]: only real transfers
+/// (a cache hit reports `Complete` alone), and `finish` once after something was reported.
+struct Relay {
     file: String,
-    tty: bool,
-    state: Mutex<BarState>,
+    sink: Arc<dyn DownloadProgress>,
+    /// `(total, reported)`: the size once known, and whether `update` was called.
+    state: Mutex<(u64, bool)>,
 }
 
-#[derive(Default)]
-struct BarState {
-    total: u64,
-    done: u64,
-    /// Something was printed, so `Complete` prints the final line.
-    shown: bool,
-    last_draw: Option<Instant>,
-    last_tenth: u64,
-    /// `done` when the last line was written (without a terminal).
-    printed: u64,
-}
-
-impl StderrProgress {
-    fn new(file: &str) -> Self {
+impl Relay {
+    fn new(file: &str, sink: Arc<dyn DownloadProgress>) -> Self {
         Self {
             file: file.to_string(),
-            tty: std::io::stderr().is_terminal(),
-            state: Mutex::new(BarState::default()),
+            sink,
+            state: Mutex::new((0, false)),
         }
-    }
-
-    fn line(&self, s: &BarState) -> String {
-        let pct = if s.total > 0 {
-            format!(" ({:.0}%)", 100.0 * s.done as f64 / s.total as f64)
-        } else {
-            String::new()
-        };
-        format!(
-            "{}: {} / {}{pct}",
-            self.file,
-            human_bytes(s.done),
-            human_bytes(s.total)
-        )
-    }
-
-    fn update(&self, s: &mut BarState, done: u64, total: u64) {
-        if total > 0 {
-            s.total = total;
-        }
-        s.done = done.max(s.done);
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let now = Instant::now();
-            if s.last_draw
-                .is_some_and(|t| now.duration_since(t) < Duration::from_millis(200))
-            {
-                return;
-            }
-            s.last_draw = Some(now);
-            let _ = write!(err, "\r{}\x1b[K", self.line(s));
-        } else {
-            let tenth = s.done.saturating_mul(10).checked_div(s.total).unwrap_or(0);
-            if s.shown && tenth <= s.last_tenth {
-                return;
-            }
-            s.last_tenth = tenth;
-            s.printed = s.done;
-            let _ = writeln!(err, "{}", self.line(s));
-        }
-        s.shown = true;
     }
 }
 
-impl ProgressHandler for StderrProgress {
+impl ProgressHandler for Relay {
     fn on_progress(&self, event: &ProgressEvent) {
         let ProgressEvent::Download(event) = event else {
             return;
         };
-        let Ok(mut s) = self.state.lock() else {
+        let Ok(mut state) = self.state.lock() else {
             return;
         };
+        let (total, reported) = &mut *state;
         match event {
-            DownloadEvent::Start { total_bytes, .. } => s.total = *total_bytes,
+            DownloadEvent::Start { total_bytes, .. } => *total = *total_bytes,
             DownloadEvent::Progress { files } => {
                 for f in files {
-                    // A cache hit reports `Complete` alone; only real transfers are drawn.
-                    if f.status != FileStatus::Complete || s.shown {
-                        self.update(&mut s, f.bytes_completed, f.total_bytes);
+                    if f.status != FileStatus::Complete || *reported {
+                        *total = f.total_bytes.max(*total);
+                        *reported = true;
+                        self.sink.update(&self.file, f.bytes_completed, *total);
                     }
                 }
             }
@@ -688,35 +611,18 @@ impl ProgressHandler for StderrProgress {
                 bytes_completed,
                 total_bytes,
                 ..
-            } => self.update(&mut s, *bytes_completed, *total_bytes),
+            } => {
+                *total = (*total_bytes).max(*total);
+                *reported = true;
+                self.sink.update(&self.file, *bytes_completed, *total);
+            }
             DownloadEvent::Complete => {
-                // Without a terminal the last 10% line may already say 100%.
-                if s.shown && (self.tty || s.printed < s.total.max(s.done)) {
-                    s.done = s.total.max(s.done);
-                    let line = self.line(&s);
-                    let mut err = std::io::stderr().lock();
-                    let _ = if self.tty {
-                        writeln!(err, "\r{line}\x1b[K")
-                    } else {
-                        writeln!(err, "{line}")
-                    };
+                if *reported {
+                    self.sink.finish(&self.file);
                 }
-                s.shown = false;
+                *reported = false;
             }
         }
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    if n >= 1024 * 1024 * 1024 {
-        format!("{:.2} GiB", n as f64 / (MIB * 1024.0))
-    } else if n >= 1024 * 1024 {
-        format!("{:.1} MiB", n as f64 / MIB)
-    } else if n >= 1024 {
-        format!("{:.1} KiB", n as f64 / 1024.0)
-    } else {
-        format!("{n} B")
     }
 }
 
@@ -803,13 +709,5 @@ mod tests {
         ] {
             assert!(validate_revision("r", bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn bytes_are_human() {
-        assert_eq!(human_bytes(12), "12 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(270 * 1024 * 1024), "270.0 MiB");
-        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.00 GiB");
     }
 }

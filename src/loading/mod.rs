@@ -13,7 +13,9 @@
 //! # Ok(()) }
 //! ```
 
-pub(crate) mod gguf;
+#![forbid(unsafe_code)]
+
+mod gguf;
 #[cfg(feature = "hub")]
 pub mod hub;
 mod safetensors;
@@ -21,18 +23,18 @@ mod safetensors;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 pub use self::gguf::GgufStore;
-pub use self::safetensors::SafetensorsStore;
-use crate::layout::GateUpNames;
+use self::safetensors::SafetensorsStore;
+use crate::layout::{closest_names, join, GateUpNames};
 use crate::{Error, GluConfig, GluFeedForward, Projection, Result, WeightLayout};
 
 /// The file formats a [`Checkpoint`] can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Format {
+pub enum FileFormat {
     /// One or more safetensors files.
     Safetensors,
     /// A llama.cpp GGUF file.
@@ -171,10 +173,19 @@ impl Checkpoint {
     }
 
     /// The file format.
-    pub fn format(&self) -> Format {
+    pub fn format(&self) -> FileFormat {
         match self.store {
-            Store::Safetensors(_) => Format::Safetensors,
-            Store::Gguf(_) => Format::Gguf,
+            Store::Safetensors(_) => FileFormat::Safetensors,
+            Store::Gguf(_) => FileFormat::Gguf,
+        }
+    }
+
+    /// The GGUF file, for its metadata (tokenizer, hyperparameters) and quantized tensors; `None`
+    /// for safetensors checkpoints.
+    pub fn gguf(&self) -> Option<&GgufStore> {
+        match &self.store {
+            Store::Gguf(g) => Some(g),
+            Store::Safetensors(_) => None,
         }
     }
 
@@ -208,9 +219,10 @@ impl Checkpoint {
         self.tensor_shape(name).is_some()
     }
 
-    /// The layout whose weights all exist under `prefix`.
+    /// The layout whose weights all exist under `prefix` (layouts tried in the order of
+    /// [`WeightLayout::ALL`]).
     pub fn detect_layout(&self, prefix: &str) -> Option<WeightLayout> {
-        WeightLayout::detect(|name| self.contains(&join(prefix, name)))
+        WeightLayout::detect_by(|name| self.contains(&join(prefix, name)))
     }
 
     /// The layers whose FFN weights exist in `layout`'s naming, sorted.
@@ -238,11 +250,9 @@ impl Checkpoint {
         layout: WeightLayout,
         activation: crate::Activation,
     ) -> Result<GluConfig> {
-        let names = layout.names();
-        let (gate, rows_per_i) = match names.gate_up {
-            GateUpNames::Split { gate, .. } => (gate, 1),
-            GateUpNames::Fused { gate_up } => (gate_up, 2),
-        };
+        // The first weight (the gate, or the fused gate-up) has `rows_per_i` rows per unit of
+        // the intermediate size and the hidden size as columns.
+        let (gate, [rows_per_i, _]) = layout.projection_shapes(1, 1)[0];
         let gate = join(prefix, &format!("{gate}.weight"));
         let shape = self.require(&gate)?;
         let [rows, hidden] = shape[..] else {
@@ -261,7 +271,7 @@ impl Checkpoint {
                 ),
             });
         }
-        let bias = self.contains(&join(prefix, &format!("{}.bias", names.down)));
+        let bias = self.contains(&join(prefix, &format!("{}.bias", layout.names().down)));
         Ok(GluConfig::new(hidden, rows / rows_per_i)
             .with_activation(activation)
             .with_bias(bias)
@@ -276,11 +286,11 @@ impl Checkpoint {
     }
 
     /// A `VarBuilder` over every tensor, converted to `dtype` on `device` (GGUF tensors are
-    /// dequantized).
+    /// dequantized). Tensors are read when the builder is asked for them.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = match &self.store {
-            Store::Safetensors(s) => Box::new(s.as_ref().clone()),
-            Store::Gguf(g) => Box::new(gguf::DequantizingBackend(g.clone())),
+            Store::Safetensors(s) => Box::new(Lazy(s.clone())),
+            Store::Gguf(g) => Box::new(Lazy(g.clone())),
         };
         VarBuilder::from_backend(backend, dtype, device.clone())
     }
@@ -336,13 +346,9 @@ impl Checkpoint {
     /// Every weight of the block exists with the shape `cfg` implies: checked on the tensor table
     /// before any data is read, so a wrong shape never costs a read or an allocation.
     fn check_shapes(&self, cfg: &GluConfig, prefix: &str) -> Result<()> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let names = cfg.layout.names();
-        let mut expected = match names.gate_up {
-            GateUpNames::Split { gate, up } => vec![(gate, [i, h]), (up, [i, h])],
-            GateUpNames::Fused { gate_up } => vec![(gate_up, [2 * i, h])],
-        };
-        expected.push((names.down, [h, i]));
+        let expected = cfg
+            .layout
+            .projection_shapes(cfg.hidden_size, cfg.intermediate_size);
         for (name, shape) in expected {
             let name = join(prefix, &format!("{name}.weight"));
             let found = self.require(&name)?;
@@ -377,14 +383,6 @@ impl Checkpoint {
             });
         }
         self.load_ffn(cfg, &cfg.layout.layer_prefix(layer), opts)
-    }
-}
-
-fn join(prefix: &str, name: &str) -> String {
-    if prefix.is_empty() {
-        name.to_string()
-    } else {
-        format!("{prefix}.{name}")
     }
 }
 
@@ -452,82 +450,43 @@ pub(crate) fn is_plain_file_name(name: &str) -> bool {
         && name != ".."
 }
 
-/// The check a `VarBuilder` backend makes before reading: a stored tensor must have the shape
-/// asked for.
-pub(crate) fn check_stored_shape(
-    name: &str,
-    stored: Option<&[usize]>,
-    wanted: &candle_core::Shape,
-) -> candle_core::Result<()> {
-    match stored {
-        Some(found) if found != wanted.dims() => Err(Error::ShapeMismatch {
-            name: name.to_string(),
-            expected: wanted.dims().to_vec(),
-            found: found.to_vec(),
-        }
-        .into()),
-        _ => Ok(()),
-    }
+/// A store whose tensors are read on demand: the safetensors shards and the GGUF file.
+trait LazyStore: Send + Sync + 'static {
+    /// A tensor's stored shape, PyTorch order.
+    fn stored_shape(&self, name: &str) -> Option<&[usize]>;
+    /// Reads a tensor as a float tensor of `dtype` on `device`.
+    fn read(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
 }
 
-/// Up to three names from `names` closest to `wanted`: those sharing its longest prefix, then
-/// by edit distance.
-pub(crate) fn closest_names<'a>(
-    wanted: &str,
-    names: impl IntoIterator<Item = &'a str>,
-) -> Vec<String> {
-    let mut scored: Vec<(usize, usize, &str)> = names
-        .into_iter()
-        .map(|n| {
-            let common = wanted
-                .bytes()
-                .zip(n.bytes())
-                .take_while(|(a, b)| a == b)
-                .count();
-            (usize::MAX - common, edit_distance(wanted, n), n)
-        })
-        .collect();
-    scored.sort_unstable();
-    scored
-        .into_iter()
-        .take(3)
-        .map(|(_, _, n)| n.to_string())
-        .collect()
-}
+/// A [`LazyStore`] as a `VarBuilder` backend: every tensor read when asked for, its stored shape
+/// checked first.
+struct Lazy<S>(Arc<S>);
 
-/// Levenshtein distance over the first 256 characters of each name: real tensor names are far
-/// shorter, and a hostile file's megabyte-long names must not make an error message slow.
-fn edit_distance(a: &str, b: &str) -> usize {
-    const MAX_CHARS: usize = 256;
-    let a = &a[..a.char_indices().nth(MAX_CHARS).map_or(a.len(), |(i, _)| i)];
-    let b: Vec<char> = b.chars().take(MAX_CHARS).collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
+impl<S: LazyStore> candle_nn::var_builder::SimpleBackend for Lazy<S> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.0.stored_shape(name) {
+            Some(found) if found != shape.dims() => Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.dims().to_vec(),
+                found: found.to_vec(),
+            }
+            .into()),
+            _ => Ok(self.0.read(name, dtype, dev)?),
         }
     }
-    row[b.len()]
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        Ok(self.0.read(name, dtype, dev)?)
+    }
 
-    #[test]
-    fn closest_names_prefer_the_longest_shared_prefix() {
-        let names = [
-            "model.layers.0.mlp.gate_proj.weight",
-            "model.layers.0.mlp.up_proj.weight",
-            "model.layers.10.mlp.gate_proj.weight",
-            "lm_head.weight",
-        ];
-        let got = closest_names("model.layers.1.mlp.gate_proj.weight", names);
-        assert_eq!(got[0], "model.layers.10.mlp.gate_proj.weight");
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.stored_shape(name).is_some()
     }
 }

@@ -2,12 +2,14 @@
 //! are read only when it is asked for. One FFN of a 7B checkpoint costs its own 270 MB, not the
 //! file's 14 GB, and no memory map (hence no `unsafe`) is needed.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use crate::{Error, Result};
@@ -31,14 +33,14 @@ struct Entry {
 
 /// One or more safetensors files (the shards of one checkpoint), by tensor name.
 #[derive(Debug, Clone, Default)]
-pub struct SafetensorsStore {
+pub(crate) struct SafetensorsStore {
     files: Vec<PathBuf>,
     tensors: BTreeMap<String, Entry>,
 }
 
 impl SafetensorsStore {
     /// Reads and checks the header of one file.
-    pub fn open_file(path: &Path) -> Result<Self> {
+    pub(crate) fn open_file(path: &Path) -> Result<Self> {
         let mut store = Self::default();
         store.add_file(path)?;
         Ok(store)
@@ -46,38 +48,12 @@ impl SafetensorsStore {
 
     /// Reads the shards a `model.safetensors.index.json` lists, and only those. Shard names must
     /// be plain file names in the index's directory: `../x` and absolute paths are refused.
-    pub fn open_index(index: &Path) -> Result<Self> {
+    pub(crate) fn open_index(index: &Path) -> Result<Self> {
         let fail = |message: String| invalid(index, message);
-        let text = crate::config::read_json_text(index, MAX_INDEX_BYTES)?;
-        let json: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: index.to_path_buf(),
-            source,
-        })?;
-        let Some(map) = json.get("weight_map").and_then(Value::as_object) else {
-            return Err(fail("no `weight_map` object".into()));
-        };
+        let weight_map = read_index(index)?;
         let dir = index.parent().unwrap_or(Path::new("."));
-        let mut shards: Vec<&str> = Vec::new();
-        for (tensor, shard) in map {
-            let Some(shard) = shard.as_str() else {
-                return Err(fail(format!(
-                    "`weight_map` entry `{tensor}` is not a file name"
-                )));
-            };
-            if !super::is_plain_file_name(shard) {
-                return Err(fail(format!(
-                    "shard `{shard}` is not a plain file name in the index's directory"
-                )));
-            }
-            if !shards.contains(&shard) {
-                shards.push(shard);
-            }
-        }
-        if shards.is_empty() {
-            return Err(fail("`weight_map` lists no tensors".into()));
-        }
         let mut store = Self::default();
-        for shard in shards {
+        for shard in shards(&weight_map) {
             let path = dir.join(shard);
             if !path.exists() {
                 return Err(fail(format!(
@@ -88,8 +64,7 @@ impl SafetensorsStore {
             store.add_file(&path)?;
         }
         // Every tensor the index names must be in the shard it names.
-        for (tensor, shard) in map {
-            let shard = shard.as_str().unwrap_or_default();
+        for (tensor, shard) in &weight_map {
             let in_shard = store.tensors.get(tensor).is_some_and(|e| {
                 store.files[e.file].file_name() == Some(std::ffi::OsStr::new(shard))
             });
@@ -172,26 +147,21 @@ impl SafetensorsStore {
     }
 
     /// Every tensor name, sorted.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
 
-    /// Whether the store has a tensor of this name.
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
     /// A tensor's stored shape.
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+    pub(crate) fn shape(&self, name: &str) -> Option<&[usize]> {
         self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
     /// Reads one tensor, in its stored dtype, onto `device`.
-    pub fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
+    pub(crate) fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
         let Some(entry) = self.tensors.get(name) else {
             return Err(Error::MissingTensor {
                 name: name.to_string(),
-                found: super::closest_names(name, self.names()),
+                found: crate::layout::closest_names(name, self.names()),
             });
         };
         let path = &self.files[entry.file];
@@ -212,7 +182,7 @@ impl SafetensorsStore {
     }
 
     /// Reads a float tensor converted to `dtype`; an integer tensor is an error.
-    pub fn float_tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub(crate) fn float_tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         if let Some(entry) = self.tensors.get(name) {
             if !entry.dtype.is_float() {
                 return Err(Error::TensorDtype {
@@ -289,24 +259,62 @@ fn invalid(path: &Path, message: String) -> Error {
     }
 }
 
-impl candle_nn::var_builder::SimpleBackend for SafetensorsStore {
-    fn get(
-        &self,
-        shape: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        super::check_stored_shape(name, self.shape(name), &shape)?;
-        Ok(self.float_tensor(name, dtype, dev)?)
+impl super::LazyStore for SafetensorsStore {
+    fn stored_shape(&self, name: &str) -> Option<&[usize]> {
+        self.shape(name)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        Ok(self.float_tensor(name, dtype, dev)?)
+    fn read(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.float_tensor(name, dtype, device)
     }
+}
 
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.contains(name)
+/// A `model.safetensors.index.json`'s `weight_map`: `(tensor, shard)` pairs, every shard a
+/// plain file name (one that stays in the index's directory). The one parser of indexes, for
+/// local checkpoints and the hub alike.
+///
+/// # Errors
+/// [`Error::Io`] / [`Error::Json`] for a file that cannot be read or parsed (it is read with a
+/// bound of 64 MiB); [`Error::InvalidFile`] for an index without a `weight_map` object, with an
+/// entry that is not a plain file name, or with no entries.
+pub(crate) fn read_index(index: &Path) -> Result<Vec<(String, String)>> {
+    let fail = |message: String| invalid(index, format!("the index {message}"));
+    let text = crate::files::read_json_text(index, MAX_INDEX_BYTES)?;
+    let json: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let Some(map) = json.get("weight_map").and_then(Value::as_object) else {
+        return Err(fail("has no `weight_map` object".into()));
+    };
+    let mut weight_map = Vec::with_capacity(map.len());
+    for (tensor, shard) in map {
+        let Some(shard) = shard.as_str() else {
+            return Err(fail(format!(
+                "maps tensor `{tensor}` to {shard}, expected a file name string"
+            )));
+        };
+        if !super::is_plain_file_name(shard) {
+            return Err(fail(format!(
+                "names shard `{shard}` (for tensor `{tensor}`), which is not a plain file name \
+                 in its directory; refusing to read it"
+            )));
+        }
+        weight_map.push((tensor.clone(), shard.to_string()));
     }
+    if weight_map.is_empty() {
+        return Err(fail("has an empty `weight_map`".into()));
+    }
+    Ok(weight_map)
+}
+
+/// The distinct shards of a `weight_map`, in the order they first appear.
+pub(crate) fn shards(weight_map: &[(String, String)]) -> Vec<&str> {
+    let mut shards: Vec<&str> = Vec::new();
+    for (_, shard) in weight_map {
+        if !shards.contains(&shard.as_str()) {
+            shards.push(shard);
+        }
+    }
+    shards
 }

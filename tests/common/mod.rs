@@ -136,3 +136,17 @@ pub fn smollm2_gguf() -> PathBuf {
 pub fn embedded_weights() -> PathBuf {
     repo().join("weights")
 }
+
+/// The block's forward pass with candle's own ops only, from its public parts: the three
+/// projections (candle's `Linear` / `QMatMul`) and [`candle_glu::Activation::gated`]. The plain
+/// twin the fused kernels are held to.
+pub fn plain_forward(ffn: &candle_glu::GluFeedForward, xs: &Tensor) -> candle_core::Result<Tensor> {
+    use candle_core::Module;
+    let h = ffn.config().hidden_size;
+    let x = xs.reshape(((), h))?.to_dtype(ffn.dtype())?;
+    let gate = ffn.gate_proj().forward(&x)?;
+    let up = ffn.up_proj().forward(&x)?;
+    let hidden = ffn.activation().gated(&gate, &up)?;
+    let y = ffn.down_proj().forward(&hidden)?;
+    y.reshape(xs.shape())?.to_dtype(xs.dtype())
+}

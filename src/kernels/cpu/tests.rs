@@ -3,31 +3,68 @@
 
 use half::{bf16, f16};
 
-use super::cpu::{self, Compute};
+use super::avx512::{self, Dense, Encoding, Q4_1};
 use super::element::Element;
-use super::{avx512, Act};
+use super::packed::Compute;
+use super::{int8, matmul, vnni, Bias, Mat, Weights};
+use crate::kernels::detect::features;
 use crate::Activation;
+
+/// `σ(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu)` through the float schedules.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gate_up<T: Element, E: Encoding>(
+    x: &[T],
+    m: usize,
+    k: usize,
+    (wg, wu): (Mat<'_>, Mat<'_>),
+    n: usize,
+    act: Activation,
+    bias: Bias<'_>,
+    compute: Compute,
+) -> Vec<T> {
+    // SAFETY: the caller's contract is `matmul`'s.
+    unsafe { matmul::<T, E>(x, m, k, Weights::GateUp(wg, wu, act), n, bias, compute) }
+}
+
+/// `x·Wᵀ + b` through the float schedules.
+unsafe fn linear<T: Element, E: Encoding>(
+    x: &[T],
+    m: usize,
+    k: usize,
+    w: Mat<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+    compute: Compute,
+) -> Vec<T> {
+    let bias = Bias { a: bias, b: None };
+    // SAFETY: the caller's contract is `matmul`'s.
+    unsafe { matmul::<T, E>(x, m, k, Weights::Single(w), n, bias, compute) }
+}
 
 /// σ in float64, from the closed forms (written without cancellation in the far left tail:
 /// 1 + erf(-8) and 1 + tanh(-8) are 0 in float64).
-fn act64(act: Act, x: f64) -> f64 {
+fn act64(act: Activation, x: f64) -> f64 {
     let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
     match act {
-        Act::Sigmoid => sig(x),
-        Act::Identity => x,
-        Act::Relu => x.max(0.0),
-        Act::Gelu => 0.5 * x * libm::erfc(-x / std::f64::consts::SQRT_2),
-        Act::GeluTanh => {
+        Activation::Sigmoid => sig(x),
+        Activation::Identity => x,
+        Activation::Relu => x.max(0.0),
+        Activation::Gelu => 0.5 * x * libm::erfc(-x / std::f64::consts::SQRT_2),
+        Activation::GeluTanh => {
             // ½x(1 + tanh u) = x·sigmoid(2u)
             let c = (2.0 / std::f64::consts::PI).sqrt();
             x * sig(2.0 * c * (x + 0.044715 * x * x * x))
         }
-        Act::Swish(b) => x * sig(b as f64 * x),
+        // Swish-β: β in f32, as the kernels take it.
+        Activation::Silu | Activation::Swish { .. } | Activation::QuickGelu => {
+            let beta = act.swish_beta().unwrap_or(1.0) as f32;
+            x * sig(beta as f64 * x)
+        }
     }
 }
 
-fn all_acts() -> Vec<Act> {
-    Activation::ALL.into_iter().map(Act::from).collect()
+fn all_acts() -> Vec<Activation> {
+    Activation::ALL.into_iter().collect()
 }
 
 /// A deterministic pseudo-random sequence in [-1, 1).
@@ -44,7 +81,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn avx512() -> bool {
-    let ok = cpu::features().avx512;
+    let ok = features().avx512;
     if !ok {
         eprintln!("no AVX-512 on this CPU: the fast kernels are not used here, nothing to test");
     }
@@ -91,6 +128,7 @@ fn activations_match_float64() {
         // Non-finite inputs propagate, as in PyTorch.
         let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
         let mut out = [0f32; 3];
+        // SAFETY: AVX-512 checked; three values each.
         unsafe {
             avx512::gated(
                 act,
@@ -108,7 +146,14 @@ fn activations_match_float64() {
     }
 }
 
-fn check_gate_up<T: Element>(m: usize, k: usize, n: usize, act: Act, compute: Compute, tol: f64) {
+fn check_gate_up<T: Element>(
+    m: usize,
+    k: usize,
+    n: usize,
+    act: Activation,
+    compute: Compute,
+    tol: f64,
+) {
     let round = |v: Vec<f32>| -> Vec<T> { v.into_iter().map(T::from_f32).collect() };
     let x = round(values(m * k, 1));
     let wg = round(values(n * k, 2));
@@ -117,17 +162,18 @@ fn check_gate_up<T: Element>(m: usize, k: usize, n: usize, act: Act, compute: Co
     let with_bias = (m + n) % 2 == 1;
     let (bg, bu) = (values(n, 4), values(n, 5));
     let bias = if with_bias {
-        cpu::Bias {
+        Bias {
             a: Some(&bg),
             b: Some(&bu),
         }
     } else {
-        cpu::Bias::default()
+        Bias::default()
     };
+    let (g, u) = (Mat::dense(&wg, k), Mat::dense(&wu, k));
     // SAFETY: AVX-512 checked by the callers; slices have the sizes given.
-    let (g, u) = (cpu::Mat::dense(&wg, k), cpu::Mat::dense(&wu, k));
-    let h = unsafe { cpu::gate_up::<T, cpu::Dense<T>>(&x, m, k, g, u, n, act, bias, compute) };
-    let y = unsafe { cpu::linear::<T, cpu::Dense<T>>(&x, m, k, g, n, bias.a, compute) };
+    let h = unsafe { gate_up::<T, Dense<T>>(&x, m, k, (g, u), n, act, bias, compute) };
+    // SAFETY: as above.
+    let y = unsafe { linear::<T, Dense<T>>(&x, m, k, g, n, bias.a, compute) };
     let (bg, bu): (Vec<f64>, Vec<f64>) = if with_bias {
         (
             bg.iter().map(|v| *v as f64).collect(),
@@ -198,7 +244,7 @@ fn half_kernels_match_float64() {
     }
     let dp = std::arch::is_x86_feature_detected!("avx512bf16");
     for (m, k, n) in SIZES {
-        for act in [Act::Swish(1.0), Act::Gelu, Act::Relu] {
+        for act in [Activation::Silu, Activation::Gelu, Activation::Relu] {
             // One rounding of the output to 8 (bf16) or 11 (f16) significant bits.
             check_gate_up::<bf16>(m, k, n, act, Compute::Fma, 2f64.powi(-8));
             check_gate_up::<f16>(m, k, n, act, Compute::Fma, 2f64.powi(-11));
@@ -284,24 +330,15 @@ fn q4_1_kernels_match_dequantized_float64() {
         let (dg, du) = (deq(&qg), deq(&qu));
         let (bg, bu) = (qg.data().unwrap(), qu.data().unwrap());
         let x = values(m * k, 9);
-        let rb = <cpu::Q4_1 as cpu::Format>::row_bytes(k);
-        let (g, u) = (cpu::Mat::blocks(&bg, rb), cpu::Mat::blocks(&bu, rb));
-        let act = Act::Swish(1.0);
+        let rb = Q4_1::row_bytes(k);
+        let (g, u) = (Mat::blocks(&bg, rb), Mat::blocks(&bu, rb));
+        let act = Activation::Silu;
         // SAFETY: AVX-512 checked; the blocks hold n rows of k values.
         let h = unsafe {
-            cpu::gate_up::<f32, cpu::Q4_1>(
-                &x,
-                m,
-                k,
-                g,
-                u,
-                n,
-                act,
-                cpu::Bias::default(),
-                Compute::Fma,
-            )
+            gate_up::<f32, Q4_1>(&x, m, k, (g, u), n, act, Bias::default(), Compute::Fma)
         };
-        let y = unsafe { cpu::linear::<f32, cpu::Q4_1>(&x, m, k, g, n, None, Compute::Fma) };
+        // SAFETY: as above.
+        let y = unsafe { linear::<f32, Q4_1>(&x, m, k, g, n, None, Compute::Fma) };
         let dot = |a: &[f32], b: &[f32]| {
             a.iter()
                 .zip(b)
@@ -348,9 +385,8 @@ fn int8_kernels_match_float64_over_rounded_activations() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    use super::int8;
-    use super::vnni::Kind;
-    if !cpu::features().vnni {
+    use vnni::Kind;
+    if !features().vnni {
         eprintln!("no AVX512-VNNI on this CPU: the q8_0/q4k kernels are not used here");
         return;
     }
@@ -405,11 +441,12 @@ fn int8_kernels_match_float64_over_rounded_activations() {
                 x[40] = -0.5;
             }
             let rb = kind.row_bytes(k);
-            let (g, u) = (cpu::Mat::blocks(&bg, rb), cpu::Mat::blocks(&bu, rb));
-            let act = Act::Swish(1.0);
+            let (g, u) = (Mat::blocks(&bg, rb), Mat::blocks(&bu, rb));
+            let act = Activation::Silu;
             // SAFETY: VNNI checked; the blocks hold n rows of k values.
-            let h = unsafe { int8::gate_up(&x, m, k, g, u, n, act, kind) };
-            let y = unsafe { int8::linear(&x, m, k, g, n, kind) };
+            let h = unsafe { int8::matmul(&x, m, k, Weights::GateUp(g, u, act), n, kind) };
+            // SAFETY: as above.
+            let y = unsafe { int8::matmul(&x, m, k, Weights::Single(g), n, kind) };
             // One scale per 32 values; per 256 (a super-block) for q4k decode.
             let decode = m <= int8::DOT_MAX_TOKENS;
             let block = if kind == Kind::Q4K && decode { 256 } else { 32 };
@@ -448,9 +485,8 @@ fn int8_kernels_keep_nan_to_its_token() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    use super::int8;
-    use super::vnni::Kind;
-    if !cpu::features().vnni {
+    use vnni::Kind;
+    if !features().vnni {
         return;
     }
     let (k, n) = (512, 40);
@@ -458,7 +494,7 @@ fn int8_kernels_keep_nan_to_its_token() {
         let v = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&v, dtype).unwrap();
         let data = q.data().unwrap();
-        let w = cpu::Mat::blocks(&data, kind.row_bytes(k));
+        let w = Mat::blocks(&data, kind.row_bytes(k));
         // A token of each schedule gets a NaN (and one an infinity): only its outputs are NaN.
         for m in [1, 4, 20] {
             let mut x = values(m * k, 4);
@@ -467,7 +503,7 @@ fn int8_kernels_keep_nan_to_its_token() {
                 x[k + 7] = f32::INFINITY;
             }
             // SAFETY: VNNI checked; the blocks hold n rows of k values.
-            let y = unsafe { int8::linear(&x, m, k, w, n, kind) };
+            let y = unsafe { int8::matmul(&x, m, k, Weights::Single(w), n, kind) };
             for t in 0..m {
                 let row = &y[t * n..(t + 1) * n];
                 if t < 2.min(m) {

@@ -1,11 +1,11 @@
-//! The CPU side of the custom ops on architectures other than x86-64, where this crate has no
+//! The CPU side of the custom ops on architectures other than x86-64 (compiled as `cpu`), where this crate has no
 //! CPU kernels: [`available`] and [`quantized_available`] say no, so the block runs on candle's
 //! own ops there, and the ops, should they be called anyway, return an error.
 
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, Layout, Result, Shape};
 
-use super::{GateUpOp, GatedOp, LinearOp, QuantGateUpOp, QuantLinearOp};
+use super::ops::{GateUpOp, GatedOp, LinearOp, QuantGateUpOp, QuantLinearOp};
 
 /// Whether the CPU ops can run on this machine: never here.
 pub(super) fn available() -> bool {

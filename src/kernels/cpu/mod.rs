@@ -1,0 +1,431 @@
+//! The CPU side of the custom ops, on x86-64: from candle's storage to slices, then to the
+//! schedules and micro-kernels. Other architectures compile `../portable.rs` in its place.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `mod.rs` | the ops' CPU side; the weights of a call ([`Mat`], [`Weights`], [`Bias`]); the choice of schedule |
+//! | `dot.rs` | the dot schedule (decode, few tokens): weight rows streamed in place |
+//! | `packed.rs` | the packed schedule (prefill): GotoBLAS-style blocking around a register micro-kernel |
+//! | `int8.rs` | both schedules for GGUF q8_0 and q4k, over activations rounded to 8 bits |
+//! | `parallel.rs` | candle's worker pool, disjoint output writes, per-thread scratch |
+//! | `element.rs` | the element types: f32, bf16, f16 |
+//! | `avx512.rs` | AVX-512 micro-kernels: loads/stores, σ in f32, f32 FMA and bf16 dot-product tiles, row encodings (dense, Q4_1) |
+//! | `vnni.rs` | AVX512-VNNI micro-kernels: 8-bit rounding, q8_0 and q4k dot products and tiles |
+//! | `tests.rs` | each micro-kernel and schedule against float64 |
+
+mod avx512;
+mod dot;
+mod element;
+mod int8;
+mod packed;
+mod parallel;
+#[cfg(test)]
+mod tests;
+mod vnni;
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, WithDType};
+use half::{bf16, f16};
+
+use self::avx512::{Dense, Encoding};
+use self::element::Element;
+use self::packed::Compute;
+use super::detect::features;
+use super::ops::{GateUpOp, GatedOp, LinearOp, QuantGateUpOp, QuantLinearOp};
+use crate::Activation;
+
+/// Whether the CPU ops can run on this machine.
+pub(super) fn available() -> bool {
+    features().avx512
+}
+
+/// A weight matrix `[n, k]` whose rows are `row_bytes` apart, in some encoding.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    bytes: &'a [u8],
+    row_bytes: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Dense `[n, k]` rows of `T`.
+    pub(crate) fn dense<T: Element>(w: &'a [T], k: usize) -> Self {
+        // SAFETY: `T` is f32, bf16 or f16: plain bits, no padding, any byte readable.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(w.as_ptr() as *const u8, std::mem::size_of_val(w))
+        };
+        Self {
+            bytes,
+            row_bytes: Dense::<T>::row_bytes(k),
+        }
+    }
+
+    /// Rows of `row_bytes` bytes each (GGUF blocks).
+    pub(crate) fn blocks(bytes: &'a [u8], row_bytes: usize) -> Self {
+        Self { bytes, row_bytes }
+    }
+
+    /// The bytes between two rows.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// The address of row `j` (formed without reading; past the end for `j ≥ n`).
+    pub(crate) fn row(&self, j: usize) -> *const u8 {
+        self.bytes.as_ptr().wrapping_add(j * self.row_bytes)
+    }
+}
+
+/// The weights of one call.
+#[derive(Clone, Copy)]
+pub(crate) enum Weights<'a> {
+    /// One matrix: `y = x·Wᵀ`.
+    Single(Mat<'a>),
+    /// Gate and up: `h = σ(x·Wgᵀ) ⊙ x·Wuᵀ`.
+    GateUp(Mat<'a>, Mat<'a>, Activation),
+}
+
+/// Biases added before the epilogue, `n` f32 each: the single matrix's (or the gate's) in `a`,
+/// the up projection's in `b`.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Bias<'a> {
+    pub a: Option<&'a [f32]>,
+    pub b: Option<&'a [f32]>,
+}
+
+/// `y = x·Wᵀ + b`, or `h = σ(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu)`: `x` is `[m, k]`, the weights `[n, k]`
+/// in encoding `E`; returns `[m, n]`. The dot schedule up to [`dot::MAX_TOKENS`] tokens, the
+/// packed one past them.
+///
+/// # Safety
+/// [`features`]`().avx512` must be true; the weights hold `n` rows of `k` values in encoding
+/// `E`; biases, if any, hold `n` values; [`Compute::Bf16Dot`] only with `E = Dense<bf16>`.
+pub(crate) unsafe fn matmul<T: Element, E: Encoding>(
+    x: &[T],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    bias: Bias<'_>,
+    compute: Compute,
+) -> Vec<T> {
+    debug_assert_eq!(x.len(), m * k);
+    let mut out = vec![T::default(); m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    // SAFETY: the caller's contract is the schedules'.
+    unsafe {
+        // The dot schedule also takes k = 0 (sums of nothing, plus the biases).
+        if m <= dot::MAX_TOKENS || k == 0 {
+            dot::run::<T, E>(x, m, k, w, n, bias, &mut out);
+        } else {
+            packed::run::<T, E>(x, m, k, w, n, bias, compute, &mut out);
+        }
+    }
+    out
+}
+
+/// Whether the quantized ops can take these weights: all read in place, in one format.
+pub(super) fn quantized_available(ws: &[&QTensor]) -> bool {
+    let types: Option<Vec<QuantType>> = ws.iter().map(|q| blocks(q).map(|b| b.0)).collect();
+    types.is_some_and(|t| t.windows(2).all(|w| w[0] == w[1]))
+}
+
+/// The contiguous values of a CPU tensor argument, or `None` if it is strided.
+fn contiguous<'a, T: WithDType>(s: &'a [T], l: &Layout) -> Option<&'a [T]> {
+    l.contiguous_offsets().map(|(a, b)| &s[a..b])
+}
+
+fn not_contiguous(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: arguments must be contiguous"))
+}
+
+/// The GGUF types the CPU ops read in place, with the CPU features each needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuantType {
+    /// Q4_1, decoded exactly to f32 (AVX-512).
+    Q4_1,
+    /// q8_0 or q4k, in integer dot products (AVX512-VNNI).
+    Int8(vnni::Kind),
+}
+
+impl QuantType {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        let features = features();
+        match dtype {
+            GgmlDType::Q4_1 if features.avx512 => Some(QuantType::Q4_1),
+            GgmlDType::Q8_0 if features.vnni => Some(QuantType::Int8(vnni::Kind::Q8_0)),
+            GgmlDType::Q4K if features.vnni => Some(QuantType::Int8(vnni::Kind::Q4K)),
+            _ => None,
+        }
+    }
+
+    fn block_values(self) -> usize {
+        match self {
+            QuantType::Q4_1 => 32,
+            QuantType::Int8(kind) => kind.block_values(),
+        }
+    }
+
+    fn row_bytes(self, k: usize) -> usize {
+        match self {
+            QuantType::Q4_1 => avx512::Q4_1::row_bytes(k),
+            QuantType::Int8(kind) => kind.row_bytes(k),
+        }
+    }
+}
+
+/// A CPU `QTensor` `[n, k]` the ops can read in place: its type, its raw blocks, `n`, `k`.
+fn blocks(q: &QTensor) -> Option<(QuantType, Cow<'_, [u8]>, usize, usize)> {
+    let (n, k) = q.shape().dims2().ok()?;
+    let qtype = QuantType::of(q.dtype())?;
+    let ok = q.device().is_cpu() && k > 0 && k.is_multiple_of(qtype.block_values());
+    let data = q.data().ok()?;
+    (ok && data.len() == n * qtype.row_bytes(k)).then_some((qtype, data, n, k))
+}
+
+/// The f32 activations `[m, k]` of a quantized op.
+fn f32_input<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize, usize)> {
+    let (m, k) = l.shape().dims2()?;
+    let CpuStorage::F32(x) = s else {
+        candle_core::bail!("{op}: activations must be f32")
+    };
+    let Some(x) = contiguous(x, l) else {
+        return Err(not_contiguous(op));
+    };
+    Ok((x, m, k))
+}
+
+/// [`GateUpOp`]'s forward pass.
+pub(super) fn gate_up(
+    op: &GateUpOp,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (m, k) = l1.shape().dims2()?;
+    let (n, k2) = l2.shape().dims2()?;
+    if k2 != k || l3.shape().dims() != [n, k] || !available() {
+        candle_core::bail!("glu-gate-up: bad shapes or no AVX-512")
+    }
+    fn go<T: Element + WithDType>(
+        act: Activation,
+        bias: Bias<'_>,
+        (x, wg, wu): (&[T], &[T], &[T]),
+        (l1, l2, l3): (&Layout, &Layout, &Layout),
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<Vec<T>> {
+        let (Some(x), Some(wg), Some(wu)) =
+            (contiguous(x, l1), contiguous(wg, l2), contiguous(wu, l3))
+        else {
+            return Err(not_contiguous("glu-gate-up"));
+        };
+        if x.len() != m * k || wg.len() != n * k || wu.len() != n * k {
+            candle_core::bail!("glu-gate-up: the storage does not hold the shapes")
+        }
+        let w = Weights::GateUp(Mat::dense(wg, k), Mat::dense(wu, k), act);
+        // SAFETY: `available()` was checked by the caller; the slices hold their shapes; the
+        // biases were checked to hold n values; `Compute::best` picks bf16 dot products only
+        // for bf16, whose weights are then dense bf16.
+        Ok(unsafe { matmul::<T, Dense<T>>(x, m, k, w, n, bias, Compute::best::<T>()) })
+    }
+    let bias = match &op.bias {
+        Some((bg, bu)) if bg.len() == n && bu.len() == n => Bias {
+            a: Some(bg),
+            b: Some(bu),
+        },
+        Some(_) => candle_core::bail!("glu-gate-up: biases must hold {n} values"),
+        None => Bias::default(),
+    };
+    let act = op.act;
+    let ls = (l1, l2, l3);
+    let dims = (m, k, n);
+    let out = match (s1, s2, s3) {
+        (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(u)) => {
+            CpuStorage::F32(go(act, bias, (x, g, u), ls, dims)?)
+        }
+        (CpuStorage::BF16(x), CpuStorage::BF16(g), CpuStorage::BF16(u)) => {
+            CpuStorage::BF16(go::<bf16>(act, bias, (x, g, u), ls, dims)?)
+        }
+        (CpuStorage::F16(x), CpuStorage::F16(g), CpuStorage::F16(u)) => {
+            CpuStorage::F16(go::<f16>(act, bias, (x, g, u), ls, dims)?)
+        }
+        _ => candle_core::bail!("glu-gate-up: x, Wg and Wu must share an f32/bf16/f16 dtype"),
+    };
+    Ok((out, Shape::from((m, n))))
+}
+
+/// [`LinearOp`]'s forward pass.
+pub(super) fn linear(
+    op: &LinearOp,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (m, k) = l1.shape().dims2()?;
+    let (n, k2) = l2.shape().dims2()?;
+    if k2 != k || !available() {
+        candle_core::bail!("glu-linear: bad shapes or no AVX-512")
+    }
+    fn go<T: Element + WithDType>(
+        bias: Option<&[f32]>,
+        (x, w): (&[T], &[T]),
+        (l1, l2): (&Layout, &Layout),
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<Vec<T>> {
+        let (Some(x), Some(w)) = (contiguous(x, l1), contiguous(w, l2)) else {
+            return Err(not_contiguous("glu-linear"));
+        };
+        if x.len() != m * k || w.len() != n * k {
+            candle_core::bail!("glu-linear: the storage does not hold the shapes")
+        }
+        let w = Weights::Single(Mat::dense(w, k));
+        let bias = Bias { a: bias, b: None };
+        // SAFETY: as in `gate_up`.
+        Ok(unsafe { matmul::<T, Dense<T>>(x, m, k, w, n, bias, Compute::best::<T>()) })
+    }
+    let bias = op.bias.as_deref();
+    if bias.is_some_and(|b| b.len() != n) {
+        candle_core::bail!("glu-linear: the bias must hold {n} values")
+    }
+    let out = match (s1, s2) {
+        (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+            CpuStorage::F32(go(bias, (x, w), (l1, l2), (m, k, n))?)
+        }
+        (CpuStorage::BF16(x), CpuStorage::BF16(w)) => {
+            CpuStorage::BF16(go(bias, (x, w), (l1, l2), (m, k, n))?)
+        }
+        (CpuStorage::F16(x), CpuStorage::F16(w)) => {
+            CpuStorage::F16(go(bias, (x, w), (l1, l2), (m, k, n))?)
+        }
+        _ => candle_core::bail!("glu-linear: h and W must share an f32/bf16/f16 dtype"),
+    };
+    Ok((out, Shape::from((m, n))))
+}
+
+/// [`GatedOp`]'s forward pass.
+pub(super) fn gated(
+    op: &GatedOp,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    if l1.shape() != l2.shape() || !available() {
+        candle_core::bail!("glu-gated: gate and up differ in shape, or no AVX-512")
+    }
+    fn go<T: Element + WithDType>(
+        act: Activation,
+        g: &[T],
+        u: &[T],
+        l1: &Layout,
+        l2: &Layout,
+    ) -> Result<Vec<T>> {
+        let (Some(g), Some(u)) = (contiguous(g, l1), contiguous(u, l2)) else {
+            return Err(not_contiguous("glu-gated"));
+        };
+        if g.len() != u.len() {
+            candle_core::bail!("glu-gated: the storage does not hold the shapes")
+        }
+        let mut out = vec![T::default(); g.len()];
+        // SAFETY: `available()` was checked; all three have `g.len()` values.
+        unsafe { gated_product(act, g, u, &mut out) };
+        Ok(out)
+    }
+    let act = op.act;
+    let out = match (s1, s2) {
+        (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(go(act, g, u, l1, l2)?),
+        (CpuStorage::BF16(g), CpuStorage::BF16(u)) => CpuStorage::BF16(go(act, g, u, l1, l2)?),
+        (CpuStorage::F16(g), CpuStorage::F16(u)) => CpuStorage::F16(go(act, g, u, l1, l2)?),
+        _ => candle_core::bail!("glu-gated: gate and up must share an f32/bf16/f16 dtype"),
+    };
+    Ok((out, l1.shape().clone()))
+}
+
+/// [`QuantGateUpOp`]'s forward pass.
+pub(super) fn quant_gate_up(
+    op: &QuantGateUpOp,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, m, k) = f32_input(op.name(), s, l)?;
+    let (Some((fg, wg, n, kg)), Some((fu, wu, n2, ku))) = (blocks(&op.wg), blocks(&op.wu)) else {
+        candle_core::bail!("glu-gate-up-quantized: weights this CPU cannot read in place")
+    };
+    if (kg, ku, n2, fu) != (k, k, n, fg) {
+        candle_core::bail!("glu-gate-up-quantized: weights of different shapes or types")
+    }
+    let row_bytes = fg.row_bytes(k);
+    let w = Weights::GateUp(
+        Mat::blocks(&wg, row_bytes),
+        Mat::blocks(&wu, row_bytes),
+        op.act,
+    );
+    // SAFETY: `blocks` checked the CPU features and that the blocks hold n rows of k
+    // values; `f32_input` that x holds m × k.
+    let h = unsafe {
+        match fg {
+            QuantType::Q4_1 => {
+                matmul::<f32, avx512::Q4_1>(x, m, k, w, n, Bias::default(), Compute::Fma)
+            }
+            QuantType::Int8(kind) => int8::matmul(x, m, k, w, n, kind),
+        }
+    };
+    Ok((CpuStorage::F32(h), Shape::from((m, n))))
+}
+
+/// [`QuantLinearOp`]'s forward pass.
+pub(super) fn quant_linear(
+    op: &QuantLinearOp,
+    s: &CpuStorage,
+    l: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (x, m, k) = f32_input(op.name(), s, l)?;
+    let Some((qtype, w, n, kw)) = blocks(&op.w) else {
+        candle_core::bail!("glu-linear-quantized: a weight this CPU cannot read in place")
+    };
+    if kw != k {
+        candle_core::bail!("glu-linear-quantized: the weight has {kw} inputs, x has {k}")
+    }
+    let w = Weights::Single(Mat::blocks(&w, qtype.row_bytes(k)));
+    // SAFETY: as in `quant_gate_up`.
+    let y = unsafe {
+        match qtype {
+            QuantType::Q4_1 => {
+                matmul::<f32, avx512::Q4_1>(x, m, k, w, n, Bias::default(), Compute::Fma)
+            }
+            QuantType::Int8(kind) => int8::matmul(x, m, k, w, n, kind),
+        }
+    };
+    Ok((CpuStorage::F32(y), Shape::from((m, n))))
+}
+
+/// `out = σ(g) ⊙ u`, element-wise, split across threads.
+///
+/// # Safety
+/// [`features`]`().avx512` must be true; the three slices have the same length.
+unsafe fn gated_product<T: Element>(act: Activation, g: &[T], u: &[T], out: &mut [T]) {
+    const CHUNK: usize = 1 << 14;
+    let len = out.len();
+    let out = parallel::DisjointOut::new(out);
+    parallel::parallel_for(len.div_ceil(CHUNK), |i| {
+        let s = i * CHUNK;
+        // SAFETY: chunk `i` covers [s, s + CHUNK) ∩ [0, len) of all three slices, and only this
+        // task writes it; the caller checked the features.
+        unsafe {
+            avx512::gated(
+                act,
+                g.as_ptr().add(s),
+                u.as_ptr().add(s),
+                out.at(s),
+                CHUNK.min(len - s),
+            )
+        }
+    });
+}

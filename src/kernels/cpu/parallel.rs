@@ -1,0 +1,85 @@
+//! Threads and memory shared by the schedules: candle's worker pool, disjoint output writes,
+//! and per-thread scratch buffers kept between calls.
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+/// Runs `f(i)` for every `i` in `0..n` on candle's own CPU worker pool (the one its quantized
+/// matmuls use), this thread included. Sharing candle's pool rather than keeping one of our own
+/// means a model's other layers and this block never have two sets of threads spinning for the
+/// same cores.
+pub(crate) fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(&f));
+}
+
+/// An output buffer that the tasks of one [`parallel_for`] write in disjoint parts: the
+/// borrow keeps the buffer alive and unaliased for as long as the tasks can reach it.
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointOut<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _buffer: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a `DisjointOut` hands out its buffer's address only through `unsafe` methods whose
+// callers promise that no two tasks write the same element; the elements themselves must be
+// `Send` to be written from other threads.
+unsafe impl<T: Send> Send for DisjointOut<'_, T> {}
+// SAFETY: as for `Send`: shared between tasks, each of which writes its own elements.
+unsafe impl<T: Send> Sync for DisjointOut<'_, T> {}
+
+impl<'a, T> DisjointOut<'a, T> {
+    /// Borrows `buf` for the tasks.
+    pub(crate) fn new(buf: &'a mut [T]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _buffer: PhantomData,
+        }
+    }
+
+    /// The address of element `i` (`i ≤ len`), for writing.
+    ///
+    /// # Safety
+    /// Nothing else reads or writes the elements the caller writes through it while the tasks
+    /// run, and the caller writes only inside the buffer.
+    pub(crate) unsafe fn at(self, i: usize) -> *mut T {
+        debug_assert!(i <= self.len);
+        self.ptr.wrapping_add(i)
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch, kept between calls: packed weights and the task's accumulators.
+    static SCRATCH_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's buffer in `key`, grown to at least `len` f32 and kept between
+/// calls (fresh pages would cost a fault every 4 KiB); on a fresh one should it be in use, as
+/// when a forward runs inside another's task on the same thread.
+pub(crate) fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| {
+        let (mut guard, mut own) = (cell.try_borrow_mut().ok(), Vec::new());
+        let buf = guard.as_deref_mut().unwrap_or(&mut own);
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Borrows this thread's two scratch buffers, of at least `a` and `b` f32.
+pub(crate) fn with_scratch<R>(
+    a: usize,
+    b: usize,
+    f: impl FnOnce(&mut [f32], &mut [f32]) -> R,
+) -> R {
+    with_buffer(&SCRATCH_A, a, |sa| {
+        with_buffer(&SCRATCH_B, b, |sb| f(sa, sb))
+    })
+}

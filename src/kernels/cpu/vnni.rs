@@ -1,0 +1,615 @@
+//! AVX512-VNNI building blocks for GGUF q8_0 and q4k weights, read in place.
+//!
+//! Activations are rounded to 8 bits in blocks of 32 values, each block with its own f32 scale
+//! (as llama.cpp's q8_0 activations; finer than the 256-value blocks candle uses with these
+//! weights), except in [`dot_q4k`], which takes one scale per 256 values so that the sub-block
+//! scales apply in integers. Weights and activations meet in integer dot products (VPDPBUSD:
+//! u8 × i8, four products summed per i32 lane), and the scales are applied in f32 once per 32
+//! values (per 256 in [`dot_q4k`]).
+//!
+//! VPDPBUSD needs one operand unsigned. q4k's 4-bit codes are; q8_0's signed weights are offset
+//! by +128 (their sign bit flipped), and the `128·Σq` this adds to each activation block's sum
+//! is taken back through the accumulator's starting value.
+//!
+//! # Safety
+//! Every function here is `unsafe` with one contract: the caller has checked
+//! [`features`](crate::kernels::detect::features)`().vnni` and passes pointers valid for the
+//! lengths the docs give.
+
+use std::arch::x86_64::*;
+
+/// Values per block of activations, of q8_0 weights and of q4k sub-blocks.
+pub(crate) const QK: usize = 32;
+/// Values per q4k super-block.
+pub(crate) const QK_K: usize = 256;
+/// Bytes of a q8_0 block: an f16 scale `d`, then 32 signed codes; a value is `d·q`.
+pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
+/// Bytes of a q4k super-block: f16 `d` and `dmin`, 12 bytes of 6-bit sub-block scales and
+/// minima, 128 bytes of 4-bit codes; value `i` of sub-block `j` is `d·sc[j]·q − dmin·m[j]`.
+pub(crate) const Q4K_BLOCK_BYTES: usize = 144;
+/// How far ahead of the loads the decode kernels prefetch each weight row into L1, q8_0 and q4k
+/// (tuned on 7B decode: 1024 bytes ahead was 10–25% slower).
+const PREFETCH_BYTES: usize = 512;
+const PREFETCH_BYTES_Q4K: usize = 256;
+
+/// Prefetches the lines of a weight block of `BYTES` bytes at `p`: `near` bytes ahead into L1,
+/// and `ahead` bytes ahead (the same block of the rows that the schedule takes next) into L2.
+///
+/// The L2 prefetch is what lets decode stream at the memory's pace: eight rows read in lockstep
+/// are eight streams, more than the hardware prefetchers follow well. On 7B decode, taking
+/// turns over copies of the weights (so every run reads them from memory), it cut q4k from
+/// 1.27–1.43× to 1.00–1.15× the read floor, and q8_0 from 1.04–1.06× to 0.91–1.03×.
+#[inline(always)]
+unsafe fn prefetch_block<const BYTES: usize>(p: *const u8, near: usize, ahead: usize) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        for line in 0..BYTES.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(near + 64 * line) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead + 64 * line) as *const i8);
+        }
+    }
+}
+
+/// The GGUF block formats these kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// q8_0: blocks of 32 signed bytes and one scale.
+    Q8_0,
+    /// q4k ("Q4_K"): super-blocks of 256 values in 8 sub-blocks of 32.
+    Q4K,
+}
+
+impl Kind {
+    /// Values per block.
+    pub(crate) fn block_values(self) -> usize {
+        match self {
+            Kind::Q8_0 => QK,
+            Kind::Q4K => QK_K,
+        }
+    }
+
+    /// Bytes of a row of `k` values (`k` a multiple of [`Self::block_values`]).
+    pub(crate) fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Kind::Q8_0 => k / QK * Q8_0_BLOCK_BYTES,
+            Kind::Q4K => k / QK_K * Q4K_BLOCK_BYTES,
+        }
+    }
+}
+
+/// Rounds `nb` blocks of 32 f32 values to 8 bits with one scale: `d = max|x| / 127`,
+/// `q = round(x / d)` (to nearest even), written to `q`, with each block's `Σq` in `sums`.
+/// Returns `d`. Blocks with a NaN or an infinity make `d` NaN (and the codes zeros), so that the
+/// sums they enter are NaN, as they would be in f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn quantize_shared(x: *const f32, nb: usize, q: *mut i8, sums: *mut i32) -> f32 {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let zero = _mm512_setzero_ps();
+        let (mut amax, mut bad) = (zero, 0u16);
+        for i in 0..2 * nb {
+            let v = _mm512_loadu_ps(x.add(16 * i));
+            // v·0 is 0 for finite v, NaN otherwise.
+            bad |= _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_mul_ps(v, zero), zero);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        }
+        let amax = _mm512_reduce_max_ps(amax);
+        if bad != 0 || amax == 0.0 {
+            std::ptr::write_bytes(q, 0, 32 * nb);
+            std::ptr::write_bytes(sums, 0, nb);
+            return if bad != 0 { f32::NAN } else { 0.0 };
+        }
+        let id = _mm512_set1_ps(127.0 / amax);
+        for b in 0..nb {
+            let qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.add(32 * b)), id));
+            let qb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.add(32 * b + 16)), id));
+            _mm_storeu_si128(q.add(32 * b) as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128(
+                q.add(32 * b + 16) as *mut __m128i,
+                _mm512_cvtsepi32_epi8(qb),
+            );
+            *sums.add(b) = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+        }
+        amax / 127.0
+    }
+}
+
+/// [`quantize_shared`] for one block: returns `(d, Σq)`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn quantize_block(x: *const f32, q: *mut i8) -> (f32, i32) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let mut sum = 0;
+        let d = quantize_shared(x, 1, q, &mut sum);
+        (d, sum)
+    }
+}
+
+/// An f16 at `p` (unaligned), as its bits.
+#[inline(always)]
+unsafe fn f16_bits(p: *const u8) -> i16 {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe { (p as *const i16).read_unaligned() }
+}
+
+/// q8_0 blocks `b` and `b + 1` of a row: their 64 codes offset to u8 (as one vector) and
+/// `[d_b ×8, d_b+1 ×8]`. With `second` false, only block `b` exists: the other half is codes
+/// 128 (zero after the offset) with `d_b`, and reads nothing past block `b`.
+#[inline(always)]
+unsafe fn q8_0_pair(row: *const u8, b: usize, second: bool) -> (__m512i, __m512) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let pa = row.add(b * Q8_0_BLOCK_BYTES);
+        let lo = _mm256_loadu_si256(pa.add(2) as *const __m256i);
+        let da = _mm_set1_epi16(f16_bits(pa));
+        let (codes, db) = if second {
+            let pb = pa.add(Q8_0_BLOCK_BYTES);
+            let hi = _mm256_loadu_si256(pb.add(2) as *const __m256i);
+            (
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+                _mm_set1_epi16(f16_bits(pb)),
+            )
+        } else {
+            (_mm512_zextsi256_si512(lo), da)
+        };
+        let codes = _mm512_xor_si512(codes, _mm512_set1_epi8(-128));
+        (codes, _mm512_cvtph_ps(_mm256_set_m128i(db, da)))
+    }
+}
+
+/// A q4k super-block's 6-bit scales and minima, unpacked to bytes `[sc[0..4], m[0..4],
+/// sc[4..8], m[4..8]]` (see [`q4k_scale_byte`]).
+#[inline(always)]
+unsafe fn q4k_fields(blk: *const u8) -> __m128i {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        // Dwords [d|dmin, u0, u1, u2]: sc[0..4] and m[0..4] are the low 6 bits of u0 and u1;
+        // sc[4..8] and m[4..8] the low and high nibbles of u2, topped by the high 2 bits of u0, u1.
+        let v = _mm_loadu_si128(blk as *const __m128i);
+        let low = _mm_srlv_epi32(
+            _mm_shuffle_epi32::<0b11_11_10_01>(v),
+            _mm_set_epi32(4, 0, 0, 0),
+        );
+        let low = _mm_and_si128(
+            low,
+            _mm_set_epi32(0x0f0f0f0f, 0x0f0f0f0f, 0x3f3f3f3f, 0x3f3f3f3f),
+        );
+        let top = _mm_srli_epi32::<2>(_mm_shuffle_epi32::<0b10_01_10_01>(v));
+        // low | (top & 0x30 in the upper two dwords)
+        _mm_ternarylogic_epi32::<0xf8>(low, top, _mm_set_epi32(0x30303030, 0x30303030, 0, 0))
+    }
+}
+
+/// Where [`q4k_fields`] puts `sc[j]` (and `m[j]`, 4 bytes later).
+const fn q4k_scale_byte(j: usize) -> i32 {
+    (if j < 4 { j } else { j + 4 }) as i32
+}
+
+/// 16 i32 lanes from the bytes of [`q4k_fields`] (in every 128-bit lane of `fields`): the
+/// first 8 are `sc[a]`, the last 8 `sc[b]`.
+#[inline(always)]
+unsafe fn spread_scales<const A: usize, const B: usize>(fields: __m512i) -> __m512i {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        // Byte 0 of each lane from byte `sc[·]`; the others zero (index bit 7 set).
+        let idx = _mm512_mask_blend_epi32(
+            0xff00,
+            _mm512_set1_epi32(q4k_scale_byte(A) | -256),
+            _mm512_set1_epi32(q4k_scale_byte(B) | -256),
+        );
+        _mm512_shuffle_epi8(fields, idx)
+    }
+}
+
+/// f32 lanes `[0 ×8, m[0..8]]` from the bytes of [`q4k_fields`] (in every 128-bit lane).
+#[inline(always)]
+unsafe fn q4k_minima(fields: __m512i) -> __m512 {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        // Lane 8 + j: byte 0 from byte `m[j]`, the others zero (index bit 7 set); lanes 0..8 zero.
+        const IDX: [i32; 16] = {
+            let mut idx = [-1; 16];
+            let mut j = 0;
+            while j < 8 {
+                idx[8 + j] = (q4k_scale_byte(j) + 4) | -256;
+                j += 1;
+            }
+            idx
+        };
+        let idx = _mm512_loadu_si512(IDX.as_ptr() as *const _);
+        _mm512_cvtepi32_ps(_mm512_shuffle_epi8(fields, idx))
+    }
+}
+
+/// `acc + Σ` of `a`'s and `b`'s i16 pairs' products per i32 lane (VPDPWSSD), as one instruction:
+/// LLVM otherwise splits a chain of them into VPMADDWD and VPADDD, one more uop each on the
+/// ports that q4k decode is short of.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let mut acc = acc;
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
+}
+
+/// The tokens of a decode call, rounded to 8 bits and laid out for [`dot_q8_0`] and
+/// [`dot_q4k`]: by token, `q` codes (i8).
+///
+/// - q8_0: one scale per 32-value block; per pair of blocks, `dxv` holds the two scales spread
+///   over 8 lanes each and `corr` `−128·Σq` of each block in lanes 0 and 8.
+/// - q4k: one scale `d` per super-block of 256 values (as llama.cpp's and candle's q8K), in
+///   `dxv`; `xsv` per super-block holds `d·Σq` of its 8 sub-blocks in lanes 8..16 (zeros
+///   below); the codes of each super-block are stored with its sub-blocks in the order 0, 2,
+///   1, 3, 4, 6, 5, 7, as the weights' nibbles come.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DotTokens<'a> {
+    pub q: &'a [i8],
+    pub dxv: &'a [f32],
+    /// q8_0 only.
+    pub corr: &'a [i32],
+    /// q4k only.
+    pub xsv: &'a [f32],
+    /// Codes per token (a multiple of 64).
+    pub kp: usize,
+}
+
+/// `out[t][r] = Σ x[t]·w[r]` over `nb` q8_0 blocks of `R` weight rows, for `TT` tokens from
+/// `toks` starting at token `t0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn dot_q8_0<const R: usize, const TT: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    ahead: usize,
+    toks: DotTokens<'_>,
+    t0: usize,
+    out: &mut [[f32; R]; TT],
+) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); R]; TT];
+        let pairs = nb.div_ceil(2);
+        let pp = toks.kp / 64;
+        for p in 0..pairs {
+            let second = 2 * p + 1 < nb;
+            for row in &w {
+                prefetch_block::<{ 2 * Q8_0_BLOCK_BYTES }>(
+                    row.wrapping_add(2 * p * Q8_0_BLOCK_BYTES),
+                    PREFETCH_BYTES,
+                    ahead,
+                );
+            }
+            for (r, row) in w.iter().enumerate() {
+                let (codes, dw) = q8_0_pair(*row, 2 * p, second);
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let i = (t0 + t) * pp + p;
+                    let x = _mm512_loadu_si512(toks.q.as_ptr().add(64 * i) as *const _);
+                    let c = _mm512_loadu_si512(toks.corr.as_ptr().add(16 * i) as *const _);
+                    let isum = _mm512_dpbusd_epi32(c, codes, x);
+                    let s = _mm512_mul_ps(dw, _mm512_loadu_ps(toks.dxv.as_ptr().add(16 * i)));
+                    a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, a[r]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in o.iter_mut().zip(a) {
+                *o = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
+}
+
+/// `out[t][r] = Σ x[t]·w[r]` over `nb` q4k super-blocks of `R` weight rows, for `TT` tokens
+/// from `toks` starting at token `t0`.
+///
+/// With one activation scale per super-block, the sub-block scales apply in integers, as in
+/// llama.cpp: VPDPBUSD gives the codes' dot products (at most 4·15·127 per lane, so they fit
+/// in 16 bits), and VPDPWSSD multiplies them by the 6-bit scales and sums the super-block; one
+/// conversion to f32 per super-block and token.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    ahead: usize,
+    toks: DotTokens<'_>,
+    t0: usize,
+    out: &mut [[f32; R]; TT],
+) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); R]; TT];
+        let pp = toks.kp / 64;
+        let sbs = toks.kp / QK_K;
+        let low = _mm512_set1_epi8(0x0f);
+        for sb in 0..nb {
+            for row in &w {
+                prefetch_block::<Q4K_BLOCK_BYTES>(
+                    row.wrapping_add(sb * Q4K_BLOCK_BYTES),
+                    PREFETCH_BYTES_Q4K,
+                    ahead,
+                );
+            }
+            for (r, row) in w.iter().enumerate() {
+                let blk = row.add(sb * Q4K_BLOCK_BYTES);
+                let fields = _mm512_broadcast_i32x4(q4k_fields(blk));
+                // [d, dmin] ×8, then d and dmin in every lane.
+                let dd = _mm512_cvtph_ps(_mm256_set1_epi32((blk as *const i32).read_unaligned()));
+                let d = _mm512_permutexvar_ps(_mm512_setzero_si512(), dd);
+                let dmin = _mm512_permutexvar_ps(_mm512_set1_epi32(1), dd);
+                // [0 ×8, dmin·m[0..8]]
+                let mins = _mm512_mul_ps(q4k_minima(fields), dmin);
+                // Code vector i holds sub-blocks (0, 2), (1, 3), (4, 6), (5, 7); their scales too.
+                let q0 = _mm512_loadu_si512(blk.add(16) as *const _);
+                let q1 = _mm512_loadu_si512(blk.add(80) as *const _);
+                let codes = [
+                    _mm512_and_si512(q0, low),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q0), low),
+                    _mm512_and_si512(q1, low),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q1), low),
+                ];
+                let scales = [
+                    spread_scales::<0, 2>(fields),
+                    spread_scales::<1, 3>(fields),
+                    spread_scales::<4, 6>(fields),
+                    spread_scales::<5, 7>(fields),
+                ];
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let t = t0 + t;
+                    let mut isum = _mm512_setzero_si512();
+                    for (i, (codes, scale)) in codes.iter().zip(&scales).enumerate() {
+                        let pi = t * pp + 4 * sb + i;
+                        let x = _mm512_loadu_si512(toks.q.as_ptr().add(64 * pi) as *const _);
+                        let dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *codes, x);
+                        isum = dpwssd(isum, dots, *scale);
+                    }
+                    let dx = _mm512_set1_ps(*toks.dxv.get_unchecked(t * sbs + sb));
+                    a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), a[r]);
+                    // The minima: Σ_j dmin·m[j] · d_x·Σq[j], in lanes 8..16.
+                    let xs = toks.xsv.as_ptr().add(16 * (t * sbs + sb));
+                    a[r] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(xs), a[r]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in o.iter_mut().zip(a) {
+                *o = _mm512_reduce_add_ps(*a);
+            }
+        }
+    }
+}
+
+/// Tokens per tile of [`packed_kernel`].
+pub(crate) const MT: usize = 6;
+/// Weight rows per tile of [`packed_kernel`] (two vectors of 16).
+pub(crate) const NT: usize = 32;
+
+/// The packed micro-kernel: `C[t][0..32] (+)= Σ_b` over `nb` 32-value blocks, for `MT` tokens
+/// and 32 weight rows, each block's integer sums scaled once.
+///
+/// - `xq`: `[nb][8][MT]` u32, each 4 activation codes (i8); `xd`, `xs`: `[nb][MT]` scales
+///   and code sums;
+/// - `wq`: `[nb][8][32]` u32, each 4 weight codes (u8; q8_0 offset by +128); `wd`: `[nb][32]`
+///   scales; `wm`: `[nb][32]` minima (`MIN` only: q4k);
+/// - `c`: `MT` rows of 32 f32, `ldc` apart; overwritten if `first`, else accumulated into.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn packed_kernel<const MIN: bool>(
+    nb: usize,
+    (xq, xd, xs): (*const i32, *const f32, *const i32),
+    (wq, wd, wm): (*const i32, *const f32, *const f32),
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MT];
+        if !first {
+            for (t, a) in acc.iter_mut().enumerate() {
+                a[0] = _mm512_loadu_ps(c.add(t * ldc));
+                a[1] = _mm512_loadu_ps(c.add(t * ldc + 16));
+            }
+        }
+        for b in 0..nb {
+            let mut isum = [[_mm512_setzero_si512(); 2]; MT];
+            if !MIN {
+                // q8_0's +128 offset adds 128·Σq to every row's sum.
+                for (t, s) in isum.iter_mut().enumerate() {
+                    let corr = _mm512_set1_epi32(-128 * *xs.add(b * MT + t));
+                    *s = [corr, corr];
+                }
+            }
+            for g in 0..8 {
+                let w = wq.add((b * 8 + g) * NT);
+                let (w0, w1) = (
+                    _mm512_loadu_si512(w as *const _),
+                    _mm512_loadu_si512(w.add(16) as *const _),
+                );
+                let x = xq.add((b * 8 + g) * MT);
+                for (t, s) in isum.iter_mut().enumerate() {
+                    let xb = _mm512_set1_epi32(*x.add(t));
+                    s[0] = _mm512_dpbusd_epi32(s[0], w0, xb);
+                    s[1] = _mm512_dpbusd_epi32(s[1], w1, xb);
+                }
+            }
+            let (d0, d1) = (
+                _mm512_loadu_ps(wd.add(b * NT)),
+                _mm512_loadu_ps(wd.add(b * NT + 16)),
+            );
+            for (t, (a, s)) in acc.iter_mut().zip(&isum).enumerate() {
+                let dx = *xd.add(b * MT + t);
+                let dxv = _mm512_set1_ps(dx);
+                a[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_mul_ps(d0, dxv), a[0]);
+                a[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1]), _mm512_mul_ps(d1, dxv), a[1]);
+                if MIN {
+                    let ms = _mm512_set1_ps(dx * *xs.add(b * MT + t) as f32);
+                    a[0] = _mm512_fnmadd_ps(_mm512_loadu_ps(wm.add(b * NT)), ms, a[0]);
+                    a[1] = _mm512_fnmadd_ps(_mm512_loadu_ps(wm.add(b * NT + 16)), ms, a[1]);
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(t * ldc), a[0]);
+            _mm512_storeu_ps(c.add(t * ldc + 16), a[1]);
+        }
+    }
+}
+
+/// 16 weight rows for [`pack16`]: the first at `base`, the next `stride` bytes apart; only the
+/// first `valid` exist (the others pack as zeros and are never read).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rows16 {
+    pub base: *const u8,
+    pub stride: usize,
+    pub valid: usize,
+}
+
+/// Transposes a 16 × 16 matrix of u32 held in 16 registers.
+#[inline(always)]
+unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let mut f: [__m512; 16] = std::array::from_fn(|i| _mm512_castsi512_ps(r[i]));
+        super::avx512::transpose16(&mut f);
+        std::array::from_fn(|i| _mm512_castps_si512(f[i]))
+    }
+}
+
+/// Packs 16 weight rows' 32-value blocks `[b0, b0 + nb)` (`b0` a multiple of 8 for q4k) for
+/// [`packed_kernel`]: codes into `wq[(b·8 + g)·32 + i]`, scales into `wd[b·32 + i]` and, for
+/// q4k, minima into `wm[b·32 + i]`, with `i = i0 + row`. q8_0 codes are loaded by row and
+/// transposed in registers; q4k codes, and both types' scales, are gathered from the blocks, one
+/// gather per vector of 16 rows' values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn pack16(
+    kind: Kind,
+    rows: Rows16,
+    b0: usize,
+    nb: usize,
+    (wq, wd, wm): (*mut i32, *mut f32, *mut f32),
+    i0: usize,
+) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        if rows.valid == 0 {
+            // No rows (past the matrix's end): zero scales and minima, and nothing read.
+            for b in 0..nb {
+                std::ptr::write_bytes(wd.add(b * NT + i0), 0, 16);
+                std::ptr::write_bytes(wm.add(b * NT + i0), 0, 16);
+            }
+            return;
+        }
+        let mask: __mmask16 = ((1u32 << rows.valid) - 1) as __mmask16;
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(rows.stride as i32),
+        );
+        // The u32 at byte `off` of each row (zeros for the rows that do not exist).
+        let gather = |off: usize| {
+            _mm512_mask_i32gather_epi32::<1>(
+                _mm512_setzero_si512(),
+                mask,
+                idx,
+                rows.base.wrapping_add(off) as *const i32,
+            )
+        };
+        let store = |b: usize, g: usize, v: __m512i| {
+            _mm512_storeu_si512(wq.add((b * 8 + g) * NT + i0) as *mut _, v)
+        };
+        match kind {
+            Kind::Q8_0 => {
+                // Codes by row (blocks b and b + 1 as 16 u32), transposed in registers: cheaper than
+                // 8 gathers a block. Rows that do not exist read row 0; their scales are zeros.
+                let row = |i: usize| {
+                    rows.base
+                        .add(if i < rows.valid { i * rows.stride } else { 0 })
+                };
+                for p in (0..nb).step_by(2) {
+                    let (b, second) = (b0 + p, p + 1 < nb);
+                    let v = transpose(std::array::from_fn(|i| q8_0_pair(row(i), b, second).0));
+                    for (h, v) in v.iter().enumerate().take(if second { 16 } else { 8 }) {
+                        store(p + h / 8, h % 8, *v);
+                    }
+                    for bb in p..nb.min(p + 2) {
+                        let d = _mm512_cvtepi32_epi16(gather((b0 + bb) * Q8_0_BLOCK_BYTES));
+                        _mm512_storeu_ps(wd.add(bb * NT + i0), _mm512_cvtph_ps(d));
+                    }
+                }
+            }
+            Kind::Q4K => {
+                let low = _mm512_set1_epi8(0x0f);
+                for sb in 0..nb / 8 {
+                    let blk = (b0 / 8 + sb) * Q4K_BLOCK_BYTES;
+                    for c in 0..4 {
+                        for g in 0..8 {
+                            let v = gather(blk + 16 + 32 * c + 4 * g);
+                            let b = sb * 8 + 2 * c;
+                            store(b, g, _mm512_and_si512(v, low));
+                            store(b + 1, g, _mm512_and_si512(_mm512_srli_epi16::<4>(v), low));
+                        }
+                    }
+                    // d, dmin and the 6-bit fields, unpacked for 16 rows at once (the layout is in
+                    // `q4k_fields`, which unpacks one row's for decode).
+                    let dd = gather(blk);
+                    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+                    let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+                    let (u0, u1, u2) = (gather(blk + 4), gather(blk + 8), gather(blk + 12));
+                    let m6 = _mm512_set1_epi32(0x3f3f_3f3f);
+                    let (m4, m2) = (
+                        _mm512_set1_epi32(0x0f0f_0f0f),
+                        _mm512_set1_epi32(0x0303_0303),
+                    );
+                    let top = |u: __m512i| {
+                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u), m2))
+                    };
+                    let fields = [
+                        (_mm512_and_si512(u0, m6), _mm512_and_si512(u1, m6)),
+                        (
+                            _mm512_or_si512(_mm512_and_si512(u2, m4), top(u0)),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi32::<4>(u2), m4),
+                                top(u1),
+                            ),
+                        ),
+                    ];
+                    for (half, (sc, mn)) in fields.iter().enumerate() {
+                        for byte in 0..4 {
+                            let j = sb * 8 + 4 * half + byte;
+                            let field = |v: __m512i| {
+                                let v = _mm512_and_si512(
+                                    _mm512_srlv_epi32(v, _mm512_set1_epi32(8 * byte as i32)),
+                                    _mm512_set1_epi32(0xff),
+                                );
+                                _mm512_cvtepi32_ps(v)
+                            };
+                            _mm512_storeu_ps(wd.add(j * NT + i0), _mm512_mul_ps(field(*sc), d));
+                            _mm512_storeu_ps(wm.add(j * NT + i0), _mm512_mul_ps(field(*mn), dmin));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
