@@ -1,11 +1,19 @@
 //! Helpers shared by the integration tests: the PyTorch fixtures made by
-//! `scripts/make_fixtures.py`, and error measures against a float64 truth.
+//! `scripts/make_fixtures.py`, seeded random inputs, [`assert_close`] against a float64 truth,
+//! and the kernels the tests must find ([`kernels_or_skip`], `CANDLE_GLU_REQUIRE_KERNELS`).
 #![allow(dead_code)]
 
+use std::fmt::Display;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use serde::Deserialize;
+
+// The examples' SplitMix64, so that there is one. (tests/e2e.rs loads it a second time, through
+// examples/smollm2's sampler.)
+#[allow(clippy::duplicate_mod)]
+#[path = "../../examples/common/rng.rs"]
+mod rng;
 
 /// `tests/fixtures/parity/manifest.json`.
 #[derive(Debug, Deserialize)]
@@ -67,6 +75,183 @@ impl Case {
         io.get(name)
             .unwrap_or_else(|| panic!("{}: no `{name}` in io.safetensors", self.name))
             .clone()
+    }
+}
+
+/// A tolerance for [`assert_close`].
+#[derive(Debug, Clone, Copy)]
+pub enum Tol {
+    /// max |actual − expected| ≤ this × max |expected|.
+    Rel(f64),
+    /// max |actual − expected| ≤ this.
+    Abs(f64),
+}
+
+/// Asserts that `actual` is within `tol` of `expected` (any dtypes and devices, the same number
+/// of elements), measured in float64; returns the measured error (relative or absolute, as
+/// `tol`). On failure the message names `what`, the error, and the worst element: its index in
+/// `actual`'s shape and both values. NaN matches only NaN, and an infinity only itself.
+pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: Tol, what: impl Display) -> f64 {
+    let values = |t: &Tensor| -> Vec<f64> {
+        t.to_device(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F64))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    };
+    let (a, e) = (values(actual), values(expected));
+    assert_eq!(
+        a.len(),
+        e.len(),
+        "{what}: {:?} against {:?}",
+        actual.dims(),
+        expected.dims()
+    );
+    let (mut worst, mut at) = (0f64, 0);
+    for (i, (x, y)) in a.iter().zip(&e).enumerate() {
+        let d = if x == y || (x.is_nan() && y.is_nan()) {
+            0.0
+        } else if x.is_finite() && y.is_finite() {
+            (x - y).abs()
+        } else {
+            f64::INFINITY
+        };
+        if d > worst {
+            (worst, at) = (d, i);
+        }
+    }
+    let scale = e
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f64, |m, v| m.max(v.abs()));
+    let (err, bound) = match tol {
+        Tol::Rel(r) if worst == 0.0 => (0.0, r),
+        Tol::Rel(r) => (worst / scale, r),
+        Tol::Abs(b) => (worst, b),
+    };
+    let within = err <= bound; // false for a NaN bound
+    if !within {
+        let i = at;
+        let mut index = Vec::with_capacity(actual.rank());
+        let mut rest = i;
+        for &d in actual.dims().iter().rev() {
+            index.push(rest % d.max(1));
+            rest /= d.max(1);
+        }
+        index.reverse();
+        panic!(
+            "{what}: {tol:?} exceeded: max |actual - expected| {worst:e} (relative to max \
+             |expected| {scale:e}: {:e}); worst at {index:?}: actual {}, expected {}",
+            worst / scale,
+            a[i],
+            e[i]
+        );
+    }
+    err
+}
+
+/// Seeded N(0, std²) values in f32 (SplitMix64 and Box–Muller, as `infer --seed` makes its
+/// input): candle's CPU `Tensor::randn` cannot be seeded, and a tolerance checked against
+/// random inputs must hold for the same inputs on every run.
+pub fn randn(seed: u64, shape: impl Into<Shape>, std: f64, dev: &Device) -> Tensor {
+    let shape: Shape = shape.into();
+    let mut rng = rng::Rng::new(seed);
+    let mut next = || rng.next_f64();
+    let data: Vec<f32> = (0..shape.elem_count())
+        .map(|_| {
+            let (u, v) = (next().max(f64::MIN_POSITIVE), next());
+            (std * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+        })
+        .collect();
+    Tensor::from_vec(data, shape, dev).unwrap()
+}
+
+/// Gives every variable of `map` seeded values (in name order, from `seed`), so that a test
+/// over a `VarMap`'s random initialisation sees the same numbers on every run: weights
+/// `[out, in]` with std √(2 / in) (candle's Kaiming-normal), biases with the variance of
+/// candle's uniform ±1/√in.
+pub fn seed_vars(map: &candle_nn::VarMap, seed: u64) {
+    let data = map.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for (k, name) in names.into_iter().enumerate() {
+        let var = &data[name];
+        let fan_in = match var.dims() {
+            [_, n] => *n,
+            _ => name
+                .strip_suffix("bias")
+                .and_then(|stem| data.get(&format!("{stem}weight")))
+                .and_then(|w| w.dims().get(1).copied())
+                .unwrap_or(var.elem_count()),
+        };
+        let std = if var.rank() == 2 {
+            (2.0 / fan_in as f64).sqrt()
+        } else {
+            (1.0 / (3.0 * fan_in as f64)).sqrt()
+        };
+        let values = randn(seed.wrapping_add(k as u64), var.shape(), std, var.device());
+        var.set(&values.to_dtype(var.dtype()).unwrap()).unwrap();
+    }
+}
+
+/// `CANDLE_GLU_REQUIRE_KERNELS`: the CPU kernels the tests must find, as
+/// `candle_glu::cpu_kernels()` prints them (e.g. `avx512 (int8: vnni)`); `None` when unset or
+/// empty. CI sets it from `scripts/expected_kernels.sh`.
+pub fn required_kernels() -> Option<String> {
+    std::env::var("CANDLE_GLU_REQUIRE_KERNELS")
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The kernels that run in this process, as `CANDLE_GLU_REQUIRE_KERNELS` names them.
+pub fn kernels_that_ran() -> String {
+    candle_glu::cpu_kernels().map_or_else(|| "none (candle's ops)".into(), |k| k.to_string())
+}
+
+/// Panics when `CANDLE_GLU_REQUIRE_KERNELS` names kernels other than those that run.
+fn check_required(what: &str) {
+    if let Some(required) = required_kernels() {
+        let ran = kernels_that_ran();
+        assert!(
+            ran == required,
+            "CANDLE_GLU_REQUIRE_KERNELS requires the kernels `{required}`, but `{ran}` ran, so \
+             this would not check what it claims: {what}"
+        );
+    }
+}
+
+/// Whether the crate's CPU kernels run in this process. When they do not, a test that needs
+/// them skips (or checks less), saying so on stderr, unless `CANDLE_GLU_REQUIRE_KERNELS` is set:
+/// then it panics, naming the kernels required and those that ran, as it does whenever they
+/// differ. `what` says what would go unchecked.
+pub fn kernels_or_skip(what: &str) -> bool {
+    check_required(what);
+    let ran = candle_glu::cpu_kernels().is_some();
+    if !ran {
+        eprintln!("SKIPPED (no CPU kernels in this process): {what}");
+    }
+    ran
+}
+
+/// As [`kernels_or_skip`], for the int8 kernels (GGUF q8_0 and q4k on AVX512-VNNI): required
+/// when `CANDLE_GLU_REQUIRE_KERNELS` says `int8: vnni`.
+pub fn int8_kernels_or_skip(what: &str) -> bool {
+    check_required(what);
+    let ran = candle_glu::cpu_kernels().is_some_and(|k| k.int8());
+    if !ran {
+        eprintln!("SKIPPED (no int8 CPU kernels in this process): {what}");
+    }
+    ran
+}
+
+/// The path a dense f32/bf16/f16 block on the CPU must take outside training: the fused
+/// kernels where they run (required as [`kernels_or_skip`] says), else candle's ops.
+pub fn dense_path(what: &str) -> candle_glu::ForwardPath {
+    if kernels_or_skip(what) {
+        candle_glu::ForwardPath::Fused
+    } else {
+        candle_glu::ForwardPath::Candle
     }
 }
 
