@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
-use common::{manifest, rel_err};
+use common::{assert_close, manifest, Tol};
 
 /// `target/<profile>/examples/infer`, which `cargo test` builds beside the test binaries.
 fn infer() -> Command {
@@ -127,8 +127,7 @@ fn fixture_through_cli(name: &str, extra: &[&str]) {
     let y = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["y"].clone();
     assert_eq!(y.dtype(), DType::F32);
     assert_eq!(y.dims(), &[2, 5, 72]);
-    let err = rel_err(&y, &case.io("y_f64"));
-    assert!(err <= 1e-5, "{name}: {err}");
+    assert_close(&y, &case.io("y_f64"), Tol::Rel(1e-5), name);
     // Nothing but the output is left behind.
     let left: Vec<PathBuf> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -153,6 +152,60 @@ fn transformers_directories_by_prefix() {
 }
 
 #[test]
+fn kernels_line_and_json_say_which_path_ran() {
+    // As the test process runs (the child inherits CANDLE_GLU_KERNELS): the fused kernels where
+    // they run, which CANDLE_GLU_REQUIRE_KERNELS makes sure of.
+    let (line, path, cpu_kernels) = match candle_glu::cpu_kernels() {
+        Some(k) if common::kernels_or_skip("the CLI's fused path") => (
+            format!("kernels     fused, {k}\n"),
+            "fused",
+            serde_json::json!(k.name()),
+        ),
+        _ => (
+            "kernels     candle\n".into(),
+            "candle",
+            serde_json::Value::Null,
+        ),
+    };
+    let text = stdout(&run(&[]));
+    assert!(text.contains(&line), "missing {line:?} in:\n{text}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&run(&["--json"]))).unwrap();
+    assert_eq!(
+        (&json["path"], &json["cpu_kernels"]),
+        (&path.into(), &cpu_kernels)
+    );
+    // CANDLE_GLU_KERNELS=candle: none of the crate's kernels, candle's ops for the block.
+    let forced = |args: &[&str]| {
+        let out = infer()
+            .args(args)
+            .env("CANDLE_GLU_KERNELS", "candle")
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    let text = forced(&[]);
+    assert!(text.contains("kernels     candle\n"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&forced(&["--json"])).unwrap();
+    assert_eq!(json["path"], "candle", "{json}");
+    assert_eq!(json["cpu_kernels"], serde_json::Value::Null, "{json}");
+    // The same numbers both ways, within f32's summation order.
+    let dir = tempfile::tempdir().unwrap();
+    let (fused, plain) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    stdout(&run(&["--output", fused.to_str().unwrap()]));
+    forced(&["--output", plain.to_str().unwrap()]);
+    let y = |p: &PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap()["y"].clone();
+    assert_close(
+        &y(&fused),
+        &y(&plain),
+        Tol::Rel(1e-5),
+        "fused vs candle's ops",
+    );
+}
+
+#[test]
 fn explicit_layout_and_activation() {
     fixture_through_cli(
         "llama_swish_beta",
@@ -173,8 +226,10 @@ fn gguf_file() {
     assert!(text.contains("weights quantized, GGUF blocks"), "{text}");
     // The crate's own kernels read Q4_1 in place where they run; candle's QMatMul elsewhere.
     let kernels = match candle_glu::cpu_kernels() {
-        Some(k) => format!("kernels     quantized, {k}"),
-        None => "kernels     candle".into(),
+        Some(k) if common::kernels_or_skip("the CLI's Q4_1 path") => {
+            format!("kernels     quantized, {k}")
+        }
+        _ => "kernels     candle".into(),
     };
     assert!(text.contains(&kernels), "{text}");
     let text = stdout(&run(&[

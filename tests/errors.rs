@@ -5,8 +5,8 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_glu::{GluConfig, GluFeedForward, WeightLayout};
-use candle_nn::VarBuilder;
+use candle_glu::{Activation, GluConfig, GluFeedForward, Projection, WeightLayout};
+use candle_nn::{Linear, VarBuilder};
 use common::manifest;
 
 const H: usize = 72;
@@ -236,4 +236,123 @@ fn nan_and_inf_propagate() {
         .forward(&Tensor::new(row.as_slice(), &Device::Cpu).unwrap())
         .unwrap();
     assert!(y.to_vec1::<f32>().unwrap().iter().any(|v| !v.is_finite()));
+}
+
+/// A projection `[o, n]` of zeros, with a bias of zeros if asked.
+fn zeros_projection(o: usize, n: usize, bias: bool) -> Projection {
+    let dev = Device::Cpu;
+    let w = Tensor::zeros((o, n), DType::F32, &dev).unwrap();
+    let b = bias.then(|| Tensor::zeros(o, DType::F32, &dev).unwrap());
+    Projection::Dense(Linear::new(w, b))
+}
+
+fn from_projections(cfg: &GluConfig, biases: [bool; 3]) -> candle_core::Result<GluFeedForward> {
+    let [g, u, d] = biases;
+    GluFeedForward::from_projections(
+        cfg,
+        zeros_projection(I, H, g),
+        zeros_projection(I, H, u),
+        zeros_projection(H, I, d),
+    )
+}
+
+#[test]
+fn from_projections_checks_biases_against_the_config() {
+    let cfg = GluConfig::new(H, I);
+    // Biases everywhere, but the config says none: refused, not ignored.
+    let err = from_projections(&cfg, [true; 3]).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "the projections have biases but the config has bias = false; use `with_bias(true)`"
+    );
+    // The config says biases, the projections have none.
+    let err = from_projections(&cfg.clone().with_bias(true), [false; 3])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "the config has bias = true but no projection has a bias"
+    );
+    // Biases on only some projections, whatever the config says.
+    for bias in [false, true] {
+        let cfg = cfg.clone().with_bias(bias);
+        for (biases, found) in [
+            ([true, false, false], "gate_proj"),
+            ([false, true, true], "up_proj, down_proj"),
+            ([true, true, false], "gate_proj, up_proj"),
+        ] {
+            let err = from_projections(&cfg, biases).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("biases exist for only some projections: {found}"),
+                "bias = {bias}, {biases:?}"
+            );
+        }
+    }
+    // Agreeing either way: built, and the config says what the block holds.
+    for bias in [false, true] {
+        let ffn = from_projections(&cfg.clone().with_bias(bias), [bias; 3]).unwrap();
+        assert_eq!(ffn.config().bias, bias);
+        assert_eq!(ffn.down_proj().bias().is_some(), bias);
+    }
+}
+
+#[test]
+fn from_projections_checks_shapes() {
+    let cfg = GluConfig::new(H, I);
+    let err = GluFeedForward::from_projections(
+        &cfg,
+        zeros_projection(I, H, false),
+        zeros_projection(I, H, false),
+        zeros_projection(I, H, false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "tensor `down_proj` has shape [{I}, {H}], expected [{H}, {I}] (it looks transposed: \
+             weights are stored as PyTorch's [out, in])"
+        )
+    );
+}
+
+#[test]
+fn parse_errors_convert_into_both_error_types() {
+    fn ours(name: &str) -> candle_glu::Result<Activation> {
+        Ok(name.parse::<Activation>()?)
+    }
+    fn candles(name: &str) -> candle_core::Result<Activation> {
+        Ok(name.parse::<Activation>()?)
+    }
+    let parse = "swiglu".parse::<Activation>().unwrap_err();
+    assert_eq!(parse.name(), "swiglu");
+    assert_eq!(parse.expected(), Activation::NAMES);
+    let want = format!(
+        "unknown activation `swiglu`, expected one of: {}",
+        Activation::NAMES.join(", ")
+    );
+    assert!(want.contains(": silu, "), "{want}");
+    assert_eq!(parse.to_string(), want);
+    let err = ours("swiglu").unwrap_err();
+    assert!(
+        matches!(&err, candle_glu::Error::Parse(p) if *p == parse),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), want);
+    assert_eq!(candles("swiglu").unwrap_err().to_string(), want);
+    assert_eq!(ours("silu").unwrap(), Activation::Silu);
+    assert_eq!(candles("silu").unwrap(), Activation::Silu);
+    // The other names that parse.
+    let err = "neox".parse::<WeightLayout>().unwrap_err();
+    assert_eq!(
+        candle_glu::Error::from(err).to_string(),
+        "unknown weight layout `neox`, expected one of: llama, phi3, t5, mixtral, gguf"
+    );
+    let err = "tpu"
+        .parse::<candle_glu::device::DeviceChoice>()
+        .unwrap_err();
+    assert!(candle_core::Error::from(err)
+        .to_string()
+        .starts_with("unknown device `tpu`, expected one of: "),);
 }

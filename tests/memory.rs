@@ -1,12 +1,14 @@
 //! A forward's peak memory: the weights (already resident) plus activations; never a copy of the
 //! weights. Measured with a counting global allocator, in its own test binary.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
-use candle_glu::{GluConfig, GluFeedForward, Projection};
+use candle_core::{DType, Device, Module};
+use candle_glu::{ForwardPath, GluConfig, GluFeedForward, Projection};
 use candle_nn::Linear;
 
 struct Counting;
@@ -55,32 +57,28 @@ fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
 #[test]
 fn forward_allocates_activations_not_weights() {
     let _one = one_test();
-    if candle_glu::cpu_kernels().is_none() {
-        // candle's own bf16 matmul widens the weights on every call (see below).
-        eprintln!("SKIPPED: no AVX-512 (or not x86-64), so the block runs on candle's ops");
+    // candle's own bf16 matmul widens the weights on every call (see below).
+    if !common::kernels_or_skip("a fused forward's peak memory (candle's ops copy the weights)") {
         return;
     }
     let dev = Device::Cpu;
     let (h, i, m) = (1024, 2816, 64);
     for dtype in [DType::BF16, DType::F32, DType::F16] {
-        let w = |o, n| {
-            Tensor::randn(0f32, 0.02, (o, n), &dev)
-                .unwrap()
+        let w = |o, n, seed| {
+            common::randn(seed, (o, n), 0.02, &dev)
                 .to_dtype(dtype)
                 .unwrap()
         };
-        let lin = |o, n| Projection::Dense(Linear::new(w(o, n), None));
+        let lin = |o, n, seed| Projection::Dense(Linear::new(w(o, n, seed), None));
         let ffn = GluFeedForward::from_projections(
             &GluConfig::new(h, i),
-            lin(i, h),
-            lin(i, h),
-            lin(h, i),
+            lin(i, h, 1),
+            lin(i, h, 2),
+            lin(h, i, 3),
         )
         .unwrap();
-        let x = Tensor::randn(0f32, 1.0, (m, h), &dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let x = common::randn(4, (m, h), 1.0, &dev).to_dtype(dtype).unwrap();
+        assert_eq!(ffn.forward_path(&x), ForwardPath::Fused, "{dtype:?}");
         ffn.forward(&x).unwrap(); // warm up per-thread scratch
         let (y, peak) = peak_of(|| ffn.forward(&x).unwrap());
         drop(y);
@@ -113,12 +111,10 @@ fn the_counter_sees_a_weight_copy() {
     // above would catch a path that did the same.
     let dev = Device::Cpu;
     let (h, i, m) = (1024, 2816, 64);
-    let w = Tensor::randn(0f32, 0.02, (i, h), &dev)
-        .unwrap()
+    let w = common::randn(1, (i, h), 0.02, &dev)
         .to_dtype(DType::BF16)
         .unwrap();
-    let x = Tensor::randn(0f32, 1.0, (m, h), &dev)
-        .unwrap()
+    let x = common::randn(2, (m, h), 1.0, &dev)
         .to_dtype(DType::BF16)
         .unwrap();
     let lin = Linear::new(w, None);
@@ -133,8 +129,13 @@ fn the_counter_sees_a_weight_copy() {
 }
 
 /// Random weights of `[o, n]` quantized to `dtype`, in a `QMatMul`, and their size in bytes.
-fn quantized(o: usize, n: usize, dtype: candle_core::quantized::GgmlDType) -> (QMatMul, usize) {
-    let w = Tensor::randn(0f32, 0.02, (o, n), &Device::Cpu).unwrap();
+fn quantized(
+    o: usize,
+    n: usize,
+    dtype: candle_core::quantized::GgmlDType,
+    seed: u64,
+) -> (QMatMul, usize) {
+    let w = common::randn(seed, (o, n), 0.02, &Device::Cpu);
     let q = candle_core::quantized::QTensor::quantize(&w, dtype).unwrap();
     let bytes = q.storage_size_in_bytes();
     (QMatMul::from_qtensor(q).unwrap(), bytes)
@@ -144,23 +145,19 @@ fn quantized(o: usize, n: usize, dtype: candle_core::quantized::GgmlDType) -> (Q
 fn quantized_forwards_read_the_blocks_in_place() {
     let _one = one_test();
     use candle_core::quantized::GgmlDType;
-    if candle_glu::cpu_kernels().is_none() {
-        eprintln!("SKIPPED: no AVX-512, so GGUF weights run through candle's QMatMul");
+    // Without them, GGUF weights run through candle's QMatMul, which copies q8_0 and q4k.
+    if !common::kernels_or_skip("the Q4_1 kernels' peak memory") {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    let vnni = is_x86_feature_detected!("avx512vnni");
-    #[cfg(not(target_arch = "x86_64"))]
-    let vnni = false;
+    let vnni = common::int8_kernels_or_skip("the q8_0 and q4k kernels' peak memory");
     let (h, i) = (2048, 5632);
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
         if dtype != GgmlDType::Q4_1 && !vnni {
-            eprintln!("SKIPPED {dtype:?}: no AVX512-VNNI, so it runs through candle's QMatMul");
             continue;
         }
-        let (g, bg) = quantized(i, h, dtype);
-        let (u, bu) = quantized(i, h, dtype);
-        let (d, bd) = quantized(h, i, dtype);
+        let (g, bg) = quantized(i, h, dtype, 1);
+        let (u, bu) = quantized(i, h, dtype, 2);
+        let (d, bd) = quantized(h, i, dtype, 3);
         let weights = bg + bu + bd;
         let ffn = GluFeedForward::from_projections(
             &GluConfig::new(h, i),
@@ -173,7 +170,12 @@ fn quantized_forwards_read_the_blocks_in_place() {
         // and q4k on AVX512-VNNI CPUs) would show there. 1, 9 and 64 tokens: decode, and the
         // packed schedule with one and with many token tiles.
         for m in [1, 9, 64, 1, 9, 64] {
-            let x = Tensor::randn(0f32, 1.0, (m, h), &Device::Cpu).unwrap();
+            let x = common::randn(m as u64, (m, h), 1.0, &Device::Cpu);
+            assert_eq!(
+                ffn.forward_path(&x),
+                ForwardPath::Quantized,
+                "{dtype:?}, {m} tokens"
+            );
             let (y, peak) = peak_of(|| ffn.forward(&x).unwrap());
             drop(y);
             // Activations ([m, i] twice at most, input and output; their 8-bit copies with
@@ -204,8 +206,8 @@ fn candle_keeps_a_repacked_copy_of_q8_0_and_q4k_weights() {
     let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     let vnni = is_x86_feature_detected!("avx512vnni") || is_x86_feature_detected!("avxvnni");
     for (dtype, repacks) in [(GgmlDType::Q4K, avx2), (GgmlDType::Q8_0, avx2 && vnni)] {
-        let (mm, bytes) = quantized(5632, 2048, dtype);
-        let x = Tensor::randn(0f32, 1.0, (1, 2048), &Device::Cpu).unwrap();
+        let (mm, bytes) = quantized(5632, 2048, dtype, 1);
+        let x = common::randn(2, (1, 2048), 1.0, &Device::Cpu);
         let (_, first) = peak_of(|| mm.forward(&x).unwrap());
         let (_, second) = peak_of(|| mm.forward(&x).unwrap());
         eprintln!(
@@ -218,6 +220,18 @@ fn candle_keeps_a_repacked_copy_of_q8_0_and_q4k_weights() {
             assert!(first >= bytes, "{dtype:?}: {first} B < {bytes} B");
             assert!(second < bytes / 10, "{dtype:?}: {second} B");
         } else {
+            // A CPU with the kernels CI requires has AVX2 (and AVX512-VNNI where it requires
+            // the int8 kernels): there candle repacks, and this must not skip.
+            let required = common::required_kernels();
+            let implied = match dtype {
+                GgmlDType::Q8_0 => required.is_some_and(|r| r.contains("int8: vnni")),
+                _ => required.is_some(),
+            };
+            assert!(
+                !implied,
+                "{dtype:?}: CANDLE_GLU_REQUIRE_KERNELS is set, yet this CPU takes candle's \
+                 unpacked path"
+            );
             eprintln!("SKIPPED: this CPU takes candle's unpacked {dtype:?} path");
         }
     }

@@ -1,5 +1,7 @@
 //! The block trains: built over a `VarMap` it creates its parameters, and its gradients match
-//! central finite differences of the loss in float64.
+//! central finite differences of the loss in float64. Parameters and inputs are seeded.
+
+mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_glu::{Activation, GluConfig, GluFeedForward, WeightLayout};
@@ -17,7 +19,8 @@ fn varmap_creates_parameters_and_sgd_lowers_the_loss() {
             map.all_vars().len(),
             if layout == WeightLayout::Phi3 { 4 } else { 6 }
         );
-        let x = Tensor::randn(0f32, 1., (32, 6), &dev).unwrap();
+        common::seed_vars(&map, 1);
+        let x = common::randn(2, (32, 6), 1.0, &dev);
         let target = x.sin().unwrap();
         let mut sgd = candle_nn::SGD::new(map.all_vars(), 0.05).unwrap();
         let loss = |ffn: &GluFeedForward| {
@@ -41,12 +44,15 @@ fn varmap_creates_parameters_and_sgd_lowers_the_loss() {
 fn gradients_match_finite_differences() {
     let dev = Device::Cpu;
     let (h, i) = (5, 7);
-    for act in Activation::ALL {
+    for (k, act) in Activation::ALL.into_iter().enumerate() {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F64, &dev);
         let cfg = GluConfig::new(h, i).with_activation(act).with_bias(true);
         let ffn = GluFeedForward::new(&cfg, vb).unwrap();
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (3, h), &dev).unwrap()).unwrap();
+        let seed = 10 * k as u64;
+        common::seed_vars(&map, seed);
+        let x = common::randn(seed + 9, (3, h), 1.0, &dev);
+        let x = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
         let loss = |ffn: &GluFeedForward, x: &Tensor| {
             ffn.forward(x).unwrap().sqr().unwrap().sum_all().unwrap()
         };

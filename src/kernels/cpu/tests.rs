@@ -80,12 +80,59 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn avx512() -> bool {
-    let ok = features().avx512;
+/// `CANDLE_GLU_REQUIRE_KERNELS` (set by CI from `scripts/expected_kernels.sh`): the kernels
+/// that must run, as [`crate::cpu_kernels`] prints them; `None` when unset or empty.
+fn required() -> Option<String> {
+    std::env::var("CANDLE_GLU_REQUIRE_KERNELS")
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether the kernels that `what` needs run here (`ok`). When they do not, the test skips,
+/// saying so, unless `CANDLE_GLU_REQUIRE_KERNELS` names kernels (`needed` says whether the
+/// named set includes these): then it panics, naming the kernels required and those that ran.
+/// It panics too whenever the kernels that ran are not the ones required.
+fn or_skip(ok: bool, needed: impl Fn(&str) -> bool, what: &str) -> bool {
+    if let Some(required) = required() {
+        let ran = crate::cpu_kernels().map_or("none (candle's ops)".into(), |k| k.to_string());
+        assert_eq!(
+            ran, required,
+            "CANDLE_GLU_REQUIRE_KERNELS names other kernels than those that ran"
+        );
+        assert!(
+            ok || !needed(&required),
+            "CANDLE_GLU_REQUIRE_KERNELS=`{required}` but {what} cannot run here (kernels that \
+             ran: {ran})"
+        );
+    }
     if !ok {
-        eprintln!("no AVX-512 on this CPU: the fast kernels are not used here, nothing to test");
+        eprintln!("SKIPPED: {what} cannot run on this CPU (or CANDLE_GLU_KERNELS turned it off)");
     }
     ok
+}
+
+/// The AVX-512 kernels (every float and Q4_1 micro-kernel and schedule).
+fn avx512() -> bool {
+    or_skip(features().avx512, |_| true, "the AVX-512 kernels")
+}
+
+/// The AVX512-VNNI kernels (q8_0, q4k): required when the required set says `int8: vnni`.
+fn vnni() -> bool {
+    let needed = |r: &str| r.contains("int8: vnni");
+    or_skip(
+        features().vnni,
+        needed,
+        "the AVX512-VNNI (q8_0/q4k) kernels",
+    )
+}
+
+/// The bf16 dot-product micro-kernel (VDPBF16PS), tested wherever the CPU has it (on Intel
+/// `auto` does not choose it): required when the required set is `avx512-bf16`.
+fn bf16_dot() -> bool {
+    let ok = features().avx512 && std::arch::is_x86_feature_detected!("avx512bf16");
+    let needed = |r: &str| r.starts_with("avx512-bf16");
+    or_skip(ok, needed, "the bf16 dot-product kernel (AVX512-BF16)")
 }
 
 #[test]
@@ -242,7 +289,7 @@ fn half_kernels_match_float64() {
     if !avx512() {
         return;
     }
-    let dp = std::arch::is_x86_feature_detected!("avx512bf16");
+    let dp = bf16_dot();
     for (m, k, n) in SIZES {
         for act in [Activation::Silu, Activation::Gelu, Activation::Relu] {
             // One rounding of the output to 8 (bf16) or 11 (f16) significant bits.
@@ -252,9 +299,6 @@ fn half_kernels_match_float64() {
                 check_gate_up::<bf16>(m, k, n, act, Compute::Bf16Dot, 2f64.powi(-8));
             }
         }
-    }
-    if !dp {
-        eprintln!("no AVX512-BF16 on this CPU: the bf16 dot-product kernel is not tested here");
     }
 }
 
@@ -386,8 +430,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
     use candle_core::{Device, Tensor};
 
     use vnni::Kind;
-    if !features().vnni {
-        eprintln!("no AVX512-VNNI on this CPU: the q8_0/q4k kernels are not used here");
+    if !vnni() {
         return;
     }
     // Token counts in both schedules (dot up to 4, packed) and on both sides of the 6-token
@@ -486,7 +529,7 @@ fn int8_kernels_keep_nan_to_its_token() {
     use candle_core::{Device, Tensor};
 
     use vnni::Kind;
-    if !features().vnni {
+    if !vnni() {
         return;
     }
     let (k, n) = (512, 40);
