@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_glu::device::DeviceChoice;
 use candle_glu::{Activation, GluConfig, GluFeedForward, Projection};
 use candle_nn::{Linear, VarBuilder, VarMap};
-use common::{manifest, max_abs_diff, rel_err, Case};
+use common::{assert_close, manifest, max_abs_diff, Case, Tol};
 
 /// The first CUDA device, or `None` after saying on stderr that `test` checked nothing.
 fn cuda(test: &str) -> Option<Device> {
@@ -79,31 +79,33 @@ fn cuda_parity_fixtures() {
         for dtype in DTYPES {
             let gpu = forward_on(&case, dtype, &dev);
             let cpu = forward_on(&case, dtype, &Device::Cpu);
-            let ours = max_abs_diff(&gpu, &truth);
             let (bound, what) = match dtype {
-                DType::F32 => (1e-5 * common::max_abs(&truth), "1e-5 relative".to_string()),
+                DType::F32 => (Tol::Rel(1e-5), "1e-5 relative".to_string()),
                 DType::F16 => {
                     let torch = max_abs_diff(&case.io("y_torch_f16"), &truth);
-                    (2.0 * torch, format!("2 × torch's {torch:.2e}"))
+                    (Tol::Abs(2.0 * torch), format!("2 × torch's {torch:.2e}"))
                 }
                 _ => {
                     let torch = max_abs_diff(&case.io("y_torch_bf16"), &truth);
-                    (2.0 * torch, format!("2 × torch's {torch:.2e}"))
+                    (Tol::Abs(2.0 * torch), format!("2 × torch's {torch:.2e}"))
                 }
             };
-            let vs_cpu = rel_err(&gpu, &cpu);
+            let ours = max_abs_diff(&gpu, &truth);
+            let vs_cpu = common::rel_err(&gpu, &cpu);
             eprintln!(
                 "{:<26} {dtype:?}: |gpu - f64| {ours:.2e} (bound {what}), gpu vs cpu {vs_cpu:.2e}",
                 case.name
             );
-            assert!(ours <= bound, "{} {dtype:?}: {ours:e} > {what}", case.name);
+            assert_close(
+                &gpu,
+                &truth,
+                bound,
+                format!("{} {dtype:?} vs float64", case.name),
+            );
             // Both sides round the same f32 values once; cuBLAS sums in another order.
             let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-            assert!(
-                vs_cpu <= tol,
-                "{} {dtype:?}: gpu vs cpu {vs_cpu:e}",
-                case.name
-            );
+            let what = format!("{} {dtype:?}: gpu vs cpu", case.name);
+            assert_close(&gpu, &cpu, Tol::Rel(tol), what);
             checked += 1;
         }
     }
@@ -114,9 +116,13 @@ fn cuda_parity_fixtures() {
 /// transposed; the two halves of one fused product (`narrow`); up broadcast from one row; and
 /// seven dimensions that do not merge (the contiguous fallback).
 fn layouts(dev: &Device, dtype: DType) -> Vec<(&'static str, Tensor, Tensor)> {
+    let seed = std::cell::Cell::new(0);
     let r = |shape: &[usize]| {
-        (Tensor::randn(0f32, 2.0, shape, dev).unwrap())
+        seed.set(seed.get() + 1);
+        common::randn(seed.get(), shape, 2.0, &Device::Cpu)
             .to_dtype(dtype)
+            .unwrap()
+            .to_device(dev)
             .unwrap()
     };
     let (m, n) = (37, 515);
@@ -159,11 +165,8 @@ fn cuda_gated_op_matches_cpu_reference() {
                 assert_eq!(y.device().location(), dev.location());
                 assert_eq!((y.dims(), y.dtype()), (gate.dims(), dtype));
                 let want = act.gated(&gate_cpu, &up_cpu).unwrap();
-                let err = rel_err(&y.to_device(&Device::Cpu).unwrap(), &want);
-                assert!(
-                    err <= gated_tol(dtype),
-                    "{dtype:?} {act} {layout}: {err:e} against the CPU reference"
-                );
+                let what = format!("{dtype:?} {act} {layout} against the CPU reference");
+                assert_close(&y, &want, Tol::Rel(gated_tol(dtype)), what);
             }
         }
     }
@@ -223,8 +226,8 @@ fn cuda_gated_op_backward_matches_cpu_autograd() {
         return;
     };
     for (dtype, tol) in [(DType::F32, 1e-4), (DType::F16, 1e-2), (DType::BF16, 3e-2)] {
-        let r = |dev: &Device| Tensor::randn(0f32, 1.5, (19, 133), dev).unwrap();
-        let (gate, up, w) = (r(&Device::Cpu), r(&Device::Cpu), r(&Device::Cpu));
+        let r = |seed| common::randn(seed, (19, 133), 1.5, &Device::Cpu);
+        let (gate, up, w) = (r(1), r(2), r(3));
         let (gate, up) = (gate.to_dtype(dtype).unwrap(), up.to_dtype(dtype).unwrap());
         let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
         for act in Activation::ALL {
@@ -233,8 +236,12 @@ fn cuda_gated_op_backward_matches_cpu_autograd() {
             let (dg, du) = gated_grads(&on_gpu(&gate), &on_gpu(&up), &on_gpu(&w), act, true);
             let (want_g, want_u) = gated_grads(&gate, &up, &w, act, false);
             for (name, got, want) in [("d gate", dg, want_g), ("d up", du, want_u)] {
-                let err = rel_err(&got, &want);
-                assert!(err <= tol, "{dtype:?} {act} {name}: {err:e}");
+                assert_close(
+                    &got,
+                    &want,
+                    Tol::Rel(tol),
+                    format!("{dtype:?} {act} {name}"),
+                );
             }
         }
     }
@@ -283,7 +290,7 @@ fn block_grads(act: Activation, dev: &Device, gpu_forward: bool) -> Vec<(String,
     let y = if gpu_forward {
         ffn.forward(x.as_tensor()).unwrap()
     } else {
-        common::plain_forward(ffn, x.as_tensor()).unwrap()
+        common::plain_forward(&ffn, x.as_tensor()).unwrap()
     };
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let mut out = vec![("x".to_string(), grads.get(&x).unwrap().clone())];
@@ -306,8 +313,7 @@ fn cuda_block_backward_matches_cpu_autograd() {
         let gpu = block_grads(act, &dev, true);
         let cpu = block_grads(act, &Device::Cpu, false);
         for ((name, got), (_, want)) in gpu.iter().zip(&cpu) {
-            let err = rel_err(got, want);
-            assert!(err <= 1e-4, "{act} d{name}: {err:e}");
+            assert_close(got, want, Tol::Rel(1e-4), format!("{act} d{name}"));
         }
     }
 }
