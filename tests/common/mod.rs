@@ -255,7 +255,8 @@ pub fn dense_path(what: &str) -> candle_glu::ForwardPath {
     }
 }
 
-/// max |a - b| in float64.
+/// max |a - b| in float64: a measurement (torch's own error, a bound's input); to assert a
+/// bound, use [`assert_close`].
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
@@ -284,7 +285,7 @@ pub fn max_abs(t: &Tensor) -> f64 {
         .unwrap()
 }
 
-/// max |a - truth| / max |truth|.
+/// max |a - truth| / max |truth|: a measurement, as [`max_abs_diff`].
 pub fn rel_err(a: &Tensor, truth: &Tensor) -> f64 {
     max_abs_diff(a, truth) / max_abs(truth)
 }
