@@ -68,10 +68,13 @@ def time_one(h, i, dtype, tokens, runs, copies):
 
 def time_ours(shape, dname, tokens, runs, copies):
     """candle-glu's median ms for one configuration, from the repository's compare bench."""
+    # A built compare binary (CANDLE_GLU_COMPARE_BIN), or cargo's.
+    bench = os.environ.get("CANDLE_GLU_COMPARE_BIN")
+    command = [bench] if bench else ["cargo", "bench", "-q", "--bench", "compare", "--"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ours.json")
         subprocess.run(
-            ["cargo", "bench", "-q", "--bench", "compare", "--", "--no-naive", "--shape", shape,
+            command + ["--no-naive", "--shape", shape,
              "--copies", str(copies),
              "--dtype", dname, "--tokens", str(tokens), "--rounds", str(runs), "--json", path],
             check=True, capture_output=True)

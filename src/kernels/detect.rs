@@ -8,12 +8,16 @@
 //! | `candle` (or `none`, `off`) | none of the crate's: candle's own ops everywhere |
 //! | `avx512` | AVX-512 with f32 FMA micro-kernels, and AVX512-VNNI for q8_0/q4k where present |
 //! | `avx512-bf16` | as `avx512`, with bf16 dot products (VDPBF16PS) for dense bf16 prefill |
+//! | `amx` | as `avx512`, with AMX tiles for dense bf16 prefill |
 //!
-//! `auto` takes `avx512` on a CPU with AVX-512 F/BW/VL, FMA and F16C, and `avx512-bf16` when the
+//! `auto` takes `avx512` on a CPU with AVX-512 F/BW/VL, FMA and F16C; `avx512-bf16` when the
 //! CPU also has AVX512-BF16 and is an AMD one (Zen 4/5), where VDPBF16PS does twice the
-//! multiply-adds of an f32 FMA per cycle. On Intel's Sapphire and Emerald Rapids it does half
-//! (measured: 86 against 175 GFLOP/s per core), so f32 FMAs win there. A forced set that the CPU
-//! lacks gives the best one it has below it; an unknown value counts as `auto`.
+//! multiply-adds of an f32 FMA per cycle (on Intel's Sapphire and Emerald Rapids it does half:
+//! measured 86 against 175 GFLOP/s per core, so f32 FMAs win there); and `amx` when the CPU has
+//! AMX-TILE and AMX-BF16, the OS keeps the tile state (XCR0) and grants this process its use
+//! (Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once, the first time the kernels are
+//! chosen). A forced set that the CPU lacks gives the best one it has below it; an unknown value
+//! counts as `auto`.
 
 use std::sync::OnceLock;
 
@@ -36,6 +40,7 @@ enum Set {
     Candle,
     Avx512,
     Avx512Bf16,
+    Amx,
 }
 
 impl Set {
@@ -44,6 +49,7 @@ impl Set {
             "candle" | "none" | "off" => Set::Candle,
             "avx512" => Set::Avx512,
             "avx512-bf16" => Set::Avx512Bf16,
+            "amx" => Set::Amx,
             _ => return None,
         })
     }
@@ -53,12 +59,13 @@ impl Set {
             Set::Candle => "candle",
             Set::Avx512 => "avx512",
             Set::Avx512Bf16 => "avx512-bf16",
+            Set::Amx => "amx",
         }
     }
 }
 
 impl CpuKernels {
-    /// The set's name, as `CANDLE_GLU_KERNELS` takes it: `avx512` or `avx512-bf16`.
+    /// The set's name, as `CANDLE_GLU_KERNELS` takes it: `avx512`, `avx512-bf16` or `amx`.
     pub fn name(&self) -> &'static str {
         self.set.name()
     }
@@ -67,6 +74,11 @@ impl CpuKernels {
     /// f32 FMAs.
     pub fn bf16_dot(&self) -> bool {
         self.set == Set::Avx512Bf16
+    }
+
+    /// Whether dense bf16 prefill runs on the AMX tiles.
+    pub fn amx(&self) -> bool {
+        self.set == Set::Amx
     }
 
     /// Whether GGUF q8_0 and q4k weights are multiplied by the crate's AVX512-VNNI kernels (else
@@ -92,6 +104,8 @@ pub(crate) struct Features {
     pub bf16_dot: bool,
     /// AVX512-VNNI: the q8_0 and q4k kernels.
     pub vnni: bool,
+    /// AMX-TILE and AMX-BF16, usable by this process: dense bf16 prefill on tiles.
+    pub amx_bf16: bool,
 }
 
 /// What the CPU offers, before any choice.
@@ -101,6 +115,9 @@ struct Cpu {
     avx512_bf16: bool,
     vnni: bool,
     amd: bool,
+    /// AMX-TILE and AMX-BF16 in the CPU and enabled by the OS (XCR0); the process's permission
+    /// is asked only when the AMX set is chosen.
+    amx_bf16: bool,
 }
 
 impl Cpu {
@@ -117,6 +134,7 @@ impl Cpu {
             avx512_bf16: avx512 && has!("avx512bf16"),
             vnni: avx512 && has!("avx512vnni"),
             amd,
+            amx_bf16: avx512 && amx::present(),
         }
     }
 
@@ -127,12 +145,15 @@ impl Cpu {
             avx512_bf16: false,
             vnni: false,
             amd: false,
+            amx_bf16: false,
         }
     }
 
     /// The best set this CPU runs.
     fn auto(&self) -> Set {
-        if self.avx512_bf16 && self.amd {
+        if self.amx_bf16 {
+            Set::Amx
+        } else if self.avx512_bf16 && self.amd {
             Set::Avx512Bf16
         } else if self.avx512 {
             Set::Avx512
@@ -147,6 +168,7 @@ impl Cpu {
             Set::Candle => true,
             Set::Avx512 => self.avx512,
             Set::Avx512Bf16 => self.avx512_bf16,
+            Set::Amx => self.amx_bf16,
         }
     }
 
@@ -155,7 +177,7 @@ impl Cpu {
     fn choose(&self, forced: Option<&str>) -> Set {
         match forced.and_then(Set::parse) {
             None => self.auto(),
-            Some(wanted) => [Set::Avx512Bf16, Set::Avx512, Set::Candle]
+            Some(wanted) => [Set::Amx, Set::Avx512Bf16, Set::Avx512, Set::Candle]
                 .into_iter()
                 .find(|&s| s <= wanted && self.runs(s))
                 .unwrap_or(Set::Candle),
@@ -167,8 +189,14 @@ impl Cpu {
 pub(crate) fn features() -> Features {
     static FEATURES: OnceLock<Features> = OnceLock::new();
     *FEATURES.get_or_init(|| {
-        let cpu = Cpu::probe();
-        let set = cpu.choose(std::env::var(KERNELS_ENV).ok().as_deref());
+        let mut cpu = Cpu::probe();
+        let mut set = cpu.choose(std::env::var(KERNELS_ENV).ok().as_deref());
+        if set == Set::Amx && !amx_usable() {
+            // An OS that keeps the tile state but refuses it to this process (a seccomp
+            // filter, say): the best set without AMX.
+            cpu.amx_bf16 = false;
+            set = cpu.auto();
+        }
         features_of(&cpu, set)
     })
 }
@@ -179,13 +207,16 @@ fn features_of(cpu: &Cpu, set: Set) -> Features {
         avx512,
         bf16_dot: set == Set::Avx512Bf16,
         vnni: avx512 && cpu.vnni,
+        amx_bf16: set == Set::Amx,
     }
 }
 
 /// The public view of [`features`].
 pub(crate) fn cpu_kernels() -> Option<CpuKernels> {
     let f = features();
-    let set = if f.bf16_dot {
+    let set = if f.amx_bf16 {
+        Set::Amx
+    } else if f.bf16_dot {
         Set::Avx512Bf16
     } else if f.avx512 {
         Set::Avx512
@@ -193,6 +224,75 @@ pub(crate) fn cpu_kernels() -> Option<CpuKernels> {
         return None;
     };
     Some(CpuKernels { set, vnni: f.vnni })
+}
+
+/// Whether this CPU has AMX-TILE and AMX-BF16 and this process may use them, whatever kernels
+/// were chosen (the permission is asked once, here or in [`features`]).
+pub(crate) fn amx_usable() -> bool {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| Cpu::probe().amx_bf16 && amx::request_permission())
+}
+
+/// AMX on x86-64 Linux: CPUID, XCR0, and the process's permission.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    /// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22) and the OS
+    /// has enabled the tile state (XCR0 bits 17 and 18).
+    pub(super) fn present() -> bool {
+        use std::arch::x86_64::__cpuid_count;
+        if __cpuid_count(0, 0).eax < 7 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        let (tile, bf16) = (edx & (1 << 24) != 0, edx & (1 << 22) != 0);
+        // XGETBV needs OSXSAVE (CPUID leaf 1, ECX bit 27).
+        if !(tile && bf16) || __cpuid_count(1, 0).ecx & (1 << 27) == 0 {
+            return false;
+        }
+        let xcr0_low: u32;
+        // SAFETY: OSXSAVE is set, so XGETBV with ECX = 0 reads XCR0 and touches nothing else.
+        unsafe {
+            std::arch::asm!(
+                "xgetbv",
+                in("ecx") 0u32,
+                out("eax") xcr0_low,
+                out("edx") _,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+        const TILECFG_AND_TILEDATA: u32 = (1 << 17) | (1 << 18);
+        xcr0_low & TILECFG_AND_TILEDATA == TILECFG_AND_TILEDATA
+    }
+
+    /// Asks Linux for this process's permission to use the tile data (`arch_prctl(
+    /// ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16+): every thread of the process,
+    /// present and future, may then use the tiles. Elsewhere than Linux: no.
+    pub(super) fn request_permission() -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_ulong = 18;
+            // SAFETY: a plain system call with two integer arguments; it changes only which
+            // register state the kernel lets this process use.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                )
+            };
+            ret == 0
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    pub(super) fn request_permission() -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -204,6 +304,11 @@ mod tests {
         avx512_bf16: true,
         vnni: true,
         amd: false,
+        amx_bf16: false,
+    };
+    const INTEL_AMX: Cpu = Cpu {
+        amx_bf16: true,
+        ..INTEL
     };
     const ZEN5: Cpu = Cpu { amd: true, ..INTEL };
     const NONE: Cpu = Cpu {
@@ -211,6 +316,7 @@ mod tests {
         avx512_bf16: false,
         vnni: false,
         amd: false,
+        amx_bf16: false,
     };
 
     #[test]
@@ -219,6 +325,10 @@ mod tests {
         assert_eq!(ZEN5.choose(Some("auto")), Set::Avx512Bf16);
         assert_eq!(NONE.choose(None), Set::Candle);
         assert_eq!(INTEL.choose(Some("avx-512")), Set::Avx512, "unknown: auto");
+        assert_eq!(INTEL_AMX.choose(None), Set::Amx);
+        assert_eq!(INTEL_AMX.choose(Some("avx512")), Set::Avx512);
+        assert_eq!(INTEL.choose(Some("amx")), Set::Avx512Bf16, "best below amx");
+        assert_eq!(NONE.choose(Some("amx")), Set::Candle);
     }
 
     #[test]

@@ -6,13 +6,16 @@
 //! | `mod.rs` | the ops' CPU side; the weights of a call ([`Mat`], [`Weights`], [`Bias`]); the choice of schedule |
 //! | `dot.rs` | the dot schedule (decode, few tokens): weight rows streamed in place |
 //! | `packed.rs` | the packed schedule (prefill): GotoBLAS-style blocking around a register micro-kernel |
+//! | `tiled.rs` | the tiled schedule (dense bf16 prefill on AMX): weights read in place as tile operands |
 //! | `int8.rs` | both schedules for GGUF q8_0 and q4k, over activations rounded to 8 bits |
 //! | `parallel.rs` | candle's worker pool, disjoint output writes, per-thread scratch |
 //! | `element.rs` | the element types: f32, bf16, f16 |
 //! | `avx512.rs` | AVX-512 micro-kernels: loads/stores, σ in f32, f32 FMA and bf16 dot-product tiles, row encodings (dense, Q4_1) |
 //! | `vnni.rs` | AVX512-VNNI micro-kernels: 8-bit rounding, q8_0 and q4k dot products and tiles |
+//! | `amx.rs` | AMX micro-kernels: the tile configuration, bf16 tile products |
 //! | `tests.rs` | each micro-kernel and schedule against float64 |
 
+mod amx;
 mod avx512;
 mod dot;
 mod element;
@@ -21,6 +24,7 @@ mod packed;
 mod parallel;
 #[cfg(test)]
 mod tests;
+mod tiled;
 mod vnni;
 
 use std::borrow::Cow;
@@ -95,12 +99,14 @@ pub(crate) struct Bias<'a> {
 }
 
 /// `y = x·Wᵀ + b`, or `h = σ(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu)`: `x` is `[m, k]`, the weights `[n, k]`
-/// in encoding `E`; returns `[m, n]`. The dot schedule up to [`dot::MAX_TOKENS`] tokens, the
-/// packed one past them.
+/// in encoding `E`; returns `[m, n]`. The tiled schedule (AMX) from [`tiled::MIN_TOKENS`] tokens
+/// where `compute` says so; else the dot schedule up to [`dot::MAX_TOKENS`] tokens, the packed
+/// one past them.
 ///
 /// # Safety
 /// [`features`]`().avx512` must be true; the weights hold `n` rows of `k` values in encoding
-/// `E`; biases, if any, hold `n` values; [`Compute::Bf16Dot`] only with `E = Dense<bf16>`.
+/// `E`; biases, if any, hold `n` values; [`Compute::Bf16Dot`] and [`Compute::Amx`] only with
+/// `T = bf16` and `E = Dense<bf16>`.
 pub(crate) unsafe fn matmul<T: Element, E: Encoding>(
     x: &[T],
     m: usize,
@@ -113,6 +119,19 @@ pub(crate) unsafe fn matmul<T: Element, E: Encoding>(
     debug_assert_eq!(x.len(), m * k);
     let mut out = vec![T::default(); m * n];
     if m == 0 || n == 0 {
+        return out;
+    }
+    if compute == Compute::Amx && m >= tiled::MIN_TOKENS && k > 0 {
+        debug_assert_eq!(T::DTYPE, candle_core::DType::BF16);
+        // SAFETY: `T` is bf16 (the caller's contract for `Compute::Amx`), whose bits are a u16.
+        let (x, out16) = unsafe {
+            (
+                std::slice::from_raw_parts(x.as_ptr() as *const u16, x.len()),
+                std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u16, out.len()),
+            )
+        };
+        // SAFETY: the caller's contract is the tiled schedule's.
+        unsafe { tiled::run(x, m, k, w, n, bias, out16) };
         return out;
     }
     // SAFETY: the caller's contract is the schedules'.

@@ -28,13 +28,19 @@ pub(crate) enum Compute {
     Fma,
     /// bf16 dot products: dense bf16 weights and bf16 activations only.
     Bf16Dot,
+    /// AMX tiles (the tiled schedule, `tiled.rs`, from a few tokens): dense bf16 weights and
+    /// bf16 activations only; below the tiled schedule's tokens, the packed schedule takes it as `Fma`.
+    Amx,
 }
 
 impl Compute {
-    /// The compute for dense `T` weights and activations in this process: bf16 dot products
-    /// where [`features`] chose them (see `detect.rs`), else f32 FMAs.
+    /// The compute for dense `T` weights and activations in this process: for bf16, AMX tiles
+    /// or bf16 dot products where [`features`] chose them (see `detect.rs`); else f32 FMAs.
     pub(crate) fn best<T: Element>() -> Self {
-        if T::DTYPE == candle_core::DType::BF16 && features().bf16_dot {
+        let bf16 = T::DTYPE == candle_core::DType::BF16;
+        if bf16 && features().amx_bf16 {
+            Compute::Amx
+        } else if bf16 && features().bf16_dot {
             Compute::Bf16Dot
         } else {
             Compute::Fma
@@ -60,12 +66,12 @@ pub(super) unsafe fn run<T: Element, E: Encoding>(
         // Tokens packed once for every task: block-major, then k, then the block's 12 tokens,
         // into a buffer kept between calls (fresh pages would cost a fault every 4 KiB).
         let len = match compute {
-            Compute::Fma => blocks * k * MR,
+            Compute::Fma | Compute::Amx => blocks * k * MR,
             Compute::Bf16Dot => blocks * k.div_ceil(2) * MR,
         };
         with_packed_tokens(len, |xp| {
             match compute {
-                Compute::Fma => pack_x_f32(x, m, k, xp),
+                Compute::Fma | Compute::Amx => pack_x_f32(x, m, k, xp),
                 Compute::Bf16Dot => pack_x_pairs(x, m, k, xp),
             }
             run_tasks::<T, E>(xp, blocks, m, k, w, n, bias, compute, out);
@@ -159,7 +165,7 @@ impl Task {
                         let rows = panel_rows(w, j0 + p * per_panel, j0 + cols);
                         let dst = wbuf.as_mut_ptr().add(p * KC * NR);
                         match compute {
-                            Compute::Fma => {
+                            Compute::Fma | Compute::Amx => {
                                 for half in 0..2 {
                                     let rows = std::array::from_fn(|r| rows[half * 16 + r]);
                                     avx512::pack16_f32::<E>(&rows, pc, kc, dst.add(half * 16), NR);
@@ -184,7 +190,7 @@ impl Task {
                             let cp = c.as_mut_ptr().add(b * MR * ldc + p * NR);
                             let wp = wbuf.as_ptr().add(p * KC * NR);
                             match compute {
-                                Compute::Fma => {
+                                Compute::Fma | Compute::Amx => {
                                     let xb = xp.as_ptr().add(b * k * MR + pc * MR);
                                     avx512::fma_kernel::<MR>(kc, xb, wp, cp, ldc, pc == 0);
                                 }

@@ -256,6 +256,37 @@ fn check_gate_up<T: Element>(
     );
 }
 
+/// The tiled schedule (AMX) and its edges: tokens around the tiles of 16 and their pairs, and
+/// past the count from which weight tiles are packed (96); depths that are not a multiple of
+/// the 32-value step (packed panels) or that outgrow one depth block of 4096; columns that end
+/// in a partial panel.
+const AMX_SIZES: [(usize, usize, usize); 10] = [
+    (4, 32, 16),
+    (5, 64, 7),
+    (16, 72, 33),
+    (17, 577, 65),
+    (31, 1030, 17),
+    (33, 128, 184),
+    (61, 31, 129),
+    (20, 4160, 33),
+    (100, 4096, 48),
+    (130, 4500, 20),
+];
+
+#[test]
+fn amx_kernels_match_float64() {
+    if !crate::kernels::detect::amx_usable() {
+        eprintln!("SKIPPED (no AMX): the tiled schedule is not tested on this CPU");
+        return;
+    }
+    for (m, k, n) in AMX_SIZES {
+        for act in all_acts() {
+            // One rounding of the output to bf16.
+            check_gate_up::<bf16>(m, k, n, act, Compute::Amx, 2f64.powi(-8));
+        }
+    }
+}
+
 /// The schedules (dot for ≤ 16 tokens, packed above) and their edges.
 const SIZES: [(usize, usize, usize); 12] = [
     (1, 1, 1),
@@ -553,6 +584,40 @@ fn int8_kernels_keep_nan_to_its_token() {
                     assert!(row.iter().all(|v| v.is_nan()), "{kind:?} m{m} token {t}");
                 } else {
                     assert!(row.iter().all(|v| v.is_finite()), "{kind:?} m{m} token {t}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn amx_keeps_nan_to_its_token() {
+    if !crate::kernels::detect::amx_usable() {
+        eprintln!("SKIPPED (no AMX): the tiled schedule is not tested on this CPU");
+        return;
+    }
+    let (k, n) = (96, 40);
+    let w: Vec<bf16> = values(n * k, 3).into_iter().map(bf16::from_f32).collect();
+    let mat = Mat::dense(&w, k);
+    // Tokens in place (20) and with packed weight tiles (130).
+    for m in [4, 20, 130] {
+        let mut x: Vec<bf16> = values(m * k, 4).into_iter().map(bf16::from_f32).collect();
+        x[5] = bf16::NAN;
+        x[k + 7] = bf16::INFINITY;
+        for weights in [
+            Weights::Single(mat),
+            Weights::GateUp(mat, mat, Activation::Silu),
+        ] {
+            // SAFETY: AMX usable; the slices hold their shapes.
+            let y = unsafe {
+                matmul::<bf16, Dense<bf16>>(&x, m, k, weights, n, Bias::default(), Compute::Amx)
+            };
+            for t in 0..m {
+                let row = &y[t * n..(t + 1) * n];
+                match t {
+                    0 => assert!(row.iter().all(|v| v.is_nan()), "m{m} token {t}"),
+                    1 => assert!(row.iter().all(|v| !v.is_finite()), "m{m} token {t}"),
+                    _ => assert!(row.iter().all(|v| v.is_finite()), "m{m} token {t}"),
                 }
             }
         }
