@@ -14,7 +14,11 @@ if ! { has avx512f && has avx512bw && has avx512vl && has fma && has f16c; }; th
   exit 0
 fi
 set_name=avx512
-if has avx512_bf16 && [[ "$vendor" == *AuthenticAMD* ]]; then
+if has amx_tile && has amx_bf16; then
+  # The flags mean the CPU has AMX and the kernel enables its state; Linux grants it to every
+  # process that asks (arch_prctl), as the crate does.
+  set_name=amx
+elif has avx512_bf16 && [[ "$vendor" == *AuthenticAMD* ]]; then
   set_name=avx512-bf16
 fi
 int8=candle

@@ -56,8 +56,8 @@ pub use loading::hub::{fetch_model, DownloadProgress, HubOptions};
 /// with candle's own ops, more slowly.
 ///
 /// The kernels are chosen once per process from the CPU's features and vendor, and the
-/// environment variable `CANDLE_GLU_KERNELS` (`auto`, `candle`, `avx512`, `avx512-bf16`) can force
-/// a set, so that every path can be run on one machine; see `docs/architecture.md`.
+/// environment variable `CANDLE_GLU_KERNELS` (`auto`, `candle`, `avx512`, `avx512-bf16`, `amx`)
+/// can force a set, so that every path can be run on one machine; see `docs/performance.md`.
 ///
 /// ```rust
 /// match candle_glu::cpu_kernels() {

@@ -33,10 +33,15 @@ fn forced_kernels_are_the_ones_that_run() {
         "candle" | "none" | "off" => assert_eq!(name, None),
         "avx512" => assert!(matches!(name, None | Some("avx512")), "{name:?}"),
         "avx512-bf16" => assert!(matches!(name, None | Some("avx512" | "avx512-bf16"))),
+        "amx" => assert!(matches!(
+            name,
+            None | Some("avx512" | "avx512-bf16" | "amx")
+        )),
         _ => {}
     }
     if let Some(k) = kernels {
         assert_eq!(k.bf16_dot(), k.name() == "avx512-bf16");
+        assert_eq!(k.amx(), k.name() == "amx");
         let int8 = if k.int8() { "vnni" } else { "candle" };
         assert_eq!(k.to_string(), format!("{} (int8: {int8})", k.name()));
     }
