@@ -30,5 +30,21 @@ pub(crate) fn read_json_text(path: &Path, max: u64) -> Result<String> {
             ),
         });
     }
-    std::fs::read_to_string(path).map_err(io)
+    // Read at most one byte more than allowed: the file may have grown since it was measured.
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(max + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > max {
+        return Err(Error::InvalidFile {
+            path: path.to_path_buf(),
+            message: format!(
+                "the file grew past the {max} bytes a JSON file of a checkpoint may be"
+            ),
+        });
+    }
+    Ok(text)
 }

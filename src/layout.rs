@@ -53,6 +53,7 @@ pub struct ProjectionNames {
 #[non_exhaustive]
 pub enum GateUpNames {
     /// Two tensors of shape `[I, H]`.
+    #[non_exhaustive]
     Split {
         /// The gate projection W, the one that goes through σ.
         gate: &'static str,
@@ -60,6 +61,7 @@ pub enum GateUpNames {
         up: &'static str,
     },
     /// One tensor of shape `[2·I, H]`: rows `0..I` are the gate, rows `I..2·I` the up projection.
+    #[non_exhaustive]
     Fused {
         /// The fused tensor.
         gate_up: &'static str,

@@ -58,6 +58,8 @@ pub use loading::hub::{fetch_model, DownloadProgress, HubOptions};
 /// The kernels are chosen once per process from the CPU's features and vendor, and the
 /// environment variable `CANDLE_GLU_KERNELS` (`auto`, `candle`, `avx512`, `avx512-bf16`, `amx`)
 /// can force a set, so that every path can be run on one machine; see `docs/performance.md`.
+/// Where the set is `amx`, the first call asks Linux for the tile state, which grows every
+/// signal frame of the process by about 8 KiB; `CANDLE_GLU_KERNELS=avx512` avoids it.
 ///
 /// ```rust
 /// match candle_glu::cpu_kernels() {

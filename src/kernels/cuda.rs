@@ -131,7 +131,7 @@ impl Launch<'_> {
             shared_mem_bytes: 0,
         };
         let n = self.n as u64;
-        let (act, beta) = super::strided::activation_code(self.act);
+        let (act, beta) = super::activation_code(self.act);
         let mut builder = func.builder();
         builder.arg(&gate);
         builder.arg(&up);

@@ -16,8 +16,13 @@
 //! measured 86 against 175 GFLOP/s per core, so f32 FMAs win there); and `amx` when the CPU has
 //! AMX-TILE and AMX-BF16, the OS keeps the tile state (XCR0) and grants this process its use
 //! (Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once, the first time the kernels are
-//! chosen). A forced set that the CPU lacks gives the best one it has below it; an unknown value
-//! counts as `auto`.
+//! chosen). A forced set that the CPU lacks gives what `auto` takes where that is below it, else
+//! candle's ops; an unknown value counts as `auto`.
+//!
+//! Asking for the tiles changes the process: Linux then saves 8 KiB more of register state in
+//! every signal frame, so a later `sigaltstack` with a small stack (a C library's fixed 8 KiB
+//! `SIGSTKSZ`) can fail. The request is made the first time the kernels are chosen (the first
+//! forward on a CPU, or `cpu_kernels()`); `CANDLE_GLU_KERNELS=avx512` keeps a process off AMX.
 
 use std::sync::OnceLock;
 
@@ -65,7 +70,8 @@ impl Set {
 }
 
 impl CpuKernels {
-    /// The set's name, as `CANDLE_GLU_KERNELS` takes it: `avx512`, `avx512-bf16` or `amx`.
+    /// The set's name, as `CANDLE_GLU_KERNELS` takes it: `avx512`, `avx512-bf16` or `amx` (never
+    /// `candle`: where candle's ops run, [`cpu_kernels`](crate::cpu_kernels) is `None`).
     pub fn name(&self) -> &'static str {
         self.set.name()
     }
@@ -95,17 +101,34 @@ impl std::fmt::Display for CpuKernels {
     }
 }
 
-/// What the kernels may use, as chosen for this process.
+/// What the kernels may use, as chosen for this process: the set, and whether the CPU has
+/// AVX512-VNNI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Features {
+    set: Set,
+    has_vnni: bool,
+}
+
+impl Features {
     /// AVX-512 F/BW/VL with FMA and F16C: every f32/bf16/f16 and Q4_1 kernel.
-    pub avx512: bool,
+    pub(crate) fn avx512(&self) -> bool {
+        self.set >= Set::Avx512
+    }
+
     /// bf16 dot products (AVX512-BF16) for dense bf16 prefill.
-    pub bf16_dot: bool,
+    pub(crate) fn bf16_dot(&self) -> bool {
+        self.set == Set::Avx512Bf16
+    }
+
     /// AVX512-VNNI: the q8_0 and q4k kernels.
-    pub vnni: bool,
-    /// AMX-TILE and AMX-BF16, usable by this process: dense bf16 prefill on tiles.
-    pub amx_bf16: bool,
+    pub(crate) fn vnni(&self) -> bool {
+        self.avx512() && self.has_vnni
+    }
+
+    /// The AMX tiles (AMX-TILE and AMX-BF16, granted to this process) for dense bf16 prefill.
+    pub(crate) fn amx_bf16(&self) -> bool {
+        self.set == Set::Amx
+    }
 }
 
 /// What the CPU offers, before any choice.
@@ -172,15 +195,15 @@ impl Cpu {
         }
     }
 
-    /// The set for a `CANDLE_GLU_KERNELS` value: the one named, or the best below it that
-    /// this CPU runs; `auto` for unset, empty, `auto` or unknown values.
+    /// The set for a `CANDLE_GLU_KERNELS` value: the one named if this CPU runs it, else what
+    /// `auto` takes if that is below it (so a forced set never runs kernels the CPU does not
+    /// favour, as bf16 dot products on Intel), else candle's ops; `auto` for unset, empty,
+    /// `auto` or unknown values.
     fn choose(&self, forced: Option<&str>) -> Set {
         match forced.and_then(Set::parse) {
             None => self.auto(),
-            Some(wanted) => [Set::Amx, Set::Avx512Bf16, Set::Avx512, Set::Candle]
-                .into_iter()
-                .find(|&s| s <= wanted && self.runs(s))
-                .unwrap_or(Set::Candle),
+            Some(wanted) if self.runs(wanted) => wanted,
+            Some(wanted) => wanted.min(self.auto()),
         }
     }
 }
@@ -190,40 +213,28 @@ pub(crate) fn features() -> Features {
     static FEATURES: OnceLock<Features> = OnceLock::new();
     *FEATURES.get_or_init(|| {
         let mut cpu = Cpu::probe();
-        let mut set = cpu.choose(std::env::var(KERNELS_ENV).ok().as_deref());
+        let forced = std::env::var(KERNELS_ENV).ok();
+        let mut set = cpu.choose(forced.as_deref());
         if set == Set::Amx && !amx_usable() {
             // An OS that keeps the tile state but refuses it to this process (a seccomp
-            // filter, say): the best set without AMX.
+            // filter, say): as on a CPU without AMX.
             cpu.amx_bf16 = false;
-            set = cpu.auto();
+            set = cpu.choose(forced.as_deref());
         }
-        features_of(&cpu, set)
+        Features {
+            set,
+            has_vnni: cpu.vnni,
+        }
     })
-}
-
-fn features_of(cpu: &Cpu, set: Set) -> Features {
-    let avx512 = set >= Set::Avx512;
-    Features {
-        avx512,
-        bf16_dot: set == Set::Avx512Bf16,
-        vnni: avx512 && cpu.vnni,
-        amx_bf16: set == Set::Amx,
-    }
 }
 
 /// The public view of [`features`].
 pub(crate) fn cpu_kernels() -> Option<CpuKernels> {
     let f = features();
-    let set = if f.amx_bf16 {
-        Set::Amx
-    } else if f.bf16_dot {
-        Set::Avx512Bf16
-    } else if f.avx512 {
-        Set::Avx512
-    } else {
-        return None;
-    };
-    Some(CpuKernels { set, vnni: f.vnni })
+    f.avx512().then_some(CpuKernels {
+        set: f.set,
+        vnni: f.vnni(),
+    })
 }
 
 /// Whether this CPU has AMX-TILE and AMX-BF16 and this process may use them, whatever kernels
@@ -327,13 +338,22 @@ mod tests {
         assert_eq!(INTEL.choose(Some("avx-512")), Set::Avx512, "unknown: auto");
         assert_eq!(INTEL_AMX.choose(None), Set::Amx);
         assert_eq!(INTEL_AMX.choose(Some("avx512")), Set::Avx512);
-        assert_eq!(INTEL.choose(Some("amx")), Set::Avx512Bf16, "best below amx");
+        assert_eq!(INTEL.choose(Some("amx")), Set::Avx512, "auto's, below amx");
+        assert_eq!(
+            ZEN5.choose(Some("amx")),
+            Set::Avx512Bf16,
+            "auto's, below amx"
+        );
         assert_eq!(NONE.choose(Some("amx")), Set::Candle);
     }
 
     #[test]
     fn a_forced_set_falls_back_to_what_the_cpu_runs() {
-        assert_eq!(INTEL.choose(Some("AVX512-BF16")), Set::Avx512Bf16);
+        assert_eq!(
+            INTEL.choose(Some("AVX512-BF16")),
+            Set::Avx512Bf16,
+            "runs it: forced"
+        );
         assert_eq!(ZEN5.choose(Some("avx512")), Set::Avx512);
         assert_eq!(ZEN5.choose(Some(" candle ")), Set::Candle);
         let no_bf16 = Cpu {
@@ -342,7 +362,10 @@ mod tests {
         };
         assert_eq!(no_bf16.choose(Some("avx512-bf16")), Set::Avx512);
         assert_eq!(NONE.choose(Some("avx512-bf16")), Set::Candle);
-        let f = features_of(&INTEL, Set::Candle);
-        assert!(!f.avx512 && !f.vnni && !f.bf16_dot);
+        let f = Features {
+            set: Set::Candle,
+            has_vnni: true,
+        };
+        assert!(!f.avx512() && !f.vnni() && !f.bf16_dot() && !f.amx_bf16());
     }
 }

@@ -15,7 +15,7 @@ struct Strides {
     unsigned int pad;
 };
 
-// The activations, numbered as `activation_code` in src/kernels/strided.rs.
+// The activations, numbered as `activation_code` in src/kernels/mod.rs.
 #define ACT_SIGMOID 0
 #define ACT_IDENTITY 1
 #define ACT_RELU 2

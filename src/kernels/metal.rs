@@ -77,7 +77,7 @@ pub(crate) fn gated(
         .build()?;
     if n > 0 {
         let pipeline = pipeline(device.device(), name)?;
-        let (act, beta) = super::strided::activation_code(act);
+        let (act, beta) = super::activation_code(act);
         let size = dtype.size_in_bytes();
         let guard = device.command_encoder()?;
         let encoder: &ComputeCommandEncoder = guard.as_ref();

@@ -86,3 +86,19 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tenso
 fn gpu_kernel(device: &candle_core::Device) -> bool {
     (cfg!(feature = "cuda") && device.is_cuda()) || (cfg!(feature = "metal") && device.is_metal())
 }
+
+/// σ's number in `gated.cu` and `gated.metal` (`ACT_SIGMOID` ...), and β for Swish-β.
+#[cfg_attr(not(any(feature = "cuda", feature = "metal")), allow(dead_code))]
+pub(crate) fn activation_code(act: crate::Activation) -> (i32, f32) {
+    use crate::Activation;
+    match act {
+        Activation::Sigmoid => (0, 0.0),
+        Activation::Identity => (1, 0.0),
+        Activation::Relu => (2, 0.0),
+        Activation::Gelu => (3, 0.0),
+        Activation::GeluTanh => (4, 0.0),
+        Activation::Silu | Activation::Swish { .. } | Activation::QuickGelu => {
+            (5, act.swish_beta().unwrap_or(1.0) as f32)
+        }
+    }
+}

@@ -243,7 +243,7 @@ impl Checkpoint {
     /// biases; σ is `activation`. For checkpoints without a `config.json`.
     ///
     /// # Errors
-    /// A missing gate or down weight, or shapes that are not a gated FFN's.
+    /// A missing gate (or fused gate-up) weight, or shapes that are not a gated FFN's.
     pub fn infer_config(
         &self,
         prefix: &str,

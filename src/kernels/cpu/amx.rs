@@ -8,16 +8,16 @@
 //! block, and no tile value lives across two blocks.
 //!
 //! In the tile products the weights are the first operand (rows are output columns, 32 bf16 of
-//! the input dimension each, straight from the weight's own `[out, in]` rows) and the tokens the
-//! second, packed in the VNNI pair layout TDPBF16PS wants (a row per pair of input values, each
-//! token's two values side by side): the weights need no packing, and the product is the
-//! transpose of the output, `C[column][token]`.
+//! the input dimension each: plain rows, so tiles load straight from the weight's `[out, in]`
+//! rows or from a packed copy, as `tiled.rs` decides) and the tokens the second, packed in the
+//! VNNI pair layout TDPBF16PS wants (a row per pair of input values, each token's two values
+//! side by side); the product is the transpose of the output, `C[column][token]`.
 //!
 //! # Safety
-//! Every function here is `unsafe` with one contract: the caller has checked
-//! [`features`](crate::kernels::detect::features)`().amx_bf16` (CPUID, the OS's tile state in
-//! XCR0, and the process's permission to use it, requested once), holds a [`Tiles`] on this
-//! thread, and passes pointers valid for the lengths the doc comments give.
+//! Every function here is `unsafe` with one contract: the CPU has AMX and this process may use
+//! it ([`amx_usable`](crate::kernels::detect::amx_usable): CPUID, the OS's tile state in XCR0,
+//! the permission asked once), and the pointers are valid for the lengths the doc comments
+//! give. The kernels take a [`Tiles`] to prove that this thread's tiles are configured.
 
 use std::arch::asm;
 use std::marker::PhantomData;
@@ -56,7 +56,7 @@ impl Tiles {
     /// Configures this thread's tiles.
     ///
     /// # Safety
-    /// [`features`](crate::kernels::detect::features)`().amx_bf16` (or `amx_int8`) must be true.
+    /// [`amx_usable`](crate::kernels::detect::amx_usable)`()` must be true.
     pub(crate) unsafe fn configure() -> Self {
         // SAFETY: the caller checked that the CPU has AMX and that this process may use its
         // state; `CONFIG` is a valid palette-1 configuration, 64 bytes, aligned.
@@ -101,6 +101,7 @@ impl Drop for Tiles {
 ///   row); read first when `accumulate`, else started from zero; always written.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn bf16_2x2(
+    _tiles: &Tiles,
     steps: usize,
     (a0, a1, a_stride, a_step): (*const u16, *const u16, usize, usize),
     (b0, b1): (*const u16, *const u16),
@@ -169,6 +170,7 @@ pub(crate) unsafe fn bf16_2x2(
 
 /// [`bf16_2x2`] for 16 tokens: `b0` only, two tiles of sums (`C` rows 0–15 and 16–31).
 pub(crate) unsafe fn bf16_2x1(
+    _tiles: &Tiles,
     steps: usize,
     (a0, a1, a_stride, a_step): (*const u16, *const u16, usize, usize),
     b0: *const u16,

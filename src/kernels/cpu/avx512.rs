@@ -688,8 +688,9 @@ pub(crate) unsafe fn pack16_f32<E: Encoding>(
     }
 }
 
-/// Packs 16 bf16 weight rows' values `[k0, k0 + kc)` as pairs: `dst[p * ld + 2·row + (0, 1)]`
-/// holds the row's values `2p` and `2p + 1` (zero past `kc`). `ld` counts u16.
+/// Packs 16 bf16 rows' values `[0, kc)` (weight rows for the packed schedule, token rows for
+/// the tiled one) as pairs: `dst[p * ld + 2·row + (0, 1)]` holds the row's values `2p` and
+/// `2p + 1` (zeros past `kc` and for a missing row), for `p < ⌈kc / 2⌉`. `ld` counts u16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 pub(crate) unsafe fn pack16_pairs(
     rows: &[Option<*const u16>; 16],

@@ -6,7 +6,7 @@
 //! | `mod.rs` | the ops' CPU side; the weights of a call ([`Mat`], [`Weights`], [`Bias`]); the choice of schedule |
 //! | `dot.rs` | the dot schedule (decode, few tokens): weight rows streamed in place |
 //! | `packed.rs` | the packed schedule (prefill): GotoBLAS-style blocking around a register micro-kernel |
-//! | `tiled.rs` | the tiled schedule (dense bf16 prefill on AMX): weights read in place as tile operands |
+//! | `tiled.rs` | the tiled schedule (dense bf16 from 4 tokens on AMX): weight rows as tile operands, in place or packed per block |
 //! | `int8.rs` | both schedules for GGUF q8_0 and q4k, over activations rounded to 8 bits |
 //! | `parallel.rs` | candle's worker pool, disjoint output writes, per-thread scratch |
 //! | `element.rs` | the element types: f32, bf16, f16 |
@@ -35,14 +35,13 @@ use half::{bf16, f16};
 
 use self::avx512::{Dense, Encoding};
 use self::element::Element;
-use self::packed::Compute;
 use super::detect::features;
 use super::ops::{GateUpOp, GatedOp, LinearOp, QuantGateUpOp, QuantLinearOp};
 use crate::Activation;
 
 /// Whether the CPU ops can run on this machine.
 pub(super) fn available() -> bool {
-    features().avx512
+    features().avx512()
 }
 
 /// A weight matrix `[n, k]` whose rows are `row_bytes` apart, in some encoding.
@@ -90,6 +89,34 @@ pub(crate) enum Weights<'a> {
     GateUp(Mat<'a>, Mat<'a>, Activation),
 }
 
+/// How a call of dense `T` weights multiplies: chosen per call from the element type and the
+/// kernels of this process ([`features`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Compute {
+    /// f32 FMAs on widened values: any encoding.
+    Fma,
+    /// bf16 dot products (VDPBF16PS) in the packed schedule: dense bf16 only.
+    Bf16Dot,
+    /// The AMX tiles (the tiled schedule) from [`tiled::MIN_TOKENS`] tokens, f32 FMAs below:
+    /// dense bf16 only.
+    Amx,
+}
+
+impl Compute {
+    /// The compute for dense `T` weights and activations in this process: for bf16, AMX tiles
+    /// or bf16 dot products where [`features`] chose them (see `detect.rs`); else f32 FMAs.
+    pub(crate) fn best<T: Element>() -> Self {
+        let bf16 = T::DTYPE == candle_core::DType::BF16;
+        if bf16 && features().amx_bf16() {
+            Compute::Amx
+        } else if bf16 && features().bf16_dot() {
+            Compute::Bf16Dot
+        } else {
+            Compute::Fma
+        }
+    }
+}
+
 /// Biases added before the epilogue, `n` f32 each: the single matrix's (or the gate's) in `a`,
 /// the up projection's in `b`.
 #[derive(Clone, Copy, Default)]
@@ -104,8 +131,10 @@ pub(crate) struct Bias<'a> {
 /// one past them.
 ///
 /// # Safety
-/// [`features`]`().avx512` must be true; the weights hold `n` rows of `k` values in encoding
-/// `E`; biases, if any, hold `n` values; [`Compute::Bf16Dot`] and [`Compute::Amx`] only with
+/// [`features`]`().avx512()` must be true, and for [`Compute::Bf16Dot`] the CPU must have
+/// AVX512-BF16, for [`Compute::Amx`] AMX granted to this process
+/// ([`amx_usable`](crate::kernels::detect::amx_usable)); the weights hold `n` rows of `k`
+/// values in encoding `E`; biases, if any, hold `n` values; `Bf16Dot` and `Amx` only with
 /// `T = bf16` and `E = Dense<bf16>`.
 pub(crate) unsafe fn matmul<T: Element, E: Encoding>(
     x: &[T],
@@ -121,9 +150,9 @@ pub(crate) unsafe fn matmul<T: Element, E: Encoding>(
     if m == 0 || n == 0 {
         return out;
     }
-    if compute == Compute::Amx && m >= tiled::MIN_TOKENS && k > 0 {
-        debug_assert_eq!(T::DTYPE, candle_core::DType::BF16);
-        // SAFETY: `T` is bf16 (the caller's contract for `Compute::Amx`), whose bits are a u16.
+    let bf16 = T::DTYPE == candle_core::DType::BF16;
+    if compute == Compute::Amx && bf16 && m >= tiled::MIN_TOKENS && k > 0 {
+        // SAFETY: `T` is bf16, whose bits are a u16.
         let (x, out16) = unsafe {
             (
                 std::slice::from_raw_parts(x.as_ptr() as *const u16, x.len()),
@@ -140,7 +169,11 @@ pub(crate) unsafe fn matmul<T: Element, E: Encoding>(
         if m <= dot::MAX_TOKENS || k == 0 {
             dot::run::<T, E>(x, m, k, w, n, bias, &mut out);
         } else {
-            packed::run::<T, E>(x, m, k, w, n, bias, compute, &mut out);
+            let micro = match compute {
+                Compute::Bf16Dot if bf16 => packed::Micro::Bf16Dot,
+                _ => packed::Micro::Fma,
+            };
+            packed::run::<T, E>(x, m, k, w, n, bias, micro, &mut out);
         }
     }
     out
@@ -174,9 +207,9 @@ impl QuantType {
     fn of(dtype: GgmlDType) -> Option<Self> {
         let features = features();
         match dtype {
-            GgmlDType::Q4_1 if features.avx512 => Some(QuantType::Q4_1),
-            GgmlDType::Q8_0 if features.vnni => Some(QuantType::Int8(vnni::Kind::Q8_0)),
-            GgmlDType::Q4K if features.vnni => Some(QuantType::Int8(vnni::Kind::Q4K)),
+            GgmlDType::Q4_1 if features.avx512() => Some(QuantType::Q4_1),
+            GgmlDType::Q8_0 if features.vnni() => Some(QuantType::Int8(vnni::Kind::Q8_0)),
+            GgmlDType::Q4K if features.vnni() => Some(QuantType::Int8(vnni::Kind::Q4K)),
             _ => None,
         }
     }

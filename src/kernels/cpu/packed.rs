@@ -1,16 +1,13 @@
 //! The packed schedule, for many tokens (prefill): GotoBLAS-style blocking. Tokens are packed
 //! once; weights per `KC`-deep block of `PANELS × 32` columns into a per-thread buffer that stays
 //! in L2; a register micro-kernel computes 12 tokens × 32 columns at a time, with f32 FMAs or,
-//! for bf16 where it is faster (see [`Compute`]), bf16 dot products (VDPBF16PS). Work is split by
+//! for bf16 where it is faster (see [`super::Compute`]), bf16 dot products (VDPBF16PS). Work is split by
 //! output columns; each task ends with the epilogue (biases, σ(gate) ⊙ up, rounding once).
-
-use std::cell::RefCell;
 
 use super::avx512::{self, Encoding};
 use super::element::Element;
-use super::parallel::{parallel_for, with_buffer, with_scratch, DisjointOut};
+use super::parallel::{parallel_for, with_scratch, with_tokens, DisjointOut};
 use super::{Bias, Mat, Weights};
-use crate::kernels::detect::features;
 
 /// Tokens per micro-kernel tile.
 pub(crate) const MR: usize = 12;
@@ -21,31 +18,13 @@ const KC: usize = 512;
 /// Panels (of `NR` columns) per task: `KC × PANELS × NR` f32 is 512 KiB, inside L2.
 const PANELS: usize = 8;
 
-/// How the packed schedule multiplies.
+/// The packed schedule's register micro-kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Compute {
+pub(crate) enum Micro {
     /// f32 FMAs on widened values: any encoding.
     Fma,
-    /// bf16 dot products: dense bf16 weights and bf16 activations only.
+    /// bf16 dot products (VDPBF16PS): dense bf16 weights and bf16 activations only.
     Bf16Dot,
-    /// AMX tiles (the tiled schedule, `tiled.rs`, from a few tokens): dense bf16 weights and
-    /// bf16 activations only; below the tiled schedule's tokens, the packed schedule takes it as `Fma`.
-    Amx,
-}
-
-impl Compute {
-    /// The compute for dense `T` weights and activations in this process: for bf16, AMX tiles
-    /// or bf16 dot products where [`features`] chose them (see `detect.rs`); else f32 FMAs.
-    pub(crate) fn best<T: Element>() -> Self {
-        let bf16 = T::DTYPE == candle_core::DType::BF16;
-        if bf16 && features().amx_bf16 {
-            Compute::Amx
-        } else if bf16 && features().bf16_dot {
-            Compute::Bf16Dot
-        } else {
-            Compute::Fma
-        }
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -56,7 +35,7 @@ pub(super) unsafe fn run<T: Element, E: Encoding>(
     w: Weights<'_>,
     n: usize,
     bias: Bias<'_>,
-    compute: Compute,
+    micro: Micro,
     out: &mut [T],
 ) {
     // SAFETY: this function's `# Safety` contract is its body's: the CPU features were
@@ -65,27 +44,18 @@ pub(super) unsafe fn run<T: Element, E: Encoding>(
         let blocks = m.div_ceil(MR);
         // Tokens packed once for every task: block-major, then k, then the block's 12 tokens,
         // into a buffer kept between calls (fresh pages would cost a fault every 4 KiB).
-        let len = match compute {
-            Compute::Fma | Compute::Amx => blocks * k * MR,
-            Compute::Bf16Dot => blocks * k.div_ceil(2) * MR,
+        let len = match micro {
+            Micro::Fma => blocks * k * MR,
+            Micro::Bf16Dot => blocks * k.div_ceil(2) * MR,
         };
-        with_packed_tokens(len, |xp| {
-            match compute {
-                Compute::Fma | Compute::Amx => pack_x_f32(x, m, k, xp),
-                Compute::Bf16Dot => pack_x_pairs(x, m, k, xp),
+        with_tokens(len, |xp| {
+            match micro {
+                Micro::Fma => pack_x_f32(x, m, k, xp),
+                Micro::Bf16Dot => pack_x_pairs(x, m, k, xp),
             }
-            run_tasks::<T, E>(xp, blocks, m, k, w, n, bias, compute, out);
+            run_tasks::<T, E>(xp, blocks, m, k, w, n, bias, micro, out);
         });
     }
-}
-
-/// Runs `f` on this thread's packed-token buffer of `len` f32, or on a fresh one if it is in
-/// use (a forward called from inside another's task on the same thread).
-fn with_packed_tokens(len: usize, f: impl FnOnce(&mut [f32])) {
-    thread_local! {
-        static TOKENS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
-    with_buffer(&TOKENS, len, f)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -97,7 +67,7 @@ unsafe fn run_tasks<T: Element, E: Encoding>(
     w: Weights<'_>,
     n: usize,
     bias: Bias<'_>,
-    compute: Compute,
+    micro: Micro,
     out: &mut [T],
 ) {
     // Output columns per panel: 32, or 16 gate + 16 up columns giving 16 outputs.
@@ -120,7 +90,7 @@ unsafe fn run_tasks<T: Element, E: Encoding>(
             per_panel,
         };
         // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
-        unsafe { task.run::<T, E>(xp, w, bias, compute, out) }
+        unsafe { task.run::<T, E>(xp, w, bias, micro, out) }
     });
 }
 
@@ -141,7 +111,7 @@ impl Task {
         xp: &[f32],
         w: Weights<'_>,
         bias: Bias<'_>,
-        compute: Compute,
+        micro: Micro,
         out: DisjointOut<'_, T>,
     ) {
         // SAFETY: this function's `# Safety` contract is its body's: the CPU features were
@@ -164,14 +134,14 @@ impl Task {
                     for p in 0..panels {
                         let rows = panel_rows(w, j0 + p * per_panel, j0 + cols);
                         let dst = wbuf.as_mut_ptr().add(p * KC * NR);
-                        match compute {
-                            Compute::Fma | Compute::Amx => {
+                        match micro {
+                            Micro::Fma => {
                                 for half in 0..2 {
                                     let rows = std::array::from_fn(|r| rows[half * 16 + r]);
                                     avx512::pack16_f32::<E>(&rows, pc, kc, dst.add(half * 16), NR);
                                 }
                             }
-                            Compute::Bf16Dot => {
+                            Micro::Bf16Dot => {
                                 // Dense bf16 rows only: their bits are packed as they are.
                                 let dst = dst as *mut u16;
                                 for half in 0..2 {
@@ -189,12 +159,12 @@ impl Task {
                         for b in 0..blocks {
                             let cp = c.as_mut_ptr().add(b * MR * ldc + p * NR);
                             let wp = wbuf.as_ptr().add(p * KC * NR);
-                            match compute {
-                                Compute::Fma | Compute::Amx => {
+                            match micro {
+                                Micro::Fma => {
                                     let xb = xp.as_ptr().add(b * k * MR + pc * MR);
                                     avx512::fma_kernel::<MR>(kc, xb, wp, cp, ldc, pc == 0);
                                 }
-                                Compute::Bf16Dot => {
+                                Micro::Bf16Dot => {
                                     let kp_all = k.div_ceil(2);
                                     let xb = (xp.as_ptr() as *const u32)
                                         .add(b * kp_all * MR + pc / 2 * MR);
@@ -251,7 +221,7 @@ pub(crate) unsafe fn epilogue<T: Element>(
 
 /// The 32 weight rows of the panel starting at output column `j` (up to `end`): 32 rows of
 /// one matrix, or 16 gate rows then the same 16 up rows. Rows past `end` are `None` (zeros).
-fn panel_rows(w: Weights<'_>, j: usize, end: usize) -> [Option<*const u8>; NR] {
+pub(crate) fn panel_rows(w: Weights<'_>, j: usize, end: usize) -> [Option<*const u8>; NR] {
     let row = |mat: Mat<'_>, j: usize| (j < end).then(|| mat.row(j));
     std::array::from_fn(|r| match w {
         Weights::Single(mat) => row(mat, j + r),

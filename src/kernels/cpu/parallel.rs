@@ -53,6 +53,8 @@ thread_local! {
     /// Per-thread scratch, kept between calls: packed weights and the task's accumulators.
     static SCRATCH_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static SCRATCH_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's packed tokens, for every task of a call.
+    static TOKENS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on this thread's buffer in `key`, grown to at least `len` f32 and kept between
@@ -71,6 +73,12 @@ pub(crate) fn with_buffer<R>(
         }
         f(&mut buf[..len])
     })
+}
+
+/// Runs `f` on this thread's buffer for a call's packed tokens, of `len` f32 (the packed and
+/// tiled schedules pack them once per call, on the calling thread).
+pub(crate) fn with_tokens<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_buffer(&TOKENS, len, f)
 }
 
 /// Borrows this thread's two scratch buffers, of at least `a` and `b` f32.

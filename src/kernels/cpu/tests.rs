@@ -5,8 +5,7 @@ use half::{bf16, f16};
 
 use super::avx512::{self, Dense, Encoding, Q4_1};
 use super::element::Element;
-use super::packed::Compute;
-use super::{int8, matmul, vnni, Bias, Mat, Weights};
+use super::{int8, matmul, vnni, Bias, Compute, Mat, Weights};
 use crate::kernels::detect::features;
 use crate::Activation;
 
@@ -114,14 +113,14 @@ fn or_skip(ok: bool, needed: impl Fn(&str) -> bool, what: &str) -> bool {
 
 /// The AVX-512 kernels (every float and Q4_1 micro-kernel and schedule).
 fn avx512() -> bool {
-    or_skip(features().avx512, |_| true, "the AVX-512 kernels")
+    or_skip(features().avx512(), |_| true, "the AVX-512 kernels")
 }
 
 /// The AVX512-VNNI kernels (q8_0, q4k): required when the required set says `int8: vnni`.
 fn vnni() -> bool {
     let needed = |r: &str| r.contains("int8: vnni");
     or_skip(
-        features().vnni,
+        features().vnni(),
         needed,
         "the AVX512-VNNI (q8_0/q4k) kernels",
     )
@@ -130,7 +129,7 @@ fn vnni() -> bool {
 /// The bf16 dot-product micro-kernel (VDPBF16PS), tested wherever the CPU has it (on Intel
 /// `auto` does not choose it): required when the required set is `avx512-bf16`.
 fn bf16_dot() -> bool {
-    let ok = features().avx512 && std::arch::is_x86_feature_detected!("avx512bf16");
+    let ok = features().avx512() && std::arch::is_x86_feature_detected!("avx512bf16");
     let needed = |r: &str| r.starts_with("avx512-bf16");
     or_skip(ok, needed, "the bf16 dot-product kernel (AVX512-BF16)")
 }
@@ -139,7 +138,7 @@ fn bf16_dot() -> bool {
 /// another set was forced): required when the required set is `amx`. Elsewhere: `SKIPPED (no
 /// AMX)`.
 fn amx() -> bool {
-    let ok = features().avx512 && crate::kernels::detect::amx_usable();
+    let ok = features().avx512() && crate::kernels::detect::amx_usable();
     let ran = or_skip(ok, |r| r.starts_with("amx"), "the AMX tile kernels");
     if !ran {
         eprintln!("SKIPPED (no AMX)");
@@ -270,9 +269,9 @@ fn check_gate_up<T: Element>(
 
 /// The tiled schedule (AMX) and its edges: tokens around the tiles of 16 and their pairs, and
 /// past the count from which weight tiles are packed (96); depths that are not a multiple of
-/// the 32-value step (packed panels) or that outgrow one depth block of 4096; columns that end
-/// in a partial panel.
-const AMX_SIZES: [(usize, usize, usize); 10] = [
+/// the 32-value step (packed panels) or that outgrow one depth block (4096 in place, 1024
+/// packed); columns that end in a partial panel or span several tasks.
+const AMX_SIZES: [(usize, usize, usize); 12] = [
     (4, 32, 16),
     (5, 64, 7),
     (16, 72, 33),
@@ -283,6 +282,9 @@ const AMX_SIZES: [(usize, usize, usize); 10] = [
     (20, 4160, 33),
     (100, 4096, 48),
     (130, 4500, 20),
+    // A single matrix over several tasks (256 columns a task), in place and packed.
+    (20, 64, 300),
+    (130, 96, 520),
 ];
 
 #[test]

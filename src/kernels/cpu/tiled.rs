@@ -2,12 +2,15 @@
 //!
 //! The weights are the tile products' first operand, whose tiles are plain rows: 16 weight rows
 //! of 32 values. Work is split by output columns, in panels of 32 weight rows (32 rows of one
-//! matrix, or 16 gate rows and the same 16 up rows); per depth block, a panel's rows are copied
-//! from the weight's own `[out, in]` rows into contiguous tiles in a per-thread buffer (zeros past
-//! the matrix's rows and depth), and every pair of token tiles uses them from there. No copy of
-//! the weights is kept. Tiles loaded from contiguous 1 KiB beat tiles loaded straight from the
-//! rows, 8 KiB apart in a 7B layer, by a third (891 against 672 GFLOP/s on one core, same data
-//! in L2): tile loads, not products, bound the kernels here, and strided ones touch 16 pages.
+//! matrix, or 16 gate rows and the same 16 up rows). Below [`PACK_MIN_TOKENS`] tokens a panel's
+//! rows are read in place (when its 32 rows exist and the depth is a multiple of 32; else they
+//! are packed as below): the call is bound by reading the weights from memory, and a copy would
+//! only add to it. From [`PACK_MIN_TOKENS`], per depth block, the task's panels are copied into
+//! contiguous tiles in a per-thread buffer (zeros past the matrix's rows and depth), from which
+//! every pair of token tiles uses them: tiles loaded from contiguous 1 KiB run a third faster
+//! than tiles loaded from rows 8 KiB apart in a 7B layer (891 against 672 GFLOP/s on one core,
+//! same data in L2), since tile loads, not products, bound the kernels here. No copy of the
+//! weights is kept.
 //!
 //! The tokens are bf16 already on this path; they are packed once per call in the VNNI pair
 //! layout, 16 tokens a tile. The sums come out transposed, `C[column][token]`; the epilogue adds
@@ -17,11 +20,12 @@ use std::arch::x86_64::*;
 
 use super::amx::{self, Tiles, TILE_BYTES};
 use super::avx512;
-use super::parallel::{parallel_for, with_buffer, with_scratch, DisjointOut};
-use super::{Bias, Mat, Weights};
+use super::packed::panel_rows;
+use super::parallel::{parallel_for, with_buffer, with_scratch, with_tokens, DisjointOut};
+use super::{Bias, Weights};
 
-/// From this many tokens the tiles beat the dot schedule's streamed rows (measured on 7B bf16;
-/// below it, decode is bound by the weights' read either way).
+/// From this many tokens the tiles beat the dot schedule's streamed rows (measured on 7B bf16,
+/// alternating in one process: 7–8% slower at 2–3 tokens, 16% faster at 4).
 pub(crate) const MIN_TOKENS: usize = 4;
 /// Weight rows per panel, and per micro-kernel call: two tiles of 16.
 const ROWS: usize = 32;
@@ -29,24 +33,26 @@ const ROWS: usize = 32;
 const STEP: usize = 32;
 /// The most panels per task.
 const PANELS: usize = 8;
-/// The depth of one block: 4096 values (a panel's 32 rows of it are 256 KiB, in L2). Deeper
-/// blocks mean fewer reloads of the sums; on 7B bf16 at 128 and 512 tokens 4096 was the best
-/// of 1024 to 11008, by 3–25%.
+/// The depth of one block read in place: 4096 values (a panel's 32 rows of it are 256 KiB, in
+/// L2). Deeper blocks mean fewer reloads of the sums; on 7B bf16 at 128 tokens 4096 was the
+/// best of 1024 to 11008.
 const DEPTH: usize = 4096;
-/// From this many tokens the weight tiles are packed (a panel's rows over one depth block,
-/// into contiguous tiles) rather than read in place: measured on 7B bf16 (Intel Xeon with AMX,
-/// 2 threads, alternating in one process), packed tiles were 1.09× faster at 128 tokens and
-/// 1.22× at 512, and 0.88× as fast at 64, 0.65× at 16, where the call is bound by reading the
-/// weights from memory and the copy only adds to it.
+/// The depth of one block of packed panels: 1024 values, so that a task's 8 panels (512 KiB)
+/// and a depth block of every token's tiles stay in L2 together.
+const PACKED_DEPTH: usize = 1024;
+/// From this many tokens the weight tiles are packed rather than read in place: measured on
+/// 7B bf16 (Intel Xeon with AMX, 2 threads, alternating in one process), packed tiles were
+/// 1.09× faster at 128 tokens and 1.22× at 512, and 0.88× as fast at 64, 0.65× at 16.
 const PACK_MIN_TOKENS: usize = 96;
-/// Bytes of sums one task may keep: 512 KiB.
+/// Bytes of sums one task keeps, 512 KiB, but for one panel at least (32 × tokens × 4 bytes).
 const SUM_BYTES: usize = 1 << 19;
 
 /// `y = x·Wᵀ + b`, or `h = σ(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu)`, on the tiles: `x` is `[m, k]` bf16 (as
 /// bits), the weights `[n, k]` dense bf16; writes `[m, n]` bf16 into `out`.
 ///
 /// # Safety
-/// [`features`](crate::kernels::detect::features)`().amx_bf16` must be true; `x` holds `m × k`
+/// [`features`](crate::kernels::detect::features)`().avx512()` and
+/// [`amx_usable`](crate::kernels::detect::amx_usable)`()` must be true; `x` holds `m × k`
 /// values, the weights `n` rows of `k` bf16, biases (if any) `n` values, `out` `m × n`.
 pub(crate) unsafe fn run(
     x: &[u16],
@@ -60,14 +66,10 @@ pub(crate) unsafe fn run(
     debug_assert!(m > 0 && k > 0 && n > 0);
     let tiles = m.div_ceil(16);
     let steps = k.div_ceil(STEP);
-    thread_local! {
-        static TOKENS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     // Packed tokens: by tile of 16 tokens, then by step, a tile of 16 pair-rows of 64 bytes
     // (as u16 in an f32 buffer, two per slot).
     let len = tiles * steps * TILE_BYTES / 4;
-    with_buffer(&TOKENS, len, |buf| {
-        buf.fill(0.0);
+    with_tokens(len, |buf| {
         let dst = DisjointOut::new(&mut *buf);
         parallel_for(tiles, |tb| {
             let rows: [Option<*const u16>; 16] = std::array::from_fn(|i| {
@@ -75,14 +77,17 @@ pub(crate) unsafe fn run(
                 (t < m).then(|| x[t * k..].as_ptr())
             });
             // SAFETY: tile tb of the buffer (steps × 1 KiB) is written by this task only; each
-            // row holds k values; the pair-rows past k stay the zeros written above.
+            // row holds k values. `pack16_pairs` writes every token slot of the pair-rows up to
+            // ⌈k / 2⌉ (zeros past m and k); the rest of the last step's tile is zeroed here.
             unsafe {
                 let at = dst.at(tb * steps * TILE_BYTES / 4) as *mut u16;
                 avx512::pack16_pairs(&rows, k, at, 32);
+                let written = k.div_ceil(2) * 32;
+                std::ptr::write_bytes(at.add(written), 0, steps * TILE_BYTES / 2 - written);
             }
         });
         let toks = Tokens {
-            base: buf.as_ptr() as *const u16,
+            buf: &*buf,
             tiles,
             steps,
         };
@@ -92,26 +97,22 @@ pub(crate) unsafe fn run(
 }
 
 /// The packed tokens of a call.
-struct Tokens {
-    base: *const u16,
+struct Tokens<'a> {
+    buf: &'a [f32],
     tiles: usize,
     steps: usize,
 }
 
-// SAFETY: the packed tokens are only read while the tasks run, and outlive them.
-unsafe impl Sync for Tokens {}
-
-impl Tokens {
+impl Tokens<'_> {
     /// Token tile `tb` at step `s`.
     fn at(&self, tb: usize, s: usize) -> *const u16 {
-        self.base
-            .wrapping_byte_add((tb * self.steps + s) * TILE_BYTES)
+        self.buf[(tb * self.steps + s) * TILE_BYTES / 4..].as_ptr() as *const u16
     }
 }
 
 /// The tasks: `per_task` output columns each, in panels.
 unsafe fn run_tasks(
-    toks: &Tokens,
+    toks: &Tokens<'_>,
     m: usize,
     k: usize,
     w: Weights<'_>,
@@ -127,19 +128,15 @@ unsafe fn run_tasks(
     };
     let panels = (SUM_BYTES / (ROWS * mp * 4)).clamp(1, PANELS);
     let per_task = per_panel * panels;
-    // Whole steps: the packed panel's buffer holds `kc` values a row.
-    let kc = DEPTH.min(k.next_multiple_of(STEP));
     let out = DisjointOut::new(out);
     parallel_for(n.div_ceil(per_task), |t| {
         let j0 = t * per_task;
-        let cols = per_task.min(n - j0);
         let task = Task {
             m,
             k,
             n,
-            kc,
             j0,
-            cols,
+            cols: per_task.min(n - j0),
             per_panel,
         };
         // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`; the caller's
@@ -153,157 +150,206 @@ struct Task {
     m: usize,
     k: usize,
     n: usize,
-    kc: usize,
     j0: usize,
     cols: usize,
     per_panel: usize,
 }
 
 impl Task {
-    unsafe fn run(&self, toks: &Tokens, w: Weights<'_>, bias: Bias<'_>, out: DisjointOut<'_, u16>) {
-        let Task {
-            m,
-            k,
-            kc,
-            j0,
-            cols,
-            per_panel,
-            ..
-        } = *self;
+    unsafe fn run(
+        &self,
+        toks: &Tokens<'_>,
+        w: Weights<'_>,
+        bias: Bias<'_>,
+        out: DisjointOut<'_, u16>,
+    ) {
         let mp = toks.tiles * 16;
-        let panels = cols.div_ceil(per_panel);
-        // Sums `C[row][token]`, 32 rows a panel; a panel's rows over one depth block, packed.
-        with_scratch(panels * ROWS * mp, ROWS * kc / 2, |c, packed| {
-            // SAFETY: `features().amx_bf16` is the caller's contract.
-            let _tiles = unsafe { Tiles::configure() };
-            let cs = mp * 4;
-            // Panel after panel, a depth block at a time, each against every token: a panel's
-            // rows stream from memory once. (Chunks of tokens small enough to keep their tiles
-            // in L2 while every panel used them were no faster at 512 tokens: the tiles' loads,
-            // not the caches, bound the kernels.)
-            let pairs = toks.tiles.div_ceil(2);
-            let blocks = (0..panels).flat_map(|p| (0..k).step_by(kc).map(move |pc| (p, pc)));
-            for (p, pc) in blocks {
-                let depth = kc.min(k - pc);
-                let steps = depth.div_ceil(STEP);
-                let j = j0 + p * per_panel;
-                let valid = per_panel.min(j0 + cols - j);
-                let a = match in_place(w, j, valid, k).filter(|_| m < PACK_MIN_TOKENS) {
-                    Some((a0, a1, stride)) => {
-                        (a0.wrapping_add(pc), a1.wrapping_add(pc), stride, 64)
-                    }
-                    None => {
-                        // SAFETY: `packed` holds 32 rows of kc values (checked in `pack_panel`);
-                        // the weights hold their rows.
-                        unsafe { pack_panel(w, j, valid, pc, depth, &mut *packed) };
-                        let a0 = packed.as_ptr() as *const u16;
-                        let a1 = a0.wrapping_byte_add(steps * TILE_BYTES);
-                        (a0, a1, 64, TILE_BYTES)
-                    }
-                };
-                let cp = c.as_mut_ptr().wrapping_add(p * ROWS * mp);
-                for pair in 0..pairs {
-                    let tb = 2 * pair;
-                    let (b0, s) = (toks.at(tb, pc / STEP), pc > 0);
-                    let ct = cp.wrapping_add(tb * 16);
-                    // SAFETY: the packed panel holds `steps` tiles a group, the token tiles exist
-                    // for every step, and `ct` has 32 rows of `mp` sums; this thread's tiles are
-                    // configured.
-                    unsafe {
-                        if tb + 1 < toks.tiles {
-                            let b1 = toks.at(tb + 1, pc / STEP);
-                            amx::bf16_2x2(steps, a, (b0, b1), ct, cs, s);
-                        } else {
-                            amx::bf16_2x1(steps, a, b0, ct, cs, s);
+        let panels = self.cols.div_ceil(self.per_panel);
+        // Sums `C[row][token]`, 32 rows a panel.
+        with_scratch(panels * ROWS * mp, 0, |c, _| {
+            // SAFETY: the caller's contract; `c` holds the panels' sums.
+            unsafe {
+                if self.m < PACK_MIN_TOKENS {
+                    self.sums_in_place(toks, w, c);
+                } else {
+                    self.sums_packed(toks, w, c);
+                }
+            }
+            for p in 0..panels {
+                let (j, valid) = self.panel(p);
+                let sums = &c[p * ROWS * mp..(p + 1) * ROWS * mp];
+                // SAFETY: the panel's sums are written; the output columns [j, j + valid) are
+                // this task's; the features are the caller's contract.
+                unsafe { epilogue(sums, mp, self.m, w, bias, j, valid, self.n, out) };
+            }
+        });
+    }
+
+    /// Panel `p`'s first output column, and how many of its columns exist.
+    fn panel(&self, p: usize) -> (usize, usize) {
+        let j = self.j0 + p * self.per_panel;
+        (j, self.per_panel.min(self.j0 + self.cols - j))
+    }
+
+    /// The sums, few tokens: panel after panel, a depth block at a time, each against every
+    /// token, the rows read in place where they can be (see the module's doc).
+    unsafe fn sums_in_place(&self, toks: &Tokens<'_>, w: Weights<'_>, c: &mut [f32]) {
+        let k = self.k;
+        let kc = DEPTH.min(k.next_multiple_of(STEP));
+        let mp = toks.tiles * 16;
+        with_packed(ROWS * kc / 2, |packed| {
+            // SAFETY: the AMX contract is the caller's.
+            let tiles = unsafe { Tiles::configure() };
+            for p in 0..self.cols.div_ceil(self.per_panel) {
+                let (j, valid) = self.panel(p);
+                let rows = panel_rows(w, j, j + valid);
+                let sums = &mut c[p * ROWS * mp..(p + 1) * ROWS * mp];
+                for pc in (0..k).step_by(kc) {
+                    let depth = kc.min(k - pc);
+                    let steps = depth.div_ceil(STEP);
+                    let a = match in_place(&rows, w, k) {
+                        Some((a0, a1, stride)) => {
+                            (a0.wrapping_add(pc), a1.wrapping_add(pc), stride, 64)
                         }
+                        None => {
+                            // SAFETY: the rows hold `pc + depth` values; `packed` holds 32
+                            // rows of `kc`.
+                            unsafe { pack_panel(&rows, pc, depth, &mut *packed) };
+                            let a0 = packed.as_ptr() as *const u16;
+                            (a0, a0.wrapping_byte_add(steps * TILE_BYTES), 64, TILE_BYTES)
+                        }
+                    };
+                    for tb in (0..toks.tiles).step_by(2) {
+                        // SAFETY: the panel's tiles hold `steps` steps, the token tiles exist for
+                        // every step.
+                        unsafe { pair(&tiles, toks, tb, pc, steps, a, sums, mp) };
                     }
                 }
             }
-            drop(_tiles);
-            for p in 0..panels {
-                let j = j0 + p * per_panel;
-                let valid = per_panel.min(j0 + cols - j);
-                let sums = c.as_ptr().wrapping_add(p * ROWS * mp);
-                // SAFETY: the panel's sums are written; the output columns [j, j + valid) are
-                // this task's; the features are the caller's contract.
-                unsafe { epilogue(sums, mp, m, w, bias, j, valid, self.n, out) };
+        });
+    }
+
+    /// The sums, many tokens: per depth block, the task's panels packed into contiguous tiles
+    /// at once (in L2), then each pair of token tiles against every panel (its tiles reused,
+    /// from L1 and L2, by every panel).
+    unsafe fn sums_packed(&self, toks: &Tokens<'_>, w: Weights<'_>, c: &mut [f32]) {
+        let k = self.k;
+        let kc = PACKED_DEPTH.min(k.next_multiple_of(STEP));
+        let mp = toks.tiles * 16;
+        let panels = self.cols.div_ceil(self.per_panel);
+        let per_panel = ROWS * kc / 2;
+        with_packed(panels * per_panel, |packed| {
+            for pc in (0..k).step_by(kc) {
+                let depth = kc.min(k - pc);
+                let steps = depth.div_ceil(STEP);
+                for (p, dst) in packed.chunks_exact_mut(per_panel).enumerate() {
+                    let (j, valid) = self.panel(p);
+                    // SAFETY: the rows hold `pc + depth` values; `dst` holds 32 rows of `kc`.
+                    unsafe { pack_panel(&panel_rows(w, j, j + valid), pc, depth, dst) };
+                }
+                // SAFETY: the AMX contract is the caller's.
+                let tiles = unsafe { Tiles::configure() };
+                for tb in (0..toks.tiles).step_by(2) {
+                    for (p, sums) in c.chunks_exact_mut(ROWS * mp).enumerate() {
+                        let a0 = packed[p * per_panel..].as_ptr() as *const u16;
+                        let a = (a0, a0.wrapping_byte_add(steps * TILE_BYTES), 64, TILE_BYTES);
+                        // SAFETY: as in `sums_in_place`.
+                        unsafe { pair(&tiles, toks, tb, pc, steps, a, sums, mp) };
+                    }
+                }
             }
         });
     }
 }
 
-/// The panel's two groups of 16 rows in place, and their distance in bytes, when both are whole
-/// and the depth is a multiple of 32 (the tiles then never read past a row).
-fn in_place(
-    w: Weights<'_>,
-    j: usize,
-    valid: usize,
-    k: usize,
-) -> Option<(*const u16, *const u16, usize)> {
-    let (m0, r0, m1, r1, whole) = match w {
-        Weights::Single(mat) => (mat, j, mat, j + 16, valid == 32),
-        Weights::GateUp(wg, wu, _) => (wg, j, wu, j, valid == 16),
-    };
-    (whole && k.is_multiple_of(STEP)).then(|| {
-        (
-            m0.row(r0) as *const u16,
-            m1.row(r1) as *const u16,
-            m0.row_bytes(),
-        )
-    })
+/// Runs `f` on this thread's buffer for packed weight tiles, of `len` f32.
+fn with_packed(len: usize, f: impl FnOnce(&mut [f32])) {
+    thread_local! {
+        static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    with_buffer(&PACKED, len, f)
 }
 
-/// Packs the panel of output columns `[j, j + valid)` over values `[pc, pc + depth)` into
-/// `dst` as the kernels' first operand: two groups of 16 rows (32 rows of one matrix, or 16 gate
-/// and the same 16 up rows), each a tile per step of 32 values (16 rows of 64 bytes, 1 KiB),
-/// group after group; zeros past the matrix's rows and past `depth`.
+/// One micro-kernel call: token tiles `tb` and `tb + 1` (or `tb` alone, the last) against a
+/// panel's tiles `a` (as the kernels take them) over `steps` steps from `pc`, into the panel's
+/// sums (32 rows of `mp`), accumulated after the first depth block.
 ///
 /// # Safety
-/// The weights hold their rows of bf16 up to `pc + depth`.
-///
-/// # Panics
-/// If `dst` is shorter than `2 × ⌈depth / 32⌉` KiB (a bug of the schedule).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn pack_panel(
-    w: Weights<'_>,
-    j: usize,
-    valid: usize,
+/// The panel's tiles hold `steps` steps; the token tiles exist from step `pc / 32` on.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair(
+    tiles: &Tiles,
+    toks: &Tokens<'_>,
+    tb: usize,
     pc: usize,
-    depth: usize,
-    dst: &mut [f32],
+    steps: usize,
+    a: (*const u16, *const u16, usize, usize),
+    sums: &mut [f32],
+    mp: usize,
 ) {
-    let groups: [(Mat<'_>, usize, usize); 2] = match w {
-        Weights::Single(mat) => [
-            (mat, j, valid.min(16)),
-            (mat, j + 16, valid.saturating_sub(16)),
-        ],
-        Weights::GateUp(wg, wu, _) => [(wg, j, valid), (wu, j, valid)],
+    debug_assert_eq!(sums.len(), ROWS * mp);
+    let (b0, acc) = (toks.at(tb, pc / STEP), pc > 0);
+    let ct = sums[tb * 16..].as_mut_ptr();
+    // SAFETY: the caller's contract; the sums' tiles (rows 0–31, tokens tb·16 + 0–31) lie in
+    // `sums`, the token tiles in the tokens' buffer.
+    unsafe {
+        if tb + 1 < toks.tiles {
+            let b1 = toks.at(tb + 1, pc / STEP);
+            amx::bf16_2x2(tiles, steps, a, (b0, b1), ct, mp * 4, acc);
+        } else {
+            amx::bf16_2x1(tiles, steps, a, b0, ct, mp * 4, acc);
+        }
+    }
+}
+
+/// The panel's two groups of 16 rows in place (each group's first row), and the distance
+/// between rows in bytes, when its 32 rows all exist and the depth is a multiple of 32 (the
+/// tiles then never read past a row).
+fn in_place(
+    rows: &[Option<*const u8>; ROWS],
+    w: Weights<'_>,
+    k: usize,
+) -> Option<(*const u16, *const u16, usize)> {
+    let stride = match w {
+        Weights::Single(mat) | Weights::GateUp(mat, ..) => mat.row_bytes(),
     };
+    let (a0, a1) = (rows[0]?, rows[16]?);
+    // Rows of a group are `stride` apart (gate and up are two matrices of one shape).
+    let regular = rows.iter().enumerate().all(|(i, r)| {
+        let first = if i < 16 { a0 } else { a1 };
+        *r == Some(first.wrapping_add(i % 16 * stride))
+    });
+    (regular && k.is_multiple_of(STEP)).then_some((a0 as *const u16, a1 as *const u16, stride))
+}
+
+/// Packs 32 weight rows (`None`: zeros) over values `[pc, pc + depth)` into `dst` as the
+/// kernels' first operand: two groups of 16 rows, each a tile per step of 32 values (16 rows
+/// of 64 bytes, 1 KiB), group after group; zeros past `depth`.
+///
+/// # Safety
+/// The rows hold bf16 up to `pc + depth`; `dst` holds `2 × ⌈depth / 32⌉` KiB (a debug
+/// assertion checks it).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn pack_panel(rows: &[Option<*const u8>; ROWS], pc: usize, depth: usize, dst: &mut [f32]) {
     let steps = depth.div_ceil(STEP);
-    assert!(
-        std::mem::size_of_val(dst) >= 2 * steps * TILE_BYTES,
-        "packed panel buffer"
-    );
+    debug_assert!(std::mem::size_of_val(dst) >= 2 * steps * TILE_BYTES);
     let dst = dst.as_mut_ptr() as *mut u16;
-    // SAFETY: the caller's contract: every row read exists and holds `pc + depth` values; every
-    // tile written lies in `dst` (just checked).
+    // SAFETY: the caller's contract: every row read holds `pc + depth` values (masked loads
+    // read nothing past `depth` and nothing of a missing row); every tile written lies in `dst`.
     unsafe {
         // Step by step across the 32 rows, as the kernels read them: 32 streams at once keep
         // memory busier than one row after another.
-        let srcs: [*const u16; ROWS] = std::array::from_fn(|i| {
-            let (mat, r0, _) = groups[i / 16];
-            (mat.row(r0 + i % 16) as *const u16).wrapping_add(pc)
-        });
         for s in 0..steps {
             let n = (depth - s * STEP).min(STEP);
-            for (i, src) in srcs.iter().enumerate() {
+            for (i, row) in rows.iter().enumerate() {
                 let (g, r) = (i / 16, i % 16);
-                let mask = if r < groups[g].2 {
-                    u32::MAX >> (32 - n)
-                } else {
-                    0
+                let v = match row {
+                    Some(p) => {
+                        let src = (*p as *const u16).wrapping_add(pc + s * STEP);
+                        _mm512_maskz_loadu_epi16(u32::MAX >> (32 - n), src as *const i16)
+                    }
+                    None => _mm512_setzero_si512(),
                 };
-                let v = _mm512_maskz_loadu_epi16(mask, src.wrapping_add(s * STEP) as *const i16);
                 let tile = dst.add((g * steps + s) * TILE_BYTES / 2);
                 _mm512_storeu_si512(tile.add(r * STEP) as *mut _, v);
             }
@@ -318,7 +364,7 @@ unsafe fn pack_panel(
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 unsafe fn epilogue(
-    sums: *const f32,
+    sums: &[f32],
     mp: usize,
     m: usize,
     w: Weights<'_>,
@@ -328,7 +374,9 @@ unsafe fn epilogue(
     n: usize,
     out: DisjointOut<'_, u16>,
 ) {
+    debug_assert!(sums.len() >= ROWS * mp);
     let bias_at = |b: Option<&[f32]>, c: usize| b.map_or(0.0, |b| b[j + c]);
+    let sums = sums.as_ptr();
     // SAFETY: the caller's contract: the sums, the biases' n values and the output's m × n
     // values hold every index below; the features are checked.
     unsafe {
