@@ -5,7 +5,7 @@
 //! matrix, or 16 gate rows and the same 16 up rows). Below [`PACK_MIN_TOKENS`] tokens a panel's
 //! rows are read in place (when its 32 rows exist and the depth is a multiple of 32; else they
 //! are packed as below): the call is bound by reading the weights from memory, and a copy would
-//! only add to it. From [`PACK_MIN_TOKENS`], per depth block, the task's panels are copied into
+//! only add to it. From [`PACK_MIN_TOKENS`], per depth block, a panel's rows are copied into
 //! contiguous tiles in a per-thread buffer (zeros past the matrix's rows and depth), from which
 //! every pair of token tiles uses them: tiles loaded from contiguous 1 KiB run a third faster
 //! than tiles loaded from rows 8 KiB apart in a 7B layer (891 against 672 GFLOP/s on one core,
@@ -33,13 +33,11 @@ const ROWS: usize = 32;
 const STEP: usize = 32;
 /// The most panels per task.
 const PANELS: usize = 8;
-/// The depth of one block read in place: 4096 values (a panel's 32 rows of it are 256 KiB, in
-/// L2). Deeper blocks mean fewer reloads of the sums; on 7B bf16 at 128 tokens 4096 was the
-/// best of 1024 to 11008.
+/// The depth of one block: 4096 values (a panel's 32 rows of it are 256 KiB, in L2). Deeper
+/// blocks mean fewer reloads of the sums; on 7B bf16 at 128 and 512 tokens 4096 was the best of
+/// 1024 to 11008, by 3–25%. (Packing a task's 8 panels per 1024-deep block, and running each
+/// pair of token tiles against all of them, was 13% slower at 128 and 512 tokens.)
 const DEPTH: usize = 4096;
-/// The depth of one block of packed panels: 1024 values, so that a task's 8 panels (512 KiB)
-/// and a depth block of every token's tiles stay in L2 together.
-const PACKED_DEPTH: usize = 1024;
 /// From this many tokens the weight tiles are packed rather than read in place: measured on
 /// 7B bf16 (Intel Xeon with AMX, 2 threads, alternating in one process), packed tiles were
 /// 1.09× faster at 128 tokens and 1.22× at 512, and 0.88× as fast at 64, 0.65× at 16.
@@ -168,13 +166,7 @@ impl Task {
         // Sums `C[row][token]`, 32 rows a panel.
         with_scratch(panels * ROWS * mp, 0, |c, _| {
             // SAFETY: the caller's contract; `c` holds the panels' sums.
-            unsafe {
-                if self.m < PACK_MIN_TOKENS {
-                    self.sums_in_place(toks, w, c);
-                } else {
-                    self.sums_packed(toks, w, c);
-                }
-            }
+            unsafe { self.sums(toks, w, c) };
             for p in 0..panels {
                 let (j, valid) = self.panel(p);
                 let sums = &c[p * ROWS * mp..(p + 1) * ROWS * mp];
@@ -191,23 +183,25 @@ impl Task {
         (j, self.per_panel.min(self.j0 + self.cols - j))
     }
 
-    /// The sums, few tokens: panel after panel, a depth block at a time, each against every
-    /// token, the rows read in place where they can be (see the module's doc).
-    unsafe fn sums_in_place(&self, toks: &Tokens<'_>, w: Weights<'_>, c: &mut [f32]) {
+    /// The sums: panel after panel, a depth block at a time, each against every token (a
+    /// panel's rows stream from memory once), the rows read in place or packed as the module's
+    /// doc says.
+    unsafe fn sums(&self, toks: &Tokens<'_>, w: Weights<'_>, c: &mut [f32]) {
         let k = self.k;
         let kc = DEPTH.min(k.next_multiple_of(STEP));
         let mp = toks.tiles * 16;
+        let pack = self.m >= PACK_MIN_TOKENS;
         with_packed(ROWS * kc / 2, |packed| {
             // SAFETY: the AMX contract is the caller's.
             let tiles = unsafe { Tiles::configure() };
-            for p in 0..self.cols.div_ceil(self.per_panel) {
+            for (p, sums) in c.chunks_exact_mut(ROWS * mp).enumerate() {
                 let (j, valid) = self.panel(p);
                 let rows = panel_rows(w, j, j + valid);
-                let sums = &mut c[p * ROWS * mp..(p + 1) * ROWS * mp];
+                let in_place = if pack { None } else { in_place(&rows, w, k) };
                 for pc in (0..k).step_by(kc) {
                     let depth = kc.min(k - pc);
                     let steps = depth.div_ceil(STEP);
-                    let a = match in_place(&rows, w, k) {
+                    let a = match in_place {
                         Some((a0, a1, stride)) => {
                             (a0.wrapping_add(pc), a1.wrapping_add(pc), stride, 64)
                         }
@@ -222,38 +216,6 @@ impl Task {
                     for tb in (0..toks.tiles).step_by(2) {
                         // SAFETY: the panel's tiles hold `steps` steps, the token tiles exist for
                         // every step.
-                        unsafe { pair(&tiles, toks, tb, pc, steps, a, sums, mp) };
-                    }
-                }
-            }
-        });
-    }
-
-    /// The sums, many tokens: per depth block, the task's panels packed into contiguous tiles
-    /// at once (in L2), then each pair of token tiles against every panel (its tiles reused,
-    /// from L1 and L2, by every panel).
-    unsafe fn sums_packed(&self, toks: &Tokens<'_>, w: Weights<'_>, c: &mut [f32]) {
-        let k = self.k;
-        let kc = PACKED_DEPTH.min(k.next_multiple_of(STEP));
-        let mp = toks.tiles * 16;
-        let panels = self.cols.div_ceil(self.per_panel);
-        let per_panel = ROWS * kc / 2;
-        with_packed(panels * per_panel, |packed| {
-            for pc in (0..k).step_by(kc) {
-                let depth = kc.min(k - pc);
-                let steps = depth.div_ceil(STEP);
-                for (p, dst) in packed.chunks_exact_mut(per_panel).enumerate() {
-                    let (j, valid) = self.panel(p);
-                    // SAFETY: the rows hold `pc + depth` values; `dst` holds 32 rows of `kc`.
-                    unsafe { pack_panel(&panel_rows(w, j, j + valid), pc, depth, dst) };
-                }
-                // SAFETY: the AMX contract is the caller's.
-                let tiles = unsafe { Tiles::configure() };
-                for tb in (0..toks.tiles).step_by(2) {
-                    for (p, sums) in c.chunks_exact_mut(ROWS * mp).enumerate() {
-                        let a0 = packed[p * per_panel..].as_ptr() as *const u16;
-                        let a = (a0, a0.wrapping_byte_add(steps * TILE_BYTES), 64, TILE_BYTES);
-                        // SAFETY: as in `sums_in_place`.
                         unsafe { pair(&tiles, toks, tb, pc, steps, a, sums, mp) };
                     }
                 }
