@@ -19,7 +19,7 @@
 
 use super::parallel::{parallel_for, with_scratch, DisjointOut};
 use super::vnni::{self, DotTokens, Kind, MT, NT, QK, QK_K};
-use super::{dot, packed, Bias, Mat, Weights};
+use super::{column_tasks, dot, packed, Bias, Columns, Mat, Weights};
 
 /// Up to this many tokens, the dot schedule (measured: where it beats the packed one).
 pub(crate) const DOT_MAX_TOKENS: usize = 4;
@@ -303,17 +303,10 @@ unsafe fn packed_run(
     // SAFETY: the caller's contract (features checked, x holds m × k) is the packer's.
     let toks = unsafe { PackedTokens::new(x, m, k) };
     let toks = &toks;
-    let per_panel = match w {
-        Weights::Single(_) => NT,
-        Weights::GateUp(..) => NT / 2,
-    };
-    let per_task = per_panel * PANELS;
     let out = DisjointOut::new(out);
-    parallel_for(n.div_ceil(per_task), |t| {
-        let j0 = t * per_task;
-        let cols = per_task.min(n - j0);
-        // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
-        unsafe { packed_task(toks, m, k, w, n, kind, (j0, cols, per_panel), out) }
+    column_tasks(w, n, PANELS, |cols| {
+        // SAFETY: tasks write disjoint column ranges of `out`.
+        unsafe { packed_task(toks, m, k, w, n, kind, cols, out) }
     });
 }
 
@@ -341,13 +334,13 @@ unsafe fn packed_task(
     w: Weights<'_>,
     n: usize,
     kind: Kind,
-    (j0, cols, per_panel): (usize, usize, usize),
+    cols: Columns,
     out: DisjointOut<'_, f32>,
 ) {
     // SAFETY: this function's `# Safety` contract is its body's: the CPU features were
     // checked, and the pointers it reads and writes lie inside the buffers it was given.
     unsafe {
-        let panels = cols.div_ceil(per_panel);
+        let panels = cols.panels();
         let ldc = panels * NT;
         let tbs = m.div_ceil(MT);
         let kc = depth(m, k);
@@ -359,8 +352,7 @@ unsafe fn packed_task(
                 let nb = kc.min(k - pc) / QK;
                 // One panel at a time: unpacked, then used by every token while it is in L2.
                 for p in 0..panels {
-                    let j = j0 + p * per_panel;
-                    let valid = per_panel.min(j0 + cols - j);
+                    let (j, valid) = cols.panel(p);
                     let rows = |mat: Mat<'_>, j: usize, valid: usize| vnni::Rows16 {
                         base: mat.row(j),
                         stride: kind.row_bytes(k),
@@ -389,7 +381,7 @@ unsafe fn packed_task(
                     }
                 }
             }
-            packed::epilogue(c, ldc, m, w, Bias::default(), (j0, cols, per_panel, n), out);
+            packed::epilogue(c, ldc, m, w, Bias::default(), (cols, n), out);
         });
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! | file | holds |
 //! |---|---|
-//! | `mod.rs` | the ops' CPU side; the weights of a call ([`Mat`], [`Weights`], [`Bias`]); the choice of schedule |
+//! | `mod.rs` | the ops' CPU side; the weights of a call ([`Mat`], [`Weights`], [`Bias`]); the choice of schedule; the split of output columns into tasks ([`column_tasks`]) |
 //! | `dot.rs` | the dot schedule (decode, few tokens): weight rows streamed in place |
 //! | `packed.rs` | the packed schedule (prefill): GotoBLAS-style blocking around a register micro-kernel |
 //! | `tiled.rs` | the tiled schedule (dense bf16 from 4 tokens on AMX): weight rows as tile operands, in place or packed per block |
@@ -87,6 +87,49 @@ pub(crate) enum Weights<'a> {
     Single(Mat<'a>),
     /// Gate and up: `h = σ(x·Wgᵀ) ⊙ x·Wuᵀ`.
     GateUp(Mat<'a>, Mat<'a>, Activation),
+}
+
+/// One task's share of a prefill call's output columns, `[j0, j0 + cols)`, in panels of 32
+/// weight rows: 32 columns of one matrix, or 16 columns from 16 gate and the same 16 up rows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Columns {
+    /// The task's first output column.
+    pub j0: usize,
+    /// How many output columns the task has.
+    pub cols: usize,
+    /// Output columns per panel: 32, or 16 for gate and up.
+    pub per_panel: usize,
+}
+
+impl Columns {
+    /// The task's panels.
+    pub(crate) fn panels(&self) -> usize {
+        self.cols.div_ceil(self.per_panel)
+    }
+
+    /// Panel `p`'s first output column, and how many of its columns exist.
+    pub(crate) fn panel(&self, p: usize) -> (usize, usize) {
+        let j = self.j0 + p * self.per_panel;
+        (j, self.per_panel.min(self.j0 + self.cols - j))
+    }
+}
+
+/// Splits `n` output columns into tasks of `panels` panels of 32 weight rows each, and runs
+/// `task` for each on candle's worker pool. Tasks get disjoint column ranges.
+pub(crate) fn column_tasks(w: Weights<'_>, n: usize, panels: usize, task: impl Fn(Columns) + Sync) {
+    let per_panel = match w {
+        Weights::Single(_) => 32,
+        Weights::GateUp(..) => 16,
+    };
+    let per_task = per_panel * panels;
+    parallel::parallel_for(n.div_ceil(per_task), |t| {
+        let j0 = t * per_task;
+        task(Columns {
+            j0,
+            cols: per_task.min(n - j0),
+            per_panel,
+        })
+    });
 }
 
 /// How a call of dense `T` weights multiplies: chosen per call from the element type and the

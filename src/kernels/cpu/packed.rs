@@ -7,7 +7,7 @@
 use super::avx512::{self, Encoding};
 use super::element::Element;
 use super::parallel::{parallel_for, with_scratch, with_tokens, DisjointOut};
-use super::{Bias, Mat, Weights};
+use super::{column_tasks, Bias, Columns, Mat, Weights};
 
 /// Tokens per micro-kernel tile.
 pub(crate) const MR: usize = 12;
@@ -70,39 +70,27 @@ unsafe fn run_tasks<T: Element, E: Encoding>(
     micro: Micro,
     out: &mut [T],
 ) {
-    // Output columns per panel: 32, or 16 gate + 16 up columns giving 16 outputs.
-    let per_panel = match w {
-        Weights::Single(_) => NR,
-        Weights::GateUp(..) => NR / 2,
-    };
-    let per_task = per_panel * PANELS;
     let out = DisjointOut::new(out);
-    parallel_for(n.div_ceil(per_task), |t| {
-        let j0 = t * per_task;
-        let cols = per_task.min(n - j0);
+    column_tasks(w, n, PANELS, |cols| {
         let task = Task {
             blocks,
             m,
             k,
             n,
-            j0,
             cols,
-            per_panel,
         };
-        // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`.
+        // SAFETY: tasks write disjoint column ranges of `out`.
         unsafe { task.run::<T, E>(xp, w, bias, micro, out) }
     });
 }
 
-/// One task's share: output columns `[j0, j0 + cols)` for every token.
+/// One task's share: its output columns for every token.
 struct Task {
     blocks: usize,
     m: usize,
     k: usize,
     n: usize,
-    j0: usize,
-    cols: usize,
-    per_panel: usize,
+    cols: Columns,
 }
 
 impl Task {
@@ -122,17 +110,16 @@ impl Task {
                 m,
                 k,
                 n,
-                j0,
                 cols,
-                per_panel,
             } = *self;
-            let panels = cols.div_ceil(per_panel);
+            let panels = cols.panels();
             let ldc = panels * NR;
             with_scratch(panels * KC * NR, blocks * MR * ldc, |wbuf, c| {
                 for pc in (0..k).step_by(KC) {
                     let kc = KC.min(k - pc);
                     for p in 0..panels {
-                        let rows = panel_rows(w, j0 + p * per_panel, j0 + cols);
+                        let (j, valid) = cols.panel(p);
+                        let rows = panel_rows(w, j, j + valid);
                         let dst = wbuf.as_mut_ptr().add(p * KC * NR);
                         match micro {
                             Micro::Fma => {
@@ -176,7 +163,7 @@ impl Task {
                         }
                     }
                 }
-                epilogue(c, ldc, m, w, bias, (j0, cols, per_panel, n), out);
+                epilogue(c, ldc, m, w, bias, (cols, n), out);
             });
         }
     }
@@ -184,25 +171,23 @@ impl Task {
 
 /// A task's epilogue: biases, σ(gate) ⊙ up or a plain copy, rounded once into `out`. `c`
 /// holds `m` rows of `ldc` sums: per panel, 32 columns of one matrix, or 16 gate columns
-/// then the same 16 up columns; the task's outputs are columns `[j0, j0 + cols)` of `n`.
+/// then the same 16 up columns; the task's outputs are `cols` of `n`.
 pub(crate) unsafe fn epilogue<T: Element>(
     c: &mut [f32],
     ldc: usize,
     m: usize,
     w: Weights<'_>,
     bias: Bias<'_>,
-    (j0, cols, per_panel, n): (usize, usize, usize, usize),
+    (cols, n): (Columns, usize),
     out: DisjointOut<'_, T>,
 ) {
     // SAFETY: this function's `# Safety` contract is its body's: the CPU features were
     // checked, and the pointers it reads and writes lie inside the buffers it was given.
     unsafe {
-        let panels = cols.div_ceil(per_panel);
         for r in 0..m {
             let row = c.as_mut_ptr().add(r * ldc);
-            for p in 0..panels {
-                let valid = per_panel.min(cols - p * per_panel);
-                let j = j0 + p * per_panel;
+            for p in 0..cols.panels() {
+                let (j, valid) = cols.panel(p);
                 let src = row.add(p * NR);
                 if let Some(b) = bias.a {
                     avx512::add_assign(src, b.as_ptr().add(j), valid);

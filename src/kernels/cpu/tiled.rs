@@ -22,7 +22,7 @@ use super::amx::{self, Tiles, TILE_BYTES};
 use super::avx512;
 use super::packed::panel_rows;
 use super::parallel::{parallel_for, with_buffer, with_scratch, with_tokens, DisjointOut};
-use super::{Bias, Weights};
+use super::{column_tasks, Bias, Columns, Weights};
 
 /// From this many tokens the tiles beat the dot schedule's streamed rows (measured on 7B bf16,
 /// alternating in one process: 7–8% slower at 2–3 tokens, 16% faster at 4).
@@ -119,38 +119,22 @@ unsafe fn run_tasks(
     out: &mut [u16],
 ) {
     let mp = toks.tiles * 16;
-    // Output columns per panel: 32 of one matrix, or 16 (16 gate and 16 up rows).
-    let per_panel = match w {
-        Weights::Single(_) => ROWS,
-        Weights::GateUp(..) => ROWS / 2,
-    };
     let panels = (SUM_BYTES / (ROWS * mp * 4)).clamp(1, PANELS);
-    let per_task = per_panel * panels;
     let out = DisjointOut::new(out);
-    parallel_for(n.div_ceil(per_task), |t| {
-        let j0 = t * per_task;
-        let task = Task {
-            m,
-            k,
-            n,
-            j0,
-            cols: per_task.min(n - j0),
-            per_panel,
-        };
-        // SAFETY: tasks write disjoint column ranges [j0, j0 + cols) of `out`; the caller's
-        // contract covers the rest.
+    column_tasks(w, n, panels, |cols| {
+        let task = Task { m, k, n, cols };
+        // SAFETY: tasks write disjoint column ranges of `out`; the caller's contract covers the
+        // rest.
         unsafe { task.run(toks, w, bias, out) }
     });
 }
 
-/// One task's share: output columns `[j0, j0 + cols)` for every token.
+/// One task's share: its output columns for every token.
 struct Task {
     m: usize,
     k: usize,
     n: usize,
-    j0: usize,
-    cols: usize,
-    per_panel: usize,
+    cols: Columns,
 }
 
 impl Task {
@@ -162,25 +146,19 @@ impl Task {
         out: DisjointOut<'_, u16>,
     ) {
         let mp = toks.tiles * 16;
-        let panels = self.cols.div_ceil(self.per_panel);
+        let panels = self.cols.panels();
         // Sums `C[row][token]`, 32 rows a panel.
         with_scratch(panels * ROWS * mp, 0, |c, _| {
             // SAFETY: the caller's contract; `c` holds the panels' sums.
             unsafe { self.sums(toks, w, c) };
             for p in 0..panels {
-                let (j, valid) = self.panel(p);
+                let (j, valid) = self.cols.panel(p);
                 let sums = &c[p * ROWS * mp..(p + 1) * ROWS * mp];
                 // SAFETY: the panel's sums are written; the output columns [j, j + valid) are
                 // this task's; the features are the caller's contract.
                 unsafe { epilogue(sums, mp, self.m, w, bias, j, valid, self.n, out) };
             }
         });
-    }
-
-    /// Panel `p`'s first output column, and how many of its columns exist.
-    fn panel(&self, p: usize) -> (usize, usize) {
-        let j = self.j0 + p * self.per_panel;
-        (j, self.per_panel.min(self.j0 + self.cols - j))
     }
 
     /// The sums: panel after panel, a depth block at a time, each against every token (a
@@ -195,7 +173,7 @@ impl Task {
             // SAFETY: the AMX contract is the caller's.
             let tiles = unsafe { Tiles::configure() };
             for (p, sums) in c.chunks_exact_mut(ROWS * mp).enumerate() {
-                let (j, valid) = self.panel(p);
+                let (j, valid) = self.cols.panel(p);
                 let rows = panel_rows(w, j, j + valid);
                 let in_place = if pack { None } else { in_place(&rows, w, k) };
                 for pc in (0..k).step_by(kc) {
