@@ -75,3 +75,31 @@ fn bits(t: &Tensor) -> Vec<u16> {
         .map(|v| v.to_bits())
         .collect()
 }
+
+#[test]
+fn candles_own_tiles_survive_ours() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    if !amx_or_skip() {
+        return;
+    }
+    // candle's QMatMul on q4k weights has AMX kernels of its own (candle 0.11), which
+    // configure a worker thread's tiles once and keep them: our tasks on the same threads
+    // must hand the tiles back as they found them (releasing them made candle's next tile
+    // instruction fault: SIGILL). Our bf16 tiles and candle's, in turns, on candle's pool.
+    let dev = Device::Cpu;
+    let ffn = block(256, 700, Activation::Silu);
+    let w = common::randn(4, (512, 1024), 0.05, &dev);
+    let q = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+    let xq = common::randn(5, (64, 1024), 1.0, &dev);
+    let x = common::randn(6, (130, 256), 1.0, &dev)
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let (first_q, first) = (q.forward(&xq).unwrap(), ffn.forward(&x).unwrap());
+    for _ in 0..3 {
+        // Each result stays what it was the first time, bit for bit.
+        assert_eq!(bits(&ffn.forward(&x).unwrap()), bits(&first));
+        let yq = q.forward(&xq).unwrap();
+        let diff = (yq - &first_q).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+}

@@ -44,30 +44,47 @@ static CONFIG: Config = Config {
 /// Bytes of one tile (16 rows × 64 bytes).
 pub(crate) const TILE_BYTES: usize = 1024;
 
-/// This thread's tiles, configured as [`CONFIG`] while the guard lives and released
-/// (`TILERELEASE`, back to the initial state) when it drops: a worker thread holds them only
-/// for the length of one task, so no tile state outlives the call that needed it.
+/// This thread's tiles, configured as [`CONFIG`] while the guard lives. When it drops, the
+/// thread's tiles go back to what they were before: released (`TILERELEASE`, the initial
+/// state) if they were unconfigured, else the configuration found is loaded again. Other code
+/// on the same threads keeps its own tile configuration across our calls: candle's own AMX
+/// kernels (`QMatMul` on q4k weights, 0.11) configure a worker thread's tiles once and keep
+/// using them; releasing them under it made its next tile instruction fault (SIGILL). A worker
+/// thread holds our configuration only for the length of one task.
 pub(crate) struct Tiles {
+    /// The configuration this thread had (`STTILECFG`; palette 0: none).
+    saved: Config,
     // Tile state is per thread: the guard must stay on the thread that configured it.
     _thread: PhantomData<*const ()>,
 }
 
 impl Tiles {
-    /// Configures this thread's tiles.
+    /// Configures this thread's tiles, keeping the configuration it had for the drop.
     ///
     /// # Safety
     /// [`amx_usable`](crate::kernels::detect::amx_usable)`()` must be true.
     pub(crate) unsafe fn configure() -> Self {
+        let mut saved = Config {
+            palette: 0,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
         // SAFETY: the caller checked that the CPU has AMX and that this process may use its
-        // state; `CONFIG` is a valid palette-1 configuration, 64 bytes, aligned.
+        // state; STTILECFG writes 64 bytes into `saved` (zeros if the tiles are unconfigured);
+        // `CONFIG` is a valid palette-1 configuration, 64 bytes, aligned.
         unsafe {
             asm!(
+                "sttilecfg [{saved}]",
                 "ldtilecfg [{cfg}]",
+                saved = in(reg) &mut saved,
                 cfg = in(reg) &CONFIG,
-                options(nostack, readonly, preserves_flags),
+                options(nostack, preserves_flags),
             );
         }
         Self {
+            saved,
             _thread: PhantomData,
         }
     }
@@ -76,14 +93,25 @@ impl Tiles {
 impl Drop for Tiles {
     fn drop(&mut self) {
         // SAFETY: a `Tiles` exists only after `configure` succeeded on this thread, so the CPU
-        // has AMX; TILERELEASE only returns the tiles to their initial state.
+        // has AMX; TILERELEASE returns the tiles to their initial state, and LDTILECFG loads
+        // the configuration STTILECFG found valid on this thread.
         unsafe {
-            asm!(
-                "tilerelease",
-                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
-                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
-                options(nostack, nomem, preserves_flags),
-            );
+            if self.saved.palette == 0 {
+                asm!(
+                    "tilerelease",
+                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                    out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                    options(nostack, nomem, preserves_flags),
+                );
+            } else {
+                asm!(
+                    "ldtilecfg [{cfg}]",
+                    cfg = in(reg) &self.saved,
+                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                    out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                    options(nostack, readonly, preserves_flags),
+                );
+            }
         }
     }
 }
