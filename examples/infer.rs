@@ -175,6 +175,7 @@ struct Report {
     cfg: GluConfig,
     quantized: bool,
     path: candle_glu::ForwardPath,
+    micro_kernel: Option<candle_glu::MicroKernel>,
     device: String,
     dtype: DType,
     input_shape: Vec<usize>,
@@ -247,6 +248,7 @@ fn run(args: &Args) -> Result<()> {
     };
     let x = x.to_dtype(args.dtype)?;
     let path = ffn.forward_path(&x);
+    let micro_kernel = ffn.micro_kernel(&x);
     let start = Instant::now();
     let y = ffn.forward(&x)?;
     device.synchronize()?;
@@ -273,6 +275,7 @@ fn run(args: &Args) -> Result<()> {
         cfg,
         quantized,
         path,
+        micro_kernel,
         device: device_name(&device),
         dtype: if quantized { DType::F32 } else { args.dtype },
         input_shape: x.dims().to_vec(),
@@ -533,11 +536,13 @@ fn stats(y: &Tensor) -> Result<Stats> {
     })
 }
 
-/// What runs the block: the path of `forward`, and the crate's CPU kernels if they run.
+/// What runs the block: the path of `forward`, the crate's CPU kernels if they run, and the
+/// micro-kernel the input's token count takes.
 fn kernels(r: &Report) -> String {
-    match (r.path, candle_glu::cpu_kernels()) {
-        (candle_glu::ForwardPath::Candle, _) | (_, None) => format!("{}", r.path),
-        (path, Some(k)) => format!("{path}, {k}"),
+    match (r.path, candle_glu::cpu_kernels(), r.micro_kernel) {
+        (candle_glu::ForwardPath::Candle, ..) | (_, None, _) => format!("{}", r.path),
+        (path, Some(k), Some(micro)) => format!("{path}, {k}; ran {micro}"),
+        (path, Some(k), None) => format!("{path}, {k}"),
     }
 }
 
@@ -598,6 +603,7 @@ fn to_json(r: &Report) -> serde_json::Value {
         "dtype": r.dtype.as_str(),
         "path": r.path.to_string(),
         "cpu_kernels": candle_glu::cpu_kernels().map(|k| k.name()),
+        "micro_kernel": r.micro_kernel.map(|k| k.to_string()),
         "input_shape": r.input_shape,
         "output_shape": r.output_shape,
         "stats": {

@@ -8,7 +8,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::kernels::{self, GateUpOp, LinearOp, QuantGateUpOp, QuantLinearOp};
 use crate::layout::{self, WeightLayout};
-use crate::{Activation, Error, GluConfig};
+use crate::{Activation, Error, GluConfig, MicroKernel};
 
 /// One projection of the block, `y = x·Wᵀ + b`, with `W` stored as PyTorch's `[out, in]`.
 #[derive(Debug, Clone)]
@@ -141,6 +141,7 @@ pub struct GluFeedForward {
     up_proj: Projection,
     down_proj: Projection,
     config: GluConfig,
+    exact_q4_1: bool,
 }
 
 impl GluFeedForward {
@@ -181,6 +182,7 @@ impl GluFeedForward {
             up_proj: Projection::Dense(up_proj),
             down_proj: Projection::Dense(down_proj),
             config: cfg.clone(),
+            exact_q4_1: false,
         })
     }
 
@@ -232,7 +234,19 @@ impl GluFeedForward {
             up_proj,
             down_proj,
             config: cfg.clone(),
+            exact_q4_1: false,
         })
+    }
+
+    /// Whether GGUF Q4_1 weights are multiplied as their exact f32 decoding at every token
+    /// count: the block's result is then bit-identical to the same block with the weights
+    /// dequantized to f32. By default (`false`), on a CPU with AMX, from 4 tokens Q4_1 weights
+    /// are decoded to bf16 for the AMX tiles, with the activations rounded to bf16 (f32 sums),
+    /// as q8_0 and q4k weights are there; without AMX, Q4_1 is always exact. See
+    /// `docs/performance.md` for the error of each path against float64.
+    pub fn with_exact_q4_1(mut self, exact: bool) -> Self {
+        self.exact_q4_1 = exact;
+        self
     }
 
     /// The gate projection W, `[I, H]`. For a fused checkpoint, a view of its first half.
@@ -297,6 +311,37 @@ impl GluFeedForward {
             ForwardPath::Quantized
         } else {
             ForwardPath::Candle
+        }
+    }
+
+    /// The CPU micro-kernel that multiplies the gate and up projections for `xs` (the down
+    /// projection's is the same kind, chosen for its own depth), or `None` where candle's ops
+    /// run. It depends on the weights' type, the token count (`xs`'s elements over the hidden
+    /// size) and the CPU ([`cpu_kernels`](crate::cpu_kernels)): for logs and benchmarks.
+    ///
+    /// ```rust
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_glu::{GluConfig, GluFeedForward, MicroKernel};
+    /// let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+    /// let ffn = GluFeedForward::new(&GluConfig::new(8, 16), vb)?;
+    /// let one = Tensor::zeros((1, 8), DType::F32, &Device::Cpu)?;
+    /// if candle_glu::cpu_kernels().is_some() {
+    ///     // One token of f32 weights: f32 FMAs over the weight rows, whatever the CPU.
+    ///     assert_eq!(ffn.micro_kernel(&one), Some(MicroKernel::FmaRows));
+    /// }
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn micro_kernel(&self, xs: &Tensor) -> Option<MicroKernel> {
+        let h = self.config.hidden_size;
+        let m = xs.elem_count() / h.max(1);
+        match self.forward_path(xs) {
+            ForwardPath::Fused => kernels::dense_micro_kernel(self.dtype(), m, h),
+            ForwardPath::Quantized => {
+                let q = self.quantized_weights()?;
+                let w = if q.gate_up { &q.wg } else { &q.wd };
+                kernels::quant_micro_kernel(w, m, self.exact_q4_1)
+            }
+            ForwardPath::Candle => None,
         }
     }
 
@@ -392,13 +437,21 @@ impl GluFeedForward {
             down,
         } = q;
         let hidden = if gate_up {
-            x.apply_op1_no_bwd(&QuantGateUpOp { wg, wu, act })?
+            x.apply_op1_no_bwd(&QuantGateUpOp {
+                wg,
+                wu,
+                act,
+                exact_q4_1: self.exact_q4_1,
+            })?
         } else {
             let gate = self.gate_proj.forward(&x)?;
             kernels::gated(&gate, &self.up_proj.forward(&x)?, act)?
         };
         if down {
-            hidden.apply_op1_no_bwd(&QuantLinearOp { w: wd })
+            hidden.apply_op1_no_bwd(&QuantLinearOp {
+                w: wd,
+                exact_q4_1: self.exact_q4_1,
+            })
         } else {
             self.down_proj.forward(&hidden)
         }

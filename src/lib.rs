@@ -45,7 +45,7 @@ pub use activation::Activation;
 pub use config::GluConfig;
 pub use error::{Error, ParseError, Result};
 pub use ffn::{ForwardPath, GluFeedForward, Projection};
-pub use kernels::detect::CpuKernels;
+pub use kernels::detect::{CpuKernels, MicroKernel};
 pub use layout::WeightLayout;
 #[cfg(feature = "hub")]
 pub use loading::hub::{fetch_model, DownloadProgress, HubOptions};

@@ -155,15 +155,19 @@ fn transformers_directories_by_prefix() {
 fn kernels_line_and_json_say_which_path_ran() {
     // As the test process runs (the child inherits CANDLE_GLU_KERNELS): the fused kernels where
     // they run, which CANDLE_GLU_REQUIRE_KERNELS makes sure of.
-    let (line, path, cpu_kernels) = match candle_glu::cpu_kernels() {
+    // The default input is 8 tokens of f32 weights: f32 FMAs over the weight rows, whatever
+    // the CPU's kernel set.
+    let (line, path, cpu_kernels, micro) = match candle_glu::cpu_kernels() {
         Some(k) if common::kernels_or_skip("the CLI's fused path") => (
-            format!("kernels     fused, {k}\n"),
+            format!("kernels     fused, {k}; ran avx512 f32 fma, rows\n"),
             "fused",
             serde_json::json!(k.name()),
+            serde_json::json!("avx512 f32 fma, rows"),
         ),
         _ => (
             "kernels     candle\n".into(),
             "candle",
+            serde_json::Value::Null,
             serde_json::Value::Null,
         ),
     };
@@ -171,9 +175,14 @@ fn kernels_line_and_json_say_which_path_ran() {
     assert!(text.contains(&line), "missing {line:?} in:\n{text}");
     let json: serde_json::Value = serde_json::from_str(&stdout(&run(&["--json"]))).unwrap();
     assert_eq!(
-        (&json["path"], &json["cpu_kernels"]),
-        (&path.into(), &cpu_kernels)
+        (&json["path"], &json["cpu_kernels"], &json["micro_kernel"]),
+        (&path.into(), &cpu_kernels, &micro)
     );
+    // bf16 weights at 128 tokens: the AMX tiles where the set has them.
+    if candle_glu::cpu_kernels().is_some_and(|k| k.amx()) {
+        let text = stdout(&run(&["--dtype", "bf16", "--tokens", "128"]));
+        assert!(text.contains("; ran amx-bf16 tiles\n"), "{text}");
+    }
     // CANDLE_GLU_KERNELS=candle: none of the crate's kernels, candle's ops for the block.
     let forced = |args: &[&str]| {
         let out = infer()
@@ -188,6 +197,7 @@ fn kernels_line_and_json_say_which_path_ran() {
     let json: serde_json::Value = serde_json::from_str(&forced(&["--json"])).unwrap();
     assert_eq!(json["path"], "candle", "{json}");
     assert_eq!(json["cpu_kernels"], serde_json::Value::Null, "{json}");
+    assert_eq!(json["micro_kernel"], serde_json::Value::Null, "{json}");
     // The same numbers both ways, within f32's summation order.
     let dir = tempfile::tempdir().unwrap();
     let (fused, plain) = (

@@ -101,6 +101,42 @@ impl std::fmt::Display for CpuKernels {
     }
 }
 
+/// The CPU micro-kernel, and the schedule around it, that multiplies a block's projections for
+/// an input; see [`GluFeedForward::micro_kernel`](crate::GluFeedForward::micro_kernel).
+/// `Display` gives a short name (`amx-bf16 tiles`, `avx512 f32 fma, packed`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MicroKernel {
+    /// AMX tile products (TDPBF16PS), the tiled schedule: dense bf16 weights, or GGUF weights
+    /// decoded to bf16 block by block as they are packed; activations in bf16, sums in f32.
+    AmxBf16,
+    /// AVX512-BF16 dot products (VDPBF16PS), the packed schedule: dense bf16 weights.
+    Avx512Bf16,
+    /// f32 FMAs (AVX-512) over weight rows streamed in place, the dot schedule (few tokens):
+    /// dense weights widened to f32, Q4_1 decoded exactly.
+    FmaRows,
+    /// f32 FMAs (AVX-512) over packed weight panels, the packed schedule (prefill).
+    FmaPacked,
+    /// Integer dot products (AVX512-VNNI) over activations rounded to 8 bits, weight rows
+    /// streamed in place: GGUF q8_0 and q4k, few tokens.
+    VnniRows,
+    /// The same over packed panels (prefill).
+    VnniPacked,
+}
+
+impl std::fmt::Display for MicroKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MicroKernel::AmxBf16 => "amx-bf16 tiles",
+            MicroKernel::Avx512Bf16 => "avx512-bf16 dot products, packed",
+            MicroKernel::FmaRows => "avx512 f32 fma, rows",
+            MicroKernel::FmaPacked => "avx512 f32 fma, packed",
+            MicroKernel::VnniRows => "avx512-vnni int8, rows",
+            MicroKernel::VnniPacked => "avx512-vnni int8, packed",
+        })
+    }
+}
+
 /// What the kernels may use, as chosen for this process: the set, and whether the CPU has
 /// AVX512-VNNI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +193,9 @@ impl Cpu {
             avx512_bf16: avx512 && has!("avx512bf16"),
             vnni: avx512 && has!("avx512vnni"),
             amd,
-            amx_bf16: avx512 && amx::present(),
+            // Every CPU with AMX has AVX512-BF16 and VNNI; the tiled schedule's packing uses
+            // the first, the quantized kernels below the tiles the second.
+            amx_bf16: avx512 && has!("avx512bf16") && has!("avx512vnni") && amx::present(),
         }
     }
 

@@ -56,6 +56,22 @@ pub(crate) fn quantized_available(ws: &[&QTensor]) -> bool {
     cpu::quantized_available(ws)
 }
 
+/// The micro-kernel the dense CPU ops run for `m` tokens of depth `k` on `dtype` weights
+/// (`None` where they do not run).
+pub(crate) fn dense_micro_kernel(dtype: DType, m: usize, k: usize) -> Option<detect::MicroKernel> {
+    cpu::dense_micro_kernel(dtype, m, k)
+}
+
+/// The micro-kernel the quantized CPU ops run for `m` tokens of weight `w` (`None` where they
+/// do not take it).
+pub(crate) fn quant_micro_kernel(
+    w: &QTensor,
+    m: usize,
+    exact_q4_1: bool,
+) -> Option<detect::MicroKernel> {
+    cpu::quant_micro_kernel(w, m, exact_q4_1)
+}
+
 /// `σ(gate) ⊙ up` in one pass where a kernel exists for the device and dtype (CPU with
 /// AVX-512, CUDA, Metal), else with candle's ops ([`Activation::gated`]); differentiable
 /// either way.

@@ -153,6 +153,8 @@ pub(crate) struct QuantGateUpOp {
     pub(crate) wg: Arc<QTensor>,
     pub(crate) wu: Arc<QTensor>,
     pub(crate) act: Activation,
+    /// Q4_1 decoded exactly to f32 at every token count (never on the AMX tiles).
+    pub(crate) exact_q4_1: bool,
 }
 
 impl CustomOp1 for QuantGateUpOp {
@@ -169,6 +171,8 @@ impl CustomOp1 for QuantGateUpOp {
 #[derive(Debug, Clone)]
 pub(crate) struct QuantLinearOp {
     pub(crate) w: Arc<QTensor>,
+    /// As [`QuantGateUpOp::exact_q4_1`].
+    pub(crate) exact_q4_1: bool,
 }
 
 impl CustomOp1 for QuantLinearOp {

@@ -3,8 +3,9 @@
 //! own ops there, and the ops, should they be called anyway, return an error.
 
 use candle_core::quantized::QTensor;
-use candle_core::{CpuStorage, Layout, Result, Shape};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape};
 
+use super::detect::MicroKernel;
 use super::ops::{GateUpOp, GatedOp, LinearOp, QuantGateUpOp, QuantLinearOp};
 
 /// Whether the CPU ops can run on this machine: never here.
@@ -15,6 +16,16 @@ pub(super) fn available() -> bool {
 /// Whether the quantized ops can take these weights: never here.
 pub(super) fn quantized_available(_: &[&QTensor]) -> bool {
     false
+}
+
+/// The micro-kernel the dense ops would run: none here.
+pub(super) fn dense_micro_kernel(_: DType, _: usize, _: usize) -> Option<MicroKernel> {
+    None
+}
+
+/// The micro-kernel the quantized ops would run: none here.
+pub(super) fn quant_micro_kernel(_: &QTensor, _: usize, _: bool) -> Option<MicroKernel> {
+    None
 }
 
 fn unavailable<T>(op: &str) -> Result<T> {

@@ -14,6 +14,7 @@ use std::arch::x86_64::*;
 use candle_core::DType;
 
 use super::element::Element;
+use super::vnni::{Q4K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K};
 use crate::Activation;
 
 /// Loads 16 elements as f32.
@@ -118,9 +119,28 @@ pub(crate) trait Encoding: Copy + Send + Sync + 'static {
     /// Values `[i, i + n)`, zeros after; `n < 16`; reads nothing past them.
     unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512;
 
+    /// Values `[i, i + 32)` as f32, two vectors (`i` a multiple of 32; the row holds them).
+    /// Encodings with 32-value blocks decode the block's header once here.
+    #[inline(always)]
+    unsafe fn load32(row: *const u8, i: usize) -> [__m512; 2] {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe { [Self::load16(row, i), Self::load16(row, i + 16)] }
+    }
+
+    /// Values `[i, i + n)` as bf16 bits, rounded to nearest even (32 lanes, zeros past `n`;
+    /// `i` a multiple of 32, `n ≤ 32`): the AMX tiles' operand. Reads nothing past them.
+    #[inline(always)]
+    unsafe fn load32_bf16(row: *const u8, i: usize, n: usize) -> __m512i {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe { decode32_bf16::<Self>(row, i, n) }
+    }
+
     /// Whether, over many tokens, rows are better decoded to f32 once per chunk than on every
     /// pass over the tokens: true where decoding costs more than reading f32 from L1 (Q4_1).
     const WIDEN: bool = false;
+    /// Whether the rows are bf16 as the tiles take them, so that the tiled schedule may read
+    /// them in place (dense bf16 only).
+    const TILE_ROWS: bool = false;
     /// `out[t][r] = Σ x[t]·w[r]`, as [`dot_kernel`].
     #[inline(always)]
     unsafe fn dot<const R: usize, const TT: usize>(
@@ -136,11 +156,31 @@ pub(crate) trait Encoding: Copy + Send + Sync + 'static {
     }
 }
 
+/// [`Encoding::load32_bf16`] by way of f32: two [`Encoding::load16`]s, rounded.
+#[inline(always)]
+unsafe fn decode32_bf16<E: Encoding>(row: *const u8, i: usize, n: usize) -> __m512i {
+    // SAFETY: the module's contract (`# Safety` above) is this function's.
+    // (No closures here: they would not inherit the caller's target features.)
+    unsafe {
+        let (lo, hi) = if n == 32 {
+            (E::load16(row, i), E::load16(row, i + 16))
+        } else if n > 16 {
+            (E::load16(row, i), E::load16_tail(row, i + 16, n - 16))
+        } else {
+            (E::load16_tail(row, i, n), _mm512_setzero_ps())
+        };
+        let lo = to_bf16_bits(lo);
+        let hi = to_bf16_bits(hi);
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+}
+
 /// Plain rows of `T`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Dense<T>(std::marker::PhantomData<T>);
 
 impl<T: Element> Encoding for Dense<T> {
+    const TILE_ROWS: bool = matches!(T::DTYPE, DType::BF16);
     fn row_bytes(k: usize) -> usize {
         k * std::mem::size_of::<T>()
     }
@@ -155,6 +195,19 @@ impl<T: Element> Encoding for Dense<T> {
         // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
         // the CPU features and passes pointers valid for the lengths documented here.
         unsafe { load16_mask((row as *const T).add(i), tail_mask(n)) }
+    }
+    #[inline(always)]
+    unsafe fn load32_bf16(row: *const u8, i: usize, n: usize) -> __m512i {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            if T::DTYPE == DType::BF16 {
+                // bf16 rows are copied as they are.
+                let mask = (((1u64 << n) - 1) & 0xffff_ffff) as __mmask32;
+                _mm512_maskz_loadu_epi16(mask, (row as *const i16).add(i))
+            } else {
+                decode32_bf16::<Self>(row, i, n)
+            }
+        }
     }
 }
 
@@ -191,6 +244,23 @@ impl Encoding for Q4_1 {
         }
     }
     #[inline(always)]
+    unsafe fn load32(row: *const u8, i: usize) -> [__m512; 2] {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let block = row.add(i / 32 * Q4_1_BLOCK_BYTES);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+            let d = _mm512_broadcastss_ps(dm);
+            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+            let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(4) as *const __m128i));
+            let lo = _mm512_and_si512(codes, _mm512_set1_epi32(0xf));
+            let hi = _mm512_srli_epi32::<4>(codes);
+            [
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), d, m),
+                _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), d, m),
+            ]
+        }
+    }
+    #[inline(always)]
     unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512 {
         // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
         // the CPU features and passes pointers valid for the lengths documented here.
@@ -211,6 +281,142 @@ impl Encoding for Q4_1 {
         // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
         // the CPU features and passes pointers valid for the lengths documented here.
         unsafe { dot_kernel_q4_1::<R, TT>(k, w, x, ldx, out) }
+    }
+}
+
+/// GGUF's q8_0: blocks of 32 values, each an f16 scale `d` and 32 signed codes `q`; a value is
+/// `d·q`. (The VNNI kernels read these blocks in integers; this decodes them to f32, for the
+/// AMX tiles' bf16 operands.)
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Q8_0;
+
+impl Encoding for Q8_0 {
+    fn row_bytes(k: usize) -> usize {
+        k / QK * Q8_0_BLOCK_BYTES
+    }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, i: usize) -> __m512 {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let block = row.add(i / QK * Q8_0_BLOCK_BYTES);
+            let d = f16_at(block);
+            let codes = _mm_loadu_si128(block.add(2 + i % QK) as *const __m128i);
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), d)
+        }
+    }
+    #[inline(always)]
+    unsafe fn load32(row: *const u8, i: usize) -> [__m512; 2] {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let block = row.add(i / QK * Q8_0_BLOCK_BYTES);
+            let d = f16_at(block);
+            let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(2) as *const __m128i));
+            let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(18) as *const __m128i));
+            [
+                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
+                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512 {
+        // SAFETY: rows are whole blocks: a tail reads inside its block.
+        unsafe { _mm512_maskz_mov_ps(tail_mask(n), Self::load16(row, i)) }
+    }
+}
+
+/// GGUF's q4k ("Q4_K"): super-blocks of 256 values in 8 sub-blocks of 32, each with a 6-bit
+/// scale `sc[j]` and minimum `m[j]` under the super-block's f16 `d` and `dmin`; a value is
+/// `(d·sc[j])·q − dmin·m[j]`, as GGUF (and candle) decode it. Decoded to f32 for the AMX tiles.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Q4K;
+
+impl Q4K {
+    /// Sub-block `j`'s 6-bit scale and minimum from the super-block's 12 packed bytes.
+    #[inline(always)]
+    fn scale_min(packed: &[u8; 12], j: usize) -> (u8, u8) {
+        if j < 4 {
+            (packed[j] & 63, packed[j + 4] & 63)
+        } else {
+            (
+                (packed[j + 4] & 0xf) | ((packed[j - 4] >> 6) << 4),
+                (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+            )
+        }
+    }
+}
+
+impl Q4K {
+    /// The sub-block holding value `i` of a row: its scale `d·sc[j]`, its minimum `dmin·m[j]`
+    /// (both broadcast), its 32 bytes of codes, and whether its codes are the high nibbles.
+    #[inline(always)]
+    unsafe fn sub_block(row: *const u8, i: usize) -> (__m512, __m512, *const u8, bool) {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let block = row.add(i / QK_K * Q4K_BLOCK_BYTES);
+            let j = i % QK_K / QK;
+            let (sc, m) = Self::scale_min(&*(block.add(4) as *const [u8; 12]), j);
+            let scale = _mm512_mul_ps(f16_at(block), _mm512_set1_ps(f32::from(sc)));
+            let min = _mm512_mul_ps(f16_at(block.add(2)), _mm512_set1_ps(f32::from(m)));
+            // Sub-blocks 2c and 2c + 1 share 32 bytes of codes: low nibbles, then high.
+            (scale, min, block.add(16 + 32 * (j / 2)), j % 2 == 1)
+        }
+    }
+
+    /// 16 values from 16 bytes of codes at `at`: `scale·q − min`, in two roundings as GGUF's
+    /// own decoding (bit-identical to candle's dequantization).
+    #[inline(always)]
+    unsafe fn decode16(at: *const u8, high: bool, scale: __m512, min: __m512) -> __m512 {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(at as *const __m128i));
+            let q = if high {
+                _mm512_srli_epi32::<4>(codes)
+            } else {
+                _mm512_and_si512(codes, _mm512_set1_epi32(0xf))
+            };
+            _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale), min)
+        }
+    }
+}
+
+impl Encoding for Q4K {
+    fn row_bytes(k: usize) -> usize {
+        k / QK_K * Q4K_BLOCK_BYTES
+    }
+    #[inline(always)]
+    unsafe fn load16(row: *const u8, i: usize) -> __m512 {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let (scale, min, codes, high) = Self::sub_block(row, i);
+            Self::decode16(codes.add(i % QK), high, scale, min)
+        }
+    }
+    #[inline(always)]
+    unsafe fn load32(row: *const u8, i: usize) -> [__m512; 2] {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let (scale, min, codes, high) = Self::sub_block(row, i);
+            [
+                Self::decode16(codes, high, scale, min),
+                Self::decode16(codes.add(16), high, scale, min),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512 {
+        // SAFETY: rows are whole super-blocks: a tail reads inside its block.
+        unsafe { _mm512_maskz_mov_ps(tail_mask(n), Self::load16(row, i)) }
+    }
+}
+
+/// The f16 at `p`, widened and broadcast.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> __m512 {
+    // SAFETY: the module's contract (`# Safety` above) is this function's.
+    unsafe {
+        let h = (p as *const u16).read_unaligned();
+        _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
     }
 }
 
@@ -688,12 +894,13 @@ pub(crate) unsafe fn pack16_f32<E: Encoding>(
     }
 }
 
-/// Packs 16 bf16 rows' values `[0, kc)` (weight rows for the packed schedule, token rows for
-/// the tiled one) as pairs: `dst[p * ld + 2·row + (0, 1)]` holds the row's values `2p` and
-/// `2p + 1` (zeros past `kc` and for a missing row), for `p < ⌈kc / 2⌉`. `ld` counts u16.
+/// Packs 16 rows' values `[0, kc)` as bf16 pairs (weight rows for the packed schedule, token
+/// rows for the tiled one; bf16 rows as they are, others rounded to nearest even):
+/// `dst[p * ld + 2·row + (0, 1)]` holds the row's values `2p` and `2p + 1` (zeros past `kc` and
+/// for a missing row), for `p < ⌈kc / 2⌉`. `ld` counts u16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-pub(crate) unsafe fn pack16_pairs(
-    rows: &[Option<*const u16>; 16],
+pub(crate) unsafe fn pack16_pairs<T: Element>(
+    rows: &[Option<*const T>; 16],
     kc: usize,
     dst: *mut u16,
     ld: usize,
@@ -705,11 +912,11 @@ pub(crate) unsafe fn pack16_pairs(
         while kk < kc {
             // 32 values (16 pairs) of each row per step.
             let n = (kc - kk).min(32);
-            let m = (((1u64 << n) - 1) & 0xffff_ffff) as __mmask32;
             let mut r = [_mm512_setzero_ps(); 16];
             for (v, row) in r.iter_mut().zip(rows) {
                 if let Some(p) = row {
-                    *v = _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, p.add(kk) as *const i16));
+                    let bits = Dense::<T>::load32_bf16(*p as *const u8, kk, n);
+                    *v = _mm512_castsi512_ps(bits);
                 }
             }
             transpose16(&mut r);

@@ -30,12 +30,12 @@ mod vnni;
 use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, WithDType};
 use half::{bf16, f16};
 
 use self::avx512::{Dense, Encoding};
 use self::element::Element;
-use super::detect::features;
+use super::detect::{features, MicroKernel};
 use super::ops::{GateUpOp, GatedOp, LinearOp, QuantGateUpOp, QuantLinearOp};
 use crate::Activation;
 
@@ -145,11 +145,54 @@ pub(crate) enum Compute {
     Amx,
 }
 
+/// The micro-kernel [`matmul`] runs for `m` tokens of depth `k`, with `compute`, on weights of
+/// dtype bf16 (`bf16`) or another: the one place that choice is made.
+fn dense_kernel(compute: Compute, bf16: bool, m: usize, k: usize) -> MicroKernel {
+    if compute == Compute::Amx && bf16 && m >= tiled::MIN_TOKENS && k > 0 {
+        MicroKernel::AmxBf16
+    } else if m <= dot::MAX_TOKENS || k == 0 {
+        MicroKernel::FmaRows
+    } else if compute == Compute::Bf16Dot && bf16 {
+        MicroKernel::Avx512Bf16
+    } else {
+        MicroKernel::FmaPacked
+    }
+}
+
+/// The micro-kernel [`quant_matmul`] runs for `m` tokens of `qtype` weights.
+fn quant_kernel(qtype: QuantType, m: usize, exact_q4_1: bool) -> MicroKernel {
+    let tiles = !(exact_q4_1 && qtype == QuantType::Q4_1);
+    match qtype {
+        _ if tiles && features().amx_bf16() && m >= qtype.tile_min_tokens() => MicroKernel::AmxBf16,
+        QuantType::Q4_1 => dense_kernel(Compute::Fma, false, m, 1),
+        QuantType::Int8(_) if m <= int8::DOT_MAX_TOKENS => MicroKernel::VnniRows,
+        QuantType::Int8(_) => MicroKernel::VnniPacked,
+    }
+}
+
+/// The micro-kernel the dense ops run for `m` tokens of depth `k` on `dtype` weights, if the
+/// CPU ops take them.
+pub(super) fn dense_micro_kernel(dtype: DType, m: usize, k: usize) -> Option<MicroKernel> {
+    let compute = match dtype {
+        DType::F32 => Compute::best::<f32>(),
+        DType::BF16 => Compute::best::<bf16>(),
+        DType::F16 => Compute::best::<f16>(),
+        _ => return None,
+    };
+    available().then(|| dense_kernel(compute, dtype == DType::BF16, m, k))
+}
+
+/// The micro-kernel the quantized ops run for `m` tokens of weight `w`, if they take it.
+pub(super) fn quant_micro_kernel(w: &QTensor, m: usize, exact_q4_1: bool) -> Option<MicroKernel> {
+    let qtype = blocks(w)?.0;
+    Some(quant_kernel(qtype, m, exact_q4_1))
+}
+
 impl Compute {
     /// The compute for dense `T` weights and activations in this process: for bf16, AMX tiles
     /// or bf16 dot products where [`features`] chose them (see `detect.rs`); else f32 FMAs.
     pub(crate) fn best<T: Element>() -> Self {
-        let bf16 = T::DTYPE == candle_core::DType::BF16;
+        let bf16 = T::DTYPE == DType::BF16;
         if bf16 && features().amx_bf16() {
             Compute::Amx
         } else if bf16 && features().bf16_dot() {
@@ -193,30 +236,18 @@ pub(crate) unsafe fn matmul<T: Element, E: Encoding>(
     if m == 0 || n == 0 {
         return out;
     }
-    let bf16 = T::DTYPE == candle_core::DType::BF16;
-    if compute == Compute::Amx && bf16 && m >= tiled::MIN_TOKENS && k > 0 {
-        // SAFETY: `T` is bf16, whose bits are a u16.
-        let (x, out16) = unsafe {
-            (
-                std::slice::from_raw_parts(x.as_ptr() as *const u16, x.len()),
-                std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u16, out.len()),
-            )
-        };
-        // SAFETY: the caller's contract is the tiled schedule's.
-        unsafe { tiled::run(x, m, k, w, n, bias, out16) };
-        return out;
-    }
-    // SAFETY: the caller's contract is the schedules'.
+    let bf16 = T::DTYPE == DType::BF16;
+    // SAFETY: the caller's contract is the schedules'; the tiles and bf16 dot products are
+    // chosen only for bf16 (dense, by the contract).
     unsafe {
-        // The dot schedule also takes k = 0 (sums of nothing, plus the biases).
-        if m <= dot::MAX_TOKENS || k == 0 {
-            dot::run::<T, E>(x, m, k, w, n, bias, &mut out);
-        } else {
-            let micro = match compute {
-                Compute::Bf16Dot if bf16 => packed::Micro::Bf16Dot,
-                _ => packed::Micro::Fma,
-            };
-            packed::run::<T, E>(x, m, k, w, n, bias, micro, &mut out);
+        match dense_kernel(compute, bf16, m, k) {
+            MicroKernel::AmxBf16 => tiled::run::<T, E>(x, m, k, w, n, bias, &mut out),
+            // The dot schedule also takes k = 0 (sums of nothing, plus the biases).
+            MicroKernel::FmaRows => dot::run::<T, E>(x, m, k, w, n, bias, &mut out),
+            MicroKernel::Avx512Bf16 => {
+                packed::run::<T, E>(x, m, k, w, n, bias, packed::Micro::Bf16Dot, &mut out)
+            }
+            _ => packed::run::<T, E>(x, m, k, w, n, bias, packed::Micro::Fma, &mut out),
         }
     }
     out
@@ -254,6 +285,14 @@ impl QuantType {
             GgmlDType::Q8_0 if features.vnni() => Some(QuantType::Int8(vnni::Kind::Q8_0)),
             GgmlDType::Q4K if features.vnni() => Some(QuantType::Int8(vnni::Kind::Q4K)),
             _ => None,
+        }
+    }
+
+    /// From this many tokens the AMX tiles take these weights (on AMX machines).
+    fn tile_min_tokens(self) -> usize {
+        match self {
+            QuantType::Q4_1 => tiled::QUANT_MIN_TOKENS_Q4_1,
+            QuantType::Int8(_) => tiled::QUANT_MIN_TOKENS_INT8,
         }
     }
 
@@ -464,14 +503,7 @@ pub(super) fn quant_gate_up(
     );
     // SAFETY: `blocks` checked the CPU features and that the blocks hold n rows of k
     // values; `f32_input` that x holds m × k.
-    let h = unsafe {
-        match fg {
-            QuantType::Q4_1 => {
-                matmul::<f32, avx512::Q4_1>(x, m, k, w, n, Bias::default(), Compute::Fma)
-            }
-            QuantType::Int8(kind) => int8::matmul(x, m, k, w, n, kind),
-        }
-    };
+    let h = unsafe { quant_matmul(x, m, k, w, n, fg, op.exact_q4_1) };
     Ok((CpuStorage::F32(h), Shape::from((m, n))))
 }
 
@@ -490,15 +522,51 @@ pub(super) fn quant_linear(
     }
     let w = Weights::Single(Mat::blocks(&w, qtype.row_bytes(k)));
     // SAFETY: as in `quant_gate_up`.
-    let y = unsafe {
-        match qtype {
-            QuantType::Q4_1 => {
-                matmul::<f32, avx512::Q4_1>(x, m, k, w, n, Bias::default(), Compute::Fma)
+    let y = unsafe { quant_matmul(x, m, k, w, n, qtype, op.exact_q4_1) };
+    Ok((CpuStorage::F32(y), Shape::from((m, n))))
+}
+
+/// The quantized ops' product, `[m, n]` f32: on the AMX tiles from
+/// [`QuantType::tile_min_tokens`] tokens where [`features`] chose them (weights decoded to bf16
+/// per block as they are packed, activations rounded to bf16); below, or without AMX, Q4_1
+/// decoded exactly to f32 and q8_0/q4k in integers over 8-bit activations (`int8.rs`). With
+/// `exact_q4_1`, Q4_1 is decoded exactly at every token count.
+///
+/// # Safety
+/// As [`matmul`]'s, with `w` in `qtype`'s blocks (checked by [`blocks`]).
+unsafe fn quant_matmul(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    qtype: QuantType,
+    exact_q4_1: bool,
+) -> Vec<f32> {
+    let bias = Bias::default();
+    if quant_kernel(qtype, m, exact_q4_1) == MicroKernel::AmxBf16 && n > 0 {
+        let mut out = vec![0.0; m * n];
+        // SAFETY: the caller's contract; `amx_bf16` says the tiles are granted.
+        unsafe {
+            match qtype {
+                QuantType::Q4_1 => tiled::run::<f32, avx512::Q4_1>(x, m, k, w, n, bias, &mut out),
+                QuantType::Int8(vnni::Kind::Q8_0) => {
+                    tiled::run::<f32, avx512::Q8_0>(x, m, k, w, n, bias, &mut out)
+                }
+                QuantType::Int8(vnni::Kind::Q4K) => {
+                    tiled::run::<f32, avx512::Q4K>(x, m, k, w, n, bias, &mut out)
+                }
             }
+        }
+        return out;
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        match qtype {
+            QuantType::Q4_1 => matmul::<f32, avx512::Q4_1>(x, m, k, w, n, bias, Compute::Fma),
             QuantType::Int8(kind) => int8::matmul(x, m, k, w, n, kind),
         }
-    };
-    Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
 }
 
 /// `out = σ(g) ⊙ u`, element-wise, split across threads.

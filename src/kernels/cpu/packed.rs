@@ -133,7 +133,8 @@ impl Task {
                                 let dst = dst as *mut u16;
                                 for half in 0..2 {
                                     let rows = std::array::from_fn(|r| {
-                                        rows[half * 16 + r].map(|p| (p as *const u16).add(pc))
+                                        rows[half * 16 + r]
+                                            .map(|p| (p as *const half::bf16).add(pc))
                                     });
                                     avx512::pack16_pairs(&rows, kc, dst.add(half * 32), 2 * NR);
                                 }

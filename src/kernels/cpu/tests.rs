@@ -3,9 +3,9 @@
 
 use half::{bf16, f16};
 
-use super::avx512::{self, Dense, Encoding, Q4_1};
+use super::avx512::{self, Dense, Encoding, Q4K, Q4_1, Q8_0};
 use super::element::Element;
-use super::{int8, matmul, vnni, Bias, Compute, Mat, Weights};
+use super::{int8, matmul, quant_matmul, vnni, Bias, Compute, Mat, QuantType, Weights};
 use crate::kernels::detect::features;
 use crate::Activation;
 
@@ -630,6 +630,177 @@ fn amx_keeps_nan_to_its_token() {
                     0 => assert!(row.iter().all(|v| v.is_nan()), "m{m} token {t}"),
                     1 => assert!(row.iter().all(|v| !v.is_finite()), "m{m} token {t}"),
                     _ => assert!(row.iter().all(|v| v.is_finite()), "m{m} token {t}"),
+                }
+            }
+        }
+    }
+}
+
+/// Random weights `[n, k]` quantized to `dtype`: the blocks, and their dequantization by candle.
+fn quantized(
+    dtype: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+    seed: u64,
+) -> (Vec<u8>, Vec<f32>) {
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+    let v = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&v, dtype).unwrap();
+    let deq = q.dequantize(&Device::Cpu).unwrap();
+    (
+        q.data().unwrap().into_owned(),
+        deq.flatten_all().unwrap().to_vec1().unwrap(),
+    )
+}
+
+/// The GGUF types the AMX tiles take, with their encodings' row decoders.
+fn tile_types() -> [(candle_core::quantized::GgmlDType, QuantType, usize); 3] {
+    use candle_core::quantized::GgmlDType;
+    [
+        (GgmlDType::Q4_1, QuantType::Q4_1, 32),
+        (GgmlDType::Q8_0, QuantType::Int8(vnni::Kind::Q8_0), 32),
+        (GgmlDType::Q4K, QuantType::Int8(vnni::Kind::Q4K), 256),
+    ]
+}
+
+/// Decodes a row's values `[0, k)` with `E::load32_bf16`'s f32 twin, `load16`, and with
+/// `load32_bf16` itself.
+unsafe fn decode_row<E: Encoding>(row: &[u8], k: usize) -> (Vec<f32>, Vec<u16>) {
+    let (mut f, mut b) = (vec![0f32; k], vec![0u16; k]);
+    // SAFETY: the caller's contract: AVX-512, and `row` holds k values of `E`.
+    unsafe {
+        for i in (0..k).step_by(16) {
+            std::arch::x86_64::_mm512_storeu_ps(f[i..].as_mut_ptr(), E::load16(row.as_ptr(), i));
+        }
+        for i in (0..k).step_by(32) {
+            let v = E::load32_bf16(row.as_ptr(), i, 32);
+            std::arch::x86_64::_mm512_storeu_si512(b[i..].as_mut_ptr() as *mut _, v);
+        }
+    }
+    (f, b)
+}
+
+#[test]
+fn block_decoders_match_candles_dequantization() {
+    if !avx512() {
+        return;
+    }
+    let (n, k) = (5, 512);
+    for (dtype, qtype, _) in tile_types() {
+        let (blocks, deq) = quantized(dtype, n, k, 11);
+        let rb = qtype.row_bytes(k);
+        for j in 0..n {
+            let row = &blocks[j * rb..(j + 1) * rb];
+            // SAFETY: AVX-512 checked; the row holds k values.
+            let (f, b) = unsafe {
+                match qtype {
+                    QuantType::Q4_1 => decode_row::<Q4_1>(row, k),
+                    QuantType::Int8(vnni::Kind::Q8_0) => decode_row::<Q8_0>(row, k),
+                    QuantType::Int8(vnni::Kind::Q4K) => decode_row::<Q4K>(row, k),
+                }
+            };
+            let want = &deq[j * k..(j + 1) * k];
+            assert_eq!(f, want, "{dtype:?} row {j}: f32 decoding");
+            let rounded: Vec<u16> = want.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+            assert_eq!(b, rounded, "{dtype:?} row {j}: bf16 decoding");
+        }
+    }
+}
+
+#[test]
+fn amx_quantized_kernels_match_float64_over_bf16() {
+    if !amx() {
+        return;
+    }
+    let round = |v: f32| bf16::from_f32(v).to_f32() as f64;
+    for (dtype, qtype, block) in tile_types() {
+        // Tokens from the first the tiles take (4 for Q4_1, 64 for q8_0/q4k), odd counts, and
+        // past the packed-tokens threshold (96); n not a multiple of 16 or 32; k over several
+        // depth blocks of 4096 for one size.
+        let sizes = [
+            (4, 1, 1),
+            (5, 3, 37),
+            (17, 2, 70),
+            (65, 20, 33),
+            (130, 17, 40),
+        ];
+        let taken = sizes
+            .iter()
+            .filter(|s| s.0 >= qtype.tile_min_tokens())
+            .count();
+        assert!(taken >= 2, "{dtype:?}: the sizes must reach the tiles");
+        for (m, k_blocks, n) in sizes {
+            if m < qtype.tile_min_tokens() {
+                continue;
+            }
+            let k = k_blocks * block.max(256);
+            let (bg, dg) = quantized(dtype, n, k, 7);
+            let (bu, du) = quantized(dtype, n, k, 8);
+            let x = values(m * k, 9);
+            let rb = qtype.row_bytes(k);
+            let (g, u) = (Mat::blocks(&bg, rb), Mat::blocks(&bu, rb));
+            let act = Activation::Silu;
+            // SAFETY: AMX (and with it AVX512-VNNI) checked; the blocks hold n rows of k values.
+            let (h, y) = unsafe {
+                (
+                    quant_matmul(&x, m, k, Weights::GateUp(g, u, act), n, qtype, false),
+                    quant_matmul(&x, m, k, Weights::Single(g), n, qtype, false),
+                )
+            };
+            let dot = |a: &[f32], b: &[f32], r: &dyn Fn(f32) -> f64| {
+                a.iter().zip(b).map(|(a, b)| r(*a) * r(*b)).sum::<f64>()
+            };
+            let (mut worst, mut rounding, mut max) = (0f64, 0f64, 0f64);
+            for t in 0..m {
+                let xt = &x[t * k..(t + 1) * k];
+                for j in 0..n {
+                    let (wg, wu) = (&dg[j * k..(j + 1) * k], &du[j * k..(j + 1) * k]);
+                    // Over the bf16 roundings of both operands: only f32 summation apart.
+                    let gs = dot(xt, wg, &round);
+                    let want = act64(act, gs) * dot(xt, wu, &round);
+                    worst = worst
+                        .max((h[t * n + j] as f64 - want).abs())
+                        .max((y[t * n + j] as f64 - gs).abs());
+                    // Against the unrounded values: the bf16 roundings apart.
+                    let ge = dot(xt, wg, &|v| v as f64);
+                    rounding = rounding.max((y[t * n + j] as f64 - ge).abs());
+                    max = max.max(want.abs()).max(gs.abs());
+                }
+            }
+            let what = format!("{dtype:?} m{m} k{k} n{n}");
+            assert!(worst <= 1e-5 * max, "{what}: {worst:e} of {max:e}");
+            assert!(
+                rounding <= 1e-2 * max,
+                "{what}: rounding {rounding:e} of {max:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn amx_quantized_keeps_nan_to_its_token() {
+    if !amx() {
+        return;
+    }
+    let (k, n) = (512, 40);
+    for (dtype, qtype, _) in tile_types() {
+        let (blocks, _) = quantized(dtype, n, k, 3);
+        let w = Mat::blocks(&blocks, qtype.row_bytes(k));
+        for m in [4, 70, 130] {
+            let mut x = values(m * k, 4);
+            x[5] = f32::NAN;
+            x[k + 7] = f32::INFINITY;
+            for weights in [Weights::Single(w), Weights::GateUp(w, w, Activation::Silu)] {
+                // SAFETY: AMX checked; the blocks hold n rows of k values.
+                let y = unsafe { quant_matmul(&x, m, k, weights, n, qtype, false) };
+                for t in 0..m {
+                    let row = &y[t * n..(t + 1) * n];
+                    match t {
+                        0 => assert!(row.iter().all(|v| v.is_nan()), "{dtype:?} m{m} token {t}"),
+                        1 => assert!(row.iter().all(|v| !v.is_finite()), "{dtype:?} m{m} {t}"),
+                        _ => assert!(row.iter().all(|v| v.is_finite()), "{dtype:?} m{m} {t}"),
+                    }
                 }
             }
         }

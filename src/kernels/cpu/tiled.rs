@@ -1,25 +1,28 @@
-//! The tiled schedule: dense bf16 prefill on the AMX tiles ([`amx`]).
+//! The tiled schedule: prefill on the AMX tiles ([`amx`]), for dense bf16 weights and for GGUF
+//! Q4_1, q8_0 and q4k weights, which are decoded to bf16 as their panels are packed (per call,
+//! per depth block, into a per-thread buffer: no copy is kept). Activations are bf16, or f32
+//! rounded to bf16 once as they are packed; sums are f32.
 //!
 //! The weights are the tile products' first operand, whose tiles are plain rows: 16 weight rows
 //! of 32 values. Work is split by output columns, in panels of 32 weight rows (32 rows of one
 //! matrix, or 16 gate rows and the same 16 up rows). Below [`PACK_MIN_TOKENS`] tokens a panel's
 //! rows are read in place (when its 32 rows exist and the depth is a multiple of 32; else they
 //! are packed as below): the call is bound by reading the weights from memory, and a copy would
-//! only add to it. From [`PACK_MIN_TOKENS`], per depth block, a panel's rows are copied into
-//! contiguous tiles in a per-thread buffer (zeros past the matrix's rows and depth), from which
-//! every pair of token tiles uses them: tiles loaded from contiguous 1 KiB run a third faster
-//! than tiles loaded from rows 8 KiB apart in a 7B layer (891 against 672 GFLOP/s on one core,
-//! same data in L2), since tile loads, not products, bound the kernels here. No copy of the
-//! weights is kept.
+//! only add to it. From [`PACK_MIN_TOKENS`] (and always for GGUF weights), per depth block, a
+//! panel's rows are copied (or decoded) into contiguous tiles in a per-thread buffer (zeros
+//! past the matrix's rows and depth), from which every pair of token tiles uses them: tiles
+//! loaded from contiguous 1 KiB run a third faster than tiles loaded from rows 8 KiB apart in a
+//! 7B layer (891 against 672 GFLOP/s on one core, same data in L2), since tile loads, not
+//! products, bound the kernels here.
 //!
-//! The tokens are bf16 already on this path; they are packed once per call in the VNNI pair
-//! layout, 16 tokens a tile. The sums come out transposed, `C[column][token]`; the epilogue adds
+//! The tokens are packed once per call in the VNNI pair layout, 16 tokens a tile. The sums come out transposed, `C[column][token]`; the epilogue adds
 //! the biases, applies `σ(gate) ⊙ up`, transposes and rounds them once into the output.
 
 use std::arch::x86_64::*;
 
 use super::amx::{self, Tiles, TILE_BYTES};
-use super::avx512;
+use super::avx512::{self, Encoding};
+use super::element::Element;
 use super::packed::panel_rows;
 use super::parallel::{parallel_for, with_buffer, with_scratch, with_tokens, DisjointOut};
 use super::{column_tasks, Bias, Columns, Weights};
@@ -27,6 +30,15 @@ use super::{column_tasks, Bias, Columns, Weights};
 /// From this many tokens the tiles beat the dot schedule's streamed rows (measured on 7B bf16,
 /// alternating in one process: 7–8% slower at 2–3 tokens, 16% faster at 4).
 pub(crate) const MIN_TOKENS: usize = 4;
+/// From this many tokens GGUF Q4_1 weights are decoded to bf16 for the tiles rather than
+/// decoded exactly to f32 for FMAs: measured (Intel Xeon with AMX, 2 threads, alternating)
+/// on 7B, the tiles took 0.89× the exact kernels' time at 4 tokens, 0.49× at 8, 0.30× at 64.
+pub(crate) const QUANT_MIN_TOKENS_Q4_1: usize = 4;
+/// From this many tokens GGUF q8_0 and q4k weights are decoded to bf16 for the tiles rather
+/// than multiplied in integers (VNNI): measured as above, at 32 tokens the tiles took 1.09×
+/// (q8_0) and 1.42× (q4k) the VNNI kernels' time on 7B, at 64 tokens 0.72× and 0.87× (small
+/// shape, q8_0: 0.88×). Below, decoding a panel per call costs more than the tiles save.
+pub(crate) const QUANT_MIN_TOKENS_INT8: usize = 64;
 /// Weight rows per panel, and per micro-kernel call: two tiles of 16.
 const ROWS: usize = 32;
 /// Values of the input dimension per tile step.
@@ -42,24 +54,31 @@ const DEPTH: usize = 4096;
 /// 7B bf16 (Intel Xeon with AMX, 2 threads, alternating in one process), packed tiles were
 /// 1.09× faster at 128 tokens and 1.22× at 512, and 0.88× as fast at 64, 0.65× at 16.
 const PACK_MIN_TOKENS: usize = 96;
+/// How far ahead of the values it packs [`pack_panel`] prefetches each row: 32 rows at once
+/// are more streams than the hardware prefetchers follow. Measured on 7B q8_0 at 4 tokens
+/// (decoding bound): 256 bytes 1.25× as fast as none, 1.4× as fast as 2048; Q4_1 and q4k alike.
+const PREFETCH_BYTES: usize = 256;
 /// Bytes of sums one task keeps, 512 KiB, but for one panel at least (32 × tokens × 4 bytes).
 const SUM_BYTES: usize = 1 << 19;
 
-/// `y = x·Wᵀ + b`, or `h = σ(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu)`, on the tiles: `x` is `[m, k]` bf16 (as
-/// bits), the weights `[n, k]` dense bf16; writes `[m, n]` bf16 into `out`.
+/// `y = x·Wᵀ + b`, or `h = σ(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu)`, on the tiles: `x` is `[m, k]` of `T`
+/// (rounded to bf16 unless it is bf16), the weights `[n, k]` in encoding `E` (dense bf16 read
+/// as they are, any other decoded and rounded to bf16 as they are packed); writes `[m, n]` of
+/// `T` into `out`, from f32 sums rounded once.
 ///
 /// # Safety
 /// [`features`](crate::kernels::detect::features)`().avx512()` and
 /// [`amx_usable`](crate::kernels::detect::amx_usable)`()` must be true; `x` holds `m × k`
-/// values, the weights `n` rows of `k` bf16, biases (if any) `n` values, `out` `m × n`.
-pub(crate) unsafe fn run(
-    x: &[u16],
+/// values, the weights `n` rows of `k` values in encoding `E`, biases (if any) `n` values,
+/// `out` `m × n`.
+pub(crate) unsafe fn run<T: Element, E: Encoding>(
+    x: &[T],
     m: usize,
     k: usize,
     w: Weights<'_>,
     n: usize,
     bias: Bias<'_>,
-    out: &mut [u16],
+    out: &mut [T],
 ) {
     debug_assert!(m > 0 && k > 0 && n > 0);
     let tiles = m.div_ceil(16);
@@ -70,7 +89,7 @@ pub(crate) unsafe fn run(
     with_tokens(len, |buf| {
         let dst = DisjointOut::new(&mut *buf);
         parallel_for(tiles, |tb| {
-            let rows: [Option<*const u16>; 16] = std::array::from_fn(|i| {
+            let rows: [Option<*const T>; 16] = std::array::from_fn(|i| {
                 let t = tb * 16 + i;
                 (t < m).then(|| x[t * k..].as_ptr())
             });
@@ -90,7 +109,7 @@ pub(crate) unsafe fn run(
             steps,
         };
         // SAFETY: the caller's contract, and the tokens just packed.
-        unsafe { run_tasks(&toks, m, k, w, n, bias, out) };
+        unsafe { run_tasks::<T, E>(&toks, m, k, w, n, bias, out) };
     });
 }
 
@@ -109,14 +128,14 @@ impl Tokens<'_> {
 }
 
 /// The tasks: `per_task` output columns each, in panels.
-unsafe fn run_tasks(
+unsafe fn run_tasks<T: Element, E: Encoding>(
     toks: &Tokens<'_>,
     m: usize,
     k: usize,
     w: Weights<'_>,
     n: usize,
     bias: Bias<'_>,
-    out: &mut [u16],
+    out: &mut [T],
 ) {
     let mp = toks.tiles * 16;
     let panels = (SUM_BYTES / (ROWS * mp * 4)).clamp(1, PANELS);
@@ -125,7 +144,7 @@ unsafe fn run_tasks(
         let task = Task { m, k, n, cols };
         // SAFETY: tasks write disjoint column ranges of `out`; the caller's contract covers the
         // rest.
-        unsafe { task.run(toks, w, bias, out) }
+        unsafe { task.run::<T, E>(toks, w, bias, out) }
     });
 }
 
@@ -138,19 +157,19 @@ struct Task {
 }
 
 impl Task {
-    unsafe fn run(
+    unsafe fn run<T: Element, E: Encoding>(
         &self,
         toks: &Tokens<'_>,
         w: Weights<'_>,
         bias: Bias<'_>,
-        out: DisjointOut<'_, u16>,
+        out: DisjointOut<'_, T>,
     ) {
         let mp = toks.tiles * 16;
         let panels = self.cols.panels();
         // Sums `C[row][token]`, 32 rows a panel.
         with_scratch(panels * ROWS * mp, 0, |c, _| {
             // SAFETY: the caller's contract; `c` holds the panels' sums.
-            unsafe { self.sums(toks, w, c) };
+            unsafe { self.sums::<E>(toks, w, c) };
             for p in 0..panels {
                 let (j, valid) = self.cols.panel(p);
                 let sums = &c[p * ROWS * mp..(p + 1) * ROWS * mp];
@@ -164,7 +183,7 @@ impl Task {
     /// The sums: panel after panel, a depth block at a time, each against every token (a
     /// panel's rows stream from memory once), the rows read in place or packed as the module's
     /// doc says.
-    unsafe fn sums(&self, toks: &Tokens<'_>, w: Weights<'_>, c: &mut [f32]) {
+    unsafe fn sums<E: Encoding>(&self, toks: &Tokens<'_>, w: Weights<'_>, c: &mut [f32]) {
         let k = self.k;
         let kc = DEPTH.min(k.next_multiple_of(STEP));
         let mp = toks.tiles * 16;
@@ -175,7 +194,11 @@ impl Task {
             for (p, sums) in c.chunks_exact_mut(ROWS * mp).enumerate() {
                 let (j, valid) = self.cols.panel(p);
                 let rows = panel_rows(w, j, j + valid);
-                let in_place = if pack { None } else { in_place(&rows, w, k) };
+                let in_place = if pack {
+                    None
+                } else {
+                    in_place::<E>(&rows, w, k)
+                };
                 for pc in (0..k).step_by(kc) {
                     let depth = kc.min(k - pc);
                     let steps = depth.div_ceil(STEP);
@@ -186,7 +209,7 @@ impl Task {
                         None => {
                             // SAFETY: the rows hold `pc + depth` values; `packed` holds 32
                             // rows of `kc`.
-                            unsafe { pack_panel(&rows, pc, depth, &mut *packed) };
+                            unsafe { pack_panel::<E>(&rows, pc, depth, &mut *packed) };
                             let a0 = packed.as_ptr() as *const u16;
                             (a0, a0.wrapping_byte_add(steps * TILE_BYTES), 64, TILE_BYTES)
                         }
@@ -243,9 +266,9 @@ unsafe fn pair(
 }
 
 /// The panel's two groups of 16 rows in place (each group's first row), and the distance
-/// between rows in bytes, when its 32 rows all exist and the depth is a multiple of 32 (the
-/// tiles then never read past a row).
-fn in_place(
+/// between rows in bytes, when they are dense bf16, its 32 rows all exist and the depth is a
+/// multiple of 32 (the tiles then never read past a row).
+fn in_place<E: Encoding>(
     rows: &[Option<*const u8>; ROWS],
     w: Weights<'_>,
     k: usize,
@@ -259,18 +282,24 @@ fn in_place(
         let first = if i < 16 { a0 } else { a1 };
         *r == Some(first.wrapping_add(i % 16 * stride))
     });
-    (regular && k.is_multiple_of(STEP)).then_some((a0 as *const u16, a1 as *const u16, stride))
+    let ok = E::TILE_ROWS && regular && k.is_multiple_of(STEP);
+    ok.then_some((a0 as *const u16, a1 as *const u16, stride))
 }
 
 /// Packs 32 weight rows (`None`: zeros) over values `[pc, pc + depth)` into `dst` as the
-/// kernels' first operand: two groups of 16 rows, each a tile per step of 32 values (16 rows
-/// of 64 bytes, 1 KiB), group after group; zeros past `depth`.
+/// kernels' first operand, in bf16: two groups of 16 rows, each a tile per step of 32 values
+/// (16 rows of 64 bytes, 1 KiB), group after group; zeros past `depth`.
 ///
 /// # Safety
-/// The rows hold bf16 up to `pc + depth`; `dst` holds `2 × ⌈depth / 32⌉` KiB (a debug
-/// assertion checks it).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn pack_panel(rows: &[Option<*const u8>; ROWS], pc: usize, depth: usize, dst: &mut [f32]) {
+/// The rows hold values of encoding `E` up to `pc + depth` (`pc` a multiple of 32); `dst`
+/// holds `2 × ⌈depth / 32⌉` KiB (a debug assertion checks it).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx512bf16")]
+unsafe fn pack_panel<E: Encoding>(
+    rows: &[Option<*const u8>; ROWS],
+    pc: usize,
+    depth: usize,
+    dst: &mut [f32],
+) {
     let steps = depth.div_ceil(STEP);
     debug_assert!(std::mem::size_of_val(dst) >= 2 * steps * TILE_BYTES);
     let dst = dst.as_mut_ptr() as *mut u16;
@@ -281,12 +310,13 @@ unsafe fn pack_panel(rows: &[Option<*const u8>; ROWS], pc: usize, depth: usize, 
         // memory busier than one row after another.
         for s in 0..steps {
             let n = (depth - s * STEP).min(STEP);
+            let ahead = E::row_bytes(pc + s * STEP) + PREFETCH_BYTES;
             for (i, row) in rows.iter().enumerate() {
                 let (g, r) = (i / 16, i % 16);
                 let v = match row {
                     Some(p) => {
-                        let src = (*p as *const u16).wrapping_add(pc + s * STEP);
-                        _mm512_maskz_loadu_epi16(u32::MAX >> (32 - n), src as *const i16)
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
+                        load32::<E>(*p, pc + s * STEP, n)
                     }
                     None => _mm512_setzero_si512(),
                 };
@@ -297,13 +327,35 @@ unsafe fn pack_panel(rows: &[Option<*const u8>; ROWS], pc: usize, depth: usize, 
     }
 }
 
+/// Values `[i, i + n)` of a row as bf16 bits (zeros past `n ≤ 32`): dense bf16 as it is,
+/// others decoded to f32 and rounded to nearest even by VCVTNE2PS2BF16 (one instruction where
+/// plain AVX-512 takes nine per 16 values; every CPU with AMX has it).
+#[inline(always)]
+unsafe fn load32<E: Encoding>(row: *const u8, i: usize, n: usize) -> __m512i {
+    // SAFETY: the caller's contract (pack_panel's): the row holds the values, the features.
+    unsafe {
+        if E::TILE_ROWS {
+            return E::load32_bf16(row, i, n);
+        }
+        let (lo, hi) = if n == STEP {
+            let [lo, hi] = E::load32(row, i);
+            (lo, hi)
+        } else if n > 16 {
+            (E::load16(row, i), E::load16_tail(row, i + 16, n - 16))
+        } else {
+            (E::load16_tail(row, i, n), _mm512_setzero_ps())
+        };
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+}
+
 /// A panel's epilogue: `sums` holds 32 rows (`C[row][token]`, `mp` tokens a row) for output
 /// columns `[j, j + valid)`: 32 columns of one matrix, or 16 gate then the same 16 up columns.
 /// Adds the biases, applies `σ(gate) ⊙ up`, and writes `out[token][j..]` for the `m` tokens,
-/// rounded once to bf16.
+/// rounded once to `T`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn epilogue(
+unsafe fn epilogue<T: Element>(
     sums: &[f32],
     mp: usize,
     m: usize,
@@ -312,7 +364,7 @@ unsafe fn epilogue(
     j: usize,
     valid: usize,
     n: usize,
-    out: DisjointOut<'_, u16>,
+    out: DisjointOut<'_, T>,
 ) {
     debug_assert!(sums.len() >= ROWS * mp);
     let bias_at = |b: Option<&[f32]>, c: usize| b.map_or(0.0, |b| b[j + c]);
@@ -351,8 +403,7 @@ unsafe fn epilogue(
                 avx512::transpose16(&mut v);
                 let mask = avx512::tail_mask(cols);
                 for (i, v) in v.iter().enumerate().take(tokens) {
-                    let dst = out.at((t0 + i) * n + j + g) as *mut half::bf16;
-                    avx512::store16_mask(dst, *v, mask);
+                    avx512::store16_mask(out.at((t0 + i) * n + j + g), *v, mask);
                 }
             }
         }
