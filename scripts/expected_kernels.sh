@@ -15,9 +15,10 @@ if ! { has avx512f && has avx512bw && has avx512vl && has fma && has f16c; }; th
   exit 0
 fi
 auto=avx512
-if has amx_tile && has amx_bf16; then
+if has amx_tile && has amx_bf16 && has avx512_bf16 && has avx512_vnni; then
   # The flags mean the CPU has AMX and the kernel enables its state; Linux grants it to every
-  # process that asks (arch_prctl), as the crate does.
+  # process that asks (arch_prctl), as the crate does. The crate's `amx` set also needs
+  # AVX512-BF16 and VNNI, which every AMX CPU has (a VM may hide them).
   auto=amx
 elif has avx512_bf16 && [[ "$vendor" == *AuthenticAMD* ]]; then
   auto=avx512-bf16

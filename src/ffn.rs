@@ -17,9 +17,10 @@ pub enum Projection {
     /// A dense weight in any float dtype, as a [`candle_nn::Linear`].
     Dense(Linear),
     /// A quantized weight (GGUF), held in candle's [`QMatMul`], with f32 activations. On a CPU,
-    /// the block multiplies Q4_1 (with AVX-512), q8_0 and q4k (with AVX512-VNNI) by the crate's
-    /// own kernels, which read the blocks in place; other types, other devices, and a
-    /// `Projection` used alone, multiply through `QMatMul`.
+    /// the block multiplies Q4_1 (with AVX-512), q8_0 and q4k (with AVX512-VNNI), and all three
+    /// on the AMX tiles at prefill where the CPU has them, by the crate's own kernels, which read
+    /// the blocks in place; other types, other devices, and a `Projection` used alone, multiply
+    /// through `QMatMul`.
     Quantized {
         /// The quantized weight, `[out, in]`.
         weight: QMatMul,
@@ -314,10 +315,12 @@ impl GluFeedForward {
         }
     }
 
-    /// The CPU micro-kernel that multiplies the gate and up projections for `xs` (the down
-    /// projection's is the same kind, chosen for its own depth), or `None` where candle's ops
-    /// run. It depends on the weights' type, the token count (`xs`'s elements over the hidden
-    /// size) and the CPU ([`cpu_kernels`](crate::cpu_kernels)): for logs and benchmarks.
+    /// The CPU micro-kernel that multiplies the gate and up projections for `xs` (for GGUF
+    /// weights whose gate and up the crate's kernels do not take, the down projection's), or
+    /// `None` where candle's ops run. It depends on the weights' type, the token count (`xs`'s
+    /// elements over the hidden size) and the CPU ([`cpu_kernels`](crate::cpu_kernels)); the
+    /// down projection's is chosen the same way for its own type and depth (the same kernel
+    /// but for GGUF types that differ from gate and up's). For logs and benchmarks.
     ///
     /// ```rust
     /// use candle_core::{DType, Device, Tensor};

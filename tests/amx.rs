@@ -1,10 +1,11 @@
 //! The AMX tile state, through the public API, where `auto` takes the tiles: the tiles are
-//! configured on each worker thread per task and released after it, and the process's
+//! configured on each worker thread per task and handed back as found after it (released if
+//! they were unconfigured; candle's own AMX kernels keep theirs), and the process's
 //! permission (asked once, on first use) covers threads started later. A bf16 block's forward
 //! from eight threads started after that, again and again, must equal the same forward run
 //! alone, bit for bit. (candle's worker pool runs one call at a time, so the eight threads'
-//! forwards interleave rather than overlap; each still configures and releases the tiles of the
-//! threads it runs on.) Elsewhere: `SKIPPED (no AMX)` (or a failure, when
+//! forwards interleave rather than overlap; each still configures and hands back the tiles of
+//! the threads it runs on.) Elsewhere: `SKIPPED (no AMX)` (or a failure, when
 //! `CANDLE_GLU_REQUIRE_KERNELS` says `amx`).
 
 mod common;
@@ -51,7 +52,7 @@ fn new_threads_give_the_same_bits() {
         assert_eq!(ffn.forward_path(&x), ForwardPath::Fused);
         let alone: Vec<u16> = bits(&ffn.forward(&x).unwrap());
         // Threads that did not exist when the permission was asked, each forward on tiles
-        // configured and released per task.
+        // configured and handed back per task.
         std::thread::scope(|s| {
             for _ in 0..8 {
                 s.spawn(|| {
@@ -61,7 +62,7 @@ fn new_threads_give_the_same_bits() {
                 });
             }
         });
-        // And on this thread again, after every task released its tiles.
+        // And on this thread again, after every task handed its tiles back.
         assert_eq!(bits(&ffn.forward(&x).unwrap()), alone);
     }
 }

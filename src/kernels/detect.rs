@@ -8,16 +8,17 @@
 //! | `candle` (or `none`, `off`) | none of the crate's: candle's own ops everywhere |
 //! | `avx512` | AVX-512 with f32 FMA micro-kernels, and AVX512-VNNI for q8_0/q4k where present |
 //! | `avx512-bf16` | as `avx512`, with bf16 dot products (VDPBF16PS) for dense bf16 prefill |
-//! | `amx` | as `avx512`, with AMX tiles for dense bf16 prefill |
+//! | `amx` | as `avx512`, with AMX tiles for dense bf16 and GGUF (Q4_1, q8_0, q4k) prefill |
 //!
 //! `auto` takes `avx512` on a CPU with AVX-512 F/BW/VL, FMA and F16C; `avx512-bf16` when the
 //! CPU also has AVX512-BF16 and is an AMD one (Zen 4/5), where VDPBF16PS does twice the
 //! multiply-adds of an f32 FMA per cycle (on Intel's Sapphire and Emerald Rapids it does half:
 //! measured 86 against 175 GFLOP/s per core, so f32 FMAs win there); and `amx` when the CPU has
-//! AMX-TILE and AMX-BF16, the OS keeps the tile state (XCR0) and grants this process its use
-//! (Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once, the first time the kernels are
-//! chosen). A forced set that the CPU lacks gives what `auto` takes where that is below it, else
-//! candle's ops; an unknown value counts as `auto`.
+//! AMX-TILE and AMX-BF16 (with AVX512-BF16 and VNNI, as every such CPU), the OS keeps the tile
+//! state (XCR0) and grants this process its use (Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM)`,
+//! asked once, the first time the kernels are chosen). A forced set that the CPU lacks gives
+//! what `auto` takes where that is below it, else candle's ops; an unknown value counts as
+//! `auto`.
 //!
 //! Asking for the tiles changes the process: Linux then saves 8 KiB more of register state in
 //! every signal frame, so a later `sigaltstack` with a small stack (a C library's fixed 8 KiB
@@ -82,13 +83,14 @@ impl CpuKernels {
         self.set == Set::Avx512Bf16
     }
 
-    /// Whether dense bf16 prefill runs on the AMX tiles.
+    /// Whether prefill of dense bf16 and GGUF weights runs on the AMX tiles (from a token
+    /// count that depends on the weights; see [`MicroKernel`]).
     pub fn amx(&self) -> bool {
         self.set == Set::Amx
     }
 
-    /// Whether GGUF q8_0 and q4k weights are multiplied by the crate's AVX512-VNNI kernels (else
-    /// by candle's `QMatMul`).
+    /// Whether GGUF q8_0 and q4k weights are multiplied by the crate's kernels (AVX512-VNNI, and
+    /// the AMX tiles at prefill where [`amx`](Self::amx)); else by candle's `QMatMul`.
     pub fn int8(&self) -> bool {
         self.vnni
     }
@@ -161,7 +163,8 @@ impl Features {
         self.avx512() && self.has_vnni
     }
 
-    /// The AMX tiles (AMX-TILE and AMX-BF16, granted to this process) for dense bf16 prefill.
+    /// The AMX tiles (AMX-TILE and AMX-BF16, granted to this process) for dense bf16 and GGUF
+    /// prefill.
     pub(crate) fn amx_bf16(&self) -> bool {
         self.set == Set::Amx
     }

@@ -80,6 +80,8 @@ impl Tiles {
                 "ldtilecfg [{cfg}]",
                 saved = in(reg) &mut saved,
                 cfg = in(reg) &CONFIG,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
                 options(nostack, preserves_flags),
             );
         }

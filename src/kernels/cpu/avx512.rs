@@ -1,5 +1,6 @@
 //! AVX-512 micro-kernels: loads and stores of every element type, the row encodings the
-//! f32 kernels read (dense rows, GGUF Q4_1 blocks), σ in f32, and the matmul micro-kernels
+//! f32 kernels and the AMX tiles' packing read (dense rows; GGUF Q4_1, q8_0 and q4k blocks,
+//! decoded as GGUF decodes them), σ in f32, and the matmul micro-kernels
 //! (f32 FMA and bf16 dot-product tiles for the packed schedule, row dot products for the dot
 //! schedule).
 //!
@@ -112,8 +113,13 @@ pub(crate) fn tail_mask(n: usize) -> __mmask16 {
 /// How a weight matrix's rows are encoded: the kernels read 16 values at a time, as f32.
 pub(crate) trait Encoding: Copy + Send + Sync + 'static {
     /// The bytes of one row of `k` values; also the offset of value `k` in a row, for `k` a
-    /// multiple of 32.
+    /// multiple of the encoding's block (32 values; 256 for q4k).
     fn row_bytes(k: usize) -> usize;
+    /// Where value `i` (a multiple of 32) lies in a row, in bytes, or near it (for prefetching):
+    /// [`Self::row_bytes`] where blocks hold 32 values.
+    fn byte_offset(i: usize) -> usize {
+        Self::row_bytes(i)
+    }
     /// Values `[i, i + 16)` of the row at `row`, as f32; `i` is a multiple of 16.
     unsafe fn load16(row: *const u8, i: usize) -> __m512;
     /// Values `[i, i + n)`, zeros after; `n < 16`; reads nothing past them.
@@ -383,6 +389,10 @@ impl Q4K {
 impl Encoding for Q4K {
     fn row_bytes(k: usize) -> usize {
         k / QK_K * Q4K_BLOCK_BYTES
+    }
+    fn byte_offset(i: usize) -> usize {
+        // The codes of sub-blocks 2c and 2c + 1 (32 bytes) follow the 16-byte header.
+        i / QK_K * Q4K_BLOCK_BYTES + 16 + i % QK_K / 64 * 32
     }
     #[inline(always)]
     unsafe fn load16(row: *const u8, i: usize) -> __m512 {

@@ -6,11 +6,11 @@
 //! | `mod.rs` | the ops' CPU side; the weights of a call ([`Mat`], [`Weights`], [`Bias`]); the choice of schedule; the split of output columns into tasks ([`column_tasks`]) |
 //! | `dot.rs` | the dot schedule (decode, few tokens): weight rows streamed in place |
 //! | `packed.rs` | the packed schedule (prefill): GotoBLAS-style blocking around a register micro-kernel |
-//! | `tiled.rs` | the tiled schedule (dense bf16 from 4 tokens on AMX): weight rows as tile operands, in place or packed per block |
+//! | `tiled.rs` | the tiled schedule (prefill on AMX: dense bf16 and GGUF from a token count per type): weight rows as tile operands, in place or packed (GGUF: decoded to bf16) per block |
 //! | `int8.rs` | both schedules for GGUF q8_0 and q4k, over activations rounded to 8 bits |
 //! | `parallel.rs` | candle's worker pool, disjoint output writes, per-thread scratch |
 //! | `element.rs` | the element types: f32, bf16, f16 |
-//! | `avx512.rs` | AVX-512 micro-kernels: loads/stores, σ in f32, f32 FMA and bf16 dot-product tiles, row encodings (dense, Q4_1) |
+//! | `avx512.rs` | AVX-512 micro-kernels: loads/stores, σ in f32, f32 FMA and bf16 dot-product tiles, row encodings (dense; GGUF Q4_1, q8_0, q4k decoded to f32) |
 //! | `vnni.rs` | AVX512-VNNI micro-kernels: 8-bit rounding, q8_0 and q4k dot products and tiles |
 //! | `amx.rs` | AMX micro-kernels: the tile configuration, bf16 tile products |
 //! | `tests.rs` | each micro-kernel and schedule against float64 |
@@ -271,9 +271,9 @@ fn not_contiguous(op: &str) -> candle_core::Error {
 /// The GGUF types the CPU ops read in place, with the CPU features each needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum QuantType {
-    /// Q4_1, decoded exactly to f32 (AVX-512).
+    /// Q4_1, decoded exactly to f32 (AVX-512), or to bf16 for the AMX tiles.
     Q4_1,
-    /// q8_0 or q4k, in integer dot products (AVX512-VNNI).
+    /// q8_0 or q4k, in integer dot products (AVX512-VNNI), or decoded to bf16 for the tiles.
     Int8(vnni::Kind),
 }
 

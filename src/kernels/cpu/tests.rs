@@ -5,8 +5,10 @@ use half::{bf16, f16};
 
 use super::avx512::{self, Dense, Encoding, Q4K, Q4_1, Q8_0};
 use super::element::Element;
-use super::{int8, matmul, quant_matmul, vnni, Bias, Compute, Mat, QuantType, Weights};
+use super::{int8, matmul, quant_kernel, quant_matmul, tiled, vnni};
+use super::{Bias, Compute, Mat, QuantType, Weights};
 use crate::kernels::detect::features;
+use crate::kernels::detect::MicroKernel;
 use crate::Activation;
 
 /// `σ(x·Wgᵀ + bg) ⊙ (x·Wuᵀ + bu)` through the float schedules.
@@ -664,21 +666,37 @@ fn tile_types() -> [(candle_core::quantized::GgmlDType, QuantType, usize); 3] {
     ]
 }
 
-/// Decodes a row's values `[0, k)` with `E::load32_bf16`'s f32 twin, `load16`, and with
-/// `load32_bf16` itself.
-unsafe fn decode_row<E: Encoding>(row: &[u8], k: usize) -> (Vec<f32>, Vec<u16>) {
-    let (mut f, mut b) = (vec![0f32; k], vec![0u16; k]);
-    // SAFETY: the caller's contract: AVX-512, and `row` holds k values of `E`.
+/// Decodes a row's values `[0, k)` three ways: `E::load16` (f32), `E::load32` (f32), and, where
+/// the CPU has AVX512-BF16, the tiled schedule's bf16 packing (`tiled::load32`).
+unsafe fn decode_row<E: Encoding>(row: &[u8], k: usize) -> (Vec<f32>, Vec<f32>, Option<Vec<u16>>) {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx512bf16")]
+    unsafe fn packed<E: Encoding>(row: &[u8], k: usize) -> Vec<u16> {
+        let mut b = vec![0u16; k];
+        for i in (0..k).step_by(32) {
+            // SAFETY: the caller's contract; the row holds k values.
+            unsafe {
+                let v = tiled::load32::<E>(row.as_ptr(), i, 32);
+                _mm512_storeu_si512(b[i..].as_mut_ptr() as *mut _, v);
+            }
+        }
+        b
+    }
+    let (mut f16s, mut f32s) = (vec![0f32; k], vec![0f32; k]);
+    // SAFETY: the caller's contract: AVX-512, and `row` holds k values of `E`; AVX512-BF16 is
+    // checked before `packed`.
     unsafe {
         for i in (0..k).step_by(16) {
-            std::arch::x86_64::_mm512_storeu_ps(f[i..].as_mut_ptr(), E::load16(row.as_ptr(), i));
+            _mm512_storeu_ps(f16s[i..].as_mut_ptr(), E::load16(row.as_ptr(), i));
         }
         for i in (0..k).step_by(32) {
-            let v = E::load32_bf16(row.as_ptr(), i, 32);
-            std::arch::x86_64::_mm512_storeu_si512(b[i..].as_mut_ptr() as *mut _, v);
+            let [lo, hi] = E::load32(row.as_ptr(), i);
+            _mm512_storeu_ps(f32s[i..].as_mut_ptr(), lo);
+            _mm512_storeu_ps(f32s[i + 16..].as_mut_ptr(), hi);
         }
+        let bf16 = std::arch::is_x86_feature_detected!("avx512bf16").then(|| packed::<E>(row, k));
+        (f16s, f32s, bf16)
     }
-    (f, b)
 }
 
 #[test]
@@ -693,7 +711,7 @@ fn block_decoders_match_candles_dequantization() {
         for j in 0..n {
             let row = &blocks[j * rb..(j + 1) * rb];
             // SAFETY: AVX-512 checked; the row holds k values.
-            let (f, b) = unsafe {
+            let (f16s, f32s, b) = unsafe {
                 match qtype {
                     QuantType::Q4_1 => decode_row::<Q4_1>(row, k),
                     QuantType::Int8(vnni::Kind::Q8_0) => decode_row::<Q8_0>(row, k),
@@ -701,11 +719,45 @@ fn block_decoders_match_candles_dequantization() {
                 }
             };
             let want = &deq[j * k..(j + 1) * k];
-            assert_eq!(f, want, "{dtype:?} row {j}: f32 decoding");
+            assert_eq!(f16s, want, "{dtype:?} row {j}: load16");
+            assert_eq!(f32s, want, "{dtype:?} row {j}: load32");
+            // As the tiles' packing rounds them (no denormals here: GGUF's f16 scales keep
+            // every decoded value far above f32's).
             let rounded: Vec<u16> = want.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
-            assert_eq!(b, rounded, "{dtype:?} row {j}: bf16 decoding");
+            if let Some(b) = b {
+                assert_eq!(b, rounded, "{dtype:?} row {j}: bf16 packing");
+            }
         }
     }
+}
+
+/// `x·Wᵀ`, or the gated product, on the AMX tiles whatever the kernel set and token count.
+///
+/// # Safety
+/// AMX usable ([`amx`]); the blocks hold `n` rows of `k` values of `qtype`.
+unsafe fn on_tiles(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    q: QuantType,
+) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let bias = Bias::default();
+    // SAFETY: the caller's contract is the tiled schedule's.
+    unsafe {
+        match q {
+            QuantType::Q4_1 => tiled::run::<f32, Q4_1>(x, m, k, w, n, bias, &mut out),
+            QuantType::Int8(vnni::Kind::Q8_0) => {
+                tiled::run::<f32, Q8_0>(x, m, k, w, n, bias, &mut out)
+            }
+            QuantType::Int8(vnni::Kind::Q4K) => {
+                tiled::run::<f32, Q4K>(x, m, k, w, n, bias, &mut out)
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -715,7 +767,7 @@ fn amx_quantized_kernels_match_float64_over_bf16() {
     }
     let round = |v: f32| bf16::from_f32(v).to_f32() as f64;
     for (dtype, qtype, block) in tile_types() {
-        // Tokens from the first the tiles take (4 for Q4_1, 64 for q8_0/q4k), odd counts, and
+        // On the tiles whatever the kernel set: odd token counts, past a tile pair (32) and
         // past the packed-tokens threshold (96); n not a multiple of 16 or 32; k over several
         // depth blocks of 4096 for one size.
         let sizes = [
@@ -725,15 +777,7 @@ fn amx_quantized_kernels_match_float64_over_bf16() {
             (65, 20, 33),
             (130, 17, 40),
         ];
-        let taken = sizes
-            .iter()
-            .filter(|s| s.0 >= qtype.tile_min_tokens())
-            .count();
-        assert!(taken >= 2, "{dtype:?}: the sizes must reach the tiles");
         for (m, k_blocks, n) in sizes {
-            if m < qtype.tile_min_tokens() {
-                continue;
-            }
             let k = k_blocks * block.max(256);
             let (bg, dg) = quantized(dtype, n, k, 7);
             let (bu, du) = quantized(dtype, n, k, 8);
@@ -741,13 +785,21 @@ fn amx_quantized_kernels_match_float64_over_bf16() {
             let rb = qtype.row_bytes(k);
             let (g, u) = (Mat::blocks(&bg, rb), Mat::blocks(&bu, rb));
             let act = Activation::Silu;
-            // SAFETY: AMX (and with it AVX512-VNNI) checked; the blocks hold n rows of k values.
+            // SAFETY: AMX checked; the blocks hold n rows of k values.
             let (h, y) = unsafe {
                 (
-                    quant_matmul(&x, m, k, Weights::GateUp(g, u, act), n, qtype, false),
-                    quant_matmul(&x, m, k, Weights::Single(g), n, qtype, false),
+                    on_tiles(&x, m, k, Weights::GateUp(g, u, act), n, qtype),
+                    on_tiles(&x, m, k, Weights::Single(g), n, qtype),
                 )
             };
+            // Where the chosen set has the tiles, the op's dispatch takes them from the type's
+            // threshold (the same bits).
+            if features().amx_bf16() && m >= qtype.tile_min_tokens() {
+                assert_eq!(quant_kernel(qtype, m, false), MicroKernel::AmxBf16);
+                // SAFETY: as above.
+                let yd = unsafe { quant_matmul(&x, m, k, Weights::Single(g), n, qtype, false) };
+                assert_eq!(yd, y, "{dtype:?} m{m}: the dispatch's tiles");
+            }
             let dot = |a: &[f32], b: &[f32], r: &dyn Fn(f32) -> f64| {
                 a.iter().zip(b).map(|(a, b)| r(*a) * r(*b)).sum::<f64>()
             };
@@ -787,13 +839,13 @@ fn amx_quantized_keeps_nan_to_its_token() {
     for (dtype, qtype, _) in tile_types() {
         let (blocks, _) = quantized(dtype, n, k, 3);
         let w = Mat::blocks(&blocks, qtype.row_bytes(k));
-        for m in [4, 70, 130] {
+        for m in [4, 20, 130] {
             let mut x = values(m * k, 4);
             x[5] = f32::NAN;
             x[k + 7] = f32::INFINITY;
             for weights in [Weights::Single(w), Weights::GateUp(w, w, Activation::Silu)] {
                 // SAFETY: AMX checked; the blocks hold n rows of k values.
-                let y = unsafe { quant_matmul(&x, m, k, weights, n, qtype, false) };
+                let y = unsafe { on_tiles(&x, m, k, weights, n, qtype) };
                 for t in 0..m {
                     let row = &y[t * n..(t + 1) * n];
                     match t {

@@ -310,7 +310,7 @@ unsafe fn pack_panel<E: Encoding>(
         // memory busier than one row after another.
         for s in 0..steps {
             let n = (depth - s * STEP).min(STEP);
-            let ahead = E::row_bytes(pc + s * STEP) + PREFETCH_BYTES;
+            let ahead = E::byte_offset(pc + s * STEP) + PREFETCH_BYTES;
             for (i, row) in rows.iter().enumerate() {
                 let (g, r) = (i / 16, i % 16);
                 let v = match row {
@@ -331,7 +331,7 @@ unsafe fn pack_panel<E: Encoding>(
 /// others decoded to f32 and rounded to nearest even by VCVTNE2PS2BF16 (one instruction where
 /// plain AVX-512 takes nine per 16 values; every CPU with AMX has it).
 #[inline(always)]
-unsafe fn load32<E: Encoding>(row: *const u8, i: usize, n: usize) -> __m512i {
+pub(super) unsafe fn load32<E: Encoding>(row: *const u8, i: usize, n: usize) -> __m512i {
     // SAFETY: the caller's contract (pack_panel's): the row holds the values, the features.
     unsafe {
         if E::TILE_ROWS {
