@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 use candle_core::DType;
 
 use super::element::Element;
-use super::vnni::{Q4K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K};
+use super::vnni::{Kind, Q4K_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK, QK_K};
 use crate::Activation;
 
 /// Loads 16 elements as f32.
@@ -133,14 +133,6 @@ pub(crate) trait Encoding: Copy + Send + Sync + 'static {
         unsafe { [Self::load16(row, i), Self::load16(row, i + 16)] }
     }
 
-    /// Values `[i, i + n)` as bf16 bits, rounded to nearest even (32 lanes, zeros past `n`;
-    /// `i` a multiple of 32, `n ≤ 32`): the AMX tiles' operand. Reads nothing past them.
-    #[inline(always)]
-    unsafe fn load32_bf16(row: *const u8, i: usize, n: usize) -> __m512i {
-        // SAFETY: the module's contract (`# Safety` above) is this function's.
-        unsafe { decode32_bf16::<Self>(row, i, n) }
-    }
-
     /// Whether, over many tokens, rows are better decoded to f32 once per chunk than on every
     /// pass over the tokens: true where decoding costs more than reading f32 from L1 (Q4_1).
     const WIDEN: bool = false;
@@ -162,22 +154,36 @@ pub(crate) trait Encoding: Copy + Send + Sync + 'static {
     }
 }
 
-/// [`Encoding::load32_bf16`] by way of f32: two [`Encoding::load16`]s, rounded.
+/// Values `[i, i + n)` of a row as f32, two vectors (zeros past `n ≤ 32`; `i` a multiple of
+/// 32): [`Encoding::load32`] for whole steps, the tails masked. Reads nothing past them.
 #[inline(always)]
-unsafe fn decode32_bf16<E: Encoding>(row: *const u8, i: usize, n: usize) -> __m512i {
+pub(crate) unsafe fn load32_f32<E: Encoding>(row: *const u8, i: usize, n: usize) -> [__m512; 2] {
     // SAFETY: the module's contract (`# Safety` above) is this function's.
     // (No closures here: they would not inherit the caller's target features.)
     unsafe {
-        let (lo, hi) = if n == 32 {
-            (E::load16(row, i), E::load16(row, i + 16))
+        if n == 32 {
+            E::load32(row, i)
         } else if n > 16 {
-            (E::load16(row, i), E::load16_tail(row, i + 16, n - 16))
+            [E::load16(row, i), E::load16_tail(row, i + 16, n - 16)]
         } else {
-            (E::load16_tail(row, i, n), _mm512_setzero_ps())
-        };
-        let lo = to_bf16_bits(lo);
-        let hi = to_bf16_bits(hi);
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+            [E::load16_tail(row, i, n), _mm512_setzero_ps()]
+        }
+    }
+}
+
+/// Values `[0, n)` of dense `T` at `p` as bf16 bits (32 lanes, zeros past `n ≤ 32`): bf16 as
+/// it is, others rounded to nearest even. Reads nothing past them.
+#[inline(always)]
+pub(crate) unsafe fn load32_bf16<T: Element>(p: *const T, n: usize) -> __m512i {
+    // SAFETY: the module's contract (`# Safety` above) is this function's.
+    unsafe {
+        if T::DTYPE == DType::BF16 {
+            let mask = (((1u64 << n) - 1) & 0xffff_ffff) as __mmask32;
+            _mm512_maskz_loadu_epi16(mask, p as *const i16)
+        } else {
+            let [lo, hi] = load32_f32::<Dense<T>>(p as *const u8, 0, n);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(to_bf16_bits(lo)), to_bf16_bits(hi))
+        }
     }
 }
 
@@ -201,19 +207,6 @@ impl<T: Element> Encoding for Dense<T> {
         // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
         // the CPU features and passes pointers valid for the lengths documented here.
         unsafe { load16_mask((row as *const T).add(i), tail_mask(n)) }
-    }
-    #[inline(always)]
-    unsafe fn load32_bf16(row: *const u8, i: usize, n: usize) -> __m512i {
-        // SAFETY: the module's contract (`# Safety` above) is this function's.
-        unsafe {
-            if T::DTYPE == DType::BF16 {
-                // bf16 rows are copied as they are.
-                let mask = (((1u64 << n) - 1) & 0xffff_ffff) as __mmask32;
-                _mm512_maskz_loadu_epi16(mask, (row as *const i16).add(i))
-            } else {
-                decode32_bf16::<Self>(row, i, n)
-            }
-        }
     }
 }
 
@@ -298,7 +291,7 @@ pub(crate) struct Q8_0;
 
 impl Encoding for Q8_0 {
     fn row_bytes(k: usize) -> usize {
-        k / QK * Q8_0_BLOCK_BYTES
+        Kind::Q8_0.row_bytes(k)
     }
     #[inline(always)]
     unsafe fn load16(row: *const u8, i: usize) -> __m512 {
@@ -350,9 +343,7 @@ impl Q4K {
             )
         }
     }
-}
 
-impl Q4K {
     /// The sub-block holding value `i` of a row: its scale `d·sc[j]`, its minimum `dmin·m[j]`
     /// (both broadcast), its 32 bytes of codes, and whether its codes are the high nibbles.
     #[inline(always)]
@@ -388,7 +379,7 @@ impl Q4K {
 
 impl Encoding for Q4K {
     fn row_bytes(k: usize) -> usize {
-        k / QK_K * Q4K_BLOCK_BYTES
+        Kind::Q4K.row_bytes(k)
     }
     fn byte_offset(i: usize) -> usize {
         // The codes of sub-blocks 2c and 2c + 1 (32 bytes) follow the 16-byte header.
@@ -444,7 +435,6 @@ unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
-        let low = _mm512_set1_epi32(0xf);
         let mut acc = [[_mm512_setzero_ps(); R]; TT];
         for b in 0..k / 32 {
             if b % 2 == 0 {
@@ -460,14 +450,7 @@ unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
                 *v = [_mm512_loadu_ps(xt), _mm512_loadu_ps(xt.add(16))];
             }
             for (r, row) in w.iter().enumerate() {
-                let block = row.add(b * Q4_1_BLOCK_BYTES);
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-                let d = _mm512_broadcastss_ps(dm);
-                let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
-                let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(4) as *const __m128i));
-                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(codes, low));
-                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(codes));
-                let (wl, wh) = (_mm512_fmadd_ps(lo, d, m), _mm512_fmadd_ps(hi, d, m));
+                let [wl, wh] = Q4_1::load32(*row, 32 * b);
                 for (a, [xl, xh]) in acc.iter_mut().zip(&xv) {
                     a[r] = _mm512_fmadd_ps(*xh, wh, _mm512_fmadd_ps(*xl, wl, a[r]));
                 }
@@ -925,8 +908,7 @@ pub(crate) unsafe fn pack16_pairs<T: Element>(
             let mut r = [_mm512_setzero_ps(); 16];
             for (v, row) in r.iter_mut().zip(rows) {
                 if let Some(p) = row {
-                    let bits = Dense::<T>::load32_bf16(*p as *const u8, kk, n);
-                    *v = _mm512_castsi512_ps(bits);
+                    *v = _mm512_castsi512_ps(load32_bf16(p.add(kk), n));
                 }
             }
             transpose16(&mut r);

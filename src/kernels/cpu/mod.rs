@@ -543,30 +543,49 @@ unsafe fn quant_matmul(
     qtype: QuantType,
     exact_q4_1: bool,
 ) -> Vec<f32> {
-    let bias = Bias::default();
-    if quant_kernel(qtype, m, exact_q4_1) == MicroKernel::AmxBf16 && n > 0 {
-        let mut out = vec![0.0; m * n];
-        // SAFETY: the caller's contract; `amx_bf16` says the tiles are granted.
-        unsafe {
-            match qtype {
-                QuantType::Q4_1 => tiled::run::<f32, avx512::Q4_1>(x, m, k, w, n, bias, &mut out),
-                QuantType::Int8(vnni::Kind::Q8_0) => {
-                    tiled::run::<f32, avx512::Q8_0>(x, m, k, w, n, bias, &mut out)
-                }
-                QuantType::Int8(vnni::Kind::Q4K) => {
-                    tiled::run::<f32, avx512::Q4K>(x, m, k, w, n, bias, &mut out)
-                }
-            }
-        }
-        return out;
+    if m == 0 || n == 0 {
+        return vec![0.0; m * n];
     }
-    // SAFETY: the caller's contract.
+    // SAFETY: the caller's contract; `quant_kernel` takes the tiles only where `features`
+    // chose them, which says they are granted.
+    unsafe {
+        match (quant_kernel(qtype, m, exact_q4_1), qtype) {
+            (MicroKernel::AmxBf16, _) => quant_tiles(x, m, k, w, n, qtype),
+            (_, QuantType::Q4_1) => {
+                matmul::<f32, avx512::Q4_1>(x, m, k, w, n, Bias::default(), Compute::Fma)
+            }
+            (_, QuantType::Int8(kind)) => int8::matmul(x, m, k, w, n, kind),
+        }
+    }
+}
+
+/// [`quant_matmul`] on the AMX tiles, whatever the token count.
+///
+/// # Safety
+/// As [`quant_matmul`]'s, and the tiles usable
+/// ([`amx_usable`](crate::kernels::detect::amx_usable)); `m`, `k`, `n` > 0.
+unsafe fn quant_tiles(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: Weights<'_>,
+    n: usize,
+    qtype: QuantType,
+) -> Vec<f32> {
+    let (mut out, bias) = (vec![0.0; m * n], Bias::default());
+    // SAFETY: the caller's contract is the tiled schedule's.
     unsafe {
         match qtype {
-            QuantType::Q4_1 => matmul::<f32, avx512::Q4_1>(x, m, k, w, n, bias, Compute::Fma),
-            QuantType::Int8(kind) => int8::matmul(x, m, k, w, n, kind),
+            QuantType::Q4_1 => tiled::run::<f32, avx512::Q4_1>(x, m, k, w, n, bias, &mut out),
+            QuantType::Int8(vnni::Kind::Q8_0) => {
+                tiled::run::<f32, avx512::Q8_0>(x, m, k, w, n, bias, &mut out)
+            }
+            QuantType::Int8(vnni::Kind::Q4K) => {
+                tiled::run::<f32, avx512::Q4K>(x, m, k, w, n, bias, &mut out)
+            }
         }
     }
+    out
 }
 
 /// `out = σ(g) ⊙ u`, element-wise, split across threads.

@@ -5,7 +5,7 @@ use half::{bf16, f16};
 
 use super::avx512::{self, Dense, Encoding, Q4K, Q4_1, Q8_0};
 use super::element::Element;
-use super::{int8, matmul, quant_kernel, quant_matmul, tiled, vnni};
+use super::{int8, matmul, quant_kernel, quant_matmul, quant_tiles, tiled, vnni};
 use super::{Bias, Compute, Mat, QuantType, Weights};
 use crate::kernels::detect::features;
 use crate::kernels::detect::MicroKernel;
@@ -731,35 +731,6 @@ fn block_decoders_match_candles_dequantization() {
     }
 }
 
-/// `x·Wᵀ`, or the gated product, on the AMX tiles whatever the kernel set and token count.
-///
-/// # Safety
-/// AMX usable ([`amx`]); the blocks hold `n` rows of `k` values of `qtype`.
-unsafe fn on_tiles(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: Weights<'_>,
-    n: usize,
-    q: QuantType,
-) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    let bias = Bias::default();
-    // SAFETY: the caller's contract is the tiled schedule's.
-    unsafe {
-        match q {
-            QuantType::Q4_1 => tiled::run::<f32, Q4_1>(x, m, k, w, n, bias, &mut out),
-            QuantType::Int8(vnni::Kind::Q8_0) => {
-                tiled::run::<f32, Q8_0>(x, m, k, w, n, bias, &mut out)
-            }
-            QuantType::Int8(vnni::Kind::Q4K) => {
-                tiled::run::<f32, Q4K>(x, m, k, w, n, bias, &mut out)
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn amx_quantized_kernels_match_float64_over_bf16() {
     if !amx() {
@@ -788,8 +759,8 @@ fn amx_quantized_kernels_match_float64_over_bf16() {
             // SAFETY: AMX checked; the blocks hold n rows of k values.
             let (h, y) = unsafe {
                 (
-                    on_tiles(&x, m, k, Weights::GateUp(g, u, act), n, qtype),
-                    on_tiles(&x, m, k, Weights::Single(g), n, qtype),
+                    quant_tiles(&x, m, k, Weights::GateUp(g, u, act), n, qtype),
+                    quant_tiles(&x, m, k, Weights::Single(g), n, qtype),
                 )
             };
             // Where the chosen set has the tiles, the op's dispatch takes them from the type's
@@ -845,7 +816,7 @@ fn amx_quantized_keeps_nan_to_its_token() {
             x[k + 7] = f32::INFINITY;
             for weights in [Weights::Single(w), Weights::GateUp(w, w, Activation::Silu)] {
                 // SAFETY: AMX checked; the blocks hold n rows of k values.
-                let y = unsafe { on_tiles(&x, m, k, weights, n, qtype) };
+                let y = unsafe { quant_tiles(&x, m, k, weights, n, qtype) };
                 for t in 0..m {
                     let row = &y[t * n..(t + 1) * n];
                     match t {

@@ -335,16 +335,10 @@ pub(super) unsafe fn load32<E: Encoding>(row: *const u8, i: usize, n: usize) -> 
     // SAFETY: the caller's contract (pack_panel's): the row holds the values, the features.
     unsafe {
         if E::TILE_ROWS {
-            return E::load32_bf16(row, i, n);
+            // Dense bf16: its bits as they are.
+            return avx512::load32_bf16((row as *const half::bf16).add(i), n);
         }
-        let (lo, hi) = if n == STEP {
-            let [lo, hi] = E::load32(row, i);
-            (lo, hi)
-        } else if n > 16 {
-            (E::load16(row, i), E::load16_tail(row, i + 16, n - 16))
-        } else {
-            (E::load16_tail(row, i, n), _mm512_setzero_ps())
-        };
+        let [lo, hi] = avx512::load32_f32::<E>(row, i, n);
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
     }
 }
