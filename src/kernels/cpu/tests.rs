@@ -271,9 +271,10 @@ fn check_gate_up<T: Element>(
 
 /// The tiled schedule (AMX) and its edges: tokens around the tiles of 16 and their pairs, and
 /// past the count from which weight tiles are packed (96); depths that are not a multiple of
-/// the 32-value step (packed panels) or that outgrow one depth block (4096 in place, 1024
-/// packed); columns that end in a partial panel or span several tasks.
-const AMX_SIZES: [(usize, usize, usize); 12] = [
+/// the 32-value step (packed panels) or that outgrow one depth block (4096, or 256 once the
+/// tokens' block reaches 2 MiB: 270 tokens of 4001); columns that end in a partial panel or
+/// span several tasks.
+const AMX_SIZES: [(usize, usize, usize); 13] = [
     (4, 32, 16),
     (5, 64, 7),
     (16, 72, 33),
@@ -284,6 +285,7 @@ const AMX_SIZES: [(usize, usize, usize); 12] = [
     (20, 4160, 33),
     (100, 4096, 48),
     (130, 4500, 20),
+    (270, 4001, 40),
     // A single matrix over several tasks (256 columns a task), in place and packed.
     (20, 64, 300),
     (130, 96, 520),
@@ -740,13 +742,14 @@ fn amx_quantized_kernels_match_float64_over_bf16() {
     for (dtype, qtype, block) in tile_types() {
         // On the tiles whatever the kernel set: odd token counts, past a tile pair (32) and
         // past the packed-tokens threshold (96); n not a multiple of 16 or 32; k over several
-        // depth blocks of 4096 for one size.
+        // depth blocks of 4096 for one size, of 256 for the last (tokens' block of 2 MiB).
         let sizes = [
             (4, 1, 1),
             (5, 3, 37),
             (17, 2, 70),
             (65, 20, 33),
             (130, 17, 40),
+            (270, 16, 20),
         ];
         for (m, k_blocks, n) in sizes {
             let k = k_blocks * block.max(256);
