@@ -11,7 +11,7 @@
 //!   with no copy kept: Q4_1 decoded exactly to f32 (candle's own Q4_1 matmul has no SIMD path
 //!   on x86), q8_0 and q4k in AVX512-VNNI integer dot products (candle's keeps a repacked copy
 //!   of each weight); on AMX, prefill decodes the blocks to bf16 for the tiles (Q4_1 from 4
-//!   tokens unless asked to stay exact, q8_0/q4k from 64); inference only.
+//!   tokens unless asked to stay exact, q8_0 from 28, q4k from 44); inference only.
 //!
 //! | file | holds |
 //! |---|---|

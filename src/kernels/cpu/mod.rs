@@ -292,7 +292,8 @@ impl QuantType {
     fn tile_min_tokens(self) -> usize {
         match self {
             QuantType::Q4_1 => tiled::QUANT_MIN_TOKENS_Q4_1,
-            QuantType::Int8(_) => tiled::QUANT_MIN_TOKENS_INT8,
+            QuantType::Int8(vnni::Kind::Q8_0) => tiled::QUANT_MIN_TOKENS_Q8_0,
+            QuantType::Int8(vnni::Kind::Q4K) => tiled::QUANT_MIN_TOKENS_Q4K,
         }
     }
 

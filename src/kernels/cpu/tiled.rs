@@ -34,11 +34,14 @@ pub(crate) const MIN_TOKENS: usize = 4;
 /// decoded exactly to f32 for FMAs: measured (Intel Xeon with AMX, 2 threads, alternating)
 /// on 7B, the tiles took 0.89× the exact kernels' time at 4 tokens, 0.49× at 8, 0.30× at 64.
 pub(crate) const QUANT_MIN_TOKENS_Q4_1: usize = 4;
-/// From this many tokens GGUF q8_0 and q4k weights are decoded to bf16 for the tiles rather
-/// than multiplied in integers (VNNI): measured as above, at 32 tokens the tiles took 1.09×
-/// (q8_0) and 1.42× (q4k) the VNNI kernels' time on 7B, at 64 tokens 0.72× and 0.87× (small
-/// shape, q8_0: 0.88×). Below, decoding a panel per call costs more than the tiles save.
-pub(crate) const QUANT_MIN_TOKENS_INT8: usize = 64;
+/// From this many tokens GGUF q8_0 weights are decoded to bf16 for the tiles rather than
+/// multiplied in integers (VNNI): measured as above, the tiles took 1.02× the VNNI kernels'
+/// time at 24 tokens and 0.92× at 28 on the small shape (576 → 1536), 0.78× at 24 and 0.70× at
+/// 32 on 7B. Below, decoding a panel per call costs more than the tiles save.
+pub(crate) const QUANT_MIN_TOKENS_Q8_0: usize = 28;
+/// [`QUANT_MIN_TOKENS_Q8_0`] for q4k, whose blocks take longer to decode: on 7B the tiles took
+/// 1.02× the VNNI kernels' time at 40 tokens, 0.92× at 44, 0.75× at 64.
+pub(crate) const QUANT_MIN_TOKENS_Q4K: usize = 44;
 /// Weight rows per panel, and per micro-kernel call: two tiles of 16.
 const ROWS: usize = 32;
 /// Values of the input dimension per tile step.
