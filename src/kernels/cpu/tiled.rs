@@ -52,7 +52,7 @@ const STEP: usize = 32;
 const PANELS: usize = 8;
 /// The depth of one block when the tokens are few: 4096 values (a panel's 32 rows of it are
 /// 256 KiB, in L2). Deeper blocks mean fewer reloads of the sums; on 7B bf16 at 128 tokens 4096
-/// was the best of 256 to 11008.
+/// was the best of 256 to 4096 (2048: 1.01×, 1024: 1.02×, shallow 512: 1.07×).
 const DEPTH: usize = 4096;
 /// The depth of one block when the tokens are many (their block at [`DEPTH`] would fill
 /// [`TOKEN_BLOCK_BYTES`]): 256 values, so that a panel's block (16 KiB) stays in L1 and the
@@ -66,8 +66,9 @@ const SHALLOW: usize = 256;
 /// which the blocks are [`SHALLOW`].
 const TOKEN_BLOCK_BYTES: usize = 2 << 20;
 /// From this many tokens the weight tiles are packed rather than read in place: measured on
-/// 7B bf16 (Intel Xeon with AMX, 2 threads, alternating in one process), packed tiles were
-/// 1.09× faster at 128 tokens and 1.22× at 512, and 0.88× as fast at 64, 0.65× at 16.
+/// 7B bf16 (Intel Xeon with AMX, 2 threads, alternating in one process, buffers aligned),
+/// packing took 1.32× the time of reading in place at 16 tokens, 1.19× at 64, 1.01× at 96
+/// (small shape: 1.38×, 1.26×, 0.96×); at 128 and 512 tokens packed tiles were faster.
 const PACK_MIN_TOKENS: usize = 96;
 /// How far ahead of the values it packs [`pack_panel`] prefetches each row: 32 rows at once
 /// are more streams than the hardware prefetchers follow. Measured on 7B q8_0 at 4 tokens
