@@ -301,8 +301,9 @@ fn real_weights_requantized_to_q8_0_and_q4k_match_candle_and_float64() {
     } else {
         ForwardPath::Candle
     };
-    // 1, 9, 40 and 70 tokens: each schedule of the kernels (70: the AMX tiles, where the CPU
-    // has them, over bf16 decodings of the blocks).
+    // 1, 9, 40 and 70 tokens: each schedule of the kernels. Where the CPU has AMX, the tiles
+    // (over bf16 decodings of the blocks) take q8_0 from 28 tokens and q4k from 44: at 40 the
+    // q8_0 gate and up run on them and the q4k down in VNNI, at 70 all three on the tiles.
     for m in [1, 9, 40, 70] {
         // A fixed input (so that the bounds below hold on every run): sums of uniforms, ~N(0, 1).
         let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ m as u64;
@@ -363,8 +364,10 @@ fn real_weights_requantized_to_q8_0_and_q4k_match_candle_and_float64() {
             .to_dtype(DType::F32)
             .unwrap();
         // The 8-bit activations' rounding: ours per 32 values (per 256 for q4k at up to 4
-        // tokens), candle's per 256. (Without the kernels, ours is candle's.) Measured on this
-        // input: ours 1.32e-2, 5.7e-3, 4.2e-3; candle's 1.28e-2, 1.14e-2, 6.9e-3.
+        // tokens), candle's per 256; on the tiles, bf16's. (Without the kernels, ours is
+        // candle's.) Measured on this input at 1/9/40/70 tokens: without AMX, ours 1.32e-2,
+        // 5.7e-3, 4.2e-3 at 1/9/40; on an Xeon with AMX ours 1.32e-2, 5.7e-3, 4.0e-3, 2.8e-3;
+        // candle's 1.28e-2, 1.14e-2, 6.9e-3, 1.42e-2.
         let candle = rel_err(&naive, &want);
         let what = format!("{m} tokens, ours vs float64");
         let ours = assert_close(&y, &want, Tol::Rel(2e-2), what);

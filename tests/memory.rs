@@ -168,7 +168,8 @@ fn quantized_forwards_read_the_blocks_in_place() {
         .unwrap();
         // The first calls too: a copy made once and cached (as candle's QMatMul does for q8_0
         // and q4k on AVX512-VNNI CPUs) would show there. 1, 9 and 64 tokens: decode, and the
-        // packed schedule with one and with many token tiles.
+        // packed schedule with one and with many token tiles (on AMX, 64 tokens take the tiles,
+        // whose per-thread buffers are scratch as well).
         for m in [1, 9, 64, 1, 9, 64] {
             let x = common::randn(m as u64, (m, h), 1.0, &Device::Cpu);
             assert_eq!(

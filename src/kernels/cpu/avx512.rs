@@ -219,6 +219,23 @@ pub(crate) struct Q4_1;
 /// Bytes of one Q4_1 block.
 pub(crate) const Q4_1_BLOCK_BYTES: usize = 20;
 
+impl Q4_1 {
+    /// The block holding value `i` of a row: its scale `d` and minimum `m` (broadcast), and its
+    /// 16 code bytes widened to 32 bits (values `j` and `16 + j` in the low and high nibble).
+    #[inline(always)]
+    unsafe fn block(row: *const u8, i: usize) -> (__m512, __m512, __m512i) {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let block = row.add(i / 32 * Q4_1_BLOCK_BYTES);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
+            let d = _mm512_broadcastss_ps(dm);
+            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+            let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(4) as *const __m128i));
+            (d, m, codes)
+        }
+    }
+}
+
 impl Encoding for Q4_1 {
     const WIDEN: bool = true;
     fn row_bytes(k: usize) -> usize {
@@ -229,11 +246,7 @@ impl Encoding for Q4_1 {
         // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
         // the CPU features and passes pointers valid for the lengths documented here.
         unsafe {
-            let block = row.add(i / 32 * Q4_1_BLOCK_BYTES);
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-            let d = _mm512_broadcastss_ps(dm);
-            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
-            let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(4) as *const __m128i));
+            let (d, m, codes) = Self::block(row, i);
             let q = if i.is_multiple_of(32) {
                 _mm512_and_si512(codes, _mm512_set1_epi32(0xf))
             } else {
@@ -246,11 +259,7 @@ impl Encoding for Q4_1 {
     unsafe fn load32(row: *const u8, i: usize) -> [__m512; 2] {
         // SAFETY: the module's contract (`# Safety` above) is this function's.
         unsafe {
-            let block = row.add(i / 32 * Q4_1_BLOCK_BYTES);
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((block as *const i32).read_unaligned()));
-            let d = _mm512_broadcastss_ps(dm);
-            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
-            let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(4) as *const __m128i));
+            let (d, m, codes) = Self::block(row, i);
             let lo = _mm512_and_si512(codes, _mm512_set1_epi32(0xf));
             let hi = _mm512_srli_epi32::<4>(codes);
             [

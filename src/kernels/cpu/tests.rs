@@ -571,10 +571,25 @@ fn int8_kernels_match_float64_over_rounded_activations() {
     }
 }
 
+/// `y` (`m` tokens of `n` outputs) for inputs whose token 0 holds a NaN and token 1 (if any)
+/// an infinity: token 0's outputs are NaN, token 1's not finite (NaN where `inf_gives_nan`),
+/// every other token's finite.
+fn assert_poisoned_only<T: Element>(y: &[T], m: usize, n: usize, inf_gives_nan: bool, what: &str) {
+    for t in 0..m {
+        let row = y[t * n..(t + 1) * n].iter().map(|v| v.to_f32());
+        let ok = match t {
+            0 => row.into_iter().all(f32::is_nan),
+            1 if inf_gives_nan => row.into_iter().all(f32::is_nan),
+            1 => row.into_iter().all(|v| !v.is_finite()),
+            _ => row.into_iter().all(f32::is_finite),
+        };
+        assert!(ok, "{what} m{m}: token {t}'s outputs");
+    }
+}
+
 #[test]
 fn int8_kernels_keep_nan_to_its_token() {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::GgmlDType;
 
     use vnni::Kind;
     if !vnni() {
@@ -582,9 +597,7 @@ fn int8_kernels_keep_nan_to_its_token() {
     }
     let (k, n) = (512, 40);
     for (kind, dtype) in [(Kind::Q8_0, GgmlDType::Q8_0), (Kind::Q4K, GgmlDType::Q4K)] {
-        let v = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&v, dtype).unwrap();
-        let data = q.data().unwrap();
+        let (data, _) = quantized(dtype, n, k, 3);
         let w = Mat::blocks(&data, kind.row_bytes(k));
         // A token of each schedule gets a NaN (and one an infinity): only its outputs are NaN.
         for m in [1, 4, 20] {
@@ -595,14 +608,8 @@ fn int8_kernels_keep_nan_to_its_token() {
             }
             // SAFETY: VNNI checked; the blocks hold n rows of k values.
             let y = unsafe { int8::matmul(&x, m, k, Weights::Single(w), n, kind) };
-            for t in 0..m {
-                let row = &y[t * n..(t + 1) * n];
-                if t < 2.min(m) {
-                    assert!(row.iter().all(|v| v.is_nan()), "{kind:?} m{m} token {t}");
-                } else {
-                    assert!(row.iter().all(|v| v.is_finite()), "{kind:?} m{m} token {t}");
-                }
-            }
+            // An infinity makes its block's 8-bit scale infinite: NaN too.
+            assert_poisoned_only(&y, m, n, true, &format!("{kind:?}"));
         }
     }
 }
@@ -628,14 +635,7 @@ fn amx_keeps_nan_to_its_token() {
             let y = unsafe {
                 matmul::<bf16, Dense<bf16>>(&x, m, k, weights, n, Bias::default(), Compute::Amx)
             };
-            for t in 0..m {
-                let row = &y[t * n..(t + 1) * n];
-                match t {
-                    0 => assert!(row.iter().all(|v| v.is_nan()), "m{m} token {t}"),
-                    1 => assert!(row.iter().all(|v| !v.is_finite()), "m{m} token {t}"),
-                    _ => assert!(row.iter().all(|v| v.is_finite()), "m{m} token {t}"),
-                }
-            }
+            assert_poisoned_only(&y, m, n, false, "bf16");
         }
     }
 }
@@ -658,13 +658,13 @@ fn quantized(
     )
 }
 
-/// The GGUF types the AMX tiles take, with their encodings' row decoders.
-fn tile_types() -> [(candle_core::quantized::GgmlDType, QuantType, usize); 3] {
+/// The GGUF types the AMX tiles take: candle's, and the kernels'.
+fn tile_types() -> [(candle_core::quantized::GgmlDType, QuantType); 3] {
     use candle_core::quantized::GgmlDType;
     [
-        (GgmlDType::Q4_1, QuantType::Q4_1, 32),
-        (GgmlDType::Q8_0, QuantType::Int8(vnni::Kind::Q8_0), 32),
-        (GgmlDType::Q4K, QuantType::Int8(vnni::Kind::Q4K), 256),
+        (GgmlDType::Q4_1, QuantType::Q4_1),
+        (GgmlDType::Q8_0, QuantType::Int8(vnni::Kind::Q8_0)),
+        (GgmlDType::Q4K, QuantType::Int8(vnni::Kind::Q4K)),
     ]
 }
 
@@ -684,20 +684,20 @@ unsafe fn decode_row<E: Encoding>(row: &[u8], k: usize) -> (Vec<f32>, Vec<f32>, 
         }
         b
     }
-    let (mut f16s, mut f32s) = (vec![0f32; k], vec![0f32; k]);
+    let (mut by16, mut by32) = (vec![0f32; k], vec![0f32; k]);
     // SAFETY: the caller's contract: AVX-512, and `row` holds k values of `E`; AVX512-BF16 is
     // checked before `packed`.
     unsafe {
         for i in (0..k).step_by(16) {
-            _mm512_storeu_ps(f16s[i..].as_mut_ptr(), E::load16(row.as_ptr(), i));
+            _mm512_storeu_ps(by16[i..].as_mut_ptr(), E::load16(row.as_ptr(), i));
         }
         for i in (0..k).step_by(32) {
             let [lo, hi] = E::load32(row.as_ptr(), i);
-            _mm512_storeu_ps(f32s[i..].as_mut_ptr(), lo);
-            _mm512_storeu_ps(f32s[i + 16..].as_mut_ptr(), hi);
+            _mm512_storeu_ps(by32[i..].as_mut_ptr(), lo);
+            _mm512_storeu_ps(by32[i + 16..].as_mut_ptr(), hi);
         }
         let bf16 = std::arch::is_x86_feature_detected!("avx512bf16").then(|| packed::<E>(row, k));
-        (f16s, f32s, bf16)
+        (by16, by32, bf16)
     }
 }
 
@@ -707,13 +707,13 @@ fn block_decoders_match_candles_dequantization() {
         return;
     }
     let (n, k) = (5, 512);
-    for (dtype, qtype, _) in tile_types() {
+    for (dtype, qtype) in tile_types() {
         let (blocks, deq) = quantized(dtype, n, k, 11);
         let rb = qtype.row_bytes(k);
         for j in 0..n {
             let row = &blocks[j * rb..(j + 1) * rb];
             // SAFETY: AVX-512 checked; the row holds k values.
-            let (f16s, f32s, b) = unsafe {
+            let (by16, by32, b) = unsafe {
                 match qtype {
                     QuantType::Q4_1 => decode_row::<Q4_1>(row, k),
                     QuantType::Int8(vnni::Kind::Q8_0) => decode_row::<Q8_0>(row, k),
@@ -721,8 +721,8 @@ fn block_decoders_match_candles_dequantization() {
                 }
             };
             let want = &deq[j * k..(j + 1) * k];
-            assert_eq!(f16s, want, "{dtype:?} row {j}: load16");
-            assert_eq!(f32s, want, "{dtype:?} row {j}: load32");
+            assert_eq!(by16, want, "{dtype:?} row {j}: load16");
+            assert_eq!(by32, want, "{dtype:?} row {j}: load32");
             // As the tiles' packing rounds them (no denormals here: GGUF's f16 scales keep
             // every decoded value far above f32's).
             let rounded: Vec<u16> = want.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
@@ -739,10 +739,11 @@ fn amx_quantized_kernels_match_float64_over_bf16() {
         return;
     }
     let round = |v: f32| bf16::from_f32(v).to_f32() as f64;
-    for (dtype, qtype, block) in tile_types() {
+    for (dtype, qtype) in tile_types() {
         // On the tiles whatever the kernel set: odd token counts, past a tile pair (32) and
-        // past the packed-tokens threshold (96); n not a multiple of 16 or 32; k over several
-        // depth blocks of 4096 for one size, of 256 for the last (tokens' block of 2 MiB).
+        // past the packed-tokens threshold (96); n not a multiple of 16 or 32; k in 256-value
+        // units (q4k's super-blocks), over several depth blocks of 4096 for one size, of 256
+        // for the last (tokens' block of 2 MiB).
         let sizes = [
             (4, 1, 1),
             (5, 3, 37),
@@ -751,8 +752,8 @@ fn amx_quantized_kernels_match_float64_over_bf16() {
             (130, 17, 40),
             (270, 16, 20),
         ];
-        for (m, k_blocks, n) in sizes {
-            let k = k_blocks * block.max(256);
+        for (m, units, n) in sizes {
+            let k = units * 256;
             let (bg, dg) = quantized(dtype, n, k, 7);
             let (bu, du) = quantized(dtype, n, k, 8);
             let x = values(m * k, 9);
@@ -810,7 +811,7 @@ fn amx_quantized_keeps_nan_to_its_token() {
         return;
     }
     let (k, n) = (512, 40);
-    for (dtype, qtype, _) in tile_types() {
+    for (dtype, qtype) in tile_types() {
         let (blocks, _) = quantized(dtype, n, k, 3);
         let w = Mat::blocks(&blocks, qtype.row_bytes(k));
         for m in [4, 20, 130] {
@@ -820,14 +821,7 @@ fn amx_quantized_keeps_nan_to_its_token() {
             for weights in [Weights::Single(w), Weights::GateUp(w, w, Activation::Silu)] {
                 // SAFETY: AMX checked; the blocks hold n rows of k values.
                 let y = unsafe { quant_tiles(&x, m, k, weights, n, qtype) };
-                for t in 0..m {
-                    let row = &y[t * n..(t + 1) * n];
-                    match t {
-                        0 => assert!(row.iter().all(|v| v.is_nan()), "{dtype:?} m{m} token {t}"),
-                        1 => assert!(row.iter().all(|v| !v.is_finite()), "{dtype:?} m{m} {t}"),
-                        _ => assert!(row.iter().all(|v| v.is_finite()), "{dtype:?} m{m} {t}"),
-                    }
-                }
+                assert_poisoned_only(&y, m, n, false, &format!("{dtype:?}"));
             }
         }
     }
