@@ -286,7 +286,10 @@ fn parse_act(name: &str, field: &str) -> std::result::Result<Activation, String>
         .map_err(|e| format!("`{field}`: {e}"))
 }
 
-fn size_field(obj: &Map<String, Value>, field: &str) -> std::result::Result<usize, String> {
+pub(crate) fn size_field(
+    obj: &Map<String, Value>,
+    field: &str,
+) -> std::result::Result<usize, String> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(format!("missing `{field}`")),
         Some(v) => v
@@ -313,7 +316,7 @@ fn str_field<'a>(
 }
 
 /// A short description of a JSON value for error messages: its type and, for scalars, the value.
-fn kind_of(v: &Value) -> String {
+pub(crate) fn kind_of(v: &Value) -> String {
     match v {
         Value::Null => "null".into(),
         Value::Bool(b) => format!("`{b}`"),

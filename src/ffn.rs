@@ -572,7 +572,7 @@ fn load_linear(vb: &VarBuilder, name: &str, [out, inp]: [usize; 2], bias: bool) 
 }
 
 /// `vb.get_with_hints`, with errors that say what exists instead.
-fn load(vb: &VarBuilder, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+pub(crate) fn load(vb: &VarBuilder, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
     let err = match vb.get_with_hints(shape, name, init) {
         Ok(t) => return Ok(t),
         Err(err) => err,

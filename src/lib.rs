@@ -40,6 +40,7 @@ mod files;
 mod kernels;
 pub mod layout;
 pub mod loading;
+pub mod moe;
 
 pub use activation::Activation;
 pub use config::GluConfig;
@@ -49,6 +50,7 @@ pub use kernels::detect::{CpuKernels, MicroKernel};
 pub use layout::WeightLayout;
 #[cfg(feature = "hub")]
 pub use loading::hub::{fetch_model, DownloadProgress, HubOptions};
+pub use moe::{GluExperts, MoeConfig, Routing, Scoring};
 
 /// The crate's CPU kernels that run in this process, or `None` where they do not (a CPU
 /// without AVX-512 F/BW/VL, FMA and F16C; an architecture other than x86-64; or

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::loading::{Checkpoint, LoadOptions};
-use candle_glu::{Activation, GluConfig, GluFeedForward, WeightLayout};
+use candle_glu::{Activation, GluConfig, GluExperts, GluFeedForward, MoeConfig, WeightLayout};
 use candle_nn::{VarBuilder, VarMap};
 use craft::{write, Gguf, GgufValue};
 
@@ -105,6 +105,39 @@ fn infer(dir: &Path, args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
     stderr.trim_end().to_string()
+}
+
+fn moe_fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/moe")
+        .join(case)
+}
+
+/// A fixture's `config.json` with `key` set to `value`, written to `d` and read back.
+fn moe_config(d: &Path, case: &str, key: &str, value: serde_json::Value) -> String {
+    let text = std::fs::read_to_string(moe_fixture(case).join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json[key] = value;
+    std::fs::write(d.join("config.json"), json.to_string()).unwrap();
+    err(MoeConfig::from_hf_config_file(d.join("config.json")))
+}
+
+/// A fixture's layer loaded without the tensors whose names contain `drop`, its config changed
+/// by `edit`.
+fn moe_layer(case: &str, drop: &str, edit: fn(&mut MoeConfig)) -> String {
+    let dir = moe_fixture(case);
+    let mut cfg = MoeConfig::from_hf_config_file(dir.join("config.json")).unwrap();
+    edit(&mut cfg);
+    let mut ws =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    ws.retain(|name, _| !name.contains(drop));
+    let vb = VarBuilder::from_tensors(ws, DType::F32, &Device::Cpu);
+    let prefix = if case == "mixtral" {
+        "model.layers.0.block_sparse_moe"
+    } else {
+        "model.layers.0.mlp"
+    };
+    err(GluExperts::new(&cfg, vb.pp(prefix)))
 }
 
 fn cases() -> BTreeMap<&'static str, Trigger> {
@@ -491,6 +524,34 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
             .save_safetensors("h", d.join("x.safetensors"))
             .unwrap();
         infer(d, &["--input", "x.safetensors"])
+    });
+    // --- mixtures of experts
+    c.insert("moe-top-k", |d| {
+        moe_config(d, "mixtral", "num_experts_per_tok", 9.into())
+    });
+    c.insert("moe-dense-model", |d| {
+        moe_config(d, "mixtral", "model_type", "llama".into())
+    });
+    c.insert("moe-groups", |d| {
+        moe_config(d, "deepseek_v3", "n_group", 5.into())
+    });
+    c.insert("moe-missing-expert", |_| {
+        moe_layer("mixtral", "experts.5.w3", |_| {})
+    });
+    c.insert("moe-router-rows", |_| {
+        moe_layer("mixtral", "nothing", |cfg| cfg.num_experts = 10)
+    });
+    c.insert("moe-shared-missing", |_| {
+        moe_layer("qwen2_moe", "shared_expert.", |_| {})
+    });
+    c.insert("moe-input-width", |_| {
+        let dir = moe_fixture("qwen3_moe");
+        let cfg = MoeConfig::from_hf_config_file(dir.join("config.json")).unwrap();
+        let path = dir.join("model.safetensors");
+        // SAFETY: the fixture is not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) };
+        let moe = GluExperts::new(&cfg, vb.unwrap().pp("model.layers.0.mlp")).unwrap();
+        err(moe.forward(&Tensor::zeros((3, 71), DType::F32, &Device::Cpu).unwrap()))
     });
     c
 }

@@ -1,0 +1,597 @@
+//! The mixture-of-experts feed-forward ([`GluExperts`]): a router that picks `k` of `E` gated
+//! blocks per token, the blocks themselves ([`GluFeedForward`]s, one per expert, reading their
+//! weights in place), and the always-on shared experts of Qwen2-MoE and DeepSeek.
+//!
+//! Routing, as each family defines it (the scores are f32, as transformers computes them even
+//! in a bf16 or float64 module):
+//!
+//! | family (`model_type`) | scores | choice | weights |
+//! |---|---|---|---|
+//! | Mixtral (`mixtral`) | softmax | top-k | renormalised over the k |
+//! | Qwen2-MoE (`qwen2_moe`) | softmax | top-k | renormalised if `norm_topk_prob`; + shared expert × sigmoid(`shared_expert_gate`) |
+//! | Qwen3-MoE (`qwen3_moe`), OLMoE (`olmoe`) | softmax | top-k | renormalised if `norm_topk_prob` |
+//! | DeepSeek-V3 (`deepseek_v3`) | sigmoid | top-k of score + `e_score_correction_bias`, among the `topk_group` best of `n_group` groups (a group's score: its two best) | the scores without the bias, renormalised if `norm_topk_prob`, × `routed_scaling_factor`; + shared experts |
+//!
+//! Ties in a top-k go to the lowest index, as PyTorch's `topk` breaks them.
+//!
+//! Execution is grouped: the tokens routed to each expert are gathered once, the expert runs
+//! once over them, and its outputs are added back with their weights; an expert without tokens
+//! costs nothing. The routing weights are computed with candle's ops from the router's logits,
+//! so that training reaches the router as well as the experts.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use candle_core::{DType, IndexOp, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use serde_json::{Map, Value};
+
+use crate::config::{kind_of, size_field, MAX_CONFIG_BYTES};
+use candle_core::Result;
+
+type ConfigResult<T> = std::result::Result<T, Error>;
+use crate::{Error, GluConfig, GluFeedForward, Projection, WeightLayout};
+
+/// How the router turns its logits into scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scoring {
+    /// Softmax over all experts (Mixtral, Qwen-MoE, OLMoE).
+    Softmax,
+    /// A sigmoid per expert (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// A mixture-of-experts layer's configuration: the experts' block, and the router.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct MoeConfig {
+    /// Each expert's block: hidden size, the expert's intermediate size, σ.
+    pub expert: GluConfig,
+    /// E, the routed experts.
+    pub num_experts: usize,
+    /// k, the experts each token is routed to.
+    pub top_k: usize,
+    /// The scores' function.
+    pub scoring: Scoring,
+    /// Whether the k chosen weights are divided by their sum.
+    pub norm_topk_prob: bool,
+    /// Groups of experts (DeepSeek's `n_group`); 1: no group limit.
+    pub n_group: usize,
+    /// The groups a token's experts may come from (`topk_group`).
+    pub topk_group: usize,
+    /// A factor on the routed experts' weights (DeepSeek's `routed_scaling_factor`).
+    pub routed_scaling_factor: f64,
+    /// Whether a per-expert bias (`gate.e_score_correction_bias`) is added to the scores to
+    /// choose the experts, but not to weight them (DeepSeek-V3).
+    pub selection_bias: bool,
+    /// The intermediate size of the shared (always-on) expert, if any.
+    pub shared_intermediate_size: Option<usize>,
+    /// Whether the shared expert's output is scaled by `sigmoid(x·gᵀ)` (`shared_expert_gate`,
+    /// Qwen2-MoE).
+    pub shared_expert_gate: bool,
+}
+
+impl MoeConfig {
+    /// `num_experts` experts of block `expert`, `top_k` per token, routed as Mixtral routes:
+    /// softmax, top-k, the k weights renormalised.
+    pub fn new(expert: GluConfig, num_experts: usize, top_k: usize) -> Self {
+        Self {
+            expert,
+            num_experts,
+            top_k,
+            scoring: Scoring::Softmax,
+            norm_topk_prob: true,
+            n_group: 1,
+            topk_group: 1,
+            routed_scaling_factor: 1.0,
+            selection_bias: false,
+            shared_intermediate_size: None,
+            shared_expert_gate: false,
+        }
+    }
+
+    /// Checks the sizes against each other.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first inconsistency.
+    pub fn validate(&self) -> ConfigResult<()> {
+        self.expert.validate()?;
+        let fail = |message: String| {
+            Err(Error::InvalidConfig {
+                path: None,
+                message,
+            })
+        };
+        let (e, k) = (self.num_experts, self.top_k);
+        if e == 0 || k == 0 || k > e {
+            return fail(format!(
+                "num_experts_per_tok = {k} must be between 1 and the number of experts, {e}"
+            ));
+        }
+        if self.n_group == 0 || e % self.n_group != 0 {
+            return fail(format!(
+                "n_group = {} must divide the number of experts, {e}",
+                self.n_group
+            ));
+        }
+        if self.n_group > 1 {
+            let per_group = e / self.n_group;
+            if per_group < 2 {
+                return fail(format!(
+                    "groups of {per_group} expert: a group's score is its two best experts'"
+                ));
+            }
+            if self.topk_group == 0 || self.topk_group > self.n_group {
+                return fail(format!(
+                    "topk_group = {} must be between 1 and n_group = {}",
+                    self.topk_group, self.n_group
+                ));
+            }
+            if self.topk_group * per_group < k {
+                return fail(format!(
+                    "topk_group = {} groups of {per_group} experts hold fewer than \
+                     num_experts_per_tok = {k}",
+                    self.topk_group
+                ));
+            }
+        }
+        if !self.routed_scaling_factor.is_finite() {
+            return fail("routed_scaling_factor must be finite".into());
+        }
+        if self.shared_intermediate_size == Some(0) {
+            return fail("the shared expert's intermediate size is 0".into());
+        }
+        Ok(())
+    }
+
+    /// Reads a Hugging Face `config.json` of a mixture-of-experts model (`model_type`
+    /// `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`, `deepseek_v3`), as the module table says.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for invalid JSON, an unknown `model_type` or a dense model, a
+    /// missing or malformed field, inconsistent sizes.
+    pub fn from_hf_json(json: &str) -> ConfigResult<Self> {
+        Self::parse(json, None)
+    }
+
+    /// Reads a `config.json` file; see [`from_hf_json`](Self::from_hf_json).
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read, else as [`from_hf_json`](Self::from_hf_json),
+    /// with the path in the message.
+    pub fn from_hf_config_file(path: impl AsRef<Path>) -> ConfigResult<Self> {
+        let path = path.as_ref();
+        let text = crate::files::read_json_text(path, MAX_CONFIG_BYTES)?;
+        Self::parse(&text, Some(path))
+    }
+
+    fn parse(json: &str, path: Option<&Path>) -> ConfigResult<Self> {
+        let fail = |message: String| Error::InvalidConfig {
+            path: path.map(Path::to_path_buf),
+            message,
+        };
+        // The dense fields (hidden size, σ) as the block reads them.
+        let dense = GluConfig::from_hf_json(json).map_err(|e| match e {
+            Error::InvalidConfig { message, .. } => fail(message),
+            e => e,
+        })?;
+        let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(json) else {
+            return Err(fail("expected a JSON object".into()));
+        };
+        let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let size = |field: &str| size_field(&obj, field).map_err(&fail);
+        // The experts' count: each family's own key, which transformers 5 may write under
+        // another (Qwen3-MoE's `num_experts` as `num_local_experts`).
+        let experts = |field: &str| {
+            ["num_experts", "num_local_experts", "n_routed_experts"]
+                .into_iter()
+                .find(|f| obj.get(*f).is_some_and(|v| !v.is_null()))
+                .map_or_else(|| size(field), size)
+        };
+        let flag = |field: &str, default: bool| bool_field(&obj, field, default).map_err(&fail);
+        let mut expert = dense.with_layout(WeightLayout::Llama);
+        let mut cfg = match model_type {
+            "mixtral" => {
+                expert = expert.with_layout(WeightLayout::Mixtral);
+                MoeConfig::new(
+                    expert.clone(),
+                    experts("num_local_experts")?,
+                    size("num_experts_per_tok")?,
+                )
+            }
+            "qwen2_moe" | "qwen3_moe" | "olmoe" => {
+                if model_type != "olmoe" {
+                    expert.intermediate_size = size("moe_intermediate_size")?;
+                }
+                let mut cfg = MoeConfig::new(
+                    expert.clone(),
+                    experts("num_experts")?,
+                    size("num_experts_per_tok")?,
+                );
+                cfg.norm_topk_prob = flag("norm_topk_prob", false)?;
+                if model_type == "qwen2_moe" {
+                    let shared = size("shared_expert_intermediate_size")?;
+                    cfg.shared_intermediate_size = (shared > 0).then_some(shared);
+                    cfg.shared_expert_gate = shared > 0;
+                }
+                cfg
+            }
+            "deepseek_v3" => {
+                expert.intermediate_size = size("moe_intermediate_size")?;
+                let mut cfg = MoeConfig::new(
+                    expert.clone(),
+                    experts("n_routed_experts")?,
+                    size("num_experts_per_tok")?,
+                );
+                cfg.scoring = Scoring::Sigmoid;
+                cfg.selection_bias = true;
+                cfg.norm_topk_prob = flag("norm_topk_prob", true)?;
+                cfg.n_group = size("n_group")?;
+                cfg.topk_group = size("topk_group")?;
+                cfg.routed_scaling_factor = match obj.get("routed_scaling_factor") {
+                    None | Some(Value::Null) => 1.0,
+                    Some(v) => v.as_f64().ok_or_else(|| {
+                        fail(format!(
+                            "`routed_scaling_factor` must be a number, found {}",
+                            kind_of(v)
+                        ))
+                    })?,
+                };
+                let shared = size("n_shared_experts")?;
+                cfg.shared_intermediate_size =
+                    (shared > 0).then_some(shared * cfg.expert.intermediate_size);
+                cfg
+            }
+            "" => return Err(fail("missing `model_type`".into())),
+            other => {
+                return Err(fail(format!(
+                    "`model_type` = `{other}` is not a mixture-of-experts model this crate \
+                     reads (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)"
+                )))
+            }
+        };
+        cfg.expert = expert;
+        cfg.validate().map_err(|e| match e {
+            Error::InvalidConfig { message, .. } => fail(message),
+            e => e,
+        })?;
+        Ok(cfg)
+    }
+}
+
+fn bool_field(
+    obj: &Map<String, Value>,
+    field: &str,
+    default: bool,
+) -> std::result::Result<bool, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(format!(
+            "`{field}` must be true or false, found {}",
+            kind_of(v)
+        )),
+    }
+}
+
+/// The router's decision for a batch of tokens: for each token, its experts (in the order
+/// chosen: best first) and their weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// Per token, the chosen experts, best first.
+    pub experts: Vec<Vec<usize>>,
+    /// Per token, the chosen experts' weights, in the same order.
+    pub weights: Vec<Vec<f32>>,
+}
+
+impl Routing {
+    /// How many tokens each of `num_experts` experts received.
+    pub fn tokens_per_expert(&self, num_experts: usize) -> Vec<usize> {
+        let mut counts = vec![0; num_experts];
+        for e in self.experts.iter().flatten() {
+            if let Some(c) = counts.get_mut(*e) {
+                *c += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// The mixture-of-experts feed-forward: `y = Σ_{e ∈ topk(x)} w_e(x)·FFN_e(x) (+ shared(x))`,
+/// each `FFN_e` a [`GluFeedForward`].
+///
+/// ```rust
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_glu::{GluConfig, GluExperts, MoeConfig};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let (h, i, e) = (64, 96, 4);
+/// let mut ws = std::collections::HashMap::new();
+/// ws.insert("gate.weight".to_string(), Tensor::randn(0f32, 0.1, (e, h), &dev)?);
+/// for x in 0..e {
+///     for (n, s) in [("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))] {
+///         ws.insert(format!("experts.{x}.{n}.weight"), Tensor::randn(0f32, 0.1, s, &dev)?);
+///     }
+/// }
+/// let vb = candle_nn::VarBuilder::from_tensors(ws, DType::F32, &dev);
+/// let cfg = MoeConfig::new(GluConfig::new(h, i), e, 2);
+/// let moe = GluExperts::new(&cfg, vb)?;
+/// let x = Tensor::randn(0f32, 1., (1, 5, h), &dev)?;
+/// assert_eq!(x.apply(&moe)?.dims(), &[1, 5, h]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct GluExperts {
+    config: MoeConfig,
+    /// The router, `[E, H]`, as stored.
+    router: Tensor,
+    /// DeepSeek-V3's selection bias, `[E]`, f32.
+    selection_bias: Option<Vec<f32>>,
+    experts: Vec<GluFeedForward>,
+    shared: Option<GluFeedForward>,
+    /// Qwen2-MoE's shared expert gate, `[1, H]`, as stored.
+    shared_gate: Option<Tensor>,
+}
+
+impl GluExperts {
+    /// Loads the layer from `vb` at the mixture-of-experts block's prefix (e.g.
+    /// `model.layers.0.mlp`, or Mixtral's `model.layers.0.block_sparse_moe`): the router
+    /// `gate.weight` (and `gate.e_score_correction_bias`), the experts either as per-expert
+    /// tensors (`experts.{e}.gate_proj/up_proj/down_proj`, Mixtral's `experts.{e}.w1/w3/w2`) or
+    /// stacked as transformers keeps them in memory (`experts.gate_up_proj` `[E, 2I, H]`,
+    /// `experts.down_proj` `[E, H, I]`, each expert a view into them), and the shared expert
+    /// (`shared_expert.*` with `shared_expert_gate`, or `shared_experts.*`).
+    ///
+    /// # Errors
+    /// An invalid config; a missing tensor (the message names it and what is present), or one
+    /// of the wrong shape.
+    pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let (h, i, e) = (
+            cfg.expert.hidden_size,
+            cfg.expert.intermediate_size,
+            cfg.num_experts,
+        );
+        let f32_tensor = |t: Tensor| t.to_dtype(DType::F32);
+        let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        let router = get(&vb, &[e, h], "gate.weight", kaiming)?;
+        let selection_bias = if cfg.selection_bias {
+            let zero = candle_nn::Init::Const(0.0);
+            let bias = f32_tensor(get(&vb, &[e], "gate.e_score_correction_bias", zero)?)?;
+            Some(bias.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let expert_cfg = cfg.expert.clone().with_bias(false);
+        let experts = if vb.contains_tensor("experts.gate_up_proj") {
+            let gate_up = get(&vb, &[e, 2 * i, h], "experts.gate_up_proj", kaiming)?;
+            let down = get(&vb, &[e, h, i], "experts.down_proj", kaiming)?;
+            (0..e)
+                .map(|x| {
+                    let gu = gate_up.i(x)?;
+                    let dense = |w: Tensor| Projection::Dense(Linear::new(w, None));
+                    GluFeedForward::from_projections(
+                        &expert_cfg,
+                        dense(gu.narrow(0, 0, i)?),
+                        dense(gu.narrow(0, i, i)?),
+                        dense(down.i(x)?),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            let layout = if vb.contains_tensor("experts.0.w1.weight") {
+                WeightLayout::Mixtral
+            } else {
+                WeightLayout::Llama
+            };
+            let expert_cfg = expert_cfg.with_layout(layout);
+            (0..e)
+                .map(|x| GluFeedForward::new(&expert_cfg, vb.pp(format!("experts.{x}"))))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let (shared, shared_gate) = match cfg.shared_intermediate_size {
+            None => (None, None),
+            Some(si) => {
+                let shared_cfg = GluConfig::new(h, si)
+                    .with_activation(cfg.expert.activation)
+                    .with_layout(WeightLayout::Llama);
+                // Qwen2-MoE's one gated `shared_expert`, or DeepSeek's `shared_experts`.
+                let exists = |p: &str| vb.contains_tensor(&format!("{p}.gate_proj.weight"));
+                let prefix = match (exists("shared_expert"), exists("shared_experts")) {
+                    (true, _) => "shared_expert",
+                    (false, true) => "shared_experts",
+                    _ if cfg.shared_expert_gate => "shared_expert",
+                    _ => "shared_experts",
+                };
+                let shared = GluFeedForward::new(&shared_cfg, vb.pp(prefix))?;
+                let gate = if cfg.shared_expert_gate {
+                    Some(get(&vb, &[1, h], "shared_expert_gate.weight", kaiming)?)
+                } else {
+                    None
+                };
+                (Some(shared), gate)
+            }
+        };
+        Ok(Self {
+            config: cfg.clone(),
+            router,
+            selection_bias,
+            experts,
+            shared,
+            shared_gate,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    /// Expert `e`'s block.
+    pub fn expert(&self, e: usize) -> Option<&GluFeedForward> {
+        self.experts.get(e)
+    }
+
+    /// The shared expert, if the layer has one.
+    pub fn shared_expert(&self) -> Option<&GluFeedForward> {
+        self.shared.as_ref()
+    }
+
+    /// The router's f32 logits for `xs` (`[.., H]`), `[tokens, E]`.
+    fn logits(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.config.expert.hidden_size;
+        if xs.dims().last() != Some(&h) {
+            return Err(Error::InputShape {
+                shape: xs.dims().to_vec(),
+                hidden_size: h,
+            }
+            .into());
+        }
+        let dtype = score_dtype(xs.dtype());
+        let x = xs.reshape(((), h))?.to_dtype(dtype)?;
+        x.matmul(&self.router.to_dtype(dtype)?.t()?)
+    }
+
+    /// Which experts each token of `xs` (`[.., H]`) goes to, and with what weights.
+    ///
+    /// # Errors
+    /// An input whose last dimension is not the hidden size; candle's errors.
+    pub fn route(&self, xs: &Tensor) -> Result<Routing> {
+        let logits = self.logits(xs)?;
+        let (experts, weights) = self.choose(&logits)?;
+        let weights = weights.to_vec2::<f32>()?;
+        Ok(Routing { experts, weights })
+    }
+
+    /// The experts chosen for each token, and their weights `[tokens, k]` (f32, computed with
+    /// candle's ops from `logits`, so that gradients reach the router).
+    fn choose(&self, logits: &Tensor) -> Result<(Vec<Vec<usize>>, Tensor)> {
+        let cfg = &self.config;
+        let scores = match cfg.scoring {
+            Scoring::Softmax => candle_nn::ops::softmax(logits, D::Minus1)?,
+            Scoring::Sigmoid => candle_nn::ops::sigmoid(logits)?,
+        };
+        let host = scores.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let chosen: Vec<Vec<usize>> = host.iter().map(|s| self.top_k(s)).collect();
+        let index: Vec<u32> = chosen.iter().flatten().map(|&e| e as u32).collect();
+        let index = Tensor::from_vec(index, (chosen.len(), cfg.top_k), logits.device())?;
+        let mut weights = scores.gather(&index, D::Minus1)?;
+        if cfg.norm_topk_prob {
+            let mut sum = weights.sum_keepdim(D::Minus1)?;
+            if cfg.scoring == Scoring::Sigmoid {
+                // DeepSeek's guard against a zero sum.
+                sum = (sum + 1e-20)?;
+            }
+            weights = weights.broadcast_div(&sum)?;
+        }
+        if cfg.routed_scaling_factor != 1.0 {
+            weights = (weights * cfg.routed_scaling_factor)?;
+        }
+        Ok((chosen, weights))
+    }
+
+    /// One token's experts from its scores, best first (ties: the lower index).
+    fn top_k(&self, scores: &[f32]) -> Vec<usize> {
+        let cfg = &self.config;
+        let choice: Vec<f32> = match &self.selection_bias {
+            Some(bias) => scores.iter().zip(bias).map(|(s, b)| s + b).collect(),
+            None => scores.to_vec(),
+        };
+        let mut allowed = vec![true; choice.len()];
+        if cfg.n_group > 1 {
+            let per = choice.len() / cfg.n_group;
+            let group_scores: Vec<f32> = choice
+                .chunks(per)
+                .map(|g| best(g, 2).iter().map(|&j| g[j]).sum())
+                .collect();
+            let groups = best(&group_scores, cfg.topk_group);
+            for (j, a) in allowed.iter_mut().enumerate() {
+                *a = groups.contains(&(j / per));
+            }
+        }
+        let masked: Vec<f32> = choice
+            .iter()
+            .zip(&allowed)
+            .map(|(&c, &a)| if a { c } else { f32::NEG_INFINITY })
+            .collect();
+        best(&masked, cfg.top_k)
+    }
+
+    fn forward_impl(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.config.expert.hidden_size;
+        let logits = self.logits(xs)?;
+        let (chosen, weights) = self.choose(&logits)?;
+        let x = xs.reshape(((), h))?;
+        let tokens = x.dim(0)?;
+        let dev = x.device();
+        // Per expert: its tokens, and the positions of their weights in `weights` (flattened).
+        let mut per_expert: Vec<(Vec<u32>, Vec<u32>)> =
+            vec![Default::default(); self.experts.len()];
+        for (t, experts) in chosen.iter().enumerate() {
+            for (slot, &e) in experts.iter().enumerate() {
+                per_expert[e].0.push(t as u32);
+                per_expert[e].1.push((t * self.config.top_k + slot) as u32);
+            }
+        }
+        let flat_weights = weights.flatten_all()?;
+        // Sums in the scores' dtype (f32, or f64 for f64 inputs), rounded once at the end.
+        let acc = score_dtype(xs.dtype());
+        let mut y = Tensor::zeros((tokens, h), acc, dev)?;
+        for (e, (toks, slots)) in per_expert.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
+            let index = Tensor::new(toks.as_slice(), dev)?;
+            let w = flat_weights.index_select(&Tensor::new(slots.as_slice(), dev)?, 0)?;
+            let ye = x.index_select(&index, 0)?.apply(&self.experts[e])?;
+            let ye = ye.to_dtype(acc)?.broadcast_mul(&w.unsqueeze(1)?)?;
+            y = y.index_add(&index, &ye, 0)?;
+        }
+        if let Some(shared) = &self.shared {
+            let mut s = x.apply(shared)?.to_dtype(acc)?;
+            if let Some(gate) = &self.shared_gate {
+                let dtype = score_dtype(x.dtype());
+                let g = x.to_dtype(dtype)?.matmul(&gate.to_dtype(dtype)?.t()?)?;
+                s = s.broadcast_mul(&candle_nn::ops::sigmoid(&g)?)?;
+            }
+            y = (y + s)?;
+        }
+        y.to_dtype(xs.dtype())?.reshape(xs.shape())
+    }
+}
+
+/// The dtype the router's scores are computed in: f32, as transformers computes them, or f64
+/// for f64 inputs.
+fn score_dtype(input: DType) -> DType {
+    if input == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// The indices of the `k` largest values, largest first; ties to the lower index; NaN last.
+fn best(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (values[a], values[b]);
+        y.partial_cmp(&x)
+            .unwrap_or_else(|| x.is_nan().cmp(&y.is_nan()))
+            .then(a.cmp(&b))
+    });
+    order.truncate(k);
+    order
+}
+
+/// A tensor of the layer, with the crate's errors (what exists instead, the shapes); created
+/// with `init` where `vb` creates variables (a `VarMap`).
+fn get(vb: &VarBuilder, shape: &[usize], name: &str, init: candle_nn::Init) -> Result<Tensor> {
+    crate::ffn::load(vb, name, shape, init)
+}
+
+impl Module for GluExperts {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_impl(xs)
+    }
+}

@@ -1,0 +1,343 @@
+//! `GluExperts` against transformers' own sparse-MoE blocks (Mixtral, Qwen2-MoE with its gated
+//! shared expert, Qwen3-MoE, OLMoE, DeepSeek-V3 with its sigmoid, group-limited router and
+//! shared expert), seeded, at sizes that are not multiples of 16, with experts that get many
+//! tokens, one, and none (`scripts/make_moe_fixtures.py`).
+//!
+//! - Routing: the experts chosen for every token are transformers' (the fixtures exclude
+//!   near-ties, so f32 rounding cannot change a choice).
+//! - f32: max |error| ≤ 1e-5 of the largest output, against the float64 block.
+//! - bf16: max |error| no more than 2× torch's own in bf16 (plus 1e-3 of the largest output).
+//! - Both storages: per-expert tensors as on disk, and (Mixtral, DeepSeek-V3) the stacked
+//!   `[E, 2I, H]` tensors transformers keeps in memory.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_glu::{GluExperts, MoeConfig, Scoring};
+use candle_nn::VarBuilder;
+
+const CASES: [&str; 5] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"];
+
+fn dir(case: &str) -> std::path::PathBuf {
+    common::fixtures().join("moe").join(case)
+}
+
+fn io(case: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir(case).join("io.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn prefix(case: &str) -> &'static str {
+    if case == "mixtral" {
+        "model.layers.0.block_sparse_moe"
+    } else {
+        "model.layers.0.mlp"
+    }
+}
+
+fn layer(case: &str, file: &str, dtype: DType) -> GluExperts {
+    let cfg = MoeConfig::from_hf_config_file(dir(case).join("config.json")).unwrap();
+    let path = dir(case).join(file);
+    // SAFETY: the fixture is not modified while mapped.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, &Device::Cpu) }.unwrap();
+    let prefix = if file == "fused.safetensors" {
+        "model.layers.0.mlp"
+    } else {
+        prefix(case)
+    };
+    GluExperts::new(&cfg, vb.pp(prefix)).unwrap()
+}
+
+fn rel(y: &Tensor, truth: &Tensor) -> f64 {
+    let y = y.to_dtype(DType::F64).unwrap();
+    let d = (y - truth).unwrap().abs().unwrap().max_all().unwrap();
+    let m = truth.abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f64>().unwrap() / m.to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn configs_read_every_family() {
+    let cfg = |c| MoeConfig::from_hf_config_file(dir(c).join("config.json")).unwrap();
+    let m = cfg("mixtral");
+    assert_eq!((m.num_experts, m.top_k, m.norm_topk_prob), (8, 2, true));
+    assert_eq!(m.expert.intermediate_size, 40);
+    let q2 = cfg("qwen2_moe");
+    assert_eq!(
+        (q2.num_experts, q2.top_k, q2.norm_topk_prob),
+        (16, 4, false)
+    );
+    assert_eq!(
+        (q2.shared_intermediate_size, q2.shared_expert_gate),
+        (Some(56), true)
+    );
+    let q3 = cfg("qwen3_moe");
+    assert_eq!((q3.num_experts, q3.top_k, q3.norm_topk_prob), (16, 3, true));
+    assert_eq!(q3.shared_intermediate_size, None);
+    let o = cfg("olmoe");
+    assert_eq!((o.num_experts, o.top_k, o.norm_topk_prob), (8, 2, false));
+    let d = cfg("deepseek_v3");
+    assert_eq!(
+        (d.num_experts, d.top_k, d.scoring),
+        (16, 3, Scoring::Sigmoid)
+    );
+    assert_eq!((d.n_group, d.topk_group, d.selection_bias), (4, 2, true));
+    assert_eq!(
+        (d.routed_scaling_factor, d.shared_intermediate_size),
+        (2.5, Some(40))
+    );
+    assert!(d.shared_expert_gate == q3.shared_expert_gate && !d.shared_expert_gate);
+}
+
+#[test]
+fn routing_matches_transformers() {
+    for case in CASES {
+        let io = io(case);
+        let moe = layer(case, "model.safetensors", DType::F32);
+        let routing = moe.route(&io["x"]).unwrap();
+        let want: Vec<Vec<i64>> = io["top_k"].to_vec2().unwrap();
+        for (t, (got, want)) in routing.experts.iter().zip(&want).enumerate() {
+            let mut got: Vec<i64> = got.iter().map(|&e| e as i64).collect();
+            got.sort();
+            assert_eq!(&got, want, "{case}: token {t}'s experts");
+        }
+        let counts: Vec<i64> = io["counts"].to_vec1().unwrap();
+        let got = routing.tokens_per_expert(moe.config().num_experts);
+        assert_eq!(
+            got.iter().map(|&c| c as i64).collect::<Vec<_>>(),
+            counts,
+            "{case}"
+        );
+        // Some expert gets no token, one exactly one, one many: every branch is exercised.
+        assert!(
+            got.contains(&0) && got.contains(&1) && got.iter().any(|&c| c >= 5),
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn f32_matches_float64_for_every_family_and_storage() {
+    for case in CASES {
+        let io = io(case);
+        let stacked = matches!(case, "mixtral" | "deepseek_v3");
+        let files: &[&str] = if stacked {
+            &["model.safetensors", "fused.safetensors"]
+        } else {
+            &["model.safetensors"]
+        };
+        for &file in files {
+            let moe = layer(case, file, DType::F32);
+            let y = moe.forward(&io["x"]).unwrap();
+            assert_eq!(y.dims(), io["x"].dims());
+            let err = rel(&y, &io["y_f64"]);
+            assert!(
+                err <= 1e-5,
+                "{case} ({file}): {err:e} of the largest output"
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_within_twice_torchs_own_error() {
+    for case in CASES {
+        let io = io(case);
+        let moe = layer(case, "model.safetensors", DType::BF16);
+        let x = io["x"].to_dtype(DType::BF16).unwrap();
+        let y = moe.forward(&x).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let torch = rel(&io["y_torch_bf16"], &io["y_f64"]);
+        let ours = rel(&y, &io["y_f64"]);
+        assert!(
+            ours <= 2.0 * torch + 1e-3,
+            "{case}: bf16 {ours:e} against torch's {torch:e}"
+        );
+    }
+}
+
+/// The case's tensors, less those whose names contain `drop`, as a `VarBuilder`.
+fn without(case: &str, drop: &str) -> VarBuilder<'static> {
+    let mut ws =
+        candle_core::safetensors::load(dir(case).join("model.safetensors"), &Device::Cpu).unwrap();
+    ws.retain(|name, _| !name.contains(drop));
+    VarBuilder::from_tensors(ws, DType::F32, &Device::Cpu)
+}
+
+fn config_with(case: &str, key: &str, value: serde_json::Value) -> String {
+    let text = std::fs::read_to_string(dir(case).join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json[key] = value;
+    json.to_string()
+}
+
+#[test]
+fn bad_configs_are_one_line_errors() {
+    let err = |json: String| {
+        let e = MoeConfig::from_hf_json(&json).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "one line: {e}");
+        e
+    };
+    let e = err(config_with("mixtral", "num_experts_per_tok", 9.into()));
+    assert!(
+        e.contains("num_experts_per_tok = 9") && e.contains("8"),
+        "{e}"
+    );
+    let e = err(config_with("deepseek_v3", "n_group", 5.into()));
+    assert!(e.contains("n_group = 5"), "{e}");
+    let e = err(config_with("deepseek_v3", "topk_group", 0.into()));
+    assert!(e.contains("topk_group = 0"), "{e}");
+    let e = err(config_with("mixtral", "model_type", "llama".into()));
+    assert!(
+        e.contains("`llama`") && e.contains("mixture-of-experts"),
+        "{e}"
+    );
+    let e = err(config_with("qwen3_moe", "norm_topk_prob", "yes".into()));
+    assert!(e.contains("norm_topk_prob"), "{e}");
+}
+
+#[test]
+fn missing_or_misshapen_tensors_name_themselves() {
+    let load = |case: &str, cfg: &MoeConfig, vb: VarBuilder| {
+        GluExperts::new(cfg, vb.pp(prefix(case)))
+            .unwrap_err()
+            .to_string()
+    };
+    let cfg = |case: &str| MoeConfig::from_hf_config_file(dir(case).join("config.json")).unwrap();
+    // An expert's weight missing: the message names it.
+    let e = load(
+        "mixtral",
+        &cfg("mixtral"),
+        without("mixtral", "experts.5.w3"),
+    );
+    assert!(e.contains("experts.5.w3.weight"), "{e}");
+    // The config names more experts than the router has.
+    let mut more = cfg("mixtral");
+    more.num_experts = 10;
+    let e = load("mixtral", &more, without("mixtral", "nothing"));
+    assert!(
+        e.contains("gate.weight") && e.contains("[8, 72]") && e.contains("[10, 72]"),
+        "{e}"
+    );
+    // The router's rows say 8, but the checkpoint holds 6 experts.
+    let e = load("mixtral", &cfg("mixtral"), without("mixtral", "experts.6."));
+    assert!(e.contains("experts.6.w1.weight"), "{e}");
+    // A shared expert in the config but not in the checkpoint (Qwen2-MoE, DeepSeek-V3).
+    let e = load(
+        "qwen2_moe",
+        &cfg("qwen2_moe"),
+        without("qwen2_moe", "shared_expert."),
+    );
+    assert!(e.contains("mlp.shared_expert.gate_proj.weight"), "{e}");
+    let e = load(
+        "qwen2_moe",
+        &cfg("qwen2_moe"),
+        without("qwen2_moe", "shared_expert_gate"),
+    );
+    assert!(e.contains("shared_expert_gate.weight"), "{e}");
+    let e = load(
+        "deepseek_v3",
+        &cfg("deepseek_v3"),
+        without("deepseek_v3", "shared_experts"),
+    );
+    assert!(e.contains("mlp.shared_experts.gate_proj.weight"), "{e}");
+    let e = load(
+        "deepseek_v3",
+        &cfg("deepseek_v3"),
+        without("deepseek_v3", "correction_bias"),
+    );
+    assert!(e.contains("gate.e_score_correction_bias"), "{e}");
+    // An input of the wrong width.
+    let moe = layer("qwen3_moe", "model.safetensors", DType::F32);
+    let x = Tensor::zeros((3, 71), DType::F32, &Device::Cpu).unwrap();
+    let e = moe.forward(&x).unwrap_err().to_string();
+    assert!(e.contains("71") && e.contains("72"), "{e}");
+}
+
+#[test]
+fn gradients_reach_the_router_and_the_experts() {
+    use candle_core::Var;
+    // Qwen3-MoE's fixture as variables; the loss Σ y·c for a fixed c.
+    let io = io("qwen3_moe");
+    let cfg = MoeConfig::from_hf_config_file(dir("qwen3_moe").join("config.json")).unwrap();
+    let ws =
+        candle_core::safetensors::load(dir("qwen3_moe").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ws: HashMap<String, Tensor> = ws
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F64).unwrap()))
+        .collect();
+    let x = io["x"].to_dtype(DType::F64).unwrap();
+    let c = io["y_f64"].clone();
+    let loss = |ws: &HashMap<String, Tensor>| -> (Tensor, GluExperts) {
+        let vb = VarBuilder::from_tensors(ws.clone(), DType::F64, &Device::Cpu);
+        let moe = GluExperts::new(&cfg, vb.pp("model.layers.0.mlp")).unwrap();
+        let y = moe.forward(&x).unwrap();
+        ((y * &c).unwrap().sum_all().unwrap(), moe)
+    };
+    // Analytic gradients through variables.
+    let vars: HashMap<String, Var> = ws
+        .iter()
+        .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
+        .collect();
+    let as_tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let (l, _) = loss(&as_tensors);
+    let grads = l.backward().unwrap();
+    // Central differences on a few entries of the router and of a used expert's weights.
+    let used = moe_used_expert(&io);
+    for (name, at) in [
+        ("model.layers.0.mlp.gate.weight".to_string(), (used, 5)),
+        (
+            format!("model.layers.0.mlp.experts.{used}.gate_proj.weight"),
+            (3, 7),
+        ),
+        (
+            format!("model.layers.0.mlp.experts.{used}.down_proj.weight"),
+            (11, 2),
+        ),
+    ] {
+        let g = grads.get(vars[&name].as_tensor()).expect("a gradient");
+        let analytic: f64 = g.get(at.0).unwrap().get(at.1).unwrap().to_scalar().unwrap();
+        let h = 1e-6;
+        let shifted = |d: f64| {
+            let mut w = ws.clone();
+            let t = &w[&name];
+            let mut v: Vec<Vec<f64>> = t.to_vec2().unwrap();
+            v[at.0][at.1] += d;
+            w.insert(name.clone(), Tensor::new(v, &Device::Cpu).unwrap());
+            loss(&w).0.to_scalar::<f64>().unwrap()
+        };
+        let numeric = (shifted(h) - shifted(-h)) / (2.0 * h);
+        assert!(
+            (analytic - numeric).abs() <= 1e-6 * numeric.abs().max(1.0),
+            "{name}{at:?}: analytic {analytic:e}, numeric {numeric:e}"
+        );
+    }
+}
+
+/// An expert that some token of the fixture uses.
+fn moe_used_expert(io: &HashMap<String, Tensor>) -> usize {
+    let counts: Vec<i64> = io["counts"].to_vec1().unwrap();
+    counts.iter().position(|&c| c >= 2).unwrap()
+}
+
+#[test]
+fn any_leading_shape_and_no_tokens() {
+    let io = io("deepseek_v3");
+    let moe = layer("deepseek_v3", "model.safetensors", DType::F32);
+    let x = &io["x"];
+    let y = moe.forward(x).unwrap();
+    // One token alone, as a rank-1 input, gives that token's row.
+    let t0 = x.get(1).unwrap().get(4).unwrap();
+    let y0 = moe.forward(&t0).unwrap();
+    assert_eq!(y0.dims(), &[72]);
+    let want = y.get(1).unwrap().get(4).unwrap();
+    let d = (y0 - want).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() <= 1e-6);
+    // No tokens: an empty output, no error.
+    let empty = Tensor::zeros((2, 0, 72), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(moe.forward(&empty).unwrap().dims(), &[2, 0, 72]);
+}
