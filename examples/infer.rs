@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::device::{device_name, DeviceChoice};
 use candle_glu::loading::{Checkpoint, FileFormat, LoadOptions};
-use candle_glu::{Activation, GluConfig, GluFeedForward, WeightLayout};
+use candle_glu::{Activation, GluConfig, GluExperts, GluFeedForward, MoeConfig, WeightLayout};
 use clap::Parser;
 
 #[path = "common/rng.rs"]
@@ -37,7 +37,7 @@ const MAX_RANDOM_VALUES: usize = 1 << 31;
 #[derive(Parser, Debug)]
 #[command(
     name = "infer",
-    about = "Run one gated feed-forward block (GluFeedForward) from a checkpoint",
+    about = "Run one gated feed-forward block (GluFeedForward), or a mixture-of-experts layer (GluExperts), from a checkpoint",
     after_help = "With no arguments, runs the embedded SmolLM2-135M FFN (layer 0) on a seeded random input."
 )]
 struct Args {
@@ -184,6 +184,31 @@ struct Report {
     first_ms: f64,
     bench: Option<Bench>,
     output: Option<PathBuf>,
+    /// The mixture-of-experts layer's routing, where the layer is one.
+    moe: Option<MoeReport>,
+}
+
+/// What the router did with the input.
+struct MoeReport {
+    num_experts: usize,
+    top_k: usize,
+    shared: Option<usize>,
+    tokens_per_expert: Vec<usize>,
+}
+
+/// The block `infer` runs: one gated FFN, or a whole mixture-of-experts layer.
+enum Block {
+    Dense(GluFeedForward),
+    Moe(GluExperts),
+}
+
+impl Module for Block {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Block::Dense(ffn) => ffn.forward(xs),
+            Block::Moe(moe) => moe.forward(xs),
+        }
+    }
 }
 
 struct Stats {
@@ -206,14 +231,17 @@ fn run(args: &Args) -> Result<()> {
     let (ckpt, model) = open_weights(args)?;
     let quantized = ckpt.format() == FileFormat::Gguf && !args.dequantize;
 
-    let layout = match args.layout.0 {
-        Some(layout) => layout,
-        None => detect_layout(&ckpt, args)?,
+    // A mixture-of-experts model (an MoE `model_type` in the config.json beside the weights)
+    // runs its whole layer at `--layer`; `--prefix` still picks one expert's block.
+    let moe = match &args.prefix {
+        None => moe_config(&ckpt)?,
+        Some(_) => None,
     };
-    let prefix = args
-        .prefix
-        .clone()
-        .unwrap_or_else(|| layout.layer_prefix(args.layer));
+    let layout = match (args.layout.0, &moe) {
+        (Some(layout), _) => layout,
+        (None, Some(moe)) => moe.expert.layout,
+        (None, None) => detect_layout(&ckpt, args)?,
+    };
     if args.prefix.is_none() {
         match ckpt.num_layers() {
             Some(0) => bail!(
@@ -232,14 +260,30 @@ fn run(args: &Args) -> Result<()> {
         .activation
         .or_else(|| ckpt.config().map(|c| c.activation))
         .unwrap_or(Activation::Silu);
-    let cfg = match ckpt.config() {
-        Some(cfg) => cfg.clone().with_layout(layout).with_activation(activation),
-        None => ckpt.infer_config(&prefix, layout, activation)?,
-    };
     let opts = LoadOptions::new(args.dtype, device.clone()).with_quantized(quantized);
-    let ffn = match &args.prefix {
-        Some(prefix) => ckpt.load_ffn(&cfg, prefix, &opts)?,
-        None => ckpt.load_layer(&cfg, args.layer, &opts)?,
+    let (block, cfg, prefix) = match moe {
+        Some(mut moe_cfg) => {
+            moe_cfg.expert.activation = activation;
+            let prefix = moe_prefix(&moe_cfg, args.layer);
+            let vb = ckpt.var_builder(args.dtype, &device);
+            let moe = GluExperts::new(&moe_cfg, vb.pp(&prefix))?;
+            (Block::Moe(moe), moe_cfg.expert, prefix)
+        }
+        None => {
+            let prefix = args
+                .prefix
+                .clone()
+                .unwrap_or_else(|| layout.layer_prefix(args.layer));
+            let cfg = match ckpt.config() {
+                Some(cfg) => cfg.clone().with_layout(layout).with_activation(activation),
+                None => ckpt.infer_config(&prefix, layout, activation)?,
+            };
+            let ffn = match &args.prefix {
+                Some(prefix) => ckpt.load_ffn(&cfg, prefix, &opts)?,
+                None => ckpt.load_layer(&cfg, args.layer, &opts)?,
+            };
+            (Block::Dense(ffn), cfg, prefix)
+        }
     };
 
     let x = match &args.input {
@@ -247,10 +291,41 @@ fn run(args: &Args) -> Result<()> {
         None => random_input(args, cfg.hidden_size, &device)?,
     };
     let x = x.to_dtype(args.dtype)?;
-    let path = ffn.forward_path(&x);
-    let micro_kernel = ffn.micro_kernel(&x);
+    // The path and micro-kernel: the block's, or for a mixture the busiest expert's, on its
+    // tokens.
+    let (ffn, routed_x, moe_report) = match &block {
+        Block::Dense(ffn) => (ffn, x.clone(), None),
+        Block::Moe(moe) => {
+            let c = moe.config();
+            let counts = moe.route(&x)?.tokens_per_expert(c.num_experts);
+            // The busiest expert (the first of equals).
+            let (mut busiest, mut n) = (0, 0);
+            for (e, &count) in counts.iter().enumerate() {
+                if count > n {
+                    (busiest, n) = (e, count);
+                }
+            }
+            let flat = x.reshape(((), cfg.hidden_size))?;
+            let report = MoeReport {
+                num_experts: c.num_experts,
+                top_k: c.top_k,
+                shared: c.shared_intermediate_size,
+                tokens_per_expert: counts,
+            };
+            let ffn = moe
+                .expert(busiest)
+                .ok_or_else(|| anyhow!("expert {busiest} is not in the layer"))?;
+            (
+                ffn,
+                flat.narrow(0, 0, n.max(1).min(flat.dim(0)?))?,
+                Some(report),
+            )
+        }
+    };
+    let path = ffn.forward_path(&routed_x);
+    let micro_kernel = ffn.micro_kernel(&routed_x);
     let start = Instant::now();
-    let y = ffn.forward(&x)?;
+    let y = block.forward(&x)?;
     device.synchronize()?;
     let first_ms = start.elapsed().as_secs_f64() * 1e3;
 
@@ -259,7 +334,7 @@ fn run(args: &Args) -> Result<()> {
         Some(n) if n > MAX_BENCH_RUNS => {
             bail!("--bench {n} is more than the {MAX_BENCH_RUNS} runs a benchmark may have")
         }
-        Some(runs) => Some(bench(&ffn, &x, runs, &device)?),
+        Some(runs) => Some(bench(&block, &cfg, moe_report.as_ref(), &x, runs, &device)?),
         None => None,
     };
     if let Some(path) = &args.output {
@@ -284,6 +359,7 @@ fn run(args: &Args) -> Result<()> {
         first_ms,
         bench,
         output: args.output.clone(),
+        moe: moe_report,
     };
     if args.json {
         println!("{}", to_json(&report));
@@ -458,22 +534,81 @@ fn random_input(args: &Args, hidden: usize, device: &Device) -> Result<Tensor> {
     )?)
 }
 
-fn bench(ffn: &GluFeedForward, x: &Tensor, runs: usize, device: &Device) -> Result<Bench> {
-    ffn.forward(x)?; // warm-up
+/// The mixture-of-experts config of a safetensors checkpoint whose `config.json` names an MoE
+/// `model_type`; `None` for dense models. A GGUF layer of experts is refused: not built yet.
+fn moe_config(ckpt: &Checkpoint) -> Result<Option<MoeConfig>> {
+    if ckpt
+        .tensor_names()
+        .iter()
+        .any(|n| n.contains("ffn_gate_exps"))
+    {
+        bail!(
+            "this GGUF holds mixture-of-experts layers (ffn_gate_exps), which infer does not run \
+             yet; see docs/moe.md"
+        );
+    }
+    let path = ckpt.path();
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().unwrap_or(Path::new("."))
+    };
+    let config = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&config) else {
+        return Ok(None);
+    };
+    let model_type = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
+    let moe = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"];
+    match model_type {
+        Some(t) if moe.contains(&t.as_str()) => Ok(Some(
+            MoeConfig::from_hf_json(&text).with_context(|| config.display().to_string())?,
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Layer `layer`'s mixture-of-experts block: Mixtral's `block_sparse_moe`, the others' `mlp`.
+fn moe_prefix(cfg: &MoeConfig, layer: usize) -> String {
+    if cfg.expert.layout == WeightLayout::Mixtral {
+        format!("model.layers.{layer}.block_sparse_moe")
+    } else {
+        format!("model.layers.{layer}.mlp")
+    }
+}
+
+fn bench(
+    block: &Block,
+    cfg: &GluConfig,
+    moe: Option<&MoeReport>,
+    x: &Tensor,
+    runs: usize,
+    device: &Device,
+) -> Result<Bench> {
+    block.forward(x)?; // warm-up
     device.synchronize()?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
-        ffn.forward(x)?;
+        block.forward(x)?;
         device.synchronize()?;
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let median = times[runs / 2];
-    let cfg = ffn.config();
     let tokens = x.elem_count() / cfg.hidden_size;
-    // Three [H, I] matmuls, two flops per multiply-add.
-    let flops = 6.0 * tokens as f64 * cfg.hidden_size as f64 * cfg.intermediate_size as f64;
+    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    // Three [H, I] matmuls per token and expert, two flops per multiply-add; for a mixture,
+    // the routed tokens', the shared expert's and the router's.
+    let flops = match moe {
+        None => 6.0 * tokens as f64 * h * i,
+        Some(m) => {
+            let routed: usize = m.tokens_per_expert.iter().sum();
+            let shared = m.shared.map_or(0.0, |s| 6.0 * tokens as f64 * h * s as f64);
+            6.0 * routed as f64 * h * i + shared + 2.0 * tokens as f64 * h * m.num_experts as f64
+        }
+    };
     Ok(Bench {
         runs,
         median_ms: median * 1e3,
@@ -567,7 +702,22 @@ fn print_summary(r: &Report) {
         ""
     };
     println!("device      {}, {}{weights}", r.device, r.dtype.as_str());
-    println!("kernels     {}", kernels(r));
+    if let Some(m) = &r.moe {
+        let used = m.tokens_per_expert.iter().filter(|&&n| n > 0).count();
+        let shared = m
+            .shared
+            .map_or(String::new(), |s| format!(", shared expert {s} wide"));
+        println!(
+            "experts     {} routed, top-{}{shared}; {used} used, tokens per expert {:?}",
+            m.num_experts, m.top_k, m.tokens_per_expert
+        );
+    }
+    let busiest = if r.moe.is_some() {
+        " (the busiest expert)"
+    } else {
+        ""
+    };
+    println!("kernels     {}{busiest}", kernels(r));
     println!("input       {:?}", r.input_shape);
     println!("output      {:?}", r.output_shape);
     let s = &r.stats;
@@ -616,5 +766,10 @@ fn to_json(r: &Report) -> serde_json::Value {
             "tokens_per_s": b.tokens_per_s, "gflops": b.gflops,
         })),
         "output": r.output.as_ref().map(|p| p.display().to_string()),
+        "moe": r.moe.as_ref().map(|m| serde_json::json!({
+            "num_experts": m.num_experts, "top_k": m.top_k,
+            "shared_intermediate_size": m.shared,
+            "tokens_per_expert": m.tokens_per_expert,
+        })),
     })
 }

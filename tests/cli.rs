@@ -376,3 +376,47 @@ fn hub_repo_from_the_local_cache() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("v9") && err.contains("offline"), "{err}");
 }
+
+#[test]
+fn mixture_of_experts_layer_at_layer() {
+    // `--layer` on a mixture-of-experts checkpoint runs the whole layer (router, experts,
+    // shared experts), not one expert; the JSON says how the tokens were routed.
+    for case in ["mixtral", "deepseek_v3"] {
+        let weights = common::fixtures().join("moe").join(case);
+        let io = weights.join("io.safetensors");
+        let fixture = candle_core::safetensors::load(&io, &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("y.safetensors");
+        let args = [
+            "--weights",
+            weights.to_str().unwrap(),
+            "--layer",
+            "0",
+            "--input",
+            io.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        let json: serde_json::Value = serde_json::from_str(&stdout(&run(&args))).unwrap();
+        let counts: Vec<i64> = fixture["counts"].to_vec1().unwrap();
+        let got: Vec<i64> = json["moe"]["tokens_per_expert"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert_eq!(got, counts, "{case}: tokens per expert");
+        assert_eq!(json["intermediate_size"], 40, "{case}");
+        let y = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["y"].clone();
+        assert_close(&y, &fixture["y_f64"], Tol::Rel(1e-5), case);
+    }
+    let text = stdout(&run(&[
+        "--weights",
+        common::fixtures().join("moe/qwen2_moe").to_str().unwrap(),
+    ]));
+    assert!(
+        text.contains("experts     16 routed, top-4, shared expert 56 wide"),
+        "{text}"
+    );
+}

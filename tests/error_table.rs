@@ -488,6 +488,18 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         infer(d, &["--weights", "./none.safetensors"])
     });
     c.insert("cli-layer-out-of-range", |d| infer(d, &["--layer", "40"]));
+    c.insert("cli-moe-gguf", |d| {
+        let mut g = Gguf::llama(32, 64, craft::F32);
+        let data = craft::tensor_bytes(craft::F32, 4 * 64 * 32);
+        g.tensors.push((
+            "blk.0.ffn_gate_exps.weight".into(),
+            vec![4, 64, 32],
+            craft::F32,
+            data,
+        ));
+        let path = gguf_file(d, &g);
+        infer(d, &["--weights", path.to_str().unwrap()])
+    });
     c.insert("cli-no-layers", |d| {
         write(d, "model.safetensors", &craft::llama_block(4, 8));
         write(
