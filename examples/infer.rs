@@ -560,9 +560,8 @@ fn moe_config(ckpt: &Checkpoint) -> Result<Option<MoeConfig>> {
     let model_type = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
-    let moe = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"];
     match model_type {
-        Some(t) if moe.contains(&t.as_str()) => Ok(Some(
+        Some(t) if MoeConfig::MODEL_TYPES.contains(&t.as_str()) => Ok(Some(
             MoeConfig::from_hf_json(&text).with_context(|| config.display().to_string())?,
         )),
         _ => Ok(None),

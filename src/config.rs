@@ -201,16 +201,7 @@ impl GluConfig {
                     None => Activation::Silu,
                 },
             };
-            let bias = match obj.get("mlp_bias") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(other) => {
-                    return Err(fail(format!(
-                        "`mlp_bias` must be true or false, found {}",
-                        kind_of(other)
-                    )))
-                }
-            };
+            let bias = bool_field(obj, "mlp_bias", false).map_err(&fail)?;
             let layout = match model_type {
                 "phi3" => WeightLayout::Phi3,
                 "mixtral" => WeightLayout::Mixtral,
@@ -312,6 +303,22 @@ fn str_field<'a>(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(v) => Err(format!("`{field}` must be a string, found {}", kind_of(v))),
+    }
+}
+
+/// A boolean field, `default` when absent or null.
+pub(crate) fn bool_field(
+    obj: &Map<String, Value>,
+    field: &str,
+    default: bool,
+) -> std::result::Result<bool, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(format!(
+            "`{field}` must be true or false, found {}",
+            kind_of(v)
+        )),
     }
 }
 

@@ -2,8 +2,9 @@
 //! blocks per token, the blocks themselves ([`GluFeedForward`]s, one per expert, reading their
 //! weights in place), and the always-on shared experts of Qwen2-MoE and DeepSeek.
 //!
-//! Routing, as each family defines it (the scores are f32, as transformers computes them even
-//! in a bf16 or float64 module):
+//! Routing, as each family defines it. The router's logits and scores are computed in f32 (f64
+//! for f64 inputs) whatever the weights' dtype: transformers computes the softmax (DeepSeek's
+//! router throughout) in f32 too, Mixtral's and Qwen's logits in the module's dtype.
 //!
 //! | family (`model_type`) | scores | choice | weights |
 //! |---|---|---|---|
@@ -24,12 +25,13 @@ use std::path::Path;
 
 use candle_core::{DType, IndexOp, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::config::{kind_of, size_field, MAX_CONFIG_BYTES};
 use candle_core::Result;
 
-type ConfigResult<T> = std::result::Result<T, Error>;
+use crate::config::{bool_field, kind_of, size_field, MAX_CONFIG_BYTES, MAX_DIM};
+use crate::error;
+use crate::ffn::load;
 use crate::{Error, GluConfig, GluFeedForward, Projection, WeightLayout};
 
 /// How the router turns its logits into scores.
@@ -73,6 +75,10 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
+    /// The `model_type`s [`from_hf_json`](Self::from_hf_json) reads.
+    pub const MODEL_TYPES: [&'static str; 5] =
+        ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"];
+
     /// `num_experts` experts of block `expert`, `top_k` per token, routed as Mixtral routes:
     /// softmax, top-k, the k weights renormalised.
     pub fn new(expert: GluConfig, num_experts: usize, top_k: usize) -> Self {
@@ -95,7 +101,7 @@ impl MoeConfig {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] naming the first inconsistency.
-    pub fn validate(&self) -> ConfigResult<()> {
+    pub fn validate(&self) -> error::Result<()> {
         self.expert.validate()?;
         let fail = |message: String| {
             Err(Error::InvalidConfig {
@@ -104,6 +110,11 @@ impl MoeConfig {
             })
         };
         let (e, k) = (self.num_experts, self.top_k);
+        if e > MAX_DIM {
+            return fail(format!(
+                "{e} experts, more than the {MAX_DIM} any real model uses"
+            ));
+        }
         if e == 0 || k == 0 || k > e {
             return fail(format!(
                 "num_experts_per_tok = {k} must be between 1 and the number of experts, {e}"
@@ -151,7 +162,7 @@ impl MoeConfig {
     /// # Errors
     /// [`Error::InvalidConfig`] for invalid JSON, an unknown `model_type` or a dense model, a
     /// missing or malformed field, inconsistent sizes.
-    pub fn from_hf_json(json: &str) -> ConfigResult<Self> {
+    pub fn from_hf_json(json: &str) -> error::Result<Self> {
         Self::parse(json, None)
     }
 
@@ -160,13 +171,13 @@ impl MoeConfig {
     /// # Errors
     /// [`Error::Io`] if the file cannot be read, else as [`from_hf_json`](Self::from_hf_json),
     /// with the path in the message.
-    pub fn from_hf_config_file(path: impl AsRef<Path>) -> ConfigResult<Self> {
+    pub fn from_hf_config_file(path: impl AsRef<Path>) -> error::Result<Self> {
         let path = path.as_ref();
         let text = crate::files::read_json_text(path, MAX_CONFIG_BYTES)?;
         Self::parse(&text, Some(path))
     }
 
-    fn parse(json: &str, path: Option<&Path>) -> ConfigResult<Self> {
+    fn parse(json: &str, path: Option<&Path>) -> error::Result<Self> {
         let fail = |message: String| Error::InvalidConfig {
             path: path.map(Path::to_path_buf),
             message,
@@ -247,7 +258,8 @@ impl MoeConfig {
             other => {
                 return Err(fail(format!(
                     "`model_type` = `{other}` is not a mixture-of-experts model this crate \
-                     reads (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3)"
+                     reads ({})",
+                    Self::MODEL_TYPES.join(", ")
                 )))
             }
         };
@@ -257,21 +269,6 @@ impl MoeConfig {
             e => e,
         })?;
         Ok(cfg)
-    }
-}
-
-fn bool_field(
-    obj: &Map<String, Value>,
-    field: &str,
-    default: bool,
-) -> std::result::Result<bool, String> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(format!(
-            "`{field}` must be true or false, found {}",
-            kind_of(v)
-        )),
     }
 }
 
@@ -353,20 +350,19 @@ impl GluExperts {
             cfg.expert.intermediate_size,
             cfg.num_experts,
         );
-        let f32_tensor = |t: Tensor| t.to_dtype(DType::F32);
         let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
-        let router = get(&vb, &[e, h], "gate.weight", kaiming)?;
+        let router = load(&vb, "gate.weight", &[e, h], kaiming)?;
         let selection_bias = if cfg.selection_bias {
             let zero = candle_nn::Init::Const(0.0);
-            let bias = f32_tensor(get(&vb, &[e], "gate.e_score_correction_bias", zero)?)?;
-            Some(bias.to_vec1::<f32>()?)
+            let bias = load(&vb, "gate.e_score_correction_bias", &[e], zero)?;
+            Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?)
         } else {
             None
         };
         let expert_cfg = cfg.expert.clone().with_bias(false);
         let experts = if vb.contains_tensor("experts.gate_up_proj") {
-            let gate_up = get(&vb, &[e, 2 * i, h], "experts.gate_up_proj", kaiming)?;
-            let down = get(&vb, &[e, h, i], "experts.down_proj", kaiming)?;
+            let gate_up = load(&vb, "experts.gate_up_proj", &[e, 2 * i, h], kaiming)?;
+            let down = load(&vb, "experts.down_proj", &[e, h, i], kaiming)?;
             (0..e)
                 .map(|x| {
                     let gu = gate_up.i(x)?;
@@ -406,7 +402,7 @@ impl GluExperts {
                 };
                 let shared = GluFeedForward::new(&shared_cfg, vb.pp(prefix))?;
                 let gate = if cfg.shared_expert_gate {
-                    Some(get(&vb, &[1, h], "shared_expert_gate.weight", kaiming)?)
+                    Some(load(&vb, "shared_expert_gate.weight", &[1, h], kaiming)?)
                 } else {
                     None
                 };
@@ -438,8 +434,8 @@ impl GluExperts {
         self.shared.as_ref()
     }
 
-    /// The router's f32 logits for `xs` (`[.., H]`), `[tokens, E]`.
-    fn logits(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `xs` (`[.., H]`) as `[tokens, H]`, in its dtype and in the scores' (f32, or f64).
+    fn tokens(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         let h = self.config.expert.hidden_size;
         if xs.dims().last() != Some(&h) {
             return Err(Error::InputShape {
@@ -448,9 +444,14 @@ impl GluExperts {
             }
             .into());
         }
-        let dtype = score_dtype(xs.dtype());
-        let x = xs.reshape(((), h))?.to_dtype(dtype)?;
-        x.matmul(&self.router.to_dtype(dtype)?.t()?)
+        let x = xs.reshape(((), h))?;
+        let scored = x.to_dtype(score_dtype(xs.dtype()))?;
+        Ok((x, scored))
+    }
+
+    /// `x·Wᵀ` for a router-side weight (`[n, H]`, as stored) in the dtype of `x`.
+    fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        x.matmul(&w.to_dtype(x.dtype())?.t()?)
     }
 
     /// Which experts each token of `xs` (`[.., H]`) goes to, and with what weights.
@@ -458,7 +459,7 @@ impl GluExperts {
     /// # Errors
     /// An input whose last dimension is not the hidden size; candle's errors.
     pub fn route(&self, xs: &Tensor) -> Result<Routing> {
-        let logits = self.logits(xs)?;
+        let logits = Self::project(&self.tokens(xs)?.1, &self.router)?;
         let (experts, weights) = self.choose(&logits)?;
         let weights = weights.to_vec2::<f32>()?;
         Ok(Routing { experts, weights })
@@ -520,9 +521,8 @@ impl GluExperts {
 
     fn forward_impl(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.config.expert.hidden_size;
-        let logits = self.logits(xs)?;
-        let (chosen, weights) = self.choose(&logits)?;
-        let x = xs.reshape(((), h))?;
+        let (x, scored) = self.tokens(xs)?;
+        let (chosen, weights) = self.choose(&Self::project(&scored, &self.router)?)?;
         let tokens = x.dim(0)?;
         let dev = x.device();
         // Per expert: its tokens, and the positions of their weights in `weights` (flattened).
@@ -551,8 +551,7 @@ impl GluExperts {
         if let Some(shared) = &self.shared {
             let mut s = x.apply(shared)?.to_dtype(acc)?;
             if let Some(gate) = &self.shared_gate {
-                let dtype = score_dtype(x.dtype());
-                let g = x.to_dtype(dtype)?.matmul(&gate.to_dtype(dtype)?.t()?)?;
+                let g = Self::project(&scored, gate)?;
                 s = s.broadcast_mul(&candle_nn::ops::sigmoid(&g)?)?;
             }
             y = (y + s)?;
@@ -582,12 +581,6 @@ fn best(values: &[f32], k: usize) -> Vec<usize> {
     });
     order.truncate(k);
     order
-}
-
-/// A tensor of the layer, with the crate's errors (what exists instead, the shapes); created
-/// with `init` where `vb` creates variables (a `VarMap`).
-fn get(vb: &VarBuilder, shape: &[usize], name: &str, init: candle_nn::Init) -> Result<Tensor> {
-    crate::ffn::load(vb, name, shape, init)
 }
 
 impl Module for GluExperts {

@@ -6,7 +6,8 @@
 //! - Routing: the experts chosen for every token are transformers' (the fixtures exclude
 //!   near-ties, so f32 rounding cannot change a choice).
 //! - f32: max |error| ≤ 1e-5 of the largest output, against the float64 block.
-//! - bf16: max |error| no more than 2× torch's own in bf16 (plus 1e-3 of the largest output).
+//! - bf16: max |error| no more than 2× torch's own in bf16 (in OLMoE's case rounding the input
+//!   to bf16 moves a token to other experts, in torch and here alike: both errors are 0.26).
 //! - Both storages: per-expert tensors as on disk, and (Mixtral, DeepSeek-V3) the stacked
 //!   `[E, 2I, H]` tensors transformers keeps in memory.
 
@@ -86,7 +87,7 @@ fn configs_read_every_family() {
         (d.routed_scaling_factor, d.shared_intermediate_size),
         (2.5, Some(40))
     );
-    assert!(d.shared_expert_gate == q3.shared_expert_gate && !d.shared_expert_gate);
+    assert!(!d.shared_expert_gate && !q3.shared_expert_gate);
 }
 
 #[test]
@@ -150,7 +151,7 @@ fn bf16_within_twice_torchs_own_error() {
         let torch = rel(&io["y_torch_bf16"], &io["y_f64"]);
         let ours = rel(&y, &io["y_f64"]);
         assert!(
-            ours <= 2.0 * torch + 1e-3,
+            ours <= 2.0 * torch,
             "{case}: bf16 {ours:e} against torch's {torch:e}"
         );
     }
@@ -204,13 +205,37 @@ fn missing_or_misshapen_tensors_name_themselves() {
             .to_string()
     };
     let cfg = |case: &str| MoeConfig::from_hf_config_file(dir(case).join("config.json")).unwrap();
-    // An expert's weight missing: the message names it.
-    let e = load(
-        "mixtral",
-        &cfg("mixtral"),
-        without("mixtral", "experts.5.w3"),
-    );
-    assert!(e.contains("experts.5.w3.weight"), "{e}");
+    // (fixture, tensors left out, what the message must name)
+    for (case, drop, want) in [
+        // An expert's weight.
+        ("mixtral", "experts.5.w3", "experts.5.w3.weight"),
+        // The router's rows say 8, but the checkpoint holds 6 experts.
+        ("mixtral", "experts.6.", "experts.6.w1.weight"),
+        // A shared expert in the config but not in the checkpoint.
+        (
+            "qwen2_moe",
+            "shared_expert.",
+            "mlp.shared_expert.gate_proj.weight",
+        ),
+        (
+            "qwen2_moe",
+            "shared_expert_gate",
+            "shared_expert_gate.weight",
+        ),
+        (
+            "deepseek_v3",
+            "shared_experts",
+            "mlp.shared_experts.gate_proj.weight",
+        ),
+        (
+            "deepseek_v3",
+            "correction_bias",
+            "gate.e_score_correction_bias",
+        ),
+    ] {
+        let e = load(case, &cfg(case), without(case, drop));
+        assert!(e.contains(want), "{case} without {drop}: {e}");
+    }
     // The config names more experts than the router has.
     let mut more = cfg("mixtral");
     more.num_experts = 10;
@@ -219,39 +244,43 @@ fn missing_or_misshapen_tensors_name_themselves() {
         e.contains("gate.weight") && e.contains("[8, 72]") && e.contains("[10, 72]"),
         "{e}"
     );
-    // The router's rows say 8, but the checkpoint holds 6 experts.
-    let e = load("mixtral", &cfg("mixtral"), without("mixtral", "experts.6."));
-    assert!(e.contains("experts.6.w1.weight"), "{e}");
-    // A shared expert in the config but not in the checkpoint (Qwen2-MoE, DeepSeek-V3).
-    let e = load(
-        "qwen2_moe",
-        &cfg("qwen2_moe"),
-        without("qwen2_moe", "shared_expert."),
-    );
-    assert!(e.contains("mlp.shared_expert.gate_proj.weight"), "{e}");
-    let e = load(
-        "qwen2_moe",
-        &cfg("qwen2_moe"),
-        without("qwen2_moe", "shared_expert_gate"),
-    );
-    assert!(e.contains("shared_expert_gate.weight"), "{e}");
-    let e = load(
-        "deepseek_v3",
-        &cfg("deepseek_v3"),
-        without("deepseek_v3", "shared_experts"),
-    );
-    assert!(e.contains("mlp.shared_experts.gate_proj.weight"), "{e}");
-    let e = load(
-        "deepseek_v3",
-        &cfg("deepseek_v3"),
-        without("deepseek_v3", "correction_bias"),
-    );
-    assert!(e.contains("gate.e_score_correction_bias"), "{e}");
     // An input of the wrong width.
     let moe = layer("qwen3_moe", "model.safetensors", DType::F32);
     let x = Tensor::zeros((3, 71), DType::F32, &Device::Cpu).unwrap();
     let e = moe.forward(&x).unwrap_err().to_string();
     assert!(e.contains("71") && e.contains("72"), "{e}");
+    // An integer input: the experts' own dtype error, no panic.
+    let x = Tensor::zeros((3, 72), DType::U8, &Device::Cpu).unwrap();
+    let e = moe.forward(&x).unwrap_err().to_string();
+    assert!(e.contains("dtype"), "{e}");
+}
+
+#[test]
+fn a_nan_stays_in_its_token() {
+    // A NaN in token 4 makes its routing and output NaN; every other token is as without it
+    // (to f32 rounding: experts that take token 4 now run one token more, which may change the
+    // kernel's schedule and the order of its sums).
+    for case in ["qwen2_moe", "deepseek_v3"] {
+        let moe = layer(case, "model.safetensors", DType::F32);
+        let x = io(case)["x"].reshape((18, 72)).unwrap();
+        let clean = moe.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let mut poisoned = x.to_vec2::<f32>().unwrap();
+        poisoned[4][10] = f32::NAN;
+        let poisoned = Tensor::new(poisoned, &Device::Cpu).unwrap();
+        let y = moe.forward(&poisoned).unwrap().to_vec2::<f32>().unwrap();
+        for (t, (row, want)) in y.iter().zip(&clean).enumerate() {
+            if t == 4 {
+                assert!(row.iter().all(|v| v.is_nan()), "{case}: token 4");
+            } else {
+                for (v, w) in row.iter().zip(want) {
+                    assert!(
+                        (v - w).abs() <= 1e-6 * w.abs().max(1.0),
+                        "{case}: token {t}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]
