@@ -156,6 +156,17 @@ impl MoeConfig {
         Ok(())
     }
 
+    /// Where layer `layer`'s mixture of experts lives: `blk.{layer}` in GGUF files (experts in
+    /// [`WeightLayout::Gguf`]), Mixtral's `model.layers.{layer}.block_sparse_moe`, the other
+    /// families' `model.layers.{layer}.mlp`.
+    pub fn layer_prefix(&self, layer: usize) -> String {
+        match self.expert.layout {
+            WeightLayout::Gguf => format!("blk.{layer}"),
+            WeightLayout::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
+            _ => format!("model.layers.{layer}.mlp"),
+        }
+    }
+
     /// Reads a Hugging Face `config.json` of a mixture-of-experts model (`model_type`
     /// `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`, `deepseek_v3`), as the module table says.
     ///
@@ -354,8 +365,7 @@ impl GluExperts {
         let router = load(&vb, "gate.weight", &[e, h], kaiming)?;
         let selection_bias = if cfg.selection_bias {
             let zero = candle_nn::Init::Const(0.0);
-            let bias = load(&vb, "gate.e_score_correction_bias", &[e], zero)?;
-            Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+            Some(load(&vb, "gate.e_score_correction_bias", &[e], zero)?)
         } else {
             None
         };
@@ -408,6 +418,107 @@ impl GluExperts {
                 };
                 (Some(shared), gate)
             }
+        };
+        Self::from_parts(cfg, router, selection_bias, experts, shared, shared_gate)
+    }
+
+    /// The layer from its parts, for weights that come from elsewhere (another file format, a
+    /// model's own loader): the router `[E, H]`; the selection bias `[E]` where
+    /// `cfg.selection_bias`; the `E` experts, each of `cfg.expert`'s sizes; the shared expert
+    /// where `cfg.shared_intermediate_size` says so, and its gate `[1, H]` where
+    /// `cfg.shared_expert_gate`. Nothing is copied.
+    ///
+    /// # Errors
+    /// An invalid config, a part of the wrong shape, or one that is missing or not expected.
+    pub fn from_parts(
+        cfg: &MoeConfig,
+        router: Tensor,
+        selection_bias: Option<Tensor>,
+        experts: Vec<GluFeedForward>,
+        shared: Option<GluFeedForward>,
+        shared_gate: Option<Tensor>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let (h, i, e) = (
+            cfg.expert.hidden_size,
+            cfg.expert.intermediate_size,
+            cfg.num_experts,
+        );
+        let shape = |name: &str, t: &Tensor, expected: &[usize]| -> Result<()> {
+            if t.dims() == expected {
+                return Ok(());
+            }
+            Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: t.dims().to_vec(),
+            }
+            .into())
+        };
+        let fail = |message: String| -> Result<Self> {
+            Err(Error::InvalidConfig {
+                path: None,
+                message,
+            }
+            .into())
+        };
+        shape("the router", &router, &[e, h])?;
+        if let Some(bias) = &selection_bias {
+            shape("the selection bias", bias, &[e])?;
+        }
+        if selection_bias.is_some() != cfg.selection_bias {
+            return fail(format!(
+                "the config {} a selection bias, and {} was given",
+                if cfg.selection_bias { "has" } else { "has no" },
+                if selection_bias.is_some() {
+                    "one"
+                } else {
+                    "none"
+                }
+            ));
+        }
+        if experts.len() != e {
+            return fail(format!(
+                "{} experts given for a config of {e}",
+                experts.len()
+            ));
+        }
+        let sizes = |f: &GluFeedForward| (f.config().hidden_size, f.config().intermediate_size);
+        if let Some(x) = experts.iter().position(|f| sizes(f) != (h, i)) {
+            let (fh, fi) = sizes(&experts[x]);
+            return fail(format!(
+                "expert {x} is {fh} → {fi}, the config's experts {h} → {i}"
+            ));
+        }
+        match (&shared, cfg.shared_intermediate_size) {
+            (None, None) => {}
+            (Some(f), Some(si)) if sizes(f) == (h, si) => {}
+            (Some(f), Some(si)) => {
+                let (fh, fi) = sizes(f);
+                return fail(format!(
+                    "the shared expert is {fh} → {fi}, the config's {h} → {si}"
+                ));
+            }
+            (Some(_), None) => return fail("a shared expert given for a config without".into()),
+            (None, Some(_)) => return fail("the config has a shared expert; none given".into()),
+        }
+        if let Some(gate) = &shared_gate {
+            shape("the shared expert's gate", gate, &[1, h])?;
+        }
+        if shared_gate.is_some() != (cfg.shared_expert_gate && shared.is_some()) {
+            return fail(format!(
+                "the config {} a shared expert gate, and {} was given",
+                if cfg.shared_expert_gate {
+                    "has"
+                } else {
+                    "has no"
+                },
+                if shared_gate.is_some() { "one" } else { "none" }
+            ));
+        }
+        let selection_bias = match selection_bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
         };
         Ok(Self {
             config: cfg.clone(),

@@ -54,6 +54,20 @@ fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
     (r, PEAK.load(SeqCst) - base)
 }
 
+/// Prints a measured peak, and asserts it is within `bound` and under `weights / share`.
+fn assert_peak(what: &str, peak: usize, bound: usize, weights: usize, share: usize) {
+    eprintln!(
+        "{what}: peak {:.2} MB, weights {:.2} MB",
+        peak as f64 / 1e6,
+        weights as f64 / 1e6
+    );
+    assert!(peak <= bound, "{what}: {peak} > {bound}");
+    assert!(
+        peak < weights / share,
+        "{what}: {peak} B of {weights} B weights"
+    );
+}
+
 #[test]
 fn forward_allocates_activations_not_weights() {
     let _one = one_test();
@@ -182,16 +196,7 @@ fn quantized_forwards_read_the_blocks_in_place() {
             // Activations ([m, i] twice at most, input and output; their 8-bit copies with
             // scales, 2 bytes a value at most) and per-thread scratch.
             let bound = 2 * m * i * 4 + 2 * m * i + 2 * m * h * 4 + (4 << 20);
-            eprintln!(
-                "{dtype:?}, {m} tokens: peak {:.2} MB, weights {:.2} MB",
-                peak as f64 / 1e6,
-                weights as f64 / 1e6
-            );
-            assert!(peak <= bound, "{dtype:?}, {m} tokens: {peak} > {bound}");
-            assert!(
-                peak < weights / 2,
-                "{dtype:?}, {m} tokens: {peak} B of {weights} B weights"
-            );
+            assert_peak(&format!("{dtype:?}, {m} tokens"), peak, bound, weights, 2);
         }
     }
 }
@@ -234,6 +239,119 @@ fn candle_keeps_a_repacked_copy_of_q8_0_and_q4k_weights() {
                  unpacked path"
             );
             eprintln!("SKIPPED: this CPU takes candle's unpacked {dtype:?} path");
+        }
+    }
+}
+
+#[test]
+fn experts_read_their_blocks_in_place() {
+    let _one = one_test();
+    use candle_core::quantized::GgmlDType;
+    use candle_glu::{GluExperts, MoeConfig};
+    if !common::kernels_or_skip("the experts' peak memory (candle's QMatMul copies q8_0/q4k)") {
+        return;
+    }
+    let vnni = common::int8_kernels_or_skip("q8_0 and q4k experts' peak memory");
+    let (h, i, e) = (1024, 1536, 8);
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+        if dtype != GgmlDType::Q4_1 && !vnni {
+            continue;
+        }
+        let mut weights = 0;
+        let experts: Vec<GluFeedForward> = (0..e as u64)
+            .map(|x| {
+                let mut proj = |o, n, seed| {
+                    let (q, bytes) = quantized(o, n, dtype, seed);
+                    weights += bytes;
+                    Projection::quantized(q, None)
+                };
+                let (g, u, d) = (
+                    proj(i, h, 3 * x),
+                    proj(i, h, 3 * x + 1),
+                    proj(h, i, 3 * x + 2),
+                );
+                GluFeedForward::from_projections(&GluConfig::new(h, i), g, u, d).unwrap()
+            })
+            .collect();
+        let cfg = MoeConfig::new(GluConfig::new(h, i), e, 2);
+        let router = common::randn(99, (e, h), 0.5, &Device::Cpu);
+        let moe = GluExperts::from_parts(&cfg, router, None, experts, None, None).unwrap();
+        // The first calls too (a copy made once and cached would show there): 1 token (two
+        // experts), 9, 64 (every expert, some on the tiles where the CPU has AMX).
+        for m in [1, 9, 64, 1, 9, 64] {
+            let x = common::randn(m as u64, (m, h), 1.0, &Device::Cpu);
+            let (y, peak) = peak_of(|| moe.forward(&x).unwrap());
+            drop(y);
+            // Per token and expert chosen: its input, intermediate and output, with their
+            // 8-bit copies; the f32 sums over the tokens, rewritten per expert; the router's
+            // scores; and per-thread scratch.
+            let bound = 2 * m * 2 * (h + i) * 5 + 4 * m * h * 4 + (4 << 20);
+            let what = format!("experts {dtype:?}, {m} tokens");
+            assert_peak(&what, peak, bound, weights, 4);
+        }
+    }
+}
+
+#[test]
+fn gguf_experts_load_without_a_stacked_or_dequantized_copy() {
+    let _one = one_test();
+    use candle_glu::loading::{Checkpoint, LoadOptions};
+    // Mixtral-style q4k experts, stacked [8, 256, 256] per projection in the file.
+    let path = common::fixtures().join("moe_gguf").join("mixtral.gguf");
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let cfg = ckpt.moe_config().unwrap().unwrap();
+    let opts = LoadOptions::new(DType::F32, Device::Cpu);
+    let stored = 3 * 8 * 256 * 256 / 256 * 144;
+    let (moe, peak) = peak_of(|| ckpt.load_experts(&cfg, 0, &opts).unwrap());
+    let f32_copy = 3 * 8 * 256 * 256 * 4;
+    eprintln!(
+        "GGUF experts loaded: peak {:.2} MB for {:.2} MB stored ({:.2} MB in f32)",
+        peak as f64 / 1e6,
+        stored as f64 / 1e6,
+        f32_copy as f64 / 1e6
+    );
+    // The experts as stored, one expert's read buffer, the f32 router and the reader's buffer.
+    assert!(
+        peak <= stored + stored / 8 + (64 << 10),
+        "{peak} > {stored}"
+    );
+    assert!(moe.expert(7).unwrap().down_proj().is_quantized());
+}
+
+#[test]
+fn dense_experts_stacked_as_transformers_keeps_them_are_not_copied() {
+    let _one = one_test();
+    use candle_glu::{GluExperts, MoeConfig};
+    if !common::kernels_or_skip("dense experts' peak memory (candle's bf16 matmul copies)") {
+        return;
+    }
+    let dev = Device::Cpu;
+    let (h, i, e) = (1024, 1536, 8);
+    for dtype in [DType::BF16, DType::F32] {
+        let t = |seed, shape: (usize, usize, usize)| {
+            common::randn(seed, shape, 0.02, &dev)
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let mut ws = std::collections::HashMap::new();
+        ws.insert(
+            "gate.weight".to_string(),
+            t(1, (1, e, h)).squeeze(0).unwrap(),
+        );
+        ws.insert("experts.gate_up_proj".to_string(), t(2, (e, 2 * i, h)));
+        ws.insert("experts.down_proj".to_string(), t(3, (e, h, i)));
+        let vb = candle_nn::VarBuilder::from_tensors(ws, dtype, &dev);
+        let moe = GluExperts::new(&MoeConfig::new(GluConfig::new(h, i), e, 2), vb).unwrap();
+        let weights = 3 * e * h * i * dtype.size_in_bytes();
+        for m in [1, 9, 64, 1, 9, 64] {
+            let x = common::randn(m as u64, (m, h), 1.0, &dev)
+                .to_dtype(dtype)
+                .unwrap();
+            let (y, peak) = peak_of(|| moe.forward(&x).unwrap());
+            drop(y);
+            let bound = 2 * m * 2 * (h + i) * 8 + 4 * m * h * 4 + (4 << 20);
+            let what = format!("stacked {dtype:?} experts, {m} tokens");
+            assert_peak(&what, peak, bound, weights, 4);
         }
     }
 }

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, Read};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
@@ -203,48 +204,362 @@ impl GgufStore {
         ))
     }
 
+    /// The architectures whose mixture-of-experts layers [`moe_config`](Self::moe_config)
+    /// reads, as llama.cpp names them (`llama` for Mixtral, `deepseek2` for DeepSeek-V2 and V3).
+    pub const MOE_ARCHITECTURES: [&'static str; 5] =
+        ["llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2"];
+
+    /// The mixture-of-experts layers' config from the metadata, routed as llama.cpp routes
+    /// each architecture; `None` for a model without experts (no `<arch>.expert_count`, or 0).
+    ///
+    /// Keys read: `<arch>.embedding_length`, `<arch>.expert_count`, `<arch>.expert_used_count`,
+    /// `<arch>.expert_feed_forward_length` (else `<arch>.feed_forward_length`: Mixtral, OLMoE),
+    /// `<arch>.expert_shared_feed_forward_length` (Qwen2-MoE; else the shape of a
+    /// `ffn_up_shexp`), `<arch>.expert_shared_count`, `<arch>.expert_weights_norm`,
+    /// `<arch>.expert_weights_scale`, `<arch>.expert_gating_func` (1 softmax, 2 sigmoid),
+    /// `<arch>.expert_group_count`, `<arch>.expert_group_used_count` (DeepSeek). The k weights
+    /// are renormalised for `llama` and `qwen3moe`, not for `qwen2moe` and `olmoe`, and as
+    /// `expert_weights_norm` says for `deepseek2`; a selection bias is read where the file has
+    /// `exp_probs_b` tensors; Qwen2-MoE's shared expert is gated where it has
+    /// `ffn_gate_inp_shexp`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for an architecture with experts that is not in
+    /// [`MOE_ARCHITECTURES`](Self::MOE_ARCHITECTURES), a missing or malformed key, or
+    /// inconsistent sizes.
+    pub fn moe_config(&self) -> Result<Option<crate::MoeConfig>> {
+        use crate::moe::{MoeConfig, Scoring};
+        let experts = self.arch_u64("expert_count").unwrap_or(0);
+        if experts == 0 {
+            return Ok(None);
+        }
+        let arch = self.architecture().unwrap_or_default().to_string();
+        let fail = |message: String| Error::InvalidConfig {
+            path: Some(self.path.clone()),
+            message,
+        };
+        if !Self::MOE_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(fail(format!(
+                "architecture `{arch}` has experts, but is not one whose mixture of experts this \
+                 crate reads ({})",
+                Self::MOE_ARCHITECTURES.join(", ")
+            )));
+        }
+        let size = |key: &str| {
+            self.arch_u64(key)
+                .ok_or_else(|| fail(format!("missing or malformed `{arch}.{key}`")))
+        };
+        let hidden = size("embedding_length")?;
+        let intermediate = match self.arch_u64("expert_feed_forward_length") {
+            Some(n) => n,
+            None => size("feed_forward_length")?,
+        };
+        let expert = GluConfig::new(hidden, intermediate)
+            .with_activation(Activation::Silu)
+            .with_layout(WeightLayout::Gguf);
+        let mut cfg = MoeConfig::new(expert, experts, size("expert_used_count")?);
+        let metadata = |key: &str| self.arch_key(key).and_then(|k| self.metadata(&k));
+        let has_tensor = |suffix: &str| self.tensors.keys().any(|n| n.ends_with(suffix));
+        cfg.norm_topk_prob = match arch.as_str() {
+            "llama" | "qwen3moe" => true,
+            "deepseek2" => match metadata("expert_weights_norm") {
+                None => false,
+                Some(v) => v
+                    .to_bool()
+                    .map_err(|_| fail(format!("`{arch}.expert_weights_norm` must be a bool")))?,
+            },
+            _ => false,
+        };
+        if let Some(v) = metadata("expert_weights_scale") {
+            let scale = v
+                .to_f32()
+                .map_err(|_| fail(format!("`{arch}.expert_weights_scale` must be an f32")))?;
+            // llama.cpp scales the weights unless the factor is 0 (absent) or 1.
+            if scale != 0.0 {
+                cfg.routed_scaling_factor = f64::from(scale);
+            }
+        }
+        if arch == "deepseek2" {
+            cfg.scoring = match self.arch_u64("expert_gating_func") {
+                None | Some(0 | 1) => Scoring::Softmax,
+                Some(2) => Scoring::Sigmoid,
+                Some(other) => {
+                    return Err(fail(format!(
+                        "`{arch}.expert_gating_func` = {other}: only 1 (softmax) and 2 (sigmoid) \
+                         are read"
+                    )))
+                }
+            };
+            cfg.n_group = self.arch_u64("expert_group_count").unwrap_or(1).max(1);
+            cfg.topk_group = self.arch_u64("expert_group_used_count").unwrap_or(1).max(1);
+            let shared = self.arch_u64("expert_shared_count").unwrap_or(0);
+            cfg.shared_intermediate_size = (shared > 0).then_some(shared * intermediate);
+        }
+        if arch == "qwen2moe" {
+            let from_shape = || {
+                self.tensors
+                    .iter()
+                    .find(|(n, _)| n.ends_with(".ffn_up_shexp.weight"))
+                    .and_then(|(_, e)| e.shape.first().copied())
+            };
+            cfg.shared_intermediate_size = self
+                .arch_u64("expert_shared_feed_forward_length")
+                .or_else(from_shape)
+                .filter(|&n| n > 0);
+            cfg.shared_expert_gate = has_tensor(".ffn_gate_inp_shexp.weight");
+        }
+        cfg.selection_bias = has_tensor(".exp_probs_b.bias");
+        cfg.validate().map_err(|e| match e {
+            Error::InvalidConfig { message, .. } => fail(message),
+            e => e,
+        })?;
+        Ok(Some(cfg))
+    }
+
+    /// Loads layer `layer`'s mixture of experts: the router `blk.N.ffn_gate_inp` (and
+    /// `exp_probs_b`), the experts stacked in `ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps` (or
+    /// `ffn_gate_up_exps`, gate rows first), each expert read on its own and kept quantized (or
+    /// dequantized to `dtype` when `quantized` is false), the shared expert `ffn_*_shexp` (and
+    /// `ffn_gate_inp_shexp`). Shapes are checked on the table before any data is read.
+    pub(crate) fn load_experts(
+        &self,
+        cfg: &crate::MoeConfig,
+        layer: usize,
+        quantized: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<crate::GluExperts> {
+        use crate::{GluFeedForward, Projection};
+        cfg.validate()?;
+        let (h, i, e) = (
+            cfg.expert.hidden_size,
+            cfg.expert.intermediate_size,
+            cfg.num_experts,
+        );
+        let name = |n: &str| format!("blk.{layer}.{n}");
+        let check = |n: &str, expected: &[usize]| -> Result<String> {
+            let n = name(n);
+            let found = self.shape(&n).ok_or_else(|| Error::MissingTensor {
+                name: n.clone(),
+                found: crate::layout::closest_names(&n, self.names()),
+            })?;
+            if found != expected {
+                return Err(Error::ShapeMismatch {
+                    name: n,
+                    expected: expected.to_vec(),
+                    found: found.to_vec(),
+                });
+            }
+            Ok(n)
+        };
+        let router = check("ffn_gate_inp.weight", &[e, h])?;
+        let fused = self.contains(&name("ffn_gate_up_exps.weight"));
+        let (gate, up) = if fused {
+            let n = check("ffn_gate_up_exps.weight", &[e, 2 * i, h])?;
+            (n.clone(), n)
+        } else {
+            (
+                check("ffn_gate_exps.weight", &[e, i, h])?,
+                check("ffn_up_exps.weight", &[e, i, h])?,
+            )
+        };
+        let down = check("ffn_down_exps.weight", &[e, h, i])?;
+        let bias = if cfg.selection_bias {
+            Some(check("exp_probs_b.bias", &[e])?)
+        } else {
+            None
+        };
+        let shared = match cfg.shared_intermediate_size {
+            Some(si) => Some((
+                si,
+                [
+                    check("ffn_gate_shexp.weight", &[si, h])?,
+                    check("ffn_up_shexp.weight", &[si, h])?,
+                    check("ffn_down_shexp.weight", &[h, si])?,
+                ],
+            )),
+            None => None,
+        };
+        let shared_gate = if cfg.shared_expert_gate {
+            Some(check("ffn_gate_inp_shexp.weight", &[h])?)
+        } else {
+            None
+        };
+
+        let projection = |q: QTensor| -> Result<Projection> {
+            Ok(if quantized {
+                Projection::quantized(qmatmul(q, device)?, None)
+            } else {
+                let w = q.dequantize(device)?.to_dtype(dtype)?;
+                Projection::Dense(candle_nn::Linear::new(w, None))
+            })
+        };
+        let (gates, ups) = if fused {
+            (
+                self.stacked_qtensors(&gate, Some(0..i), device)?,
+                self.stacked_qtensors(&up, Some(i..2 * i), device)?,
+            )
+        } else {
+            (
+                self.stacked_qtensors(&gate, None, device)?,
+                self.stacked_qtensors(&up, None, device)?,
+            )
+        };
+        let downs = self.stacked_qtensors(&down, None, device)?;
+        let expert_cfg = cfg.expert.clone().with_bias(false);
+        let experts = gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((g, u), d)| {
+                Ok(GluFeedForward::from_projections(
+                    &expert_cfg,
+                    projection(g)?,
+                    projection(u)?,
+                    projection(d)?,
+                )?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let f32 = |n: &str| self.dequantized(n, DType::F32, device);
+        let shared = match shared {
+            Some((si, [g, u, d])) => {
+                let shared_cfg = GluConfig::new(h, si)
+                    .with_activation(cfg.expert.activation)
+                    .with_layout(WeightLayout::Gguf);
+                let load = |n: &str| projection(self.qtensor(n, device)?);
+                Some(GluFeedForward::from_projections(
+                    &shared_cfg,
+                    load(&g)?,
+                    load(&u)?,
+                    load(&d)?,
+                )?)
+            }
+            None => None,
+        };
+        let shared_gate = match shared_gate {
+            Some(n) => Some(f32(&n)?.reshape((1, h))?),
+            None => None,
+        };
+        let bias = match bias {
+            Some(n) => Some(f32(&n)?),
+            None => None,
+        };
+        Ok(crate::GluExperts::from_parts(
+            cfg,
+            f32(&router)?,
+            bias,
+            experts,
+            shared,
+            shared_gate,
+        )?)
+    }
+
     /// Reads one tensor as stored (quantized) onto `device`.
     ///
     /// # Errors
     /// A missing tensor (with the closest names that exist), a type candle cannot read
     /// ([`Error::UnsupportedTensorType`]), or an I/O error.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        self.readable(name)?;
+        let file = self.open_data()?;
+        self.content
+            .tensor(&mut BufReader::new(file), name, device)
+            .map_err(|e| self.tensor_error(name, e))
+    }
+
+    /// Reads a stacked tensor `[n, out, in]`, such as a mixture of experts' `ffn_up_exps`
+    /// (`[experts, intermediate, hidden]`), as `n` tensors of rows `rows` of each slice
+    /// (`[rows.len(), in]`; all `out` rows for `None`). Each is read from the file on its own,
+    /// so the stacked tensor is never in memory as a whole, and no value is decoded or moved
+    /// within its blocks: each slice holds the stored bytes of its rows.
+    ///
+    /// # Errors
+    /// As [`qtensor`](Self::qtensor); [`Error::InvalidFile`] for a tensor that is not of rank
+    /// 3, or rows past `out`.
+    pub fn stacked_qtensors(
+        &self,
+        name: &str,
+        rows: Option<Range<usize>>,
+        device: &Device,
+    ) -> Result<Vec<QTensor>> {
+        let (entry, dtype) = self.readable(name)?;
+        let &[n, out, k] = entry.shape.as_slice() else {
+            return Err(self.invalid(format!(
+                "tensor `{name}` has shape {:?}; a stack of matrices [n, out, in] was expected",
+                entry.shape
+            )));
+        };
+        let rows = rows.unwrap_or(0..out);
+        if rows.is_empty() || rows.end > out {
+            return Err(self.invalid(format!(
+                "tensor `{name}` [{n}, {out}, {k}] has no rows {rows:?} in each slice"
+            )));
+        }
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Err(self.invalid(format!("tensor `{name}` is not in the table")));
+        };
+        // Rows hold whole blocks: the shape was checked when the table was read.
+        let row_bytes = (k / dtype.block_size() * dtype.type_size()) as u64;
+        let mut reader = BufReader::new(self.open_data()?);
+        (0..n)
+            .map(|i| {
+                let first_row = (i * out + rows.start) as u64;
+                let slice = TensorInfo {
+                    ggml_dtype: dtype,
+                    shape: Shape::from((rows.len(), k)),
+                    offset: info.offset + first_row * row_bytes,
+                };
+                slice
+                    .read(&mut reader, self.content.tensor_data_offset, device)
+                    .map_err(|e| self.tensor_error(name, e))
+            })
+            .collect()
+    }
+
+    /// The entry of a tensor candle can read and that holds values.
+    fn readable(&self, name: &str) -> Result<(&Entry, GgmlDType)> {
         let Some(entry) = self.tensors.get(name) else {
             return Err(Error::MissingTensor {
                 name: name.to_string(),
                 found: crate::layout::closest_names(name, self.names()),
             });
         };
-        if entry.dtype.is_none() {
+        let Some(dtype) = entry.dtype else {
             return Err(Error::UnsupportedTensorType {
                 path: self.path.clone(),
                 name: name.to_string(),
                 found: ggml_type_name(entry.type_id),
                 supported: READABLE_TYPES,
             });
-        }
+        };
         // candle 0.11.1 views the bytes it read as blocks with `slice::from_raw_parts`; for an
         // empty tensor that pointer is a dangling, misaligned one: undefined behaviour (found by
         // fuzzing, where debug assertions catch it). No weight is empty, so refuse it.
         if entry.shape.contains(&0) {
-            return Err(Error::InvalidFile {
-                path: self.path.clone(),
-                message: format!(
-                    "tensor `{name}` has shape {:?}, with no values",
-                    entry.shape
-                ),
-            });
+            return Err(self.invalid(format!(
+                "tensor `{name}` has shape {:?}, with no values",
+                entry.shape
+            )));
         }
-        let file = File::open(&self.path).map_err(|source| Error::Io {
+        Ok((entry, dtype))
+    }
+
+    fn open_data(&self) -> Result<File> {
+        File::open(&self.path).map_err(|source| Error::Io {
             path: self.path.clone(),
             source,
-        })?;
-        self.content
-            .tensor(&mut BufReader::new(file), name, device)
-            .map_err(|e| Error::InvalidFile {
-                path: self.path.clone(),
-                message: format!("tensor `{name}`: {e}"),
-            })
+        })
+    }
+
+    fn invalid(&self, message: String) -> Error {
+        Error::InvalidFile {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn tensor_error(&self, name: &str, e: candle_core::Error) -> Error {
+        self.invalid(format!("tensor `{name}`: {e}"))
     }
 
     /// Reads one tensor dequantized to `dtype`.

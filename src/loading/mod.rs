@@ -29,7 +29,9 @@ use candle_nn::VarBuilder;
 pub use self::gguf::GgufStore;
 use self::safetensors::SafetensorsStore;
 use crate::layout::{closest_names, join, GateUpNames};
-use crate::{Error, GluConfig, GluFeedForward, Projection, Result, WeightLayout};
+use crate::{
+    Error, GluConfig, GluExperts, GluFeedForward, MoeConfig, Projection, Result, WeightLayout,
+};
 
 /// The file formats a [`Checkpoint`] can be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,8 @@ enum Store {
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     path: PathBuf,
+    /// The directory of the weights, where a `config.json` would be.
+    dir: PathBuf,
     store: Store,
     config: Option<GluConfig>,
     num_layers: Option<usize>,
@@ -151,6 +155,7 @@ impl Checkpoint {
         };
         Ok(Self {
             path: weights,
+            dir,
             store,
             config,
             num_layers,
@@ -361,6 +366,88 @@ impl Checkpoint {
             }
         }
         Ok(())
+    }
+
+    /// The config of the model's mixture-of-experts layers, or `None` for a dense model: from a
+    /// `config.json` beside safetensors weights whose `model_type` is one of
+    /// [`MoeConfig::MODEL_TYPES`], or from a GGUF file's metadata
+    /// ([`GgufStore::moe_config`]).
+    ///
+    /// # Errors
+    /// An invalid `config.json` or GGUF metadata for a mixture of experts.
+    pub fn moe_config(&self) -> Result<Option<MoeConfig>> {
+        match &self.store {
+            Store::Gguf(g) => g.moe_config(),
+            Store::Safetensors(_) => {
+                let path = self.dir.join("config.json");
+                if !path.is_file() {
+                    return Ok(None);
+                }
+                let text = crate::files::read_json_text(&path, crate::config::MAX_CONFIG_BYTES)?;
+                let model_type = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
+                match model_type {
+                    Some(t) if MoeConfig::MODEL_TYPES.contains(&t.as_str()) => {
+                        MoeConfig::from_hf_config_file(&path).map(Some)
+                    }
+                    _ => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// The layers that hold a mixture of experts (a router at [`MoeConfig::layer_prefix`]),
+    /// sorted.
+    pub fn moe_layers(&self, cfg: &MoeConfig) -> Vec<usize> {
+        let router = match &self.store {
+            Store::Gguf(_) => "ffn_gate_inp.weight",
+            Store::Safetensors(_) => "gate.weight",
+        };
+        let mut layers: Vec<usize> = self
+            .tensor_names()
+            .iter()
+            .filter_map(|n| n.split('.').find_map(|p| p.parse::<usize>().ok()))
+            .filter(|&l| self.contains(&join(&cfg.layer_prefix(l), router)))
+            .collect();
+        layers.sort_unstable();
+        layers.dedup();
+        layers
+    }
+
+    /// Loads layer `layer`'s mixture of experts ([`GluExperts`]). Safetensors: as
+    /// [`GluExperts::new`] at [`MoeConfig::layer_prefix`], in `opts.dtype`. GGUF: the router
+    /// (`blk.N.ffn_gate_inp`, and `exp_probs_b`), the experts stacked in `ffn_gate_exps`,
+    /// `ffn_up_exps` and `ffn_down_exps` (or `ffn_gate_up_exps`), the shared expert
+    /// (`ffn_*_shexp`, and `ffn_gate_inp_shexp`); each expert is read from the file on its own
+    /// and kept quantized as stored (so the crate's kernels read its blocks in place), or
+    /// dequantized to `opts.dtype` when `opts.quantized` is false. The router is read as f32.
+    ///
+    /// # Errors
+    /// A layer without experts (the message lists those that have them), a missing tensor
+    /// (with the closest names that exist), a wrong shape (checked before any data is read).
+    pub fn load_experts(
+        &self,
+        cfg: &MoeConfig,
+        layer: usize,
+        opts: &LoadOptions,
+    ) -> Result<GluExperts> {
+        cfg.validate()?;
+        let present = self.moe_layers(cfg);
+        if !present.contains(&layer) {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                num_layers: self.num_layers,
+                present,
+            });
+        }
+        match &self.store {
+            Store::Gguf(g) => g.load_experts(cfg, layer, opts.quantized, opts.dtype, &opts.device),
+            Store::Safetensors(_) => {
+                let vb = self.var_builder(opts.dtype, &opts.device);
+                Ok(GluExperts::new(cfg, vb.pp(cfg.layer_prefix(layer)))?)
+            }
+        }
     }
 
     /// Loads layer `layer`'s block, at `cfg.layout`'s prefix for it.
