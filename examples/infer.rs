@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::device::{device_name, DeviceChoice};
 use candle_glu::loading::{Checkpoint, FileFormat, LoadOptions};
-use candle_glu::{Activation, GluConfig, GluExperts, GluFeedForward, MoeConfig, WeightLayout};
+use candle_glu::{Activation, GluConfig, GluExperts, GluFeedForward, WeightLayout};
 use clap::Parser;
 
 #[path = "common/rng.rs"]
@@ -234,7 +234,7 @@ fn run(args: &Args) -> Result<()> {
     // A mixture-of-experts model (an MoE `model_type` in the config.json beside the weights)
     // runs its whole layer at `--layer`; `--prefix` still picks one expert's block.
     let moe = match &args.prefix {
-        None => moe_config(&ckpt)?,
+        None => ckpt.moe_config()?,
         Some(_) => None,
     };
     let layout = match (args.layout.0, &moe) {
@@ -264,9 +264,8 @@ fn run(args: &Args) -> Result<()> {
     let (block, cfg, prefix) = match moe {
         Some(mut moe_cfg) => {
             moe_cfg.expert.activation = activation;
-            let prefix = moe_prefix(&moe_cfg, args.layer);
-            let vb = ckpt.var_builder(args.dtype, &device);
-            let moe = GluExperts::new(&moe_cfg, vb.pp(&prefix))?;
+            let prefix = moe_cfg.layer_prefix(args.layer);
+            let moe = ckpt.load_experts(&moe_cfg, args.layer, &opts)?;
             (Block::Moe(moe), moe_cfg.expert, prefix)
         }
         None => {
@@ -532,49 +531,6 @@ fn random_input(args: &Args, hidden: usize, device: &Device) -> Result<Tensor> {
         (args.batch, args.tokens, hidden),
         device,
     )?)
-}
-
-/// The mixture-of-experts config of a safetensors checkpoint whose `config.json` names an MoE
-/// `model_type`; `None` for dense models. A GGUF layer of experts is refused: not built yet.
-fn moe_config(ckpt: &Checkpoint) -> Result<Option<MoeConfig>> {
-    if ckpt
-        .tensor_names()
-        .iter()
-        .any(|n| n.contains("ffn_gate_exps"))
-    {
-        bail!(
-            "this GGUF holds mixture-of-experts layers (ffn_gate_exps), which infer does not run \
-             yet; see docs/moe.md"
-        );
-    }
-    let path = ckpt.path();
-    let dir = if path.is_dir() {
-        path
-    } else {
-        path.parent().unwrap_or(Path::new("."))
-    };
-    let config = dir.join("config.json");
-    let Ok(text) = std::fs::read_to_string(&config) else {
-        return Ok(None);
-    };
-    let model_type = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
-    match model_type {
-        Some(t) if MoeConfig::MODEL_TYPES.contains(&t.as_str()) => Ok(Some(
-            MoeConfig::from_hf_json(&text).with_context(|| config.display().to_string())?,
-        )),
-        _ => Ok(None),
-    }
-}
-
-/// Layer `layer`'s mixture-of-experts block: Mixtral's `block_sparse_moe`, the others' `mlp`.
-fn moe_prefix(cfg: &MoeConfig, layer: usize) -> String {
-    if cfg.expert.layout == WeightLayout::Mixtral {
-        format!("model.layers.{layer}.block_sparse_moe")
-    } else {
-        format!("model.layers.{layer}.mlp")
-    }
 }
 
 fn bench(

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -375,6 +376,50 @@ fn hub_repo_from_the_local_cache() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("v9") && err.contains("offline"), "{err}");
+}
+
+#[test]
+fn gguf_mixture_of_experts_layer() {
+    // A GGUF whose layer holds experts (DeepSeek's routing, fused gate-up experts in q8_0,
+    // down in Q4_1, a shared expert): `--layer` runs the whole layer, quantized as stored, or
+    // dequantized with `--dequantize`.
+    let dir = common::fixtures().join("moe_gguf");
+    let weights = dir.join("deepseek2.gguf");
+    let io =
+        candle_core::safetensors::load(dir.join("deepseek2.io.safetensors"), &Device::Cpu).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let counts = manifest["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["case"] == "deepseek2")
+        .unwrap()["tokens_per_expert"]["18"]
+        .clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("x.safetensors");
+    let x = io["x_18"].clone();
+    candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &input).unwrap();
+    for (flag, tol) in [(None, 3e-2), (Some("--dequantize"), 1e-5)] {
+        let out = tmp.path().join("y.safetensors");
+        let mut args = vec![
+            "--weights",
+            weights.to_str().unwrap(),
+            "--layer",
+            "0",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend(flag);
+        let json: serde_json::Value = serde_json::from_str(&stdout(&run(&args))).unwrap();
+        assert_eq!(json["moe"]["tokens_per_expert"], counts, "{flag:?}");
+        assert_eq!(json["moe"]["top_k"], 3, "{flag:?}");
+        let y = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["y"].clone();
+        assert_close(&y, &io["y_18"], Tol::Rel(tol), format!("{flag:?}"));
+    }
 }
 
 #[test]

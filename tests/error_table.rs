@@ -488,15 +488,11 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         infer(d, &["--weights", "./none.safetensors"])
     });
     c.insert("cli-layer-out-of-range", |d| infer(d, &["--layer", "40"]));
-    c.insert("cli-moe-gguf", |d| {
-        let mut g = Gguf::llama(32, 64, craft::F32);
-        let data = craft::tensor_bytes(craft::F32, 4 * 64 * 32);
-        g.tensors.push((
-            "blk.0.ffn_gate_exps.weight".into(),
-            vec![4, 64, 32],
-            craft::F32,
-            data,
-        ));
+    c.insert("cli-moe-gguf-arch", |d| {
+        let g = Gguf::llama(32, 64, craft::F32)
+            .meta("general.architecture", GgufValue::Str("grok".into()))
+            .meta("grok.embedding_length", GgufValue::U32(32))
+            .meta("grok.expert_count", GgufValue::U32(4));
         let path = gguf_file(d, &g);
         infer(d, &["--weights", path.to_str().unwrap()])
     });
