@@ -370,3 +370,86 @@ fn any_leading_shape_and_no_tokens() {
     let empty = Tensor::zeros((2, 0, 72), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(moe.forward(&empty).unwrap().dims(), &[2, 0, 72]);
 }
+
+#[test]
+fn matches_candle_transformers_mixtral() {
+    // candle-transformers' Mixtral keeps its sparse-MoE block private, so the block runs inside
+    // a one-layer `mixtral::Model` whose attention is switched off (o_proj = 0): each token's
+    // logits are then norm(e + moe(post_norm(e)))·lm_headᵀ, e its embedding. With lm_head the
+    // identity, the same computed with `GluExperts` (and candle_nn's RMSNorm) must agree
+    // within f32 rounding. 18 tokens, one per sequence, in one batch: one MoE forward.
+    use candle_transformers::models::mixtral;
+    let (h, heads, tokens) = (72usize, 4usize, 18usize);
+    let config = serde_json::json!({
+        "vocab_size": h, "hidden_size": h, "intermediate_size": 40, "num_hidden_layers": 1,
+        "num_attention_heads": heads, "num_key_value_heads": heads, "hidden_act": "silu",
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+        "sliding_window": 4096, "num_experts_per_tok": 2, "num_local_experts": 8,
+        "use_flash_attn": false
+    });
+    let ct_cfg: mixtral::Config = serde_json::from_value(config).unwrap();
+    let dev = Device::Cpu;
+    let mut ws =
+        candle_core::safetensors::load(dir("mixtral").join("model.safetensors"), &dev).unwrap();
+    let embed = common::randn(5, (h, h), 1.0, &dev);
+    let post_norm = (common::randn(6, h, 0.2, &dev) + 1.0).unwrap();
+    let final_norm = (common::randn(7, h, 0.2, &dev) + 1.0).unwrap();
+    let zeros = Tensor::zeros((h, h), DType::F32, &dev).unwrap();
+    let l = "model.layers.0";
+    for (name, t) in [
+        ("model.embed_tokens.weight".to_string(), embed.clone()),
+        (
+            format!("{l}.input_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &dev).unwrap(),
+        ),
+        (
+            format!("{l}.post_attention_layernorm.weight"),
+            post_norm.clone(),
+        ),
+        ("model.norm.weight".to_string(), final_norm.clone()),
+        (
+            "lm_head.weight".to_string(),
+            Tensor::eye(h, DType::F32, &dev).unwrap(),
+        ),
+    ] {
+        ws.insert(name, t);
+    }
+    for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+        ws.insert(format!("{l}.self_attn.{p}.weight"), zeros.clone());
+    }
+    let router = ws["model.layers.0.block_sparse_moe.gate.weight"]
+        .to_dtype(DType::F64)
+        .unwrap();
+    let vb = VarBuilder::from_tensors(ws, DType::F32, &dev);
+    let mut model = mixtral::Model::new(&ct_cfg, vb).unwrap();
+    let ids = Tensor::arange(0u32, tokens as u32, &dev)
+        .unwrap()
+        .reshape((tokens, 1))
+        .unwrap();
+    let theirs = model.forward(&ids, 0).unwrap().squeeze(1).unwrap();
+
+    let moe = layer("mixtral", "model.safetensors", DType::F32);
+    let e = embed.narrow(0, 0, tokens).unwrap();
+    let x = candle_nn::ops::rms_norm(&e, &post_norm, 1e-5).unwrap();
+    // No near-tie in the choice (of 2 of 8), so that f32 rounding cannot change it.
+    let logits = x
+        .to_dtype(DType::F64)
+        .unwrap()
+        .matmul(&router.t().unwrap())
+        .unwrap();
+    let probs: Vec<Vec<f64>> = candle_nn::ops::softmax_last_dim(&logits)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (t, p) in probs.iter().enumerate() {
+        let mut p = p.clone();
+        p.sort_by(|a, b| b.total_cmp(a));
+        assert!(p[1] - p[2] > 1e-4, "token {t}: a near-tie, {p:?}");
+    }
+    let counts = moe.route(&x).unwrap().tokens_per_expert(8);
+    assert!(counts.iter().any(|&c| c >= 5), "{counts:?}");
+    let ours = candle_nn::ops::rms_norm(&(e + x.apply(&moe).unwrap()).unwrap(), &final_norm, 1e-5)
+        .unwrap();
+    let err = rel(&ours, &theirs.to_dtype(DType::F64).unwrap());
+    assert!(err <= 1e-5, "against candle-transformers' Mixtral: {err:e}");
+}
