@@ -34,6 +34,10 @@ use candle_glu::{GluConfig, GluFeedForward, Projection};
 use candle_nn::Linear;
 use clap::Parser;
 
+#[path = "common/bandwidth.rs"]
+mod bandwidth;
+use bandwidth::{read_bandwidth, read_once};
+
 #[derive(Parser, Debug)]
 struct Args {
     /// 7b (hidden 4096, intermediate 11008) or small (576 → 1536), comma-separated.
@@ -122,64 +126,6 @@ fn build(
     let ((ng, g, bg), (nu, u, bu), (nd, d, bd)) = (one(i, h)?, one(i, h)?, one(h, i)?);
     let ffn = GluFeedForward::from_projections(&GluConfig::new(h, i), g, u, d)?;
     Ok(([ng, nu, nd], ffn, bg + bu + bd))
-}
-
-/// Read bandwidth in GB/s: every thread sums its share of a 1 GiB buffer as 8 interleaved
-/// streams (as the decode kernel reads 8 weight rows at once), with 64-byte loads where the CPU
-/// has AVX-512; best of 3.
-fn read_bandwidth(data: &[f32]) -> f64 {
-    (0..3).map(|_| read_once(data)).fold(0f64, f64::max)
-}
-
-/// One pass of the probe over `data`, in GB/s.
-fn read_once(data: &[f32]) -> f64 {
-    let threads = candle_core::utils::get_num_threads().max(1);
-    let t = Instant::now();
-    let sum: f32 = std::thread::scope(|s| {
-        let parts: Vec<_> = data
-            .chunks(data.len().div_ceil(threads))
-            .map(|c| s.spawn(move || sum_streams(c)))
-            .collect();
-        parts.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-    });
-    let secs = t.elapsed().as_secs_f64();
-    std::hint::black_box(sum);
-    std::mem::size_of_val(data) as f64 / secs / 1e9
-}
-
-fn sum_streams(c: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512 F was detected.
-        return unsafe { sum_streams_avx512(c) };
-    }
-    let mut acc = [0f32; 16];
-    for ch in c.chunks_exact(16) {
-        for (a, v) in acc.iter_mut().zip(ch) {
-            *a += v;
-        }
-    }
-    acc.iter().sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn sum_streams_avx512(c: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    const STREAMS: usize = 8;
-    let len = c.len() / STREAMS / 64 * 64;
-    let mut acc = [_mm512_setzero_ps(); STREAMS];
-    let mut i = 0;
-    while i < len {
-        for (s, a) in acc.iter_mut().enumerate() {
-            let p = c.as_ptr().add(s * len + i);
-            let v = _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-            let w = _mm512_add_ps(_mm512_loadu_ps(p.add(32)), _mm512_loadu_ps(p.add(48)));
-            *a = _mm512_add_ps(*a, _mm512_add_ps(v, w));
-        }
-        i += 64;
-    }
-    acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum()
 }
 
 struct Row {

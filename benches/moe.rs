@@ -11,6 +11,12 @@
 //! expert's weights are its own contiguous tensors, as it loads them. Ours reads the same values
 //! from stacked `[E, 2I, H]` and `[E, H, I]` tensors, each expert a view. Both route alike
 //! (Mixtral's routing: softmax, top-k, renormalised).
+//! Quantized (`q8_0`, `q4k`, `q4_1`): each expert's weights quantized once and shared by both
+//! sides; naive runs each expert through three `QMatMul` (f32 activations), ours the crate's
+//! kernels over the same blocks, in place.
+//! Each timed run takes the next of 16 random inputs, so that the experts chosen change from
+//! run to run and their weights come from memory, as a model's layers would. The floor is the
+//! bytes of the experts a run chooses (and the router) at the read bandwidth measured here.
 //! Shapes: `qwen3` is Qwen3-30B-A3B's layer (hidden 2048, expert intermediate 768, 128
 //! experts, top-8), `mixtral` Mixtral-8x7B's (4096, 14336, 8, top-2), `small` a quick one
 //! (576, 256, 16, top-4).
@@ -19,16 +25,26 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_glu::{GluConfig, GluExperts, MoeConfig};
+use candle_glu::{GluConfig, GluExperts, GluFeedForward, MoeConfig, Projection};
 use clap::Parser;
+
+#[path = "common/bandwidth.rs"]
+mod bandwidth;
+use bandwidth::read_bandwidth;
+
+/// Inputs each configuration cycles through.
+const INPUTS: usize = 16;
 
 #[derive(Parser, Debug)]
 struct Args {
     /// qwen3, mixtral or small, comma-separated.
     #[arg(long, default_value = "small", value_delimiter = ',')]
     shape: Vec<String>,
-    /// f32 or bf16, comma-separated.
+    /// f32, bf16, q8_0, q4k or q4_1, comma-separated.
     #[arg(long, default_value = "bf16", value_delimiter = ',')]
     dtype: Vec<String>,
     /// Token counts, comma-separated.
@@ -40,16 +56,19 @@ struct Args {
     /// Runs per round and side (the median is kept).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Time ours only (for profiling).
+    #[arg(long)]
+    no_naive: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
 /// candle-transformers' loop over experts, each expert's weights its own contiguous tensors,
-/// as it loads them.
+/// as it loads them (or its `QMatMul`s).
 struct Naive {
     router: Tensor,
-    experts: Vec<[candle_nn::Linear; 3]>,
+    experts: Vec<[Box<dyn Module>; 3]>,
     top_k: usize,
 }
 
@@ -91,12 +110,127 @@ impl Module for Naive {
     }
 }
 
-fn time(m: &dyn Module, x: &Tensor, runs: usize) -> Result<f64> {
+/// The weights of one configuration: ours, naive, and one expert's bytes.
+struct Layer {
+    ours: GluExperts,
+    naive: Naive,
+    expert_bytes: usize,
+    router_bytes: usize,
+}
+
+fn dense_layer(
+    h: usize,
+    i: usize,
+    e: usize,
+    k: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Layer> {
+    // Expert by expert, so that the f32 draw never holds more than one expert.
+    let stack = |rows: usize, cols: usize| -> Result<Tensor> {
+        let std = 1.0 / (cols as f64).sqrt();
+        let parts = (0..e)
+            .map(|_| {
+                let t = Tensor::randn(0f32, std as f32, (1, rows, cols), dev)?;
+                Ok(t.to_dtype(dtype)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    };
+    let router = Tensor::randn(0f32, 1.0, (e, h), dev)?.to_dtype(dtype)?;
+    let gate_up = stack(2 * i, h)?;
+    let down = stack(h, i)?;
+    let mut ws = HashMap::new();
+    ws.insert("gate.weight".to_string(), router.clone());
+    ws.insert("experts.gate_up_proj".to_string(), gate_up.clone());
+    ws.insert("experts.down_proj".to_string(), down.clone());
+    // Ours reads the stacked tensors (each expert a view), as transformers keeps them.
+    let vb = candle_nn::VarBuilder::from_tensors(ws, dtype, dev);
+    let cfg = MoeConfig::new(GluConfig::new(h, i), e, k);
+    let ours = GluExperts::new(&cfg, vb)?;
+    let linear = |w: Tensor| -> Result<Box<dyn Module>> {
+        Ok(Box::new(candle_nn::Linear::new(
+            w.force_contiguous()?,
+            None,
+        )))
+    };
+    let experts = (0..e)
+        .map(|x| {
+            let gu = gate_up.i(x)?;
+            Ok([
+                linear(gu.narrow(0, 0, i)?)?,
+                linear(gu.narrow(0, i, i)?)?,
+                linear(down.i(x)?)?,
+            ])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let size = dtype.size_in_bytes();
+    Ok(Layer {
+        ours,
+        naive: Naive {
+            router,
+            experts,
+            top_k: k,
+        },
+        expert_bytes: 3 * h * i * size,
+        router_bytes: e * h * size,
+    })
+}
+
+fn quantized_layer(
+    h: usize,
+    i: usize,
+    e: usize,
+    k: usize,
+    dtype: GgmlDType,
+    dev: &Device,
+) -> Result<Layer> {
+    let router = Tensor::randn(0f32, 1.0, (e, h), dev)?;
+    let mut expert_bytes = 0;
+    let mut ours = Vec::with_capacity(e);
+    let mut naive: Vec<[Box<dyn Module>; 3]> = Vec::with_capacity(e);
+    for _ in 0..e {
+        let mut q = |rows: usize, cols: usize| -> Result<Arc<QTensor>> {
+            let std = 1.0 / (cols as f64).sqrt();
+            let w = Tensor::randn(0f32, std as f32, (rows, cols), dev)?;
+            let q = QTensor::quantize(&w, dtype)?;
+            expert_bytes = q.storage_size_in_bytes();
+            Ok(Arc::new(q))
+        };
+        let (g, u, d) = (q(i, h)?, q(i, h)?, q(h, i)?);
+        let mm = |w: &Arc<QTensor>| QMatMul::from_arc(w.clone());
+        let proj =
+            |w: &Arc<QTensor>| -> Result<Projection> { Ok(Projection::quantized(mm(w)?, None)) };
+        ours.push(GluFeedForward::from_projections(
+            &GluConfig::new(h, i),
+            proj(&g)?,
+            proj(&u)?,
+            proj(&d)?,
+        )?);
+        naive.push([Box::new(mm(&g)?), Box::new(mm(&u)?), Box::new(mm(&d)?)]);
+    }
+    let cfg = MoeConfig::new(GluConfig::new(h, i), e, k);
+    Ok(Layer {
+        ours: GluExperts::from_parts(&cfg, router.clone(), None, ours, None, None)?,
+        naive: Naive {
+            router,
+            experts: naive,
+            top_k: k,
+        },
+        // The last expert's down projection, times three (all three are one size).
+        expert_bytes: 3 * expert_bytes,
+        router_bytes: e * h * 4,
+    })
+}
+
+/// The median of `runs` runs, each on the next input (from `start`).
+fn time(m: &dyn Module, xs: &[Tensor], start: usize, runs: usize) -> Result<f64> {
     let mut t = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let start = Instant::now();
+    for r in 0..runs {
+        let x = &xs[(start + r) % xs.len()];
+        let begin = Instant::now();
         m.forward(x)?;
-        t.push(start.elapsed().as_secs_f64() * 1e3);
+        t.push(begin.elapsed().as_secs_f64() * 1e3);
     }
     t.sort_by(f64::total_cmp);
     Ok(t[runs / 2])
@@ -115,9 +249,13 @@ fn main() -> Result<()> {
         candle_core::utils::get_num_threads(),
         candle_glu::cpu_kernels().map_or("candle".into(), |k| k.to_string())
     );
+    let probe = vec![1f32; 256 << 20];
+    let bw = read_bandwidth(&probe);
+    drop(probe);
+    println!("read bandwidth {bw:.1} GB/s");
     println!(
-        "{:>7} {:>5} {:>6} | {:>10} {:>10} {:>8} | max |ours - naive| / max |naive|",
-        "shape", "dtype", "tokens", "naive ms", "ours ms", "speed-up"
+        "{:>7} {:>5} {:>6} | {:>10} {:>8} {:>10} | {:>8} {:>6} | max |ours - naive| / max |naive|",
+        "shape", "dtype", "tokens", "naive ms", "speed-up", "ours ms", "floor ms", "÷floor"
     );
     for shape in &args.shape {
         let (h, i, e, k) = match shape.as_str() {
@@ -127,83 +265,74 @@ fn main() -> Result<()> {
             other => bail!("unknown shape {other}"),
         };
         for dtype in &args.dtype {
-            let dtype = match dtype.as_str() {
-                "f32" => DType::F32,
-                "bf16" => DType::BF16,
+            let layer = match dtype.as_str() {
+                "f32" => dense_layer(h, i, e, k, DType::F32, &dev)?,
+                "bf16" => dense_layer(h, i, e, k, DType::BF16, &dev)?,
+                "q8_0" => quantized_layer(h, i, e, k, GgmlDType::Q8_0, &dev)?,
+                "q4k" => quantized_layer(h, i, e, k, GgmlDType::Q4K, &dev)?,
+                "q4_1" => quantized_layer(h, i, e, k, GgmlDType::Q4_1, &dev)?,
                 other => bail!("unknown dtype {other}"),
             };
-            // Expert by expert, so that the f32 draw never holds more than one expert.
-            let stack = |rows: usize, cols: usize| -> Result<Tensor> {
-                let std = 1.0 / (cols as f64).sqrt();
-                let parts = (0..e)
-                    .map(|_| {
-                        let t = Tensor::randn(0f32, std as f32, (1, rows, cols), &dev)?;
-                        Ok(t.to_dtype(dtype)?)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&parts, 0)?)
+            let act = match dtype.as_str() {
+                "bf16" => DType::BF16,
+                _ => DType::F32,
             };
-            let router = Tensor::randn(0f32, 1.0, (e, h), &dev)?.to_dtype(dtype)?;
-            let gate_up = stack(2 * i, h)?;
-            let down = stack(h, i)?;
-            let mut ws = HashMap::new();
-            ws.insert("gate.weight".to_string(), router.clone());
-            ws.insert("experts.gate_up_proj".to_string(), gate_up.clone());
-            ws.insert("experts.down_proj".to_string(), down.clone());
-            // Ours reads the stacked tensors (each expert a view), as transformers keeps them.
-            let vb = candle_nn::VarBuilder::from_tensors(ws, dtype, &dev);
-            let cfg = MoeConfig::new(GluConfig::new(h, i), e, k);
-            let ours = GluExperts::new(&cfg, vb)?;
-            let linear = |w: Tensor| -> Result<candle_nn::Linear> {
-                Ok(candle_nn::Linear::new(w.force_contiguous()?, None))
-            };
-            let experts = (0..e)
-                .map(|x| {
-                    let gu = gate_up.i(x)?;
-                    Ok([
-                        linear(gu.narrow(0, 0, i)?)?,
-                        linear(gu.narrow(0, i, i)?)?,
-                        linear(down.i(x)?)?,
-                    ])
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let naive = Naive {
-                router,
-                experts,
-                top_k: k,
-            };
+            let (ours, naive) = (&layer.ours, &layer.naive);
             for &tokens in &args.tokens {
-                let x = Tensor::randn(0f32, 1.0, (tokens, h), &dev)?.to_dtype(dtype)?;
+                let xs = (0..INPUTS)
+                    .map(|_| Ok(Tensor::randn(0f32, 1.0, (tokens, h), &dev)?.to_dtype(act)?))
+                    .collect::<Result<Vec<_>>>()?;
                 // Same routing on both sides (the first run of each also warms up).
-                let a = ours.forward(&x)?.to_dtype(DType::F32)?;
-                let b = naive.forward(&x)?.to_dtype(DType::F32)?;
+                let a = ours.forward(&xs[0])?.to_dtype(DType::F32)?;
+                let b = naive.forward(&xs[0])?.to_dtype(DType::F32)?;
                 let diff = (a - &b)?.abs()?.max_all()?;
                 let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
                 let rel = diff.to_scalar::<f32>()? / scale.max(f32::MIN_POSITIVE);
                 // In bf16 the naive router's bf16 logits may choose other experts for a
-                // near-tie; in f32 both must agree.
-                if dtype == DType::F32 && rel > 1e-3 {
-                    bail!("{shape} {dtype:?} {tokens}: ours and naive differ by {rel:e}");
+                // near-tie; in f32 both must agree (quantized: both round the activations).
+                if act == DType::F32 && rel > 3e-2 {
+                    bail!("{shape} {dtype} {tokens}: ours and naive differ by {rel:e}");
                 }
+                // The floor: the distinct experts each input chooses, and the router.
+                let floor_ms = xs
+                    .iter()
+                    .map(|x| {
+                        let used = ours.route(x)?.tokens_per_expert(e);
+                        let experts = used.iter().filter(|&&c| c > 0).count();
+                        let bytes = experts * layer.expert_bytes + layer.router_bytes;
+                        Ok(bytes as f64 / (bw * 1e9) * 1e3)
+                    })
+                    .collect::<Result<Vec<f64>>>()?
+                    .iter()
+                    .sum::<f64>()
+                    / INPUTS as f64;
                 let (mut tn, mut to, mut ratio) = (vec![], vec![], vec![]);
                 for r in 0..args.rounds {
+                    let start = r * args.runs;
+                    if args.no_naive {
+                        to.push(time(ours, &xs, start, args.runs)?);
+                        continue;
+                    }
                     let (n, o) = if r % 2 == 0 {
-                        let n = time(&naive, &x, args.runs)?;
-                        (n, time(&ours, &x, args.runs)?)
+                        let n = time(naive, &xs, start, args.runs)?;
+                        (n, time(ours, &xs, start, args.runs)?)
                     } else {
-                        let o = time(&ours, &x, args.runs)?;
-                        (time(&naive, &x, args.runs)?, o)
+                        let o = time(ours, &xs, start, args.runs)?;
+                        (time(naive, &xs, start, args.runs)?, o)
                     };
                     tn.push(n);
                     to.push(o);
                     ratio.push(n / o);
                 }
+                let ours_ms = median(to);
+                let naive = if args.no_naive {
+                    format!("{:>10} {:>8}", "-", "-")
+                } else {
+                    format!("{:>10.3} {:>7.2}x", median(tn), median(ratio))
+                };
                 println!(
-                    "{shape:>7} {:>5} {tokens:>6} | {:>10.3} {:>10.3} {:>7.2}x | {rel:.1e}",
-                    dtype.as_str(),
-                    median(tn),
-                    median(to),
-                    median(ratio)
+                    "{shape:>7} {dtype:>5} {tokens:>6} | {naive} {ours_ms:>10.3} | {floor_ms:>8.3} {:>6.2} | {rel:.1e}",
+                    ours_ms / floor_ms
                 );
             }
         }

@@ -73,6 +73,14 @@ pub(crate) fn quant_micro_kernel(
     cpu::quant_micro_kernel(w, m, exact_q4_1)
 }
 
+/// Runs `f(i)` for every `i` in `0..n` on candle's CPU worker pool, one task per thread at a
+/// time, the crate's CPU kernels inside a task running on that task's thread alone: how a
+/// mixture of experts shares the threads across experts. Elsewhere than x86-64, one after
+/// another.
+pub(crate) fn tasks(n: usize, f: impl Fn(usize) + Sync) {
+    cpu::tasks(n, f)
+}
+
 /// `σ(gate) ⊙ up` in one pass where a kernel exists for the device and dtype (CPU with
 /// AVX-512, CUDA, Metal), else with candle's ops ([`Activation::gated`]); differentiable
 /// either way.

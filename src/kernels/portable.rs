@@ -28,6 +28,11 @@ pub(super) fn quant_micro_kernel(_: &QTensor, _: usize, _: bool) -> Option<Micro
     None
 }
 
+/// Runs `f(i)` for `i` in `0..n`, one after another (no kernels here to share threads with).
+pub(super) fn tasks(n: usize, f: impl Fn(usize) + Sync) {
+    (0..n).for_each(f)
+}
+
 fn unavailable<T>(op: &str) -> Result<T> {
     candle_core::bail!("{op}: this crate's CPU kernels need an x86-64 CPU with AVX-512")
 }

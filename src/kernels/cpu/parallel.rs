@@ -1,15 +1,48 @@
 //! Threads and memory shared by the schedules: candle's worker pool, disjoint output writes,
 //! and per-thread scratch buffers kept between calls.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 
 /// Runs `f(i)` for every `i` in `0..n` on candle's own CPU worker pool (the one its quantized
 /// matmuls use), this thread included. Sharing candle's pool rather than keeping one of our own
 /// means a model's other layers and this block never have two sets of threads spinning for the
 /// same cores.
+///
+/// Inside a task (of this function, on any thread of the pool, the calling one included) it
+/// runs `f` inline, on that thread alone: candle's pool runs nested calls inline on its
+/// workers, but the calling thread, which takes part in every call, would wait on the pool's
+/// lock that it holds. So work can be shared at an outer level (a mixture's experts, one a
+/// task) with the kernels of each task on one thread.
 pub(crate) fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(&f));
+    if IN_TASK.with(Cell::get) {
+        (0..n).for_each(f);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(n, |range| {
+        let _inside = InTask::enter();
+        range.for_each(&f)
+    });
+}
+
+thread_local! {
+    /// Whether this thread runs a task of [`parallel_for`].
+    static IN_TASK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as inside a task until dropped (also when the task panics).
+struct InTask(bool);
+
+impl InTask {
+    fn enter() -> Self {
+        Self(IN_TASK.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for InTask {
+    fn drop(&mut self) {
+        IN_TASK.with(|c| c.set(self.0));
+    }
 }
 
 /// An output buffer that the tasks of one [`parallel_for`] write in disjoint parts: the
