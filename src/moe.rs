@@ -652,15 +652,9 @@ impl GluExperts {
     /// output last). Where the experts are many and their tokens few, the threads are shared
     /// across experts (each expert's kernels on one thread); else each expert in turn uses
     /// them all.
-    fn run_experts(
-        &self,
-        jobs: &[(usize, Tensor, Tensor, Tensor)],
-        x: &Tensor,
-    ) -> Result<Vec<Tensor>> {
-        let mut work: Vec<(&GluFeedForward, &Tensor)> = jobs
-            .iter()
-            .map(|(e, xe, _, _)| (&self.experts[*e], xe))
-            .collect();
+    fn run_experts(&self, jobs: &[(usize, &Tensor)], x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut work: Vec<(&GluFeedForward, &Tensor)> =
+            jobs.iter().map(|&(e, xe)| (&self.experts[e], xe)).collect();
         if let Some(shared) = &self.shared {
             work.push((shared, x));
         }
@@ -720,21 +714,43 @@ impl GluExperts {
         let acc = score_dtype(xs.dtype());
         // The experts with tokens, most tokens first, each with its tokens gathered once.
         let mut jobs = Vec::new();
-        for (e, (toks, slots)) in per_expert.iter().enumerate() {
+        for (e, (toks, _)) in per_expert.iter().enumerate() {
             if !toks.is_empty() {
                 let index = Tensor::new(toks.as_slice(), dev)?;
-                let w = flat_weights.index_select(&Tensor::new(slots.as_slice(), dev)?, 0)?;
-                jobs.push((e, x.index_select(&index, 0)?, index, w));
+                jobs.push((e, x.index_select(&index, 0)?, index));
             }
         }
-        jobs.sort_by_key(|(_, xe, _, _)| std::cmp::Reverse(xe.dim(0).unwrap_or(0)));
-        let outputs = self.run_experts(&jobs, &x)?;
-        let mut y = Tensor::zeros((tokens, h), acc, dev)?;
+        jobs.sort_by_key(|(e, _, _)| std::cmp::Reverse(per_expert[*e].0.len()));
+        let work: Vec<(usize, &Tensor)> = jobs.iter().map(|(e, xe, _)| (*e, xe)).collect();
+        let outputs = self.run_experts(&work, &x)?;
+        let tracked = weights.track_op() || outputs.iter().any(Tensor::track_op);
         let mut outputs = outputs.into_iter();
-        for ((_, _, index, w), ye) in jobs.iter().zip(outputs.by_ref()) {
-            let ye = ye.to_dtype(acc)?.broadcast_mul(&w.unsqueeze(1)?)?;
-            y = y.index_add(index, &ye, 0)?;
-        }
+        let mut y = if dev.is_cpu() && acc == DType::F32 && !tracked {
+            // On the host, each output row added once into its token's sums: candle's
+            // `index_add` would copy all the sums for every expert.
+            let w: Vec<f32> = flat_weights.to_vec1()?;
+            let mut y = vec![0f32; tokens * h];
+            for ((e, _, _), ye) in jobs.iter().zip(outputs.by_ref()) {
+                let ye: Vec<f32> = ye.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let (toks, slots) = &per_expert[*e];
+                for ((&t, &slot), row) in toks.iter().zip(slots).zip(ye.chunks_exact(h)) {
+                    let (t, w) = (t as usize, w[slot as usize]);
+                    for (sum, v) in y[t * h..(t + 1) * h].iter_mut().zip(row) {
+                        *sum += w * v;
+                    }
+                }
+            }
+            Tensor::from_vec(y, (tokens, h), dev)?
+        } else {
+            let mut y = Tensor::zeros((tokens, h), acc, dev)?;
+            for ((e, _, index), ye) in jobs.iter().zip(outputs.by_ref()) {
+                let slots = Tensor::new(per_expert[*e].1.as_slice(), dev)?;
+                let w = flat_weights.index_select(&slots, 0)?;
+                let ye = ye.to_dtype(acc)?.broadcast_mul(&w.unsqueeze(1)?)?;
+                y = y.index_add(index, &ye, 0)?;
+            }
+            y
+        };
         if let Some(s) = outputs.next() {
             let mut s = s.to_dtype(acc)?;
             if let Some(gate) = &self.shared_gate {
