@@ -715,7 +715,10 @@ impl GluExperts {
         // The experts with tokens, most tokens first, each with its tokens gathered once.
         let mut jobs = Vec::new();
         for (e, (toks, _)) in per_expert.iter().enumerate() {
-            if !toks.is_empty() {
+            if toks.len() == tokens {
+                // Every token, in order (as in decode): no gather.
+                jobs.push((e, x.clone(), Tensor::arange(0u32, tokens as u32, dev)?));
+            } else if !toks.is_empty() {
                 let index = Tensor::new(toks.as_slice(), dev)?;
                 jobs.push((e, x.index_select(&index, 0)?, index));
             }
