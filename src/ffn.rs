@@ -315,6 +315,19 @@ impl GluFeedForward {
         }
     }
 
+    /// Whether a forward of `xs` runs on the crate's CPU kernels alone: no candle matmul or
+    /// `QMatMul`, which use candle's worker pool (and would wait on it from inside one of its
+    /// tasks on the calling thread).
+    pub(crate) fn kernels_only(&self, xs: &Tensor) -> bool {
+        match self.forward_path(xs) {
+            ForwardPath::Fused => true,
+            ForwardPath::Quantized => self
+                .quantized_weights()
+                .is_some_and(|q| q.gate_up && q.down),
+            ForwardPath::Candle => false,
+        }
+    }
+
     /// The CPU micro-kernel that multiplies the gate and up projections for `xs` (for GGUF
     /// weights whose gate and up the crate's kernels do not take, the down projection's), or
     /// `None` where candle's ops run. It depends on the weights' type, the token count (`xs`'s

@@ -150,8 +150,14 @@ impl MoeConfig {
         if !self.routed_scaling_factor.is_finite() {
             return fail("routed_scaling_factor must be finite".into());
         }
-        if self.shared_intermediate_size == Some(0) {
-            return fail("the shared expert's intermediate size is 0".into());
+        match self.shared_intermediate_size {
+            Some(0) => return fail("the shared expert's intermediate size is 0".into()),
+            Some(n) if n > MAX_DIM => {
+                return fail(format!(
+                    "the shared experts' intermediate size {n} is more than {MAX_DIM}"
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -261,8 +267,14 @@ impl MoeConfig {
                     })?,
                 };
                 let shared = size("n_shared_experts")?;
-                cfg.shared_intermediate_size =
-                    (shared > 0).then_some(shared * cfg.expert.intermediate_size);
+                let width = shared
+                    .checked_mul(cfg.expert.intermediate_size)
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "n_shared_experts = {shared} × moe_intermediate_size overflows"
+                        ))
+                    })?;
+                cfg.shared_intermediate_size = (shared > 0).then_some(width);
                 cfg
             }
             "" => return Err(fail("missing `model_type`".into())),
@@ -430,7 +442,8 @@ impl GluExperts {
     /// model's own loader): the router `[E, H]`; the selection bias `[E]` where
     /// `cfg.selection_bias`; the `E` experts, each of `cfg.expert`'s sizes; the shared expert
     /// where `cfg.shared_intermediate_size` says so, and its gate `[1, H]` where
-    /// `cfg.shared_expert_gate`. Nothing is copied.
+    /// `cfg.shared_expert_gate`. The experts are not copied; the router is kept in f32 as well
+    /// where it is stored in another dtype and is not a variable.
     ///
     /// # Errors
     /// An invalid config, a part of the wrong shape, or one that is missing or not expected.
@@ -661,9 +674,14 @@ impl GluExperts {
         if !self.across_experts(&work) {
             return work.iter().map(|(f, xe)| xe.apply(*f)).collect();
         }
+        // Most tokens first (the shared expert, which has them all, among the first), so that
+        // the last tasks are short; the outputs stay in `work`'s order.
+        let mut order: Vec<usize> = (0..work.len()).collect();
+        order.sort_by_key(|&j| std::cmp::Reverse(work[j].1.dim(0).unwrap_or(0)));
         let slots: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
             work.iter().map(|_| Default::default()).collect();
-        crate::kernels::tasks(work.len(), |j| {
+        crate::kernels::tasks(work.len(), |task| {
+            let j = order[task];
             let (f, xe) = work[j];
             let y = xe.apply(f);
             *slots[j].lock().unwrap_or_else(|e| e.into_inner()) = Some(y);
@@ -682,16 +700,15 @@ impl GluExperts {
     /// idle); and every expert on the crate's CPU kernels (candle's ops inside a task could
     /// wait on the pool).
     fn across_experts(&self, work: &[(&GluFeedForward, &Tensor)]) -> bool {
-        let threads = candle_core::utils::get_num_threads();
+        // The pool's threads, the calling one included.
+        let threads = candle_core::utils::barrier_pool().n_workers() + 1;
         let tokens: usize = work.iter().map(|(_, xe)| xe.dim(0).unwrap_or(0)).sum();
         let jobs = work.len();
         threads > 1
             && jobs >= 2 * threads
             && (jobs >= ACROSS_MIN_JOBS_PER_THREAD * threads
                 || tokens <= ACROSS_MAX_TOKENS_PER_EXPERT * jobs)
-            && work
-                .iter()
-                .all(|(f, xe)| f.forward_path(xe) != crate::ForwardPath::Candle)
+            && work.iter().all(|(f, xe)| f.kernels_only(xe))
     }
 
     fn forward_impl(&self, xs: &Tensor) -> Result<Tensor> {
@@ -712,18 +729,22 @@ impl GluExperts {
         let flat_weights = weights.flatten_all()?;
         // Sums in the scores' dtype (f32, or f64 for f64 inputs), rounded once at the end.
         let acc = score_dtype(xs.dtype());
-        // The experts with tokens, most tokens first, each with its tokens gathered once.
+        // The experts with tokens, each with its tokens gathered once.
         let mut jobs = Vec::new();
+        // In the experts' order, which is the order their outputs are added in (as
+        // transformers adds them), whatever order they run in.
         for (e, (toks, _)) in per_expert.iter().enumerate() {
+            if toks.is_empty() {
+                continue;
+            }
             if toks.len() == tokens {
                 // Every token, in order (as in decode): no gather.
                 jobs.push((e, x.clone(), Tensor::arange(0u32, tokens as u32, dev)?));
-            } else if !toks.is_empty() {
+            } else {
                 let index = Tensor::new(toks.as_slice(), dev)?;
                 jobs.push((e, x.index_select(&index, 0)?, index));
             }
         }
-        jobs.sort_by_key(|(e, _, _)| std::cmp::Reverse(per_expert[*e].0.len()));
         let work: Vec<(usize, &Tensor)> = jobs.iter().map(|(e, xe, _)| (*e, xe)).collect();
         let outputs = self.run_experts(&work, &x)?;
         let tracked = weights.track_op() || outputs.iter().any(Tensor::track_op);

@@ -283,7 +283,7 @@ fn experts_read_their_blocks_in_place() {
             let (y, peak) = peak_of(|| moe.forward(&x).unwrap());
             drop(y);
             // Per token and expert chosen: its input, intermediate and output, with their
-            // 8-bit copies; the f32 sums over the tokens, rewritten per expert; the router's
+            // 8-bit copies; the f32 sums over the tokens and their host copy; the router's
             // scores; and per-thread scratch.
             let bound = 2 * m * 2 * (h + i) * 5 + 4 * m * h * 4 + (4 << 20);
             let what = format!("experts {dtype:?}, {m} tokens");

@@ -453,3 +453,54 @@ fn matches_candle_transformers_mixtral() {
     let err = rel(&ours, &theirs.to_dtype(DType::F64).unwrap());
     assert!(err <= 1e-5, "against candle-transformers' Mixtral: {err:e}");
 }
+
+#[test]
+fn experts_partly_on_candles_qmatmul_do_not_share_threads() {
+    // Gate and up in Q4_1 (the crate's kernels), down in Q6_K (candle's QMatMul, which uses
+    // candle's worker pool: inside a task of that pool on the calling thread it would wait for
+    // the pool forever). Eight experts of one token each would share the threads were every
+    // projection on the crate's kernels; here they must not, and the layer must still agree
+    // with the same experts dequantized.
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_glu::{GluConfig, GluFeedForward, Projection};
+    let (h, i, e) = (128, 256, 8);
+    let dev = Device::Cpu;
+    let mut quantized = Vec::new();
+    let mut dense = Vec::new();
+    for x in 0..e as u64 {
+        let q = |seed, (o, n), dtype| {
+            let w = common::randn(seed, (o, n), 0.1, &dev);
+            QTensor::quantize(&w, dtype).unwrap()
+        };
+        let ws = [
+            q(3 * x, (i, h), GgmlDType::Q4_1),
+            q(3 * x + 1, (i, h), GgmlDType::Q4_1),
+            q(3 * x + 2, (h, i), GgmlDType::Q6K),
+        ];
+        let deq = |q: &QTensor| {
+            Projection::Dense(candle_nn::Linear::new(q.dequantize(&dev).unwrap(), None))
+        };
+        let [g, u, d] = ws;
+        dense.push(
+            GluFeedForward::from_projections(&GluConfig::new(h, i), deq(&g), deq(&u), deq(&d))
+                .unwrap(),
+        );
+        let mm = |q: QTensor| Projection::quantized(QMatMul::from_qtensor(q).unwrap(), None);
+        quantized.push(
+            GluFeedForward::from_projections(&GluConfig::new(h, i), mm(g), mm(u), mm(d)).unwrap(),
+        );
+    }
+    let cfg = MoeConfig::new(GluConfig::new(h, i), e, e);
+    let router = common::randn(99, (e, h), 0.5, &dev);
+    let q = GluExperts::from_parts(&cfg, router.clone(), None, quantized, None, None).unwrap();
+    let d = GluExperts::from_parts(&cfg, router, None, dense, None, None).unwrap();
+    for m in [1, 3] {
+        let x = common::randn(m as u64, (m, h), 1.0, &dev);
+        let err = rel(
+            &q.forward(&x).unwrap(),
+            &d.forward(&x).unwrap().to_dtype(DType::F64).unwrap(),
+        );
+        // Q6_K's QMatMul rounds the activations to 8 bits.
+        assert!(err <= 3e-2, "{m} tokens: {err:e}");
+    }
+}

@@ -215,9 +215,10 @@ impl GgufStore {
     /// Keys read: `<arch>.embedding_length`, `<arch>.expert_count`, `<arch>.expert_used_count`,
     /// `<arch>.expert_feed_forward_length` (else `<arch>.feed_forward_length`: Mixtral, OLMoE),
     /// `<arch>.expert_shared_feed_forward_length` (Qwen2-MoE; else the shape of a
-    /// `ffn_up_shexp`), `<arch>.expert_shared_count`, `<arch>.expert_weights_norm`,
-    /// `<arch>.expert_weights_scale`, `<arch>.expert_gating_func` (1 softmax, 2 sigmoid),
-    /// `<arch>.expert_group_count`, `<arch>.expert_group_used_count` (DeepSeek). The k weights
+    /// `ffn_up_shexp`), and for DeepSeek `<arch>.expert_shared_count`,
+    /// `<arch>.expert_weights_norm`, `<arch>.expert_weights_scale`, `<arch>.expert_gating_func`
+    /// (1 softmax, 2 sigmoid), `<arch>.expert_group_count`, `<arch>.expert_group_used_count`
+    /// (llama.cpp reads them for `deepseek2` only among these). The k weights
     /// are renormalised for `llama` and `qwen3moe`, not for `qwen2moe` and `olmoe`, and as
     /// `expert_weights_norm` says for `deepseek2`; a selection bias is read where the file has
     /// `exp_probs_b` tensors; Qwen2-MoE's shared expert is gated where it has
@@ -270,16 +271,16 @@ impl GgufStore {
             },
             _ => false,
         };
-        if let Some(v) = metadata("expert_weights_scale") {
-            let scale = v
-                .to_f32()
-                .map_err(|_| fail(format!("`{arch}.expert_weights_scale` must be an f32")))?;
-            // llama.cpp scales the weights unless the factor is 0 (absent) or 1.
-            if scale != 0.0 {
-                cfg.routed_scaling_factor = f64::from(scale);
-            }
-        }
         if arch == "deepseek2" {
+            if let Some(v) = metadata("expert_weights_scale") {
+                let scale = v
+                    .to_f32()
+                    .map_err(|_| fail(format!("`{arch}.expert_weights_scale` must be an f32")))?;
+                // llama.cpp scales the weights unless the factor is 0 (absent) or 1.
+                if scale != 0.0 {
+                    cfg.routed_scaling_factor = f64::from(scale);
+                }
+            }
             cfg.scoring = match self.arch_u64("expert_gating_func") {
                 None | Some(0 | 1) => Scoring::Softmax,
                 Some(2) => Scoring::Sigmoid,
@@ -293,7 +294,12 @@ impl GgufStore {
             cfg.n_group = self.arch_u64("expert_group_count").unwrap_or(1).max(1);
             cfg.topk_group = self.arch_u64("expert_group_used_count").unwrap_or(1).max(1);
             let shared = self.arch_u64("expert_shared_count").unwrap_or(0);
-            cfg.shared_intermediate_size = (shared > 0).then_some(shared * intermediate);
+            let width = shared.checked_mul(intermediate).ok_or_else(|| {
+                fail(format!(
+                    "`{arch}.expert_shared_count` = {shared} × the experts' size overflows"
+                ))
+            })?;
+            cfg.shared_intermediate_size = (shared > 0).then_some(width);
         }
         if arch == "qwen2moe" {
             let from_shape = || {
@@ -470,8 +476,8 @@ impl GgufStore {
     /// Reads a stacked tensor `[n, out, in]`, such as a mixture of experts' `ffn_up_exps`
     /// (`[experts, intermediate, hidden]`), as `n` tensors of rows `rows` of each slice
     /// (`[rows.len(), in]`; all `out` rows for `None`). Each is read from the file on its own,
-    /// so the stacked tensor is never in memory as a whole, and no value is decoded or moved
-    /// within its blocks: each slice holds the stored bytes of its rows.
+    /// so the stacked tensor is never in memory twice, and no value is decoded or moved within
+    /// its blocks: each slice holds the stored bytes of its rows.
     ///
     /// # Errors
     /// As [`qtensor`](Self::qtensor); [`Error::InvalidFile`] for a tensor that is not of rank

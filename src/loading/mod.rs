@@ -374,7 +374,8 @@ impl Checkpoint {
     /// ([`GgufStore::moe_config`]).
     ///
     /// # Errors
-    /// An invalid `config.json` or GGUF metadata for a mixture of experts.
+    /// A `config.json` of a mixture-of-experts `model_type` with a missing or malformed field,
+    /// or GGUF metadata with experts that [`GgufStore::moe_config`] refuses.
     pub fn moe_config(&self) -> Result<Option<MoeConfig>> {
         match &self.store {
             Store::Gguf(g) => g.moe_config(),
@@ -397,18 +398,19 @@ impl Checkpoint {
         }
     }
 
-    /// The layers that hold a mixture of experts (a router at [`MoeConfig::layer_prefix`]),
-    /// sorted.
+    /// The layers that hold a mixture of experts, sorted: a router at
+    /// [`MoeConfig::layer_prefix`] (`blk.N.ffn_gate_inp` in GGUF files).
     pub fn moe_layers(&self, cfg: &MoeConfig) -> Vec<usize> {
-        let router = match &self.store {
-            Store::Gguf(_) => "ffn_gate_inp.weight",
-            Store::Safetensors(_) => "gate.weight",
+        // GGUF names are llama.cpp's whatever the config's layout says.
+        let router = |l: usize| match &self.store {
+            Store::Gguf(_) => format!("blk.{l}.ffn_gate_inp.weight"),
+            Store::Safetensors(_) => join(&cfg.layer_prefix(l), "gate.weight"),
         };
         let mut layers: Vec<usize> = self
             .tensor_names()
             .iter()
             .filter_map(|n| n.split('.').find_map(|p| p.parse::<usize>().ok()))
-            .filter(|&l| self.contains(&join(&cfg.layer_prefix(l), router)))
+            .filter(|&l| self.contains(&router(l)))
             .collect();
         layers.sort_unstable();
         layers.dedup();
