@@ -186,16 +186,13 @@ fn quantized_layer(
     dev: &Device,
 ) -> Result<Layer> {
     let router = Tensor::randn(0f32, 1.0, (e, h), dev)?;
-    let mut expert_bytes = 0;
     let mut ours = Vec::with_capacity(e);
     let mut naive: Vec<[Box<dyn Module>; 3]> = Vec::with_capacity(e);
     for _ in 0..e {
-        let mut q = |rows: usize, cols: usize| -> Result<Arc<QTensor>> {
+        let q = |rows: usize, cols: usize| -> Result<Arc<QTensor>> {
             let std = 1.0 / (cols as f64).sqrt();
             let w = Tensor::randn(0f32, std as f32, (rows, cols), dev)?;
-            let q = QTensor::quantize(&w, dtype)?;
-            expert_bytes = q.storage_size_in_bytes();
-            Ok(Arc::new(q))
+            Ok(Arc::new(QTensor::quantize(&w, dtype)?))
         };
         let (g, u, d) = (q(i, h)?, q(i, h)?, q(h, i)?);
         let mm = |w: &Arc<QTensor>| QMatMul::from_arc(w.clone());
@@ -217,8 +214,8 @@ fn quantized_layer(
             experts: naive,
             top_k: k,
         },
-        // The last expert's down projection, times three (all three are one size).
-        expert_bytes: 3 * expert_bytes,
+        // Three matrices of h × i values in `dtype`'s blocks.
+        expert_bytes: 3 * h * i / dtype.block_size() * dtype.type_size(),
         router_bytes: e * h * 4,
     })
 }

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::{DType, IndexOp, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -194,7 +195,7 @@ impl MoeConfig {
         Self::parse(&text, Some(path))
     }
 
-    fn parse(json: &str, path: Option<&Path>) -> error::Result<Self> {
+    pub(crate) fn parse(json: &str, path: Option<&Path>) -> error::Result<Self> {
         let fail = |message: String| Error::InvalidConfig {
             path: path.map(Path::to_path_buf),
             message,
@@ -665,9 +666,9 @@ impl GluExperts {
     /// output last). Where the experts are many and their tokens few, the threads are shared
     /// across experts (each expert's kernels on one thread); else each expert in turn uses
     /// them all.
-    fn run_experts(&self, jobs: &[(usize, &Tensor)], x: &Tensor) -> Result<Vec<Tensor>> {
+    fn run_experts(&self, jobs: &[(usize, Tensor)], x: &Tensor) -> Result<Vec<Tensor>> {
         let mut work: Vec<(&GluFeedForward, &Tensor)> =
-            jobs.iter().map(|&(e, xe)| (&self.experts[e], xe)).collect();
+            jobs.iter().map(|(e, xe)| (&self.experts[*e], xe)).collect();
         if let Some(shared) = &self.shared {
             work.push((shared, x));
         }
@@ -678,18 +679,15 @@ impl GluExperts {
         // the last tasks are short; the outputs stay in `work`'s order.
         let mut order: Vec<usize> = (0..work.len()).collect();
         order.sort_by_key(|&j| std::cmp::Reverse(work[j].1.dim(0).unwrap_or(0)));
-        let slots: Vec<std::sync::Mutex<Option<Result<Tensor>>>> =
-            work.iter().map(|_| Default::default()).collect();
+        let slots: Vec<OnceLock<Result<Tensor>>> = work.iter().map(|_| OnceLock::new()).collect();
         crate::kernels::tasks(work.len(), |task| {
-            let j = order[task];
-            let (f, xe) = work[j];
-            let y = xe.apply(f);
-            *slots[j].lock().unwrap_or_else(|e| e.into_inner()) = Some(y);
+            let (f, xe) = work[order[task]];
+            slots[order[task]].get_or_init(|| xe.apply(f));
         });
         slots
             .into_iter()
             .map(|slot| {
-                let y = slot.into_inner().unwrap_or_else(|e| e.into_inner());
+                let y = slot.into_inner();
                 y.unwrap_or_else(|| Err(candle_core::Error::Msg("an expert did not run".into())))
             })
             .collect()
@@ -729,24 +727,18 @@ impl GluExperts {
         let flat_weights = weights.flatten_all()?;
         // Sums in the scores' dtype (f32, or f64 for f64 inputs), rounded once at the end.
         let acc = score_dtype(xs.dtype());
-        // The experts with tokens, each with its tokens gathered once.
+        // The experts with tokens, each with its tokens gathered once (every token, in order, as
+        // in decode: no gather), in the experts' order, which is the order their outputs are
+        // added in (as transformers adds them) whatever order they run in.
         let mut jobs = Vec::new();
-        // In the experts' order, which is the order their outputs are added in (as
-        // transformers adds them), whatever order they run in.
         for (e, (toks, _)) in per_expert.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
-            }
-            if toks.len() == tokens {
-                // Every token, in order (as in decode): no gather.
-                jobs.push((e, x.clone(), Tensor::arange(0u32, tokens as u32, dev)?));
-            } else {
-                let index = Tensor::new(toks.as_slice(), dev)?;
-                jobs.push((e, x.index_select(&index, 0)?, index));
+            if toks.len() == tokens && tokens > 0 {
+                jobs.push((e, x.clone()));
+            } else if !toks.is_empty() {
+                jobs.push((e, x.index_select(&Tensor::new(toks.as_slice(), dev)?, 0)?));
             }
         }
-        let work: Vec<(usize, &Tensor)> = jobs.iter().map(|(e, xe, _)| (*e, xe)).collect();
-        let outputs = self.run_experts(&work, &x)?;
+        let outputs = self.run_experts(&jobs, &x)?;
         let tracked = weights.track_op() || outputs.iter().any(Tensor::track_op);
         let mut outputs = outputs.into_iter();
         let mut y = if dev.is_cpu() && acc == DType::F32 && !tracked {
@@ -754,7 +746,7 @@ impl GluExperts {
             // `index_add` would copy all the sums for every expert.
             let w: Vec<f32> = flat_weights.to_vec1()?;
             let mut y = vec![0f32; tokens * h];
-            for ((e, _, _), ye) in jobs.iter().zip(outputs.by_ref()) {
+            for ((e, _), ye) in jobs.iter().zip(outputs.by_ref()) {
                 let ye: Vec<f32> = ye.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 let (toks, slots) = &per_expert[*e];
                 for ((&t, &slot), row) in toks.iter().zip(slots).zip(ye.chunks_exact(h)) {
@@ -767,11 +759,11 @@ impl GluExperts {
             Tensor::from_vec(y, (tokens, h), dev)?
         } else {
             let mut y = Tensor::zeros((tokens, h), acc, dev)?;
-            for ((e, _, index), ye) in jobs.iter().zip(outputs.by_ref()) {
-                let slots = Tensor::new(per_expert[*e].1.as_slice(), dev)?;
-                let w = flat_weights.index_select(&slots, 0)?;
+            for ((e, _), ye) in jobs.iter().zip(outputs.by_ref()) {
+                let (toks, slots) = &per_expert[*e];
+                let w = flat_weights.index_select(&Tensor::new(slots.as_slice(), dev)?, 0)?;
                 let ye = ye.to_dtype(acc)?.broadcast_mul(&w.unsqueeze(1)?)?;
-                y = y.index_add(index, &ye, 0)?;
+                y = y.index_add(&Tensor::new(toks.as_slice(), dev)?, &ye, 0)?;
             }
             y
         };

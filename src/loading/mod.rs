@@ -315,12 +315,9 @@ impl Checkpoint {
         self.check_shapes(cfg, prefix)?;
         match &self.store {
             Store::Gguf(g) if opts.quantized => {
-                let load = |name: &str| -> Result<Projection> {
+                let load = |name: &str| {
                     let qt = g.qtensor(&join(prefix, &format!("{name}.weight")), &opts.device)?;
-                    Ok(Projection::quantized(
-                        gguf::qmatmul(qt, &opts.device)?,
-                        None,
-                    ))
+                    gguf_projection(qt, opts)
                 };
                 let GateUpNames::Split { gate, up } = cfg.layout.names().gate_up else {
                     return Err(Error::InvalidConfig {
@@ -355,15 +352,21 @@ impl Checkpoint {
             .layout
             .projection_shapes(cfg.hidden_size, cfg.intermediate_size);
         for (name, shape) in expected {
-            let name = join(prefix, &format!("{name}.weight"));
-            let found = self.require(&name)?;
-            if found != shape {
-                return Err(Error::ShapeMismatch {
-                    name,
-                    expected: shape.to_vec(),
-                    found: found.to_vec(),
-                });
-            }
+            self.require_shape(&join(prefix, &format!("{name}.weight")), &shape)?;
+        }
+        Ok(())
+    }
+
+    /// That `name` exists with shape `expected`: a missing tensor (with the closest names that
+    /// exist) or a shape mismatch otherwise.
+    fn require_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        let found = self.require(name)?;
+        if found != expected {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+            });
         }
         Ok(())
     }
@@ -390,7 +393,7 @@ impl Checkpoint {
                     .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
                 match model_type {
                     Some(t) if MoeConfig::MODEL_TYPES.contains(&t.as_str()) => {
-                        MoeConfig::from_hf_config_file(&path).map(Some)
+                        MoeConfig::parse(&text, Some(&path)).map(Some)
                     }
                     _ => Ok(None),
                 }
@@ -444,12 +447,121 @@ impl Checkpoint {
             });
         }
         match &self.store {
-            Store::Gguf(g) => g.load_experts(cfg, layer, opts.quantized, opts.dtype, &opts.device),
+            Store::Gguf(g) => self.gguf_experts(g, cfg, layer, opts),
             Store::Safetensors(_) => {
                 let vb = self.var_builder(opts.dtype, &opts.device);
                 Ok(GluExperts::new(cfg, vb.pp(cfg.layer_prefix(layer)))?)
             }
         }
+    }
+
+    /// [`load_experts`](Self::load_experts) from a GGUF file: every shape checked on the table
+    /// before any data is read.
+    fn gguf_experts(
+        &self,
+        g: &GgufStore,
+        cfg: &MoeConfig,
+        layer: usize,
+        opts: &LoadOptions,
+    ) -> Result<GluExperts> {
+        let (h, i, e) = (
+            cfg.expert.hidden_size,
+            cfg.expert.intermediate_size,
+            cfg.num_experts,
+        );
+        let name = |n: &str| format!("blk.{layer}.{n}.weight");
+        let checked = |n: &str, shape: &[usize]| -> Result<String> {
+            let n = name(n);
+            self.require_shape(&n, shape)?;
+            Ok(n)
+        };
+        let router = checked("ffn_gate_inp", &[e, h])?;
+        let fused = self.contains(&name("ffn_gate_up_exps"));
+        // Gate and up: each its own stack, or the rows of the fused one (gate rows first).
+        let [gate, up] = if fused {
+            let n = checked("ffn_gate_up_exps", &[e, 2 * i, h])?;
+            [(n.clone(), Some(0..i)), (n, Some(i..2 * i))]
+        } else {
+            [
+                (checked("ffn_gate_exps", &[e, i, h])?, None),
+                (checked("ffn_up_exps", &[e, i, h])?, None),
+            ]
+        };
+        let down = checked("ffn_down_exps", &[e, h, i])?;
+        let bias = format!("blk.{layer}.exp_probs_b.bias");
+        if cfg.selection_bias {
+            self.require_shape(&bias, &[e])?;
+        }
+        let shared = match cfg.shared_intermediate_size {
+            Some(si) => Some((
+                si,
+                [
+                    checked("ffn_gate_shexp", &[si, h])?,
+                    checked("ffn_up_shexp", &[si, h])?,
+                    checked("ffn_down_shexp", &[h, si])?,
+                ],
+            )),
+            None => None,
+        };
+        let shared_gate = if cfg.shared_expert_gate {
+            Some(checked("ffn_gate_inp_shexp", &[h])?)
+        } else {
+            None
+        };
+
+        let dev = &opts.device;
+        let gates = g.stacked_qtensors(&gate.0, gate.1, dev)?;
+        let ups = g.stacked_qtensors(&up.0, up.1, dev)?;
+        let downs = g.stacked_qtensors(&down, None, dev)?;
+        let expert_cfg = cfg.expert.clone().with_bias(false);
+        let experts = gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((wg, wu), wd)| {
+                let [wg, wu, wd] = [wg, wu, wd].map(|q| gguf_projection(q, opts));
+                Ok(GluFeedForward::from_projections(
+                    &expert_cfg,
+                    wg?,
+                    wu?,
+                    wd?,
+                )?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match shared {
+            Some((si, names)) => {
+                let shared_cfg = GluConfig::new(h, si)
+                    .with_activation(cfg.expert.activation)
+                    .with_layout(WeightLayout::Gguf);
+                let [wg, wu, wd] = names.map(|n| gguf_projection(g.qtensor(&n, dev)?, opts));
+                Some(GluFeedForward::from_projections(
+                    &shared_cfg,
+                    wg?,
+                    wu?,
+                    wd?,
+                )?)
+            }
+            None => None,
+        };
+        let f32 = |n: &str| g.dequantized(n, DType::F32, dev);
+        let shared_gate = match shared_gate {
+            Some(n) => Some(f32(&n)?.reshape((1, h))?),
+            None => None,
+        };
+        let bias = if cfg.selection_bias {
+            Some(f32(&bias)?)
+        } else {
+            None
+        };
+        let router = f32(&router)?;
+        Ok(GluExperts::from_parts(
+            cfg,
+            router,
+            bias,
+            experts,
+            shared,
+            shared_gate,
+        )?)
     }
 
     /// Loads layer `layer`'s block, at `cfg.layout`'s prefix for it.
@@ -473,6 +585,17 @@ impl Checkpoint {
         }
         self.load_ffn(cfg, &cfg.layout.layer_prefix(layer), opts)
     }
+}
+
+/// A GGUF weight as a projection: kept quantized, or dequantized to `opts.dtype` where
+/// `opts.quantized` is false.
+fn gguf_projection(q: candle_core::quantized::QTensor, opts: &LoadOptions) -> Result<Projection> {
+    Ok(if opts.quantized {
+        Projection::quantized(gguf::qmatmul(q, &opts.device)?, None)
+    } else {
+        let w = q.dequantize(&opts.device)?.to_dtype(opts.dtype)?;
+        Projection::Dense(candle_nn::Linear::new(w, None))
+    })
 }
 
 /// The weights file inside a checkpoint directory.

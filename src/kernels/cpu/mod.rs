@@ -313,10 +313,8 @@ impl QuantType {
 }
 
 /// Runs `f(i)` for `i` in `0..n` on candle's worker pool, the kernels inside each task on its
-/// thread alone ([`parallel::parallel_for`]).
-pub(super) fn tasks(n: usize, f: impl Fn(usize) + Sync) {
-    parallel::parallel_for(n, f)
-}
+/// thread alone.
+pub(super) use parallel::parallel_for as tasks;
 
 /// A CPU `QTensor` `[n, k]` the ops can read in place: its type, its raw blocks, `n`, `k`.
 fn blocks(q: &QTensor) -> Option<(QuantType, Cow<'_, [u8]>, usize, usize)> {
