@@ -4,6 +4,16 @@
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
 
+/// The threads that [`parallel_for`] runs on from here: the pool's, the calling one included,
+/// or this one alone inside a task.
+pub(crate) fn threads() -> usize {
+    if IN_TASK.with(Cell::get) {
+        1
+    } else {
+        candle_core::utils::barrier_pool().n_workers() + 1
+    }
+}
+
 /// Runs `f(i)` for every `i` in `0..n` on candle's own CPU worker pool (the one its quantized
 /// matmuls use), this thread included. Sharing candle's pool rather than keeping one of our own
 /// means a model's other layers and this block never have two sets of threads spinning for the

@@ -826,3 +826,27 @@ fn amx_quantized_keeps_nan_to_its_token() {
         }
     }
 }
+
+#[test]
+fn tasks_balance_the_threads() {
+    // Even splits keep the most panels a task; an uneven one takes fewer, so that the threads'
+    // shares differ by at most one panel.
+    assert_eq!(super::task_panels(128, 8, 2), 8);
+    assert_eq!(super::task_panels(96, 8, 2), 8);
+    assert_eq!(super::task_panels(18, 8, 2), 3);
+    assert_eq!(super::task_panels(18, 8, 1), 8);
+    assert_eq!(super::task_panels(1, 8, 2), 8);
+    assert_eq!(super::task_panels(0, 8, 2), 8);
+    for total in 1..200 {
+        for threads in 1..5 {
+            let per = super::task_panels(total, 8, threads);
+            let tasks = total.div_ceil(per);
+            let busiest = tasks.div_ceil(threads) * per;
+            assert!((1..=8).contains(&per));
+            assert!(
+                busiest <= total.div_ceil(threads) + per,
+                "{total} {threads} {per}"
+            );
+        }
+    }
+}
