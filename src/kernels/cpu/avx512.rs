@@ -133,6 +133,22 @@ pub(crate) trait Encoding: Copy + Send + Sync + 'static {
         unsafe { [Self::load16(row, i), Self::load16(row, i + 16)] }
     }
 
+    /// Values that share one header ([`Self::load256`] decodes 256 at once where it is 256).
+    const HEADER_VALUES: usize = 32;
+    /// Values `[i, i + 256)` as f32, 32 a step (`i` a multiple of 256; the row holds them):
+    /// what eight [`Self::load32`] give, with a q4k super-block's header decoded once.
+    #[inline(always)]
+    unsafe fn load256(row: *const u8, i: usize) -> [[__m512; 2]; 8] {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
+            let mut out = [[_mm512_setzero_ps(); 2]; 8];
+            for (s, out) in out.iter_mut().enumerate() {
+                *out = Self::load32(row, i + 32 * s);
+            }
+            out
+        }
+    }
+
     /// Whether, over many tokens, rows are better decoded to f32 once per chunk than on every
     /// pass over the tokens: true where decoding costs more than reading f32 from L1 (Q4_1).
     const WIDEN: bool = false;
@@ -417,6 +433,30 @@ impl Encoding for Q4K {
     unsafe fn load16_tail(row: *const u8, i: usize, n: usize) -> __m512 {
         // SAFETY: rows are whole super-blocks: a tail reads inside its block.
         unsafe { _mm512_maskz_mov_ps(tail_mask(n), Self::load16(row, i)) }
+    }
+    const HEADER_VALUES: usize = QK_K;
+    #[inline(always)]
+    unsafe fn load256(row: *const u8, i: usize) -> [[__m512; 2]; 8] {
+        // SAFETY: the module's contract (`# Safety` above) is this function's; `i` starts a
+        // super-block, which the row holds whole.
+        unsafe {
+            let block = row.add(i / QK_K * Q4K_BLOCK_BYTES);
+            let packed = &*(block.add(4) as *const [u8; 12]);
+            let (d, dmin) = (f16_at(block), f16_at(block.add(2)));
+            let mut out = [[_mm512_setzero_ps(); 2]; 8];
+            for (j, out) in out.iter_mut().enumerate() {
+                // As `sub_block` does, so that the values are bit-identical.
+                let (sc, m) = Self::scale_min(packed, j);
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(f32::from(sc)));
+                let min = _mm512_mul_ps(dmin, _mm512_set1_ps(f32::from(m)));
+                let (codes, high) = (block.add(16 + 32 * (j / 2)), j % 2 == 1);
+                *out = [
+                    Self::decode16(codes, high, scale, min),
+                    Self::decode16(codes.add(16), high, scale, min),
+                ];
+            }
+            out
+        }
     }
 }
 

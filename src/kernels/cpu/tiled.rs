@@ -442,8 +442,36 @@ unsafe fn pack_panel<E: Encoding>(
     // read nothing past `depth` and nothing of a missing row); every tile written lies in `dst`.
     unsafe {
         // Step by step across the 32 rows, as the kernels read them: 32 streams at once keep
-        // memory busier than one row after another.
-        for s in 0..steps {
+        // memory busier than one row after another. Where a header covers several steps (q4k's
+        // super-blocks), those steps of a row at once, the header decoded once.
+        let per_header = E::HEADER_VALUES / STEP;
+        let mut s = 0;
+        while per_header > 1 && s + per_header <= steps && (s + per_header) * STEP <= depth {
+            let at = pc + s * STEP;
+            debug_assert_eq!(at % E::HEADER_VALUES, 0);
+            let ahead = E::byte_offset(at) + PREFETCH_BYTES;
+            for (i, row) in rows.iter().enumerate() {
+                let (g, r) = (i / 16, i % 16);
+                let v = match row {
+                    Some(p) => {
+                        for line in 0..3 {
+                            let at = p.wrapping_add(ahead + 64 * line);
+                            _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+                        }
+                        E::load256(*p, at)
+                    }
+                    None => [[_mm512_setzero_ps(); 2]; 8],
+                };
+                // (A loop, not a closure: closures would not inherit the target features.)
+                for (t, [lo, hi]) in v.iter().enumerate().take(per_header) {
+                    let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(*hi, *lo));
+                    let tile = dst.add((g * steps + s + t) * TILE_BYTES / 2);
+                    _mm512_storeu_si512(tile.add(r * STEP) as *mut _, v);
+                }
+            }
+            s += per_header;
+        }
+        for s in s..steps {
             let n = (depth - s * STEP).min(STEP);
             let ahead = E::byte_offset(pc + s * STEP) + PREFETCH_BYTES;
             for (i, row) in rows.iter().enumerate() {
