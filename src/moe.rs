@@ -698,8 +698,7 @@ impl GluExperts {
     /// idle); and every expert on the crate's CPU kernels (candle's ops inside a task could
     /// wait on the pool).
     fn across_experts(&self, work: &[(&GluFeedForward, &Tensor)]) -> bool {
-        // The pool's threads, the calling one included.
-        let threads = candle_core::utils::barrier_pool().n_workers() + 1;
+        let threads = crate::kernels::threads();
         let tokens: usize = work.iter().map(|(_, xe)| xe.dim(0).unwrap_or(0)).sum();
         let jobs = work.len();
         threads > 1

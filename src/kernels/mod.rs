@@ -81,6 +81,12 @@ pub(crate) fn tasks(n: usize, f: impl Fn(usize) + Sync) {
     cpu::tasks(n, f)
 }
 
+/// The threads [`tasks`] runs on: candle's pool with the calling thread, one inside a task
+/// (and elsewhere than x86-64, where tasks run one after another).
+pub(crate) fn threads() -> usize {
+    cpu::threads()
+}
+
 /// `σ(gate) ⊙ up` in one pass where a kernel exists for the device and dtype (CPU with
 /// AVX-512, CUDA, Metal), else with candle's ops ([`Activation::gated`]); differentiable
 /// either way.

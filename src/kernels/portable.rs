@@ -33,6 +33,11 @@ pub(super) fn tasks(n: usize, f: impl Fn(usize) + Sync) {
     (0..n).for_each(f)
 }
 
+/// One: [`tasks`] runs them one after another.
+pub(super) fn threads() -> usize {
+    1
+}
+
 fn unavailable<T>(op: &str) -> Result<T> {
     candle_core::bail!("{op}: this crate's CPU kernels need an x86-64 CPU with AVX-512")
 }

@@ -376,10 +376,25 @@ impl Q4K {
         // SAFETY: the module's contract (`# Safety` above) is this function's.
         unsafe {
             let block = row.add(i / QK_K * Q4K_BLOCK_BYTES);
-            let j = i % QK_K / QK;
+            let (d, dmin) = (f16_at(block), f16_at(block.add(2)));
+            Self::sub_block_of(block, d, dmin, i % QK_K / QK)
+        }
+    }
+
+    /// [`Self::sub_block`] for sub-block `j` of the super-block at `block`, whose `d` and
+    /// `dmin` (broadcast) are read already.
+    #[inline(always)]
+    unsafe fn sub_block_of(
+        block: *const u8,
+        d: __m512,
+        dmin: __m512,
+        j: usize,
+    ) -> (__m512, __m512, *const u8, bool) {
+        // SAFETY: the module's contract (`# Safety` above) is this function's.
+        unsafe {
             let (sc, m) = Self::scale_min(&*(block.add(4) as *const [u8; 12]), j);
-            let scale = _mm512_mul_ps(f16_at(block), _mm512_set1_ps(f32::from(sc)));
-            let min = _mm512_mul_ps(f16_at(block.add(2)), _mm512_set1_ps(f32::from(m)));
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(f32::from(sc)));
+            let min = _mm512_mul_ps(dmin, _mm512_set1_ps(f32::from(m)));
             // Sub-blocks 2c and 2c + 1 share 32 bytes of codes: low nibbles, then high.
             (scale, min, block.add(16 + 32 * (j / 2)), j % 2 == 1)
         }
@@ -441,15 +456,10 @@ impl Encoding for Q4K {
         // super-block, which the row holds whole.
         unsafe {
             let block = row.add(i / QK_K * Q4K_BLOCK_BYTES);
-            let packed = &*(block.add(4) as *const [u8; 12]);
             let (d, dmin) = (f16_at(block), f16_at(block.add(2)));
             let mut out = [[_mm512_setzero_ps(); 2]; 8];
             for (j, out) in out.iter_mut().enumerate() {
-                // As `sub_block` does, so that the values are bit-identical.
-                let (sc, m) = Self::scale_min(packed, j);
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(f32::from(sc)));
-                let min = _mm512_mul_ps(dmin, _mm512_set1_ps(f32::from(m)));
-                let (codes, high) = (block.add(16 + 32 * (j / 2)), j % 2 == 1);
+                let (scale, min, codes, high) = Self::sub_block_of(block, d, dmin, j);
                 *out = [
                     Self::decode16(codes, high, scale, min),
                     Self::decode16(codes.add(16), high, scale, min),

@@ -135,7 +135,8 @@ pub(crate) fn column_tasks(w: Weights<'_>, n: usize, panels: usize, task: impl F
 }
 
 /// Panels per task for `total` panels on `threads` threads: the most, up to `most`, with which
-/// the threads finish together, tasks taken in turn. Eight panels a task leave 18 panels (the
+/// the busiest thread gets the fewest panels, tasks taken in turn (`cpu/tests.rs` checks that
+/// it gets its even share against a simulation of candle's pool). Eight panels a task leave 18 panels (the
 /// down projection of a 576-wide model) as 8 + 2 against 8 on two threads; three a task, 9
 /// against 9.
 fn task_panels(total: usize, most: usize, threads: usize) -> usize {
@@ -341,7 +342,7 @@ impl QuantType {
 
 /// Runs `f(i)` for `i` in `0..n` on candle's worker pool, the kernels inside each task on its
 /// thread alone.
-pub(super) use parallel::parallel_for as tasks;
+pub(super) use parallel::{parallel_for as tasks, threads};
 
 /// A CPU `QTensor` `[n, k]` the ops can read in place: its type, its raw blocks, `n`, `k`.
 fn blocks(q: &QTensor) -> Option<(QuantType, Cow<'_, [u8]>, usize, usize)> {

@@ -668,9 +668,10 @@ fn tile_types() -> [(candle_core::quantized::GgmlDType, QuantType); 3] {
     ]
 }
 
-/// Decodes a row's values `[0, k)` three ways: `E::load16` (f32), `E::load32` (f32), and, where
-/// the CPU has AVX512-BF16, the tiled schedule's bf16 packing (`tiled::load32`).
-unsafe fn decode_row<E: Encoding>(row: &[u8], k: usize) -> (Vec<f32>, Vec<f32>, Option<Vec<u16>>) {
+/// Decodes a row's values `[0, k)` four ways: `E::load16`, `E::load32` and `E::load256` (f32;
+/// `k` a multiple of 256), and, where the CPU has AVX512-BF16, the tiled schedule's bf16
+/// packing (`tiled::load32`).
+unsafe fn decode_row<E: Encoding>(row: &[u8], k: usize) -> ([Vec<f32>; 3], Option<Vec<u16>>) {
     use std::arch::x86_64::*;
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c,avx512bf16")]
     unsafe fn packed<E: Encoding>(row: &[u8], k: usize) -> Vec<u16> {
@@ -684,7 +685,7 @@ unsafe fn decode_row<E: Encoding>(row: &[u8], k: usize) -> (Vec<f32>, Vec<f32>, 
         }
         b
     }
-    let (mut by16, mut by32) = (vec![0f32; k], vec![0f32; k]);
+    let (mut by16, mut by32, mut by256) = (vec![0f32; k], vec![0f32; k], vec![0f32; k]);
     // SAFETY: the caller's contract: AVX-512, and `row` holds k values of `E`; AVX512-BF16 is
     // checked before `packed`.
     unsafe {
@@ -696,8 +697,14 @@ unsafe fn decode_row<E: Encoding>(row: &[u8], k: usize) -> (Vec<f32>, Vec<f32>, 
             _mm512_storeu_ps(by32[i..].as_mut_ptr(), lo);
             _mm512_storeu_ps(by32[i + 16..].as_mut_ptr(), hi);
         }
+        for i in (0..k).step_by(256) {
+            for (s, [lo, hi]) in E::load256(row.as_ptr(), i).iter().enumerate() {
+                _mm512_storeu_ps(by256[i + 32 * s..].as_mut_ptr(), *lo);
+                _mm512_storeu_ps(by256[i + 32 * s + 16..].as_mut_ptr(), *hi);
+            }
+        }
         let bf16 = std::arch::is_x86_feature_detected!("avx512bf16").then(|| packed::<E>(row, k));
-        (by16, by32, bf16)
+        ([by16, by32, by256], bf16)
     }
 }
 
@@ -713,7 +720,7 @@ fn block_decoders_match_candles_dequantization() {
         for j in 0..n {
             let row = &blocks[j * rb..(j + 1) * rb];
             // SAFETY: AVX-512 checked; the row holds k values.
-            let (by16, by32, b) = unsafe {
+            let ([by16, by32, by256], b) = unsafe {
                 match qtype {
                     QuantType::Q4_1 => decode_row::<Q4_1>(row, k),
                     QuantType::Int8(vnni::Kind::Q8_0) => decode_row::<Q8_0>(row, k),
@@ -723,6 +730,7 @@ fn block_decoders_match_candles_dequantization() {
             let want = &deq[j * k..(j + 1) * k];
             assert_eq!(by16, want, "{dtype:?} row {j}: load16");
             assert_eq!(by32, want, "{dtype:?} row {j}: load32");
+            assert_eq!(by256, want, "{dtype:?} row {j}: load256");
             // As the tiles' packing rounds them (no denormals here: GGUF's f16 scales keep
             // every decoded value far above f32's).
             let rounded: Vec<u16> = want.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
@@ -829,24 +837,31 @@ fn amx_quantized_keeps_nan_to_its_token() {
 
 #[test]
 fn tasks_balance_the_threads() {
-    // Even splits keep the most panels a task; an uneven one takes fewer, so that the threads'
-    // shares differ by at most one panel.
+    // The busiest thread's panels when tasks of `per` panels (the last one short) go, in order,
+    // each to the thread that is free first, as candle's pool hands them out.
+    let busiest = |total: usize, per: usize, threads: usize| {
+        let mut load = vec![0; threads];
+        for t in 0..total.div_ceil(per) {
+            let free = (0..threads).min_by_key(|&i| load[i]).unwrap();
+            load[free] += per.min(total - t * per);
+        }
+        load.into_iter().max().unwrap()
+    };
     assert_eq!(super::task_panels(128, 8, 2), 8);
-    assert_eq!(super::task_panels(96, 8, 2), 8);
     assert_eq!(super::task_panels(18, 8, 2), 3);
     assert_eq!(super::task_panels(18, 8, 1), 8);
     assert_eq!(super::task_panels(1, 8, 2), 8);
     assert_eq!(super::task_panels(0, 8, 2), 8);
-    for total in 1..200 {
+    for total in 1..300 {
         for threads in 1..5 {
             let per = super::task_panels(total, 8, threads);
-            let tasks = total.div_ceil(per);
-            let busiest = tasks.div_ceil(threads) * per;
-            assert!((1..=8).contains(&per));
-            assert!(
-                busiest <= total.div_ceil(threads) + per,
-                "{total} {threads} {per}"
-            );
+            assert!((1..=8).contains(&per), "{total} {threads}: {per}");
+            // The threads finish together (the busiest has its even share, rounded up), with
+            // tasks as large as that allows.
+            assert_eq!(busiest(total, per, threads), total.div_ceil(threads));
+            for larger in per + 1..=8 {
+                assert!(busiest(total, larger, threads) > total.div_ceil(threads));
+            }
         }
     }
 }

@@ -18,7 +18,7 @@
 //! blocks the next panel's rows are prefetched into L2 while the tiles run ([`Ahead`]).
 //!
 //! The tokens are packed once per call in the VNNI pair layout, 16 tokens a tile, depth block
-//! by depth block ([`Tokens`]). Each call of the micro-kernel keeps its four tiles of sums in
+//! by depth block ([`TokenLayout`]). Each call of the micro-kernel keeps its four tiles of sums in
 //! one contiguous 4 KiB block ([`pair`]). The sums come out transposed, `C[column][token]`; the
 //! epilogue adds the biases, applies `σ(gate) ⊙ up`, transposes and rounds them once into the
 //! output.
@@ -107,9 +107,7 @@ pub(crate) unsafe fn run<T: Element, E: Encoding>(
     // pair-rows of 64 bytes (as u16 in an f32 buffer, two per slot).
     let len = tiles * steps * TILE_BYTES / 4;
     with_tokens(len, |buf| {
-        // The layout alone, before the buffer is written.
-        let layout = Tokens {
-            buf: &[],
+        let layout = TokenLayout {
             tiles,
             steps,
             block_steps: kc / STEP,
@@ -128,7 +126,8 @@ pub(crate) unsafe fn run<T: Element, E: Encoding>(
                 // `pack16_pairs` writes every token slot of the pair-rows up to ⌈depth / 2⌉
                 // (zeros past m and depth); the rest of the block's last tile is zeroed here.
                 unsafe {
-                    let at = dst.at(layout.offset(tb, pc / STEP) / 4) as *mut u16;
+                    let (first, tile) = layout.block(pc);
+                    let at = dst.at((first + tb * tile) / 4) as *mut u16;
                     avx512::pack16_pairs(&rows, depth, at, 32);
                     let written = depth.div_ceil(2) * 32;
                     std::ptr::write_bytes(
@@ -139,10 +138,7 @@ pub(crate) unsafe fn run<T: Element, E: Encoding>(
                 }
             }
         });
-        let toks = Tokens {
-            buf: &*buf,
-            ..layout
-        };
+        let toks = Tokens { buf: &*buf, layout };
         // SAFETY: the caller's contract, and the tokens just packed.
         unsafe { run_tasks::<T, E>(&toks, m, k, w, n, bias, out) };
     });
@@ -157,31 +153,25 @@ fn depth_block(tiles: usize, k: usize) -> usize {
     if shallow { SHALLOW } else { DEPTH }.min(k)
 }
 
-/// The packed tokens of a call, by depth block of `block_steps` steps (the last may be
-/// shorter), so that the tiles one block runs against are contiguous: a tile's steps `steps`
-/// KiB apart put every tile of a 4096-deep matrix in the same sets of L2 (128 KiB a way).
-struct Tokens<'a> {
-    buf: &'a [f32],
+/// Where a call's packed tokens lie: by depth block of `block_steps` steps (the last may be
+/// shorter), then by tile of 16 tokens, then by step, so that the tiles one block runs against
+/// are contiguous (a tile's steps laid end to end put every tile of a 4096-deep input 128 KiB
+/// apart, in the same sets of L2).
+#[derive(Clone, Copy)]
+struct TokenLayout {
     tiles: usize,
     steps: usize,
     block_steps: usize,
 }
 
-impl Tokens<'_> {
-    /// Byte offset of token tile `tb` at step `s`.
-    fn offset(&self, tb: usize, s: usize) -> usize {
-        let (first, within) = (s - s % self.block_steps, s % self.block_steps);
-        let steps = self.block_steps.min(self.steps - first);
-        (first * self.tiles + tb * steps + within) * TILE_BYTES
-    }
-
-    /// The depth block from `pc` (a multiple of [`Self::depth`]): its first tile, and the
-    /// bytes from one tile to the next.
-    fn block(&self, pc: usize) -> (*const u16, usize) {
-        debug_assert_eq!(pc % self.depth(), 0);
-        let tile = self.offset(1, pc / STEP) - self.offset(0, pc / STEP);
-        let first = self.buf[self.offset(0, pc / STEP) / 4..].as_ptr();
-        (first as *const u16, tile)
+impl TokenLayout {
+    /// The depth block from `pc` (a multiple of [`Self::depth`]): the byte offset of its first
+    /// tile, and the bytes from one tile to the next.
+    fn block(&self, pc: usize) -> (usize, usize) {
+        let first = pc / STEP;
+        debug_assert_eq!(first % self.block_steps, 0);
+        let tile = self.block_steps.min(self.steps - first) * TILE_BYTES;
+        (first * self.tiles * TILE_BYTES, tile)
     }
 
     /// The depth of a block.
@@ -195,6 +185,20 @@ impl Tokens<'_> {
     }
 }
 
+/// A call's packed tokens, as their [`TokenLayout`] says.
+struct Tokens<'a> {
+    buf: &'a [f32],
+    layout: TokenLayout,
+}
+
+impl Tokens<'_> {
+    /// The depth block from `pc`: its first tile, and the bytes from one tile to the next.
+    fn block(&self, pc: usize) -> (*const u16, usize) {
+        let (first, tile) = self.layout.block(pc);
+        (self.buf[first / 4..].as_ptr() as *const u16, tile)
+    }
+}
+
 /// The tasks: `per_task` output columns each, in panels.
 unsafe fn run_tasks<T: Element, E: Encoding>(
     toks: &Tokens<'_>,
@@ -205,7 +209,7 @@ unsafe fn run_tasks<T: Element, E: Encoding>(
     bias: Bias<'_>,
     out: &mut [T],
 ) {
-    let mp = toks.sum_tokens();
+    let mp = toks.layout.sum_tokens();
     let panels = (SUM_BYTES / (ROWS * mp * 4)).clamp(1, PANELS);
     let out = DisjointOut::new(out);
     column_tasks(w, n, panels, |cols| {
@@ -232,7 +236,7 @@ impl Task {
         bias: Bias<'_>,
         out: DisjointOut<'_, T>,
     ) {
-        let mp = toks.sum_tokens();
+        let mp = toks.layout.sum_tokens();
         let panels = self.cols.panels();
         // Sums `C[row][token]`, 32 rows a panel, in blocks of 32 tokens (see `pair`).
         with_scratch(panels * ROWS * mp, 0, |c, _| {
@@ -254,8 +258,8 @@ impl Task {
     /// through the task's panels (the tokens' block stays in L2), as [`SHALLOW`] says.
     unsafe fn sums<E: Encoding>(&self, toks: &Tokens<'_>, w: Weights<'_>, c: &mut [f32]) {
         let k = self.k;
-        let mp = toks.sum_tokens();
-        let kc = toks.depth();
+        let mp = toks.layout.sum_tokens();
+        let kc = toks.layout.depth();
         let shallow = kc < DEPTH.min(k.next_multiple_of(STEP));
         let pack = self.m >= PACK_MIN_TOKENS;
         with_packed(ROWS * kc / 2, |packed| {
@@ -291,11 +295,11 @@ impl Task {
                         let to = E::byte_offset((pc + kc).min(k));
                         Ahead::new(panel_rows(w, j, j + valid), E::byte_offset(pc), to)
                     });
-                    let calls = toks.tiles.div_ceil(2);
-                    for (i, tb) in (0..toks.tiles).step_by(2).enumerate() {
+                    let calls = toks.layout.tiles.div_ceil(2);
+                    for (i, tb) in (0..toks.layout.tiles).step_by(2).enumerate() {
                         // SAFETY: the panel's tiles hold `steps` steps, the block's token tiles
                         // as many.
-                        unsafe { pair(&tiles, b, tb, toks.tiles, (pc, steps), a, sums) };
+                        unsafe { pair(&tiles, b, tb, toks.layout.tiles, (pc, steps), a, sums) };
                         if let Some(ahead) = &ahead {
                             ahead.prefetch(i, calls);
                         }
@@ -446,7 +450,7 @@ unsafe fn pack_panel<E: Encoding>(
         // super-blocks), those steps of a row at once, the header decoded once.
         let per_header = E::HEADER_VALUES / STEP;
         let mut s = 0;
-        while per_header > 1 && s + per_header <= steps && (s + per_header) * STEP <= depth {
+        while per_header > 1 && (s + per_header) * STEP <= depth {
             let at = pc + s * STEP;
             debug_assert_eq!(at % E::HEADER_VALUES, 0);
             let ahead = E::byte_offset(at) + PREFETCH_BYTES;
