@@ -9,8 +9,10 @@
 #                                 device tool's `carry`)
 #   scripts/gpu_h200.sh [run]     on the GPU machine: says which CUDA libraries it has, uses
 #                                 .gpu/ if present or else builds with cargo (offline), then runs
-#                                 the GPU tests, the CLI on the GPU, and the 7B FFN benchmark
-#                                 (bf16, 1, 128 and 2048 tokens, ours against the naive candle MLP)
+#                                 the GPU tests, the CLI on the GPU, the 7B FFN benchmark (bf16,
+#                                 1, 128 and 2048 tokens, ours against the naive candle MLP) and
+#                                 the MoE benchmark (Qwen3-MoE and Mixtral layers against
+#                                 candle-transformers' loop over experts)
 #
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_h200.log and $OUT/bench.json. With
 # the device tool: run `prepare` here, then `run` with carry [".gpu"] and the command
@@ -37,14 +39,15 @@ if [ "$mode" = prepare ]; then
     json="$(mktemp)"
     cargo test --release --features cuda --no-run --message-format=json >"$json"
     cargo bench --features cuda --bench compare --no-run --message-format=json >>"$json"
+    cargo bench --features cuda --bench moe --no-run --message-format=json >>"$json"
     rm -rf "$carry"
     mkdir -p "$carry"
-    # The executables of the lib's unit tests, tests/gpu.rs, the compare bench and the infer CLI.
+    # The executables of the lib's unit tests, tests/gpu.rs, the two benches and the infer CLI.
     pick() {
         grep -o "\"executable\":\"[^\"]*/$1\"" "$json" | tail -n 1 | sed -e 's/^"executable":"//' -e 's/"$//'
     }
     for spec in "lib_tests deps/candle_glu-[0-9a-f]*" "gpu_tests deps/gpu-[0-9a-f]*" \
-        "compare deps/compare-[0-9a-f]*" "infer examples/infer"; do
+        "compare deps/compare-[0-9a-f]*" "moe deps/moe-[0-9a-f]*" "infer examples/infer"; do
         read -r name pattern <<<"$spec"
         exe="$(pick "$pattern")"
         if [ -z "$exe" ]; then
@@ -127,7 +130,7 @@ section "binaries"
 if [ -f "$carry/gpu_tests.xz" ]; then
     echo "prebuilt in .gpu/ ($(cat "$carry/TOOLKIT" 2>/dev/null), compute cap $(cat "$carry/COMPUTE_CAP" 2>/dev/null))"
     bin="$(mktemp -d)"
-    for name in lib_tests gpu_tests compare infer; do
+    for name in lib_tests gpu_tests compare moe infer; do
         if command -v xz >/dev/null; then
             xz -dc "$carry/$name.xz" >"$bin/$name"
         else
@@ -144,8 +147,9 @@ elif command -v cargo >/dev/null && command -v nvcc >/dev/null; then
     echo "building with $(nvcc --version | grep -o 'release [0-9.]*'), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"
     cargo test --release --features cuda --offline --no-run
     cargo bench --features cuda --offline --bench compare --no-run
+    cargo bench --features cuda --offline --bench moe --no-run
     bin="$(mktemp -d)"
-    for spec in "lib_tests candle_glu-" "gpu_tests gpu-" "compare compare-"; do
+    for spec in "lib_tests candle_glu-" "gpu_tests gpu-" "compare compare-" "moe moe-"; do
         read -r name prefix <<<"$spec"
         ls -t "$CARGO_TARGET_DIR"/release/deps/"$prefix"* | grep -v '\.d$' | head -n 1 |
             xargs -I{} cp {} "$bin/$name"
@@ -177,6 +181,12 @@ section "7B FFN (hidden 4096, intermediate 11008), bf16, ours vs naive candle ML
 json_out="${OUT:-/tmp}/bench.json"
 timeout 300 "$bin/compare" --device cuda --shape 7b --dtype bf16 --tokens 1,128,2048 \
     --rounds 30 --json "$json_out" || status=1
+
+section "mixtures of experts: Qwen3-30B-A3B's and Mixtral-8x7B's layers, ours vs candle-transformers' loop"
+timeout 300 "$bin/moe" --device cuda --shape qwen3,mixtral --dtype bf16 --tokens 1,16,128,512 \
+    --rounds 3 || status=1
+timeout 200 "$bin/moe" --device cuda --shape qwen3 --dtype q4k --tokens 1,16,128 --rounds 3 ||
+    status=1
 
 section "done, status $status"
 exit "$status"

@@ -5,7 +5,10 @@
 //! - `cuda_gated_op_*`: `σ(gate) ⊙ up` through the crate's kernel, every activation and dtype,
 //!   contiguous and strided layouts, forward and backward;
 //! - `cuda_block_backward_matches_cpu_autograd`: the block's gradients on the GPU;
-//! - `cuda_device_choice`: `DeviceChoice` with the `cuda` feature, with or without a GPU.
+//! - `cuda_device_choice`: `DeviceChoice` with the `cuda` feature, with or without a GPU;
+//! - `cuda_moe_*`: `GluExperts` on the GPU: every family's transformers fixture in f32 and
+//!   bf16 (the bounds of `tests/moe.rs`, and the CPU's result), its gradients against the CPU's,
+//!   and the GGUF fixtures of `tests/moe_gguf.rs`, quantized and dequantized.
 //!
 //! Without a CUDA device every test but the last prints `SKIPPED: no CUDA device (...)` to
 //! stderr and returns having checked nothing (`cargo test --features cuda -- --nocapture` shows
@@ -14,9 +17,11 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_glu::device::DeviceChoice;
-use candle_glu::{Activation, GluConfig, GluFeedForward, Projection};
+use candle_glu::{Activation, GluConfig, GluExperts, GluFeedForward, MoeConfig, Projection};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use common::{assert_close, manifest, max_abs_diff, Case, Tol};
 
@@ -336,6 +341,209 @@ fn cuda_device_choice() {
             assert_eq!(msg.lines().count(), 1, "{msg}");
             assert!(auto.is_cpu());
             eprintln!("no CUDA device here; DeviceChoice::Cuda says: {msg}");
+        }
+    }
+}
+
+// --- GluExperts: candle's ops on the GPU (gather, matmuls, index_add), the CPU's results ---
+
+/// The transformers fixtures of `tests/moe.rs`: case, prefix, whether it has the stacked
+/// `[E, 2I, H]` storage too.
+const MOE_CASES: [(&str, &str, bool); 5] = [
+    ("mixtral", "model.layers.0.block_sparse_moe", true),
+    ("qwen2_moe", "model.layers.0.mlp", false),
+    ("qwen3_moe", "model.layers.0.mlp", false),
+    ("olmoe", "model.layers.0.mlp", false),
+    ("deepseek_v3", "model.layers.0.mlp", true),
+];
+
+fn moe_dir(case: &str) -> std::path::PathBuf {
+    common::fixtures().join("moe").join(case)
+}
+
+fn moe_io(case: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(moe_dir(case).join("io.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn moe_layer(case: &str, prefix: &str, file: &str, dtype: DType, dev: &Device) -> GluExperts {
+    let cfg = MoeConfig::from_hf_config_file(moe_dir(case).join("config.json")).unwrap();
+    let bytes = std::fs::read(moe_dir(case).join(file)).unwrap();
+    let vb = VarBuilder::from_buffered_safetensors(bytes, dtype, dev).unwrap();
+    let prefix = if file == "fused.safetensors" {
+        "model.layers.0.mlp"
+    } else {
+        prefix
+    };
+    GluExperts::new(&cfg, vb.pp(prefix)).unwrap()
+}
+
+/// max |y - truth| ÷ max |truth|, in f64 on the host.
+fn rel_f64(y: &Tensor, truth: &Tensor) -> f64 {
+    let to = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    common::rel_err(&to(y), &to(truth))
+}
+
+#[test]
+fn cuda_moe_matches_transformers() {
+    let Some(dev) = cuda("cuda_moe_matches_transformers") else {
+        return;
+    };
+    let mut checked = 0;
+    for (case, prefix, stacked) in MOE_CASES {
+        let io = moe_io(case);
+        let files: &[&str] = if stacked {
+            &["model.safetensors", "fused.safetensors"]
+        } else {
+            &["model.safetensors"]
+        };
+        for &file in files {
+            for dtype in [DType::F32, DType::BF16] {
+                let moe = moe_layer(case, prefix, file, dtype, &dev);
+                let x = io["x"].to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+                let y = moe.forward(&x).unwrap();
+                assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype), "{case}");
+                assert_eq!(y.device().location(), dev.location(), "{case}");
+                let cpu_moe = moe_layer(case, prefix, file, dtype, &Device::Cpu);
+                let cpu = cpu_moe
+                    .forward(&x.to_device(&Device::Cpu).unwrap())
+                    .unwrap();
+                let ours = rel_f64(&y, &io["y_f64"]);
+                let vs_cpu = rel_f64(&y, &cpu);
+                let torch = rel_f64(&io["y_torch_bf16"], &io["y_f64"]);
+                eprintln!(
+                    "{case:<12} {file:<18} {dtype:?}: gpu vs f64 {ours:.2e}, gpu vs cpu {vs_cpu:.2e} (torch bf16 {torch:.2e})"
+                );
+                if dtype == DType::F32 {
+                    // The routing is transformers' (the fixtures exclude near-ties).
+                    let routing = moe.route(&x).unwrap();
+                    let want: Vec<Vec<i64>> = io["top_k"].to_vec2().unwrap();
+                    for (t, (got, want)) in routing.experts.iter().zip(&want).enumerate() {
+                        let mut got: Vec<i64> = got.iter().map(|&e| e as i64).collect();
+                        got.sort();
+                        assert_eq!(&got, want, "{case}: token {t}'s experts on the GPU");
+                    }
+                    assert!(
+                        ours <= 1e-5,
+                        "{case} ({file}) f32: {ours:e} against float64"
+                    );
+                    assert!(
+                        vs_cpu <= 1e-5,
+                        "{case} ({file}) f32: {vs_cpu:e} against the CPU"
+                    );
+                } else {
+                    assert!(
+                        ours <= 2.0 * torch,
+                        "{case} ({file}) bf16: {ours:e} against torch's {torch:e}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 14);
+}
+
+#[test]
+fn cuda_moe_backward_matches_cpu_autograd() {
+    let Some(dev) = cuda("cuda_moe_backward_matches_cpu_autograd") else {
+        return;
+    };
+    // Qwen3-MoE's fixture as variables in f32; the loss Σ y·c for a fixed c; every weight's
+    // gradient (the router's, the used experts') on the GPU against the CPU's.
+    let case = "qwen3_moe";
+    let io = moe_io(case);
+    let cfg = MoeConfig::from_hf_config_file(moe_dir(case).join("config.json")).unwrap();
+    let ws = candle_core::safetensors::load(moe_dir(case).join("model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let grads_on = |dev: &Device| -> HashMap<String, Option<Tensor>> {
+        let vars: HashMap<String, Var> = ws
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    Var::from_tensor(&v.to_device(dev).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let tensors: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, dev);
+        let moe = GluExperts::new(&cfg, vb.pp("model.layers.0.mlp")).unwrap();
+        let x = io["x"].to_device(dev).unwrap();
+        let c = io["y_f64"]
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        let loss = (moe.forward(&x).unwrap() * c).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        vars.iter()
+            .map(|(k, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .map(|g| g.to_device(&Device::Cpu).unwrap());
+                (k.clone(), g)
+            })
+            .collect()
+    };
+    let (gpu, cpu) = (grads_on(&dev), grads_on(&Device::Cpu));
+    let mut compared = 0;
+    for (name, want) in &cpu {
+        match (&gpu[name], want) {
+            (Some(got), Some(want)) => {
+                assert_close(got, want, Tol::Rel(1e-4), format!("d{name}"));
+                compared += 1;
+            }
+            (None, None) => {}
+            _ => panic!("{name}: a gradient on one device only"),
+        }
+    }
+    // The router and the used experts' three projections each.
+    assert!(compared > 3 * 8, "only {compared} gradients");
+    assert!(gpu["model.layers.0.mlp.gate.weight"].is_some());
+}
+
+#[test]
+fn cuda_moe_gguf_matches_float64() {
+    use candle_glu::loading::{Checkpoint, LoadOptions};
+    let Some(dev) = cuda("cuda_moe_gguf_matches_float64") else {
+        return;
+    };
+    // The GGUF fixtures of `tests/moe_gguf.rs`: experts quantized (q4k, q8_0, Q4_1) through
+    // candle's QMatMul on the GPU, and dequantized at load.
+    for case in ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2"] {
+        let dir = common::fixtures().join("moe_gguf");
+        let ckpt = Checkpoint::open(dir.join(format!("{case}.gguf"))).unwrap();
+        let cfg = ckpt.moe_config().unwrap().unwrap();
+        let io = candle_core::safetensors::load(
+            dir.join(format!("{case}.io.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let opts = LoadOptions::new(DType::F32, dev.clone());
+        let quantized = ckpt.load_experts(&cfg, 0, &opts).unwrap();
+        assert!(quantized.expert(0).unwrap().gate_proj().is_quantized());
+        let dequantized = ckpt
+            .load_experts(&cfg, 0, &opts.with_quantized(false))
+            .unwrap();
+        for n in [1, 18, 160] {
+            let x = io[&format!("x_{n}")].to_device(&dev).unwrap();
+            let truth = &io[&format!("y_{n}")];
+            let q = quantized.forward(&x).unwrap();
+            let d = dequantized.forward(&x).unwrap();
+            assert_eq!(q.device().location(), dev.location());
+            let (eq, ed) = (rel_f64(&q, truth), rel_f64(&d, truth));
+            eprintln!("{case:<9} {n:>3} tokens: quantized {eq:.2e}, dequantized {ed:.2e}");
+            // tests/loading.rs's bound for candle's QMatMul; the dequantized layer as on the CPU.
+            assert!(eq <= 3e-2, "{case}, {n} tokens, quantized: {eq:e}");
+            assert!(ed <= 1e-5, "{case}, {n} tokens, dequantized: {ed:e}");
         }
     }
 }
