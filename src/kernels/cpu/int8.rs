@@ -351,22 +351,27 @@ unsafe fn packed_task(
             for pc in (0..k).step_by(kc) {
                 let nb = kc.min(k - pc) / QK;
                 // One panel at a time: unpacked, then used by every token while it is in L2.
-                for p in 0..panels {
+                // The two halves of 16 rows of panel `p`: its first 32 rows, or 16 gate and 16 up.
+                let halves = |p: usize| {
                     let (j, valid) = cols.panel(p);
                     let rows = |mat: Mat<'_>, j: usize, valid: usize| vnni::Rows16 {
                         base: mat.row(j),
                         stride: kind.row_bytes(k),
                         valid,
                     };
-                    let halves = match w {
+                    match w {
                         Weights::Single(mat) => [
                             rows(mat, j, valid.min(16)),
                             rows(mat, j + 16, valid.saturating_sub(16)),
                         ],
                         Weights::GateUp(wg, wu, _) => [rows(wg, j, valid), rows(wu, j, valid)],
-                    };
-                    for (half, rows) in halves.into_iter().enumerate() {
-                        vnni::pack16(kind, rows, pc / QK, nb, (wq, wd, wm), half * 16);
+                    }
+                };
+                for p in 0..panels {
+                    let next = (p + 1 < panels).then(|| halves(p + 1));
+                    for (half, rows) in halves(p).into_iter().enumerate() {
+                        let next = next.map(|n| n[half]);
+                        vnni::pack16(kind, rows, next, pc / QK, nb, (wq, wd, wm), half * 16);
                     }
                     let ws = (wq as *const i32, wd as *const f32, wm as *const f32);
                     for tb in 0..tbs {

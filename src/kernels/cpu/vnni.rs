@@ -484,6 +484,40 @@ pub(crate) struct Rows16 {
     pub valid: usize,
 }
 
+impl Rows16 {
+    /// Prefetches the cache lines that hold bytes `[from, from + len)` of every row that
+    /// exists, with hint `HINT`.
+    #[inline(always)]
+    fn prefetch<const HINT: i32>(&self, from: usize, len: usize) {
+        for i in 0..self.valid {
+            let start = self.base.wrapping_add(i * self.stride + from) as usize;
+            for line in (start & !63..start + len).step_by(64) {
+                // SAFETY: a prefetch reads nothing the program sees and never faults, whatever
+                // the address.
+                unsafe { _mm_prefetch::<HINT>(line as *const i8) };
+            }
+        }
+    }
+
+    /// As [`prefetch`](Self::prefetch), `LINES` lines from the one that holds byte `from`: for
+    /// blocks too short to pay for the exact count (q8_0's pairs of 68 bytes, 2 lines, or 3
+    /// for 3 of 64 alignments, which the next pair's lines then cover).
+    #[inline(always)]
+    fn prefetch_lines<const HINT: i32, const LINES: usize>(&self, from: usize) {
+        for i in 0..self.valid {
+            let start = self.base.wrapping_add(i * self.stride + from) as usize & !63;
+            for line in 0..LINES {
+                // SAFETY: as in `prefetch`.
+                unsafe { _mm_prefetch::<HINT>((start + 64 * line) as *const i8) };
+            }
+        }
+    }
+}
+
+/// How many q8_0 blocks (and q4k super-blocks) ahead [`pack16`] prefetches its rows into L1.
+const PACK_AHEAD_Q8_0: usize = 8;
+const PACK_AHEAD_Q4K: usize = 2;
+
 /// Transposes a 16 × 16 matrix of u32 held in 16 registers.
 #[inline(always)]
 unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
@@ -501,10 +535,16 @@ unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
 /// q4k, minima into `wm[b·32 + i]`, with `i = i0 + row`. q8_0 codes are loaded by row and
 /// transposed in registers; q4k codes, and both types' scales, are gathered from the blocks, one
 /// gather per vector of 16 rows' values.
+///
+/// The rows are read from memory in lockstep, 16 streams or more, which the hardware
+/// prefetchers do not follow: the blocks a few steps ahead are prefetched into L1, and the same
+/// blocks of `next` (the rows packed after these, if any) into L2.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(crate) unsafe fn pack16(
     kind: Kind,
     rows: Rows16,
+    next: Option<Rows16>,
     b0: usize,
     nb: usize,
     (wq, wd, wm): (*mut i32, *mut f32, *mut f32),
@@ -548,6 +588,14 @@ pub(crate) unsafe fn pack16(
                 };
                 for p in (0..nb).step_by(2) {
                     let (b, second) = (b0 + p, p + 1 < nb);
+                    let at = b * Q8_0_BLOCK_BYTES;
+                    if p + PACK_AHEAD_Q8_0 < nb {
+                        let ahead = at + PACK_AHEAD_Q8_0 * Q8_0_BLOCK_BYTES;
+                        rows.prefetch_lines::<_MM_HINT_T0, 2>(ahead);
+                    }
+                    if let Some(next) = next {
+                        next.prefetch_lines::<_MM_HINT_T1, 2>(at);
+                    }
                     let v = transpose(std::array::from_fn(|i| q8_0_pair(row(i), b, second).0));
                     for (h, v) in v.iter().enumerate().take(if second { 16 } else { 8 }) {
                         store(p + h / 8, h % 8, *v);
@@ -562,6 +610,13 @@ pub(crate) unsafe fn pack16(
                 let low = _mm512_set1_epi8(0x0f);
                 for sb in 0..nb / 8 {
                     let blk = (b0 / 8 + sb) * Q4K_BLOCK_BYTES;
+                    if sb + PACK_AHEAD_Q4K < nb / 8 {
+                        let ahead = blk + PACK_AHEAD_Q4K * Q4K_BLOCK_BYTES;
+                        rows.prefetch::<_MM_HINT_T0>(ahead, Q4K_BLOCK_BYTES);
+                    }
+                    if let Some(next) = next {
+                        next.prefetch::<_MM_HINT_T1>(blk, Q4K_BLOCK_BYTES);
+                    }
                     for c in 0..4 {
                         for g in 0..8 {
                             let v = gather(blk + 16 + 32 * c + 4 * g);
