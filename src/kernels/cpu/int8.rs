@@ -10,7 +10,8 @@
 //!   weight row streamed once and dotted with every token, 64 values of a row against 64 of a
 //!   token per VPDPBUSD;
 //! - **packed**: tokens packed once; per task, 32-row tiles of weights unpacked from the blocks
-//!   (q8_0 codes transposed from row loads, q4k ones gathered) into a per-thread buffer (unpacked: one u32 of 4 codes per row and group, f32 scales), each
+//!   (codes transposed from row loads, scales gathered) into a per-thread buffer (unpacked:
+//!   one u32 of 4 codes per row and group, f32 scales), each
 //!   used by every token while it is in L2, through a 6-token × 32-row micro-kernel.
 //!
 //! Measured on 7B shapes (Intel Emerald Rapids, 2 threads), the dot schedule costs about 1 ms
