@@ -136,9 +136,9 @@ pub(crate) fn column_tasks(w: Weights<'_>, n: usize, panels: usize, task: impl F
 
 /// Panels per task for `total` panels on `threads` threads: the most, up to `most`, with which
 /// the busiest thread gets the fewest panels, tasks taken in turn (`cpu/tests.rs` checks that
-/// it gets its even share against a simulation of candle's pool). Eight panels a task leave 18 panels (the
-/// down projection of a 576-wide model) as 8 + 2 against 8 on two threads; three a task, 9
-/// against 9.
+/// it gets its even share against a simulation of candle's pool). Eight panels a task leave 18
+/// panels (the down projection of a 576-wide model) as 8 + 2 against 8 on two threads; three a
+/// task, 9 against 9.
 fn task_panels(total: usize, most: usize, threads: usize) -> usize {
     // The panels of the busiest thread, tasks of `per` panels (the last one short) in turn.
     let busiest = |per: usize| {

@@ -334,9 +334,9 @@ pub(crate) unsafe fn dot_q8_0<const R: usize, const TT: usize>(
 /// With one activation scale per super-block, the sub-block scales apply in integers, as in
 /// llama.cpp: VPDPBUSD gives the codes' dot products (at most 4·15·128 per lane, so they fit
 /// in 16 bits), two vectors of them are packed into one of i16, and VPDPWSSD multiplies them by
-/// the 6-bit scales and sums the super-block (two VPDPWSSD where four took 0.96× the time: one
-/// Qwen3-MoE expert, one token, one core of an AMD Zen 4, in cache); one conversion to f32 per
-/// super-block and token.
+/// the 6-bit scales and sums the super-block (with two VPDPWSSD instead of four, one Qwen3-MoE
+/// expert at one token takes 0.96× the time on one core of an AMD Zen 4, in cache); one
+/// conversion to f32 per super-block and token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
     nb: usize,
