@@ -16,7 +16,10 @@
 //! kernels over the same blocks, in place.
 //! Each timed run takes the next of 16 random inputs, so that the experts chosen change from
 //! run to run and their weights come from memory, as a model's layers would. The floor is the
-//! bytes of the experts a run chooses (and the router) at the read bandwidth measured here.
+//! bytes of the experts a run chooses (and the router) at the read bandwidth measured here; at
+//! one token, a second phase alternates ours with one pass of the bandwidth probe, and
+//! `÷floor` is the median of those rounds' ratios (the floor column their median floor), as
+//! the memory bandwidth of a shared machine swings from minute to minute.
 //! Shapes: `qwen3` is Qwen3-30B-A3B's layer (hidden 2048, expert intermediate 768, 128
 //! experts, top-8), `mixtral` Mixtral-8x7B's (4096, 14336, 8, top-2), `small` a quick one
 //! (576, 256, 16, top-4).
@@ -39,7 +42,7 @@ use clap::Parser;
 
 #[path = "common/bandwidth.rs"]
 mod bandwidth;
-use bandwidth::read_bandwidth;
+use bandwidth::{read_bandwidth, read_once};
 
 /// Inputs each configuration cycles through.
 const INPUTS: usize = 16;
@@ -252,13 +255,17 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dev = args.device.device()?;
     // The read floor is measured on the CPU only; on a GPU its columns are left out.
+    let probe = if dev.is_cpu() {
+        vec![1f32; 256 << 20]
+    } else {
+        Vec::new()
+    };
     let bw = if dev.is_cpu() {
         println!(
             "threads {}, kernels {}",
             candle_core::utils::get_num_threads(),
             candle_glu::cpu_kernels().map_or("candle".into(), |k| k.to_string())
         );
-        let probe = vec![1f32; 256 << 20];
         let bw = read_bandwidth(&probe);
         println!("read bandwidth {bw:.1} GB/s");
         Some(bw)
@@ -314,15 +321,14 @@ fn main() -> Result<()> {
                         ours.forward(x)?;
                     }
                 }
-                // The floor: the distinct experts each input chooses, and the router.
-                let floor_ms = match bw {
-                    Some(bw) => {
+                // The floor: the distinct experts each input chooses, and the router, in bytes.
+                let floor_bytes = match bw {
+                    Some(_) => {
                         xs.iter()
                             .map(|x| {
                                 let used = ours.route(x)?.tokens_per_expert(e);
                                 let experts = used.iter().filter(|&&c| c > 0).count();
-                                let bytes = experts * layer.expert_bytes + layer.router_bytes;
-                                Ok(bytes as f64 / (bw * 1e9) * 1e3)
+                                Ok((experts * layer.expert_bytes + layer.router_bytes) as f64)
                             })
                             .collect::<Result<Vec<f64>>>()?
                             .iter()
@@ -331,6 +337,7 @@ fn main() -> Result<()> {
                     }
                     None => f64::NAN,
                 };
+                let floor_ms = |bw: f64| floor_bytes / (bw * 1e9) * 1e3;
                 let (mut tn, mut to, mut ratio) = (vec![], vec![], vec![]);
                 for r in 0..args.rounds {
                     let start = r * args.runs;
@@ -355,10 +362,21 @@ fn main() -> Result<()> {
                 } else {
                     format!("{:>10.3} {:>7.2}x", median(tn), median(ratio))
                 };
-                let floor = if floor_ms.is_nan() {
-                    format!("{:>8} {:>6}", "-", "-")
-                } else {
-                    format!("{floor_ms:>8.3} {:>6.2}", ours_ms / floor_ms)
+                let floor = match bw {
+                    None => format!("{:>8} {:>6}", "-", "-"),
+                    // Decode against the floor: alternate ours with the bandwidth probe, so
+                    // that both see the machine as it is at the time (its bandwidth swings).
+                    Some(_) if tokens == 1 => {
+                        let (mut floors, mut ratios) = (vec![], vec![]);
+                        for r in 0..args.rounds {
+                            let floor = floor_ms(read_once(&probe));
+                            let ms = time(ours, &xs, r * args.runs, args.runs)?;
+                            floors.push(floor);
+                            ratios.push(ms / floor);
+                        }
+                        format!("{:>8.3} {:>6.2}", median(floors), median(ratios))
+                    }
+                    Some(bw) => format!("{:>8.3} {:>6.2}", floor_ms(bw), ours_ms / floor_ms(bw)),
                 };
                 println!(
                     "{shape:>7} {dtype:>5} {tokens:>6} | {naive} {ours_ms:>10.3} | {floor} | {rel:.1e}"
