@@ -125,7 +125,7 @@ impl DotBuffers {
                 Kind::Q4K => {
                     // One scale per super-block; sub-blocks stored in the weights' nibble order.
                     let sbs = k / QK_K;
-                    let (mut dxv, mut xsv) = (vec![0f32; m * sbs], vec![0f32; m * sbs * 16]);
+                    let (mut dxv, mut xsv) = (vec![0f32; m * sbs], vec![0f32; m * sbs * 8]);
                     let mut codes = [0i8; QK_K];
                     let mut sums = [0i32; 8];
                     for t in 0..m {
@@ -141,7 +141,7 @@ impl DotBuffers {
                             for (j, pos) in Q4K_ORDER.iter().enumerate() {
                                 q[base + pos * QK..base + (pos + 1) * QK]
                                     .copy_from_slice(&codes[j * QK..(j + 1) * QK]);
-                                xsv[(t * sbs + sb) * 16 + 8 + j] = d * sums[j] as f32;
+                                xsv[(t * sbs + sb) * 8 + j] = d * sums[j] as f32;
                             }
                             dxv[t * sbs + sb] = d;
                         }

@@ -31,6 +31,14 @@ pub(crate) const Q4K_BLOCK_BYTES: usize = 144;
 /// (tuned on 7B decode: 1024 bytes ahead was 10–25% slower).
 const PREFETCH_BYTES: usize = 512;
 const PREFETCH_BYTES_Q4K: usize = 256;
+/// At least how far ahead q4k decode prefetches into L2: the same block of the rows some calls
+/// later rather than the next call's, where a call's rows are short. A Qwen3-MoE expert's
+/// q4k rows (2048 and 768 values, 4.5 and 3.4 KiB a call) are read faster than one call
+/// ahead covers memory's latency: its MoE layer at one token took 0.86–0.92× the time with
+/// 12–18 KiB ahead (AMD EPYC Zen 4, 2 threads, three alternating runs); 7B decode (9 KiB a
+/// call for gate and up, 48 KiB for down) took 0.94–1.02×, noise. q8_0, with twice the bytes
+/// a call, gained nothing.
+const LEAD_BYTES_Q4K: usize = 16 << 10;
 
 /// Prefetches the lines of a weight block of `BYTES` bytes at `p`: `near` bytes ahead into L1,
 /// and `ahead` bytes ahead (the same block of the rows that the schedule takes next) into L2.
@@ -219,24 +227,27 @@ unsafe fn pair_scales<const A: usize, const B: usize, const C: usize, const D: u
     }
 }
 
-/// f32 lanes `[0 ×8, m[0..8]]` from the bytes of [`q4k_fields`] (in every 128-bit lane).
+/// The minima `m[0..8]` as f32, from the bytes of [`q4k_fields`] (in both 128-bit lanes of
+/// `fields`): 256 bits wide, as the minima's sums are kept (on an AMD Zen 4, a 512-bit
+/// operation takes a pipe for two cycles).
 #[inline(always)]
-unsafe fn q4k_minima(fields: __m512i) -> __m512 {
+unsafe fn q4k_minima(fields: __m256i) -> __m256 {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
-        // Lane 8 + j: byte 0 from byte `m[j]`, the others zero (index bit 7 set); lanes 0..8 zero.
-        const IDX: [i32; 16] = {
-            let mut idx = [-1; 16];
+        // Lane j (of 128-bit lane j / 4): byte 0 from byte `m[j]`, the others zero (index bit
+        // 7 set).
+        const IDX: [i32; 8] = {
+            let mut idx = [-1; 8];
             let mut j = 0;
             while j < 8 {
-                idx[8 + j] = (q4k_scale_byte(j) + 4) | -256;
+                idx[j] = ((q4k_scale_byte(j) + 4) % 16) | -256;
                 j += 1;
             }
             idx
         };
-        let idx = _mm512_loadu_si512(IDX.as_ptr() as *const _);
-        _mm512_cvtepi32_ps(_mm512_shuffle_epi8(fields, idx))
+        let idx = _mm256_loadu_si256(IDX.as_ptr() as *const _);
+        _mm256_cvtepi32_ps(_mm256_shuffle_epi8(fields, idx))
     }
 }
 
@@ -267,9 +278,9 @@ unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
 /// - q8_0: one scale per 32-value block; per pair of blocks, `dxv` holds the two scales spread
 ///   over 8 lanes each and `corr` `−128·Σq` of each block in lanes 0 and 8.
 /// - q4k: one scale `d` per super-block of 256 values (as llama.cpp's and candle's q8K), in
-///   `dxv`; `xsv` per super-block holds `d·Σq` of its 8 sub-blocks in lanes 8..16 (zeros
-///   below); the codes of each super-block are stored with its sub-blocks in the order 0, 2,
-///   1, 3, 4, 6, 5, 7, as the weights' nibbles come.
+///   `dxv`; `xsv` per super-block holds `d·Σq` of its 8 sub-blocks; the codes of each
+///   super-block are stored with its sub-blocks in the order 0, 2, 1, 3, 4, 6, 5, 7, as the
+///   weights' nibbles come.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DotTokens<'a> {
     pub q: &'a [i8],
@@ -350,9 +361,13 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); R]; TT];
+        // The minima's sums, apart (256 bits wide).
+        let mut am = [[_mm256_setzero_ps(); R]; TT];
         let pp = toks.kp / 64;
         let sbs = toks.kp / QK_K;
         let low = _mm512_set1_epi8(0x0f);
+        // Whole calls ahead, at least LEAD_BYTES_Q4K.
+        let ahead = ahead * LEAD_BYTES_Q4K.div_ceil(ahead.max(1)).max(1);
         for sb in 0..nb {
             for row in &w {
                 prefetch_block::<Q4K_BLOCK_BYTES>(
@@ -364,12 +379,12 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
             for (r, row) in w.iter().enumerate() {
                 let blk = row.add(sb * Q4K_BLOCK_BYTES);
                 let fields = _mm512_broadcast_i32x4(q4k_fields(blk));
-                // [d, dmin] ×8, then d and dmin in every lane.
-                let dd = _mm512_cvtph_ps(_mm256_set1_epi32((blk as *const i32).read_unaligned()));
-                let d = _mm512_permutexvar_ps(_mm512_setzero_si512(), dd);
-                let dmin = _mm512_permutexvar_ps(_mm512_set1_epi32(1), dd);
-                // [0 ×8, dmin·m[0..8]]
-                let mins = _mm512_mul_ps(q4k_minima(fields), dmin);
+                // [d, dmin, 0, 0]; d in every lane of 512 bits, dmin of 256.
+                let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+                let d = _mm512_broadcastss_ps(dd);
+                let dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(dd));
+                // dmin·m[0..8]
+                let mins = _mm256_mul_ps(q4k_minima(_mm512_castsi512_si256(fields)), dmin);
                 // Code vector i holds sub-blocks (0, 2), (1, 3), (4, 6), (5, 7); their scales too.
                 let q0 = _mm512_loadu_si512(blk.add(16) as *const _);
                 let q1 = _mm512_loadu_si512(blk.add(80) as *const _);
@@ -386,7 +401,7 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
                     pair_scales::<0, 2, 1, 3>(fields),
                     pair_scales::<4, 6, 5, 7>(fields),
                 ];
-                for (t, a) in acc.iter_mut().enumerate() {
+                for (t, (a, am)) in acc.iter_mut().zip(&mut am).enumerate() {
                     let t = t0 + t;
                     let mut isum = _mm512_setzero_si512();
                     let mut dots = [_mm512_setzero_si512(); 4];
@@ -401,15 +416,15 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
                     }
                     let dx = _mm512_set1_ps(*toks.dxv.get_unchecked(t * sbs + sb));
                     a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), a[r]);
-                    // The minima: Σ_j dmin·m[j] · d_x·Σq[j], in lanes 8..16.
-                    let xs = toks.xsv.as_ptr().add(16 * (t * sbs + sb));
-                    a[r] = _mm512_fnmadd_ps(mins, _mm512_loadu_ps(xs), a[r]);
+                    // The minima: Σ_j dmin·m[j] · d_x·Σq[j].
+                    let xs = toks.xsv.as_ptr().add(8 * (t * sbs + sb));
+                    am[r] = _mm256_fnmadd_ps(mins, _mm256_loadu_ps(xs), am[r]);
                 }
             }
         }
-        for (o, a) in out.iter_mut().zip(&acc) {
-            for (o, a) in o.iter_mut().zip(a) {
-                *o = _mm512_reduce_add_ps(*a);
+        for ((o, a), am) in out.iter_mut().zip(&acc).zip(&am) {
+            for ((o, a), am) in o.iter_mut().zip(a).zip(am) {
+                *o = _mm512_reduce_add_ps(_mm512_add_ps(*a, _mm512_zextps256_ps512(*am)));
             }
         }
     }
