@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_glu::device::DeviceChoice;
 use candle_glu::{Activation, GluConfig, GluExperts, GluFeedForward, MoeConfig, Projection};
 use candle_nn::{Linear, VarBuilder, VarMap};
-use common::{assert_close, manifest, max_abs_diff, Case, Tol};
+use common::{assert_close, manifest, max_abs_diff, moe, Case, Tol};
 
 /// The first CUDA device, or `None` after saying on stderr that `test` checked nothing.
 fn cuda(test: &str) -> Option<Device> {
@@ -347,36 +347,6 @@ fn cuda_device_choice() {
 
 // --- GluExperts: candle's ops on the GPU (gather, matmuls, index_add), the CPU's results ---
 
-/// The transformers fixtures of `tests/moe.rs`: case, prefix, whether it has the stacked
-/// `[E, 2I, H]` storage too.
-const MOE_CASES: [(&str, &str, bool); 5] = [
-    ("mixtral", "model.layers.0.block_sparse_moe", true),
-    ("qwen2_moe", "model.layers.0.mlp", false),
-    ("qwen3_moe", "model.layers.0.mlp", false),
-    ("olmoe", "model.layers.0.mlp", false),
-    ("deepseek_v3", "model.layers.0.mlp", true),
-];
-
-fn moe_dir(case: &str) -> std::path::PathBuf {
-    common::fixtures().join("moe").join(case)
-}
-
-fn moe_io(case: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(moe_dir(case).join("io.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn moe_layer(case: &str, prefix: &str, file: &str, dtype: DType, dev: &Device) -> GluExperts {
-    let cfg = MoeConfig::from_hf_config_file(moe_dir(case).join("config.json")).unwrap();
-    let bytes = std::fs::read(moe_dir(case).join(file)).unwrap();
-    let vb = VarBuilder::from_buffered_safetensors(bytes, dtype, dev).unwrap();
-    let prefix = if file == "fused.safetensors" {
-        "model.layers.0.mlp"
-    } else {
-        prefix
-    };
-    GluExperts::new(&cfg, vb.pp(prefix)).unwrap()
-}
-
 /// max |y - truth| ÷ max |truth|, in f64 on the host.
 fn rel_f64(y: &Tensor, truth: &Tensor) -> f64 {
     let to = |t: &Tensor| {
@@ -394,21 +364,16 @@ fn cuda_moe_matches_transformers() {
         return;
     };
     let mut checked = 0;
-    for (case, prefix, stacked) in MOE_CASES {
-        let io = moe_io(case);
-        let files: &[&str] = if stacked {
-            &["model.safetensors", "fused.safetensors"]
-        } else {
-            &["model.safetensors"]
-        };
-        for &file in files {
+    for case in moe::CASES {
+        let io = moe::io(case);
+        for &file in moe::files(case) {
             for dtype in [DType::F32, DType::BF16] {
-                let moe = moe_layer(case, prefix, file, dtype, &dev);
+                let moe = moe::layer(case, file, dtype, &dev);
                 let x = io["x"].to_dtype(dtype).unwrap().to_device(&dev).unwrap();
                 let y = moe.forward(&x).unwrap();
                 assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype), "{case}");
                 assert_eq!(y.device().location(), dev.location(), "{case}");
-                let cpu_moe = moe_layer(case, prefix, file, dtype, &Device::Cpu);
+                let cpu_moe = moe::layer(case, file, dtype, &Device::Cpu);
                 let cpu = cpu_moe
                     .forward(&x.to_device(&Device::Cpu).unwrap())
                     .unwrap();
@@ -456,9 +421,9 @@ fn cuda_moe_backward_matches_cpu_autograd() {
     // Qwen3-MoE's fixture as variables in f32; the loss Σ y·c for a fixed c; every weight's
     // gradient (the router's, the used experts') on the GPU against the CPU's.
     let case = "qwen3_moe";
-    let io = moe_io(case);
-    let cfg = MoeConfig::from_hf_config_file(moe_dir(case).join("config.json")).unwrap();
-    let ws = candle_core::safetensors::load(moe_dir(case).join("model.safetensors"), &Device::Cpu)
+    let io = moe::io(case);
+    let cfg = MoeConfig::from_hf_config_file(moe::dir(case).join("config.json")).unwrap();
+    let ws = candle_core::safetensors::load(moe::dir(case).join("model.safetensors"), &Device::Cpu)
         .unwrap();
     let grads_on = |dev: &Device| -> HashMap<String, Option<Tensor>> {
         let vars: HashMap<String, Var> = ws

@@ -18,43 +18,15 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::{GluExperts, MoeConfig, Scoring};
 use candle_nn::VarBuilder;
+use common::moe::{dir, files, io, prefix, CASES};
 
-const CASES: [&str; 5] = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"];
-
-fn dir(case: &str) -> std::path::PathBuf {
-    common::fixtures().join("moe").join(case)
-}
-
-fn io(case: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir(case).join("io.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn prefix(case: &str) -> &'static str {
-    if case == "mixtral" {
-        "model.layers.0.block_sparse_moe"
-    } else {
-        "model.layers.0.mlp"
-    }
-}
-
+/// The case's layer on the CPU.
 fn layer(case: &str, file: &str, dtype: DType) -> GluExperts {
-    let cfg = MoeConfig::from_hf_config_file(dir(case).join("config.json")).unwrap();
-    let path = dir(case).join(file);
-    // SAFETY: the fixture is not modified while mapped.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, &Device::Cpu) }.unwrap();
-    let prefix = if file == "fused.safetensors" {
-        "model.layers.0.mlp"
-    } else {
-        prefix(case)
-    };
-    GluExperts::new(&cfg, vb.pp(prefix)).unwrap()
+    common::moe::layer(case, file, dtype, &Device::Cpu)
 }
 
 fn rel(y: &Tensor, truth: &Tensor) -> f64 {
-    let y = y.to_dtype(DType::F64).unwrap();
-    let d = (y - truth).unwrap().abs().unwrap().max_all().unwrap();
-    let m = truth.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f64>().unwrap() / m.to_scalar::<f64>().unwrap()
+    common::rel_err(&y.to_dtype(DType::F64).unwrap(), truth)
 }
 
 #[test]
@@ -121,13 +93,7 @@ fn routing_matches_transformers() {
 fn f32_matches_float64_for_every_family_and_storage() {
     for case in CASES {
         let io = io(case);
-        let stacked = matches!(case, "mixtral" | "deepseek_v3");
-        let files: &[&str] = if stacked {
-            &["model.safetensors", "fused.safetensors"]
-        } else {
-            &["model.safetensors"]
-        };
-        for &file in files {
+        for &file in files(case) {
             let moe = layer(case, file, DType::F32);
             let y = moe.forward(&io["x"]).unwrap();
             assert_eq!(y.dims(), io["x"].dims());

@@ -15,6 +15,8 @@ use serde::Deserialize;
 #[path = "../../examples/common/rng.rs"]
 mod rng;
 
+pub mod moe;
+
 /// `tests/fixtures/parity/manifest.json`.
 #[derive(Debug, Deserialize)]
 pub struct Manifest {
