@@ -16,7 +16,9 @@
 //!
 //! Measured on 7B shapes (Intel Emerald Rapids, 2 threads), the dot schedule costs about 1 ms
 //! per token beyond the weights' read and the packed one a fixed ~4 ms (the tiles) plus about
-//! 0.35 ms per token: dot wins up to 4 tokens.
+//! 0.35 ms per token: dot wins up to 4 tokens. That was before the packed schedule prefetched
+//! the rows it unpacks; on an AMD Zen 4 since, dot wins up to 8 tokens for q4k. The bound stays
+//! at 4 until it is measured again on the Intel machines.
 
 use super::parallel::{parallel_for, with_scratch, DisjointOut};
 use super::vnni::{self, DotTokens, Kind, MT, NT, QK, QK_K};
