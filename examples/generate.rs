@@ -9,6 +9,8 @@
 //! Writes the prompt and then the continuation to stdout as it is generated; timings go to
 //! stderr. Every bad flag or file prints one line starting with `error:` and exits non-zero.
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "smollm2/mod.rs"]
 mod smollm2;
 
@@ -26,45 +28,38 @@ use smollm2::{FfnKind, LlamaConfig, Model};
 #[derive(Parser, Debug)]
 #[command(
     name = "generate",
-    about = "Generate text with SmolLM2-135M-Instruct, every FFN a candle-glu GluFeedForward"
+    about = "Generate text with SmolLM2-135M-Instruct, every FFN a candle-glu GluFeedForward",
+    allow_negative_numbers = true
 )]
 struct Args {
     /// The text to continue.
-    #[arg(long)]
+    #[arg(long, value_name = "TEXT")]
     prompt: String,
     /// The most tokens to generate (fewer if the model ends the text).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = cli::at_least(1))]
     max_tokens: usize,
     /// The SmolLM2 GGUF. Default: where scripts/fetch_smollm2.sh puts it
     /// ($CANDLE_GLU_CACHE, else $XDG_CACHE_HOME/candle-glu, else ~/.cache/candle-glu).
     #[arg(long)]
     weights: Option<PathBuf>,
     /// Sample with this temperature (with --top-p). Without it (or at 0), decoding is greedy.
-    #[arg(long)]
+    #[arg(long, value_parser = cli::non_negative)]
     temperature: Option<f64>,
-    /// The probability mass sampled from (nucleus sampling), in (0, 1].
-    #[arg(long, default_value_t = 0.9)]
-    top_p: f64,
+    /// The probability mass sampled from (nucleus sampling), in (0, 1] [default: 0.9]. Needs
+    /// --temperature.
+    #[arg(long)]
+    top_p: Option<f64>,
     /// The sampler's seed.
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
-    /// The FFN weights: quantized (Q4_1 through QMatMul), or dequantized to f32 or bf16.
+    /// The FFN weights: quantized (Q4_1, read in place by the crate's kernels), or dequantized
+    /// to f32 or bf16.
     #[arg(long, default_value = "quantized")]
     ffn: FfnKind,
 }
 
 fn main() {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
-            // clap's own message, on one line.
-            let text = e.render().to_string();
-            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-            eprintln!("{}", line.trim());
-            std::process::exit(2);
-        }
-    };
+    let args: Args = cli::parse();
     if let Err(e) = run(&args) {
         // candle appends a backtrace to some messages when RUST_BACKTRACE is set: one line only.
         let text = format!("{e:#}");
@@ -74,12 +69,20 @@ fn main() {
 }
 
 fn weights_path(args: &Args) -> Result<PathBuf> {
-    let path = match &args.weights {
-        Some(path) => path.clone(),
-        None => smollm2::default_gguf_path().context(
-            "no --weights, and neither CANDLE_GLU_CACHE, XDG_CACHE_HOME nor HOME is set",
-        )?,
-    };
+    if let Some(path) = &args.weights {
+        if path.is_dir() {
+            bail!(
+                "--weights {}: a directory; pass the .gguf file",
+                path.display()
+            );
+        }
+        if !path.is_file() {
+            bail!("--weights {}: no such file", path.display());
+        }
+        return Ok(path.clone());
+    }
+    let path = smollm2::default_gguf_path()
+        .context("no --weights, and neither CANDLE_GLU_CACHE, XDG_CACHE_HOME nor HOME is set")?;
     if !path.is_file() {
         bail!(
             "the SmolLM2 GGUF is not at {}: run scripts/fetch_smollm2.sh to download it, or pass \
@@ -95,8 +98,15 @@ fn per_second(n: usize, d: Duration) -> f64 {
 }
 
 fn run(args: &Args) -> Result<()> {
+    let sampling = args.temperature.is_some_and(|t| t > 0.0);
+    if args.top_p.is_some() && !sampling {
+        eprintln!(
+            "warning: --top-p does nothing without a --temperature above 0 (decoding is greedy)"
+        );
+    }
+    let top_p = args.top_p.unwrap_or(0.9);
     let mut sampler =
-        Sampler::new(args.temperature, args.top_p, args.seed).map_err(anyhow::Error::msg)?;
+        Sampler::new(args.temperature, top_p, args.seed).map_err(anyhow::Error::msg)?;
     let path = weights_path(args)?;
     let device = Device::Cpu;
 

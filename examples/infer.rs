@@ -22,6 +22,8 @@ use candle_glu::loading::{Checkpoint, FileFormat, LoadOptions};
 use candle_glu::{Activation, GluConfig, GluExperts, GluFeedForward, WeightLayout};
 use clap::Parser;
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/rng.rs"]
 mod rng;
 
@@ -38,21 +40,22 @@ const MAX_RANDOM_VALUES: usize = 1 << 31;
 #[command(
     name = "infer",
     about = "Run one gated feed-forward block (GluFeedForward), or a mixture-of-experts layer (GluExperts), from a checkpoint",
-    after_help = "With no arguments, runs the embedded SmolLM2-135M FFN (layer 0) on a seeded random input."
+    after_help = "With no arguments, runs the embedded SmolLM2-135M FFN (layer 0) on a seeded random input.",
+    allow_negative_numbers = true
 )]
 struct Args {
     /// Safetensors file, checkpoint directory, model.safetensors.index.json, .gguf file, or
     /// Hugging Face Hub repo id. Default: the embedded weights/ model.
     #[arg(long, value_name = "PATH or REPO_ID")]
     weights: Option<String>,
-    /// Hub revision: branch, tag or commit.
-    #[arg(long, default_value = "main")]
-    revision: String,
+    /// Hub revision: branch, tag or commit [default: main].
+    #[arg(long)]
+    revision: Option<String>,
     /// Resolve Hub repos from the local cache only (also when HF_HUB_OFFLINE=1).
     #[arg(long)]
     offline: bool,
     /// Which layer's FFN.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = cli::at_least(0))]
     layer: usize,
     /// Explicit tensor-name prefix, e.g. `model.layers.3.mlp`. Overrides --layer.
     #[arg(long)]
@@ -63,12 +66,12 @@ struct Args {
     /// Gate activation, a Hugging Face name. Default: from config.json, else silu.
     #[arg(long, value_parser = parse_activation)]
     activation: Option<Activation>,
-    /// Device: cpu, cuda, metal or auto.
+    /// Device: cpu, cuda (or gpu), metal or auto.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: DeviceChoice,
-    /// Compute dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
-    dtype: DType,
+    /// Compute dtype: f32, f16 or bf16 [default: f32]. A quantized GGUF computes in f32.
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
     /// GGUF only: dequantize the weights to --dtype instead of keeping them quantized.
     #[arg(long)]
     dequantize: bool,
@@ -76,10 +79,10 @@ struct Args {
     #[arg(long)]
     input: Option<PathBuf>,
     /// Tokens per sequence of the random input (when there is no --input).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_name = "N", value_parser = cli::at_least(1))]
     tokens: usize,
     /// Sequences in the random input.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = cli::at_least(1))]
     batch: usize,
     /// Seed of the random input.
     #[arg(long, default_value_t = 0)]
@@ -88,7 +91,7 @@ struct Args {
     #[arg(long)]
     output: Option<PathBuf>,
     /// Time N runs after a warm-up: median latency, tokens/s, GFLOP/s.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = cli::at_least(1))]
     bench: Option<usize>,
     /// Print one JSON object on stdout instead of the human summary.
     #[arg(long)]
@@ -103,17 +106,22 @@ fn parse_layout(s: &str) -> std::result::Result<LayoutArg, String> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(LayoutArg(None));
     }
-    s.parse()
+    s.to_ascii_lowercase()
+        .parse()
         .map(|l| LayoutArg(Some(l)))
         .map_err(|e: candle_glu::ParseError| format!("{e}, or auto"))
 }
 
 fn parse_activation(s: &str) -> std::result::Result<Activation, String> {
-    s.parse().map_err(|e: candle_glu::ParseError| e.to_string())
+    s.to_ascii_lowercase()
+        .parse()
+        .map_err(|e: candle_glu::ParseError| e.to_string())
 }
 
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
-    s.parse().map_err(|e: candle_glu::ParseError| e.to_string())
+    s.to_ascii_lowercase()
+        .parse()
+        .map_err(|e: candle_glu::ParseError| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
@@ -145,17 +153,7 @@ fn install_interrupt_handler() {
 }
 
 fn main() {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
-        Err(e) => {
-            // clap's own message, on one line.
-            let text = e.render().to_string();
-            let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-            eprintln!("{}", line.trim());
-            std::process::exit(2);
-        }
-    };
+    let args: Args = cli::parse();
     if args.output.is_some() {
         install_interrupt_handler();
     }
@@ -226,10 +224,57 @@ struct Bench {
     gflops: f64,
 }
 
+/// The flags' checks that need no weights, made before any loading.
+fn check_flags(args: &Args) -> Result<()> {
+    if let Some(n) = args.bench.filter(|&n| n > MAX_BENCH_RUNS) {
+        bail!("--bench {n} is more than the {MAX_BENCH_RUNS} runs a benchmark may have");
+    }
+    if let Some(path) = &args.output {
+        if path.file_name().is_none() {
+            bail!("--output {}: not a file name", path.display());
+        }
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let meta =
+            std::fs::metadata(dir).with_context(|| format!("--output {}", path.display()))?;
+        if !meta.is_dir() {
+            bail!(
+                "--output {}: {} is not a directory",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(args: &Args) -> Result<()> {
+    check_flags(args)?;
     let device = args.device.device()?;
     let (ckpt, model) = open_weights(args)?;
-    let quantized = ckpt.format() == FileFormat::Gguf && !args.dequantize;
+    let gguf = ckpt.format() == FileFormat::Gguf;
+    let quantized = gguf && !args.dequantize;
+    if args.dequantize && !gguf {
+        eprintln!("warning: --dequantize does nothing: only GGUF weights are quantized");
+    }
+    // A quantized GGUF's kernels take and give f32.
+    let dtype = match args.dtype {
+        Some(dtype) if quantized => {
+            if dtype != DType::F32 {
+                eprintln!(
+                    "warning: --dtype {} does nothing: quantized GGUF weights compute in f32 \
+                     (add --dequantize to run them in {})",
+                    dtype.as_str(),
+                    dtype.as_str()
+                );
+            }
+            DType::F32
+        }
+        Some(dtype) => dtype,
+        None => DType::F32,
+    };
 
     // A mixture-of-experts model (an MoE `model_type` in the config.json beside the weights)
     // runs its whole layer at `--layer`; `--prefix` still picks one expert's block.
@@ -238,6 +283,23 @@ fn run(args: &Args) -> Result<()> {
         Some(_) => None,
     };
     let layout = match (args.layout.0, &moe) {
+        (Some(layout), None) if args.prefix.is_none() && ckpt.layers(layout).is_empty() => {
+            // Say what the tensors do look like, rather than that the layer is missing.
+            let seen = WeightLayout::ALL
+                .into_iter()
+                .find(|l| !ckpt.layers(*l).is_empty());
+            match seen {
+                Some(seen) => bail!(
+                    "--layout {layout}: no {layout}-layout FFN is in this checkpoint; its \
+                     tensors look like the {seen} layout (drop --layout, or pass --layout {seen})"
+                ),
+                None => bail!(
+                    "--layout {layout}: no {layout}-layout FFN is in this checkpoint, nor one \
+                     of any known layout ({}); pass --prefix",
+                    WeightLayout::NAMES.join(", ")
+                ),
+            }
+        }
         (Some(layout), _) => layout,
         (None, Some(moe)) => moe.expert.layout,
         (None, None) => detect_layout(&ckpt, args)?,
@@ -260,7 +322,7 @@ fn run(args: &Args) -> Result<()> {
         .activation
         .or_else(|| ckpt.config().map(|c| c.activation))
         .unwrap_or(Activation::Silu);
-    let opts = LoadOptions::new(args.dtype, device.clone()).with_quantized(quantized);
+    let opts = LoadOptions::new(dtype, device.clone()).with_quantized(quantized);
     let (block, cfg, prefix) = match moe {
         Some(mut moe_cfg) => {
             moe_cfg.expert.activation = activation;
@@ -289,7 +351,7 @@ fn run(args: &Args) -> Result<()> {
         Some(path) => read_input(path, &device)?,
         None => random_input(args, cfg.hidden_size, &device)?,
     };
-    let x = x.to_dtype(args.dtype)?;
+    let x = x.to_dtype(dtype)?;
     // The path and micro-kernel: the block's, or for a mixture the busiest expert's, on its
     // tokens.
     let (ffn, routed_x, moe_report) = match &block {
@@ -329,10 +391,6 @@ fn run(args: &Args) -> Result<()> {
     let first_ms = start.elapsed().as_secs_f64() * 1e3;
 
     let bench = match args.bench {
-        Some(0) => bail!("--bench needs at least 1 run"),
-        Some(n) if n > MAX_BENCH_RUNS => {
-            bail!("--bench {n} is more than the {MAX_BENCH_RUNS} runs a benchmark may have")
-        }
         Some(runs) => Some(bench(&block, &cfg, moe_report.as_ref(), &x, runs, &device)?),
         None => None,
     };
@@ -351,7 +409,7 @@ fn run(args: &Args) -> Result<()> {
         path,
         micro_kernel,
         device: device_name(&device),
-        dtype: if quantized { DType::F32 } else { args.dtype },
+        dtype,
         input_shape: x.dims().to_vec(),
         output_shape: y.dims().to_vec(),
         stats: stats(&y)?,
@@ -369,14 +427,35 @@ fn run(args: &Args) -> Result<()> {
 }
 
 /// Opens `--weights`: a path if it exists, else a Hub repo id.
+/// `--revision`, or the Hub's default branch.
+#[cfg(feature = "hub")]
+fn revision(args: &Args) -> String {
+    args.revision.clone().unwrap_or_else(|| "main".into())
+}
+
+/// A warning on stderr for the Hub flags, where the weights are not a Hub repo.
+fn warn_hub_flags(args: &Args) {
+    for (given, flag) in [
+        (args.revision.is_some(), "--revision"),
+        (args.offline, "--offline"),
+    ] {
+        if given {
+            eprintln!("warning: {flag} does nothing: the weights are not a Hub repo id");
+        }
+    }
+}
+
 fn open_weights(args: &Args) -> Result<(Checkpoint, String)> {
     let Some(weights) = &args.weights else {
         let ckpt = Checkpoint::open(EMBEDDED)?;
+        warn_hub_flags(args);
         return Ok((ckpt, "SmolLM2-135M-Instruct FFN (embedded weights/)".into()));
     };
     let path = Path::new(weights);
     if path.exists() {
-        return Ok((Checkpoint::open(path)?, weights.clone()));
+        let ckpt = Checkpoint::open(path)?;
+        warn_hub_flags(args);
+        return Ok((ckpt, weights.clone()));
     }
     let looks_like_path = weights.starts_with(['.', '/', '~'])
         || [".safetensors", ".gguf", ".json"]
@@ -393,13 +472,13 @@ fn open_weights(args: &Args) -> Result<(Checkpoint, String)> {
 fn open_hub(repo: &str, args: &Args) -> Result<(Checkpoint, String)> {
     use candle_glu::loading::hub::HubOptions;
     let mut opts = HubOptions::new()
-        .with_revision(args.revision.clone())
+        .with_revision(revision(args))
         .with_offline(args.offline);
     if !args.json {
         opts = opts.with_progress(StderrProgress::default());
     }
     let ckpt = Checkpoint::from_hub(repo, &opts)?;
-    Ok((ckpt, format!("{repo}@{}", args.revision)))
+    Ok((ckpt, format!("{repo}@{}", revision(args))))
 }
 
 /// Download progress on stderr: one line redrawn in place (at most 5 times a second) on a

@@ -254,6 +254,16 @@ fn gguf_file() {
         text.contains("cpu, bf16") && !text.contains("weights quantized"),
         "{text}"
     );
+    // Quantized, --dtype does nothing: the kernels compute in f32, and the summary says so.
+    let out = run(&["--weights", gguf.to_str().unwrap(), "--dtype", "bf16"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "warning: --dtype bf16 does nothing: quantized GGUF weights compute in f32 (add \
+         --dequantize to run them in bf16)"
+    );
+    let text = stdout(&out);
+    assert!(text.contains("cpu, f32 (weights quantized"), "{text}");
 }
 
 #[test]
@@ -313,13 +323,101 @@ fn bad_flags_and_files() {
     );
     fails(
         &["--tokens", "abc"],
-        "invalid value 'abc' for '--tokens <TOKENS>'",
+        "invalid value 'abc' for --tokens <N>: not a whole number",
     );
-    fails(&["--bench", "0"], "--bench needs at least 1 run");
-    fails(&["--frobnicate"], "unexpected argument '--frobnicate'");
-    if !cfg!(feature = "cuda") {
-        fails(&["--device", "cuda"], "rebuild with `--features cuda`");
+    fails(
+        &["--bench", "0"],
+        "invalid value '0' for --bench <N>: must be at least 1",
+    );
+    fails(&["--frobnicate"], "error: unknown flag --frobnicate");
+    fails(
+        &["--weigths", "x"],
+        "error: unknown flag --weigths (did you mean --weights?)",
+    );
+    fails(
+        &["--weights"],
+        "error: --weights <PATH or REPO_ID> needs a value",
+    );
+    // Negative numbers reach the range checks rather than being taken for flags.
+    for layer in [&["--layer", "-1"][..], &["--layer=-1"]] {
+        fails(
+            layer,
+            "invalid value '-1' for --layer <N>: must be at least 0",
+        );
     }
+    for flag in ["--tokens", "--batch"] {
+        for n in ["0", "-2"] {
+            fails(
+                &[flag, n],
+                &format!("invalid value '{n}' for {flag} <N>: must be at least 1"),
+            );
+        }
+    }
+    // A layout the checkpoint does not have: what its tensors look like instead.
+    fails(
+        &["--layout", "T5"],
+        "--layout t5: no t5-layout FFN is in this checkpoint; its tensors look like the llama \
+         layout (drop --layout, or pass --layout llama)",
+    );
+    if !cfg!(feature = "cuda") {
+        for device in ["cuda", "GPU"] {
+            fails(&["--device", device], "rebuild with `--features cuda`");
+        }
+    }
+}
+
+#[test]
+fn output_is_checked_before_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("missing-dir").join("y.safetensors");
+    // The weights do not exist either: the --output check comes first.
+    fails(
+        &[
+            "--output",
+            target.to_str().unwrap(),
+            "--weights",
+            "/no/such/model.safetensors",
+        ],
+        "--output",
+    );
+    let file = dir.path().join("f");
+    std::fs::write(&file, b"").unwrap();
+    let under_file = file.join("y.safetensors");
+    fails(
+        &["--output", under_file.to_str().unwrap()],
+        "is not a directory",
+    );
+}
+
+#[test]
+fn flags_that_do_nothing_are_warned_about() {
+    // Case-insensitive values, and a warning per flag that does nothing for these weights.
+    let out = run(&[
+        "--dtype",
+        "F32",
+        "--layout",
+        "LLAMA",
+        "--device",
+        "CPU",
+        "--activation",
+        "SiLU",
+        "--dequantize",
+        "--revision",
+        "v1",
+        "--offline",
+        "--tokens",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            "warning: --revision does nothing: the weights are not a Hub repo id",
+            "warning: --offline does nothing: the weights are not a Hub repo id",
+            "warning: --dequantize does nothing: only GGUF weights are quantized",
+        ]
+    );
 }
 
 #[test]

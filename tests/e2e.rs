@@ -777,6 +777,35 @@ fn generate_sampling_is_seeded() {
 }
 
 #[test]
+fn generate_flags_ignore_case_and_say_what_does_nothing() {
+    let gguf = gguf();
+    let out = generate(&[
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "2",
+        "--weights",
+        gguf.to_str().unwrap(),
+        "--ffn",
+        "F32",
+        "--top-p",
+        "0.5",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("FFN f32"), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "warning: --top-p does nothing without a --temperature above 0 (decoding is greedy)\n"
+        ),
+        "{stderr}"
+    );
+    // Greedy, as without --top-p.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout, "The capital of France is Paris.\n");
+}
+
+#[test]
 fn generate_errors_are_one_line() {
     let fails = |args: &[&str], want: &str| {
         let out = generate(args);
@@ -795,14 +824,33 @@ fn generate_errors_are_one_line() {
     let base = ["--prompt", "Hi", "--max-tokens", "2", "--weights"];
     fails(
         &[&base[..], &[missing]].concat(),
-        "scripts/fetch_smollm2.sh",
+        "--weights /nonexistent/SmolLM2.gguf: no such file",
+    );
+    let dir = env!("CARGO_MANIFEST_DIR");
+    fails(
+        &[&base[..], &[dir]].concat(),
+        "a directory; pass the .gguf file",
     );
     let gguf = gguf();
     let gguf = gguf.to_str().unwrap();
     fails(&[&base[..], &[gguf, "--ffn", "f16"]].concat(), "f16");
+    // clap's errors, one line that keeps what clap knew; negative numbers reach the checks.
+    fails(&["--weights", gguf], "error: missing --prompt <TEXT>");
     fails(
-        &[&base[..], &[gguf, "--temperature=-1"]].concat(),
-        "--temperature",
+        &["--promt", "Hi"],
+        "error: unknown flag --promt (did you mean --prompt?)",
+    );
+    fails(&["--prompt"], "error: --prompt <TEXT> needs a value");
+    for temperature in [&["--temperature=-1"][..], &["--temperature", "-1"]] {
+        fails(
+            &[&base[..], &[gguf], temperature].concat(),
+            "invalid value '-1' for --temperature <TEMPERATURE>: must be a finite number of at \
+             least 0",
+        );
+    }
+    fails(
+        &["--prompt", "Hi", "--max-tokens", "0"],
+        "invalid value '0' for --max-tokens <N>: must be at least 1",
     );
     fails(
         &[&base[..], &[gguf, "--temperature", "1", "--top-p", "0"]].concat(),

@@ -484,6 +484,10 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     c.insert("cli-unknown-flag", |d| infer(d, &["--frobnicate"]));
     c.insert("cli-bad-dtype", |d| infer(d, &["--dtype", "f8"]));
     c.insert("cli-bad-number", |d| infer(d, &["--tokens=-3"]));
+    c.insert("cli-negative-layer", |d| infer(d, &["--layer", "-1"]));
+    c.insert("cli-typo-flag", |d| infer(d, &["--weigths", "x"]));
+    c.insert("cli-missing-value", |d| infer(d, &["--weights"]));
+    c.insert("cli-layout-mismatch", |d| infer(d, &["--layout", "t5"]));
     c.insert("cli-missing-weights", |d| {
         infer(d, &["--weights", "./none.safetensors"])
     });

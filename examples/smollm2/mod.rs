@@ -87,8 +87,9 @@ pub fn default_gguf_path() -> Option<PathBuf> {
 /// How the FFN weights are held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FfnKind {
-    /// Kept in the GGUF's Q4_1 and multiplied by candle's `QMatMul` (which quantizes the
-    /// activations to Q8_1 first).
+    /// Kept in the GGUF's Q4_1, read in place by the crate's kernels (candle's `QMatMul`,
+    /// which rounds the activations to Q8_1 first, where they do not run: CPUs without
+    /// AVX-512, GPUs).
     #[default]
     Quantized,
     /// Dequantized to f32.
@@ -127,7 +128,7 @@ impl FromStr for FfnKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::ALL
             .into_iter()
-            .find(|k| k.to_string() == s)
+            .find(|k| k.to_string().eq_ignore_ascii_case(s))
             .ok_or_else(|| format!("unknown FFN kind `{s}`: expected quantized, f32 or bf16"))
     }
 }
