@@ -21,7 +21,7 @@ use std::str::FromStr;
 
 use candle_core::{DType, Module, Result, Tensor};
 
-use crate::error::ParseError;
+use crate::error::{ConversionError, ParseError};
 
 /// The gate activation σ, named as Hugging Face's `hidden_act`.
 ///
@@ -289,6 +289,63 @@ impl<'de> serde::Deserialize<'de> for Activation {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let name = String::deserialize(d)?;
         name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// From candle's activations, where one is a gate σ of this crate: `Gelu` (exact), `NewGelu`
+/// and `GeluPytorchTanh` (tanh), `Relu`, `Silu` and `Swish` (both `x·sigmoid(x)`), `Sigmoid`.
+/// The others (`Relu2`, `Relu6`, `HardSigmoid`, `HardSwish`, `Mish`, `Elu`, `LeakyRelu`, and
+/// `Swiglu`, a whole gated product rather than a gate) are a [`ConversionError`] naming them.
+impl TryFrom<candle_nn::Activation> for Activation {
+    type Error = ConversionError;
+
+    fn try_from(act: candle_nn::Activation) -> std::result::Result<Self, ConversionError> {
+        use candle_nn::Activation as C;
+        Ok(match act {
+            C::Gelu => Activation::Gelu,
+            C::NewGelu | C::GeluPytorchTanh => Activation::GeluTanh,
+            C::Relu => Activation::Relu,
+            C::Silu | C::Swish => Activation::Silu,
+            C::Sigmoid => Activation::Sigmoid,
+            C::Swiglu => {
+                return Err(ConversionError::new(
+                    "candle_nn::Activation::Swiglu".into(),
+                    "candle_glu::Activation",
+                    Some("it is a whole gated product, silu(a)·b; its gate is Activation::Silu"),
+                ))
+            }
+            other => {
+                return Err(ConversionError::new(
+                    format!("candle_nn::Activation::{other:?}"),
+                    "candle_glu::Activation",
+                    None,
+                ))
+            }
+        })
+    }
+}
+
+/// To candle's activations, where candle has the same function: `Identity`, `QuickGelu` and
+/// `Swish` with β ≠ 1 are a [`ConversionError`] naming them (`Swish { beta: 1.0 }` is `Silu`).
+impl TryFrom<Activation> for candle_nn::Activation {
+    type Error = ConversionError;
+
+    fn try_from(act: Activation) -> std::result::Result<Self, ConversionError> {
+        use candle_nn::Activation as C;
+        Ok(match act {
+            Activation::Sigmoid => C::Sigmoid,
+            Activation::Relu => C::Relu,
+            Activation::Gelu => C::Gelu,
+            Activation::GeluTanh => C::GeluPytorchTanh,
+            Activation::Silu | Activation::Swish { beta: 1.0 } => C::Silu,
+            other => {
+                return Err(ConversionError::new(
+                    format!("candle_glu::Activation::{other:?} (`{other}`)"),
+                    "candle_nn::Activation",
+                    None,
+                ))
+            }
+        })
     }
 }
 

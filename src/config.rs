@@ -38,18 +38,44 @@ pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 24;
 ///     .with_layout(WeightLayout::Llama);
 /// assert_eq!(cfg.hidden_size, 576);
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It (de)serializes with serde by field name, so that it can sit in a model's own config struct
+/// as candle-transformers' configs do; the activation and the layout as their names, the
+/// activation, bias and layout optional (their defaults), and Llama's `hidden_act` and
+/// `mlp_bias` read as `activation` and `bias`. (To read any family's `config.json`, with its own
+/// keys and checks, use [`GluConfig::from_hf_json`].) Constructors validate the sizes.
+///
+/// ```rust
+/// use candle_glu::{Activation, GluConfig, WeightLayout};
+/// #[derive(serde::Deserialize)]
+/// struct MyModelConfig {
+///     num_hidden_layers: usize,
+///     #[serde(flatten)]
+///     ffn: GluConfig,
+/// }
+/// let json = r#"{"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+///                "hidden_act": "gelu_pytorch_tanh", "layout": "t5"}"#;
+/// let cfg: MyModelConfig = serde_json::from_str(json).unwrap();
+/// assert_eq!(cfg.ffn.activation, Activation::GeluTanh);
+/// assert_eq!(cfg.ffn.layout, WeightLayout::T5);
+/// assert!(!cfg.ffn.bias);
+/// ```
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct GluConfig {
     /// H: the model width, the input's and output's last dimension.
     pub hidden_size: usize,
     /// I: the width of the gated product `σ(x·W) ⊙ x·V`.
     pub intermediate_size: usize,
-    /// σ, the gate activation. Default [`Activation::Silu`].
+    /// σ, the gate activation. Default [`Activation::Silu`]. Read from `hidden_act` too.
+    #[serde(default, alias = "hidden_act")]
     pub activation: Activation,
-    /// Whether every projection has a bias. Default `false`, as in Llama (`mlp_bias`).
+    /// Whether every projection has a bias. Default `false`, as in Llama (`mlp_bias`, which it
+    /// is read from too).
+    #[serde(default, alias = "mlp_bias")]
     pub bias: bool,
     /// Where the checkpoint keeps the projections. Default [`WeightLayout::Llama`].
+    #[serde(default)]
     pub layout: WeightLayout,
 }
 

@@ -182,6 +182,36 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// An activation with no counterpart on the other side of a conversion between
+/// [`Activation`](crate::Activation) and `candle_nn::Activation`.
+///
+/// ```rust
+/// use candle_glu::Activation;
+/// let err = Activation::try_from(candle_nn::Activation::Relu6).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "candle_nn::Activation::Relu6 has no counterpart in candle_glu::Activation"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{from} has no counterpart in {to}{}", .hint.map(|h| format!(": {h}")).unwrap_or_default())]
+pub struct ConversionError {
+    from: String,
+    to: &'static str,
+    hint: Option<&'static str>,
+}
+
+impl ConversionError {
+    pub(crate) fn new(from: String, to: &'static str, hint: Option<&'static str>) -> Self {
+        Self { from, to, hint }
+    }
+
+    /// The variant that has no counterpart, as `candle_nn::Activation::Relu6`.
+    pub fn variant(&self) -> &str {
+        &self.from
+    }
+}
+
 /// A name that is not one of those a [`FromStr`](std::str::FromStr) impl of this crate accepts
 /// (an [`Activation`](crate::Activation), a [`WeightLayout`](crate::WeightLayout), a
 /// [`DeviceChoice`](crate::device::DeviceChoice)); it converts into [`Error::Parse`].

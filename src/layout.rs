@@ -249,6 +249,21 @@ impl FromStr for WeightLayout {
     }
 }
 
+/// As its name (`"llama"`, `"t5"`, ...), so that a layout can sit in a model's config.
+impl serde::Serialize for WeightLayout {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// From its name, as [`FromStr`] reads it.
+impl<'de> serde::Deserialize<'de> for WeightLayout {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// `name` under `prefix`, without a leading dot at the root: `model.layers.0.mlp` + `up_proj`.
 pub(crate) fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {

@@ -44,7 +44,7 @@ pub mod moe;
 
 pub use activation::Activation;
 pub use config::GluConfig;
-pub use error::{Error, ParseError, Result};
+pub use error::{ConversionError, Error, ParseError, Result};
 pub use ffn::{ForwardPath, GluFeedForward, Projection};
 pub use kernels::detect::{CpuKernels, MicroKernel};
 pub use layout::WeightLayout;

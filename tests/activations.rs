@@ -137,3 +137,124 @@ fn quick_gelu() {
     ];
     check(Activation::QuickGelu, want);
 }
+
+/// Every candle activation that is a gate σ converts to the crate's one that computes the same
+/// function (checked through candle's own `Module` impl), and back; the others are errors that
+/// name them.
+#[test]
+fn conversions_with_candle_nn_compute_the_same_function() {
+    use candle_nn::Activation as C;
+    let x = Tensor::new(&[-6f32, -2.5, -0.3, 0.0, 0.7, 1.9, 5.0], &Device::Cpu).unwrap();
+    let pairs = [
+        (C::Gelu, Activation::Gelu),
+        (C::NewGelu, Activation::GeluTanh),
+        (C::GeluPytorchTanh, Activation::GeluTanh),
+        (C::Relu, Activation::Relu),
+        (C::Silu, Activation::Silu),
+        (C::Swish, Activation::Silu),
+        (C::Sigmoid, Activation::Sigmoid),
+    ];
+    for (theirs, ours) in pairs {
+        assert_eq!(Activation::try_from(theirs).unwrap(), ours, "{theirs:?}");
+        let a = theirs.forward(&x).unwrap();
+        let b = ours.forward(&x).unwrap();
+        let diff: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff <= 1e-6, "{theirs:?} and {ours}: {diff}");
+        // Back: to a candle activation that computes the same.
+        let back = C::try_from(ours).unwrap();
+        let c = back.forward(&x).unwrap();
+        let diff: f32 = (c - ours.forward(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff <= 1e-6, "{ours} and {back:?}: {diff}");
+    }
+    assert_eq!(
+        C::try_from(Activation::Swish { beta: 1.0 }).unwrap(),
+        C::Silu
+    );
+    for theirs in [
+        C::Relu2,
+        C::Relu6,
+        C::HardSigmoid,
+        C::HardSwish,
+        C::Mish,
+        C::Elu(1.0),
+        C::LeakyRelu(0.1),
+    ] {
+        let err = Activation::try_from(theirs).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "candle_nn::Activation::{theirs:?} has no counterpart in candle_glu::Activation"
+            )
+        );
+    }
+    let err = Activation::try_from(C::Swiglu).unwrap_err();
+    assert!(
+        err.to_string().contains("its gate is Activation::Silu"),
+        "{err}"
+    );
+    for ours in [
+        Activation::Identity,
+        Activation::QuickGelu,
+        Activation::Swish { beta: 1.5 },
+    ] {
+        let err = C::try_from(ours).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("has no counterpart in candle_nn::Activation"),
+            "{err}"
+        );
+        assert!(err.variant().contains(&ours.to_string()), "{err}");
+    }
+}
+
+/// `GluConfig` and `WeightLayout` through serde: names, defaults, Llama's keys, and the errors.
+#[test]
+fn config_and_layout_round_trip_through_serde() {
+    use candle_glu::{GluConfig, WeightLayout};
+    for layout in WeightLayout::ALL {
+        let json = serde_json::to_string(&layout).unwrap();
+        assert_eq!(json, format!("\"{layout}\""));
+        assert_eq!(serde_json::from_str::<WeightLayout>(&json).unwrap(), layout);
+    }
+    let cfg = GluConfig::new(72, 40)
+        .with_activation(Activation::Swish { beta: 1.5 })
+        .with_bias(true)
+        .with_layout(WeightLayout::Phi3);
+    let json = serde_json::to_string(&cfg).unwrap();
+    assert_eq!(
+        json,
+        r#"{"hidden_size":72,"intermediate_size":40,"activation":"swish(1.5)","bias":true,"layout":"phi3"}"#
+    );
+    assert_eq!(serde_json::from_str::<GluConfig>(&json).unwrap(), cfg);
+    // A Llama config.json's keys, the rest ignored; defaults for what is absent.
+    let llama = r#"{"hidden_size": 576, "intermediate_size": 1536, "hidden_act": "silu",
+                    "mlp_bias": false, "num_hidden_layers": 30}"#;
+    assert_eq!(
+        serde_json::from_str::<GluConfig>(llama).unwrap(),
+        GluConfig::new(576, 1536)
+    );
+    let bad = serde_json::from_str::<GluConfig>(
+        r#"{"hidden_size": 4, "intermediate_size": 8, "layout": "neox"}"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("unknown weight layout `neox`"), "{bad}");
+    let missing = serde_json::from_str::<GluConfig>(r#"{"hidden_size": 4}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("intermediate_size"), "{missing}");
+}
