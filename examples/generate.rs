@@ -52,6 +52,13 @@ struct Args {
     /// The sampler's seed.
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
+    /// Chat: the prompt is a user's message, put in the GGUF's own chat template (with
+    /// --system), and only the assistant's answer is printed.
+    #[arg(long)]
+    chat: bool,
+    /// The system message of --chat. Default: the template's own (SmolLM2's names itself).
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
     /// The FFN weights: quantized (Q4_1, read in place by the crate's kernels), or dequantized
     /// to f32 or bf16.
     #[arg(long, default_value = "quantized")]
@@ -114,7 +121,16 @@ fn run(args: &Args) -> Result<()> {
     let (content, _) = smollm2::read_gguf(&path)?;
     let tokenizer = Tokenizer::from_gguf(&content)?;
     let cfg = LlamaConfig::from_gguf(&content)?;
-    let prompt = tokenizer.encode(&args.prompt)?;
+    if args.system.is_some() && !args.chat {
+        eprintln!("warning: --system does nothing without --chat");
+    }
+    let text = if args.chat {
+        smollm2::chat::ChatTemplate::from_gguf(&content, &tokenizer)?
+            .render(args.system.as_deref(), &args.prompt)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&text)?;
     if prompt.is_empty() {
         bail!("the prompt is empty: SmolLM2 adds no BOS token, so there is nothing to continue");
     }
@@ -135,9 +151,12 @@ fn run(args: &Args) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
 
+    // A continuation follows its prompt; a chat answer stands alone.
     let mut out = std::io::stdout().lock();
-    write!(out, "{}", args.prompt)?;
-    out.flush()?;
+    if !args.chat {
+        write!(out, "{}", args.prompt)?;
+        out.flush()?;
+    }
 
     let mut cache = model.new_cache();
     let mut stream = tokenizer.stream();
@@ -167,6 +186,12 @@ fn run(args: &Args) -> Result<()> {
     let decode = start.elapsed();
     writeln!(out, "{}", stream.finish())?;
     out.flush()?;
+    if generated == 0 && !args.chat {
+        eprintln!(
+            "note        the model ended the text at once (its end token came first): an \
+             Instruct model expects its chat template; try --chat"
+        );
+    }
 
     eprintln!(
         "prompt      {} tokens in {:.1} ms ({:.1} tokens/s)",

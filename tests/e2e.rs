@@ -873,3 +873,91 @@ fn generate_errors_are_one_line() {
     let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
     fails(&[&base[..], &[readme]].concat(), "README.md");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Chat: the GGUF's template, rendered as transformers renders it
+
+#[derive(Deserialize)]
+struct ChatFixture {
+    template: String,
+    cases: Vec<ChatCase>,
+}
+
+#[derive(Deserialize)]
+struct ChatCase {
+    system: Option<String>,
+    user: String,
+    rendered: String,
+}
+
+/// The chat template minijinja renders gives jinja2's text, in transformers' environment
+/// (`scripts/make_chat_reference.py`), byte for byte.
+#[test]
+fn chat_template_renders_as_jinja2_does() {
+    let path = common::fixtures().join("smollm2/chat.json");
+    let fixture: ChatFixture =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (content, _) = smollm2::read_gguf(&gguf()).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&content).unwrap();
+    let template = smollm2::chat::ChatTemplate::from_gguf(&content, &tokenizer).unwrap();
+    let source = content.metadata["tokenizer.chat_template"]
+        .to_string()
+        .unwrap();
+    assert_eq!(source, &fixture.template);
+    for case in &fixture.cases {
+        let ours = template.render(case.system.as_deref(), &case.user).unwrap();
+        assert_eq!(ours, case.rendered, "{:?}", case.user);
+    }
+    // The special tokens of the rendered text are single tokens: <|im_start|> and <|im_end|>.
+    let ids = tokenizer.encode(&fixture.cases[0].rendered).unwrap();
+    let id = |t: &str| tokenizer.inner().token_to_id(t).unwrap();
+    assert_eq!(ids[0], id("<|im_start|>"));
+    assert_eq!(ids.iter().filter(|&&i| i == id("<|im_end|>")).count(), 2);
+    // A template that raises says so on one line.
+    let raising = smollm2::chat::ChatTemplate::new(
+        "{{ raise_exception('only user and assistant roles') }}",
+        "",
+        "",
+    );
+    let err = raising.render(None, "hi").unwrap_err().to_string();
+    assert!(err.contains("only user and assistant roles"), "{err}");
+}
+
+#[test]
+fn generate_chat_answers_and_a_bare_question_gets_a_hint() {
+    let gguf = gguf();
+    // `generate` on the GGUF with `args`, which must succeed: (stdout, stderr).
+    let ok = |args: &[&str]| {
+        let out = generate(&[args, &["--weights", gguf.to_str().unwrap()]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        (String::from_utf8(out.stdout).unwrap(), stderr)
+    };
+    // With its chat template the Instruct model answers; only the answer is printed.
+    let (stdout, _) = ok(&[
+        "--chat",
+        "--system",
+        "You answer in one word.",
+        "--prompt",
+        "What is the capital of Germany?",
+        "--max-tokens",
+        "10",
+    ]);
+    assert!(stdout.contains("Berlin"), "{stdout:?}");
+    assert!(!stdout.contains("capital of Germany?"), "{stdout:?}");
+    // Without it, the model ends the text at once: say why, and what to do.
+    let (_, stderr) = ok(&[
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "10",
+    ]);
+    assert!(stderr.contains("generated   0 tokens"), "{stderr}");
+    assert!(stderr.contains("try --chat"), "{stderr}");
+    // --system alone does nothing, and says so.
+    let (_, stderr) = ok(&["--prompt", "Hi", "--max-tokens", "1", "--system", "x"]);
+    assert!(
+        stderr.starts_with("warning: --system does nothing without --chat\n"),
+        "{stderr}"
+    );
+}

@@ -49,6 +49,7 @@
 //! ```
 #![allow(dead_code)]
 
+pub mod chat;
 pub mod sampler;
 pub mod tokenizer;
 
