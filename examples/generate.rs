@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example generate -- --prompt "The capital of France is" --max-tokens 12
 //! cargo run --release --example generate -- --prompt "Once upon a time" --max-tokens 64 \
-//!     --temperature 0.8 --top-p 0.9 --seed 7 --ffn bf16
+//!     --temperature 0.8 --top-p 0.9 --repeat-penalty 1.1 --seed 7 --ffn bf16
 //! ```
 //!
 //! Writes the prompt and then the continuation to stdout as it is generated; timings go to
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use candle_transformers::utils::apply_repeat_penalty;
 use clap::Parser;
 use smollm2::sampler::Sampler;
 use smollm2::tokenizer::Tokenizer;
@@ -42,13 +43,23 @@ struct Args {
     /// ($CANDLE_GLU_CACHE, else $XDG_CACHE_HOME/candle-glu, else ~/.cache/candle-glu).
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Sample with this temperature (with --top-p). Without it (or at 0), decoding is greedy.
+    /// Sample with this temperature (from the top-p 0.9 nucleus unless --top-k or --top-p say
+    /// otherwise). Without it (or at 0), decoding is greedy.
     #[arg(long, value_parser = cli::non_negative)]
     temperature: Option<f64>,
-    /// The probability mass sampled from (nucleus sampling), in (0, 1] [default: 0.9]. Needs
-    /// --temperature.
+    /// Sample from the K most likely tokens (with --temperature).
+    #[arg(long, value_name = "K", value_parser = cli::at_least(1))]
+    top_k: Option<usize>,
+    /// The probability mass sampled from (nucleus sampling), in (0, 1] (with --temperature).
     #[arg(long)]
     top_p: Option<f64>,
+    /// Divide the logits of tokens seen in the last --repeat-last-n by this (multiply the
+    /// negative ones), as candle's examples do; 1 is off.
+    #[arg(long, default_value_t = 1.0, value_parser = cli::non_negative)]
+    repeat_penalty: f64,
+    /// How many of the last tokens (the prompt's included) --repeat-penalty looks at.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = cli::at_least(0))]
+    repeat_last_n: usize,
     /// The sampler's seed.
     #[arg(long, default_value_t = 299_792_458)]
     seed: u64,
@@ -106,14 +117,21 @@ fn per_second(n: usize, d: Duration) -> f64 {
 
 fn run(args: &Args) -> Result<()> {
     let sampling = args.temperature.is_some_and(|t| t > 0.0);
-    if args.top_p.is_some() && !sampling {
-        eprintln!(
-            "warning: --top-p does nothing without a --temperature above 0 (decoding is greedy)"
-        );
+    for (given, flag) in [
+        (args.top_k.is_some(), "--top-k"),
+        (args.top_p.is_some(), "--top-p"),
+    ] {
+        if given && !sampling {
+            eprintln!(
+                "warning: {flag} does nothing without a --temperature above 0 (decoding is greedy)"
+            );
+        }
     }
-    let top_p = args.top_p.unwrap_or(0.9);
-    let mut sampler =
-        Sampler::new(args.temperature, top_p, args.seed).map_err(anyhow::Error::msg)?;
+    if args.repeat_penalty == 0.0 {
+        bail!("--repeat-penalty must be above 0 (1 is off)");
+    }
+    let mut sampler = Sampler::new(args.temperature, args.top_k, args.top_p, args.seed)
+        .map_err(anyhow::Error::msg)?;
     let path = weights_path(args)?;
     let device = Device::Cpu;
 
@@ -168,8 +186,16 @@ fn run(args: &Args) -> Result<()> {
     // The first token comes from the prompt's logits; each further one costs a decode step.
     let (mut generated, mut steps) = (0, 0);
     let start = Instant::now();
+    // The tokens so far, for the repeat penalty.
+    let mut context = prompt.clone();
     while generated < args.max_tokens {
-        let next = sampler.sample(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        let mut last = logits.squeeze(0)?;
+        if args.repeat_penalty != 1.0 {
+            let recent = &context[context.len().saturating_sub(args.repeat_last_n)..];
+            last = apply_repeat_penalty(&last, args.repeat_penalty as f32, recent)?;
+        }
+        let next = sampler.sample(&last)?;
+        context.push(next);
         if next == tokenizer.eos_token_id() {
             break;
         }

@@ -776,6 +776,40 @@ fn generate_sampling_is_seeded() {
     assert_eq!(a, run("7"));
 }
 
+/// candle's repeat penalty, as candle's examples apply it: greedy text changes with it, and
+/// sampling with top-k and the penalty is seeded.
+#[test]
+fn generate_repeat_penalty_and_top_k() {
+    let gguf = gguf();
+    let run = |extra: &[&str]| {
+        let base = [
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "40",
+            "--weights",
+        ];
+        let out = generate(&[&base[..], &[gguf.to_str().unwrap()], extra].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = run(&[]);
+    let penalised = run(&["--repeat-penalty", "1.3"]);
+    assert_ne!(plain, penalised);
+    // A penalty of 1 is off.
+    assert_eq!(plain, run(&["--repeat-penalty", "1"]));
+    let sampled = [
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--repeat-penalty",
+        "1.3",
+    ];
+    assert_eq!(run(&sampled), run(&sampled));
+}
+
 #[test]
 fn generate_flags_ignore_case_and_say_what_does_nothing() {
     let gguf = gguf();
@@ -851,6 +885,14 @@ fn generate_errors_are_one_line() {
     fails(
         &["--prompt", "Hi", "--max-tokens", "0"],
         "invalid value '0' for --max-tokens <N>: must be at least 1",
+    );
+    fails(
+        &["--prompt", "Hi", "--top-k", "0"],
+        "invalid value '0' for --top-k <K>: must be at least 1",
+    );
+    fails(
+        &[&base[..], &[gguf, "--repeat-penalty", "0"]].concat(),
+        "--repeat-penalty must be above 0 (1 is off)",
     );
     fails(
         &[&base[..], &[gguf, "--temperature", "1", "--top-p", "0"]].concat(),

@@ -1,9 +1,13 @@
-//! Picking the next token: greedy, or temperature with top-p (nucleus) sampling from a seeded
-//! generator, so that a seed gives the same text on every platform.
+//! Picking the next token: greedy, or candle-transformers' `LogitsProcessor` (temperature,
+//! top-k, top-p) from a seed.
 
+use candle_core::Tensor;
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+
+// The examples' SplitMix64 (the infer example's seeded input), checked here.
+#[cfg(test)]
 #[path = "../common/rng.rs"]
 mod rng;
-pub use rng::Rng;
 
 /// The index of the largest value, the first on ties (NumPy's `argmax`); NaNs never win.
 pub fn argmax(values: &[f32]) -> u32 {
@@ -16,102 +20,76 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// The nucleus of `softmax(logits / temperature)`: the most likely tokens, most likely first,
-/// until their probability reaches `top_p` (at least one), renormalised to sum to 1.
-pub fn top_p_distribution(logits: &[f32], temperature: f64, top_p: f64) -> Vec<(u32, f64)> {
-    if logits.is_empty() {
-        return Vec::new();
-    }
-    let max = f64::from(logits[argmax(logits) as usize]);
-    let mut probs: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, ((f64::from(l) - max) / temperature).exp()))
-        .filter(|(_, p)| *p > 0.)
-        .collect();
-    let total: f64 = probs.iter().map(|(_, p)| p).sum();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut kept = 0;
-    let mut mass = 0.;
-    for (_, p) in &probs {
-        kept += 1;
-        mass += p / total;
-        if mass >= top_p {
-            break;
-        }
-    }
-    probs.truncate(kept.max(1));
-    let kept_total: f64 = probs.iter().map(|(_, p)| p).sum();
-    probs.iter_mut().for_each(|(_, p)| *p /= kept_total);
-    probs
-}
-
-/// How to choose each next token.
-#[derive(Debug, Clone)]
+/// How to choose each next token: greedy, or candle-transformers' `LogitsProcessor`
+/// (temperature with top-k and/or top-p) from a seed.
+///
+/// Greedy is [`argmax`] rather than `LogitsProcessor`'s `ArgMax`, which takes the last of equal
+/// logits: the first, as PyTorch and NumPy take it, keeps `generate` on the tokens that the
+/// end-to-end tests check against float64 and llama.cpp.
 pub enum Sampler {
     /// Always the most likely token.
     Greedy,
-    /// Sample from the top-p nucleus of the tempered distribution.
-    TopP {
-        /// Divides the logits: below 1 sharpens, above 1 flattens.
-        temperature: f64,
-        /// The probability mass kept, in `(0, 1]`.
-        top_p: f64,
-        /// The seeded generator.
-        rng: Rng,
-    },
+    /// Sampled by candle-transformers' processor.
+    Sample(Box<LogitsProcessor>),
 }
 
 impl Sampler {
-    /// Greedy without a temperature (or with temperature 0), else top-p sampling.
+    /// Greedy without a temperature (or with temperature 0); else sampling at `temperature`
+    /// from the `top_k` most likely tokens and/or the `top_p` nucleus (top-p 0.9 when neither
+    /// is given).
     ///
     /// # Errors
-    /// A negative or non-finite temperature, or `top_p` outside `(0, 1]`.
-    pub fn new(temperature: Option<f64>, top_p: f64, seed: u64) -> Result<Self, String> {
-        if !(top_p > 0. && top_p <= 1.) {
-            return Err(format!("--top-p must be in (0, 1], found {top_p}"));
+    /// A negative or non-finite temperature, `top_k` of 0, or `top_p` outside `(0, 1]`.
+    pub fn new(
+        temperature: Option<f64>,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: u64,
+    ) -> Result<Self, String> {
+        if let Some(p) = top_p.filter(|p| !(*p > 0. && *p <= 1.)) {
+            return Err(format!("--top-p must be in (0, 1], found {p}"));
         }
-        match temperature {
-            None => Ok(Self::Greedy),
-            Some(t) if !t.is_finite() || t < 0. => Err(format!(
-                "--temperature must be a finite number >= 0, found {t}"
-            )),
-            Some(0.) => Ok(Self::Greedy),
-            Some(temperature) => Ok(Self::TopP {
+        if top_k == Some(0) {
+            return Err("--top-k must be at least 1".into());
+        }
+        let temperature = match temperature {
+            None => return Ok(Self::Greedy),
+            Some(t) if !t.is_finite() || t < 0. => {
+                return Err(format!(
+                    "--temperature must be a finite number >= 0, found {t}"
+                ))
+            }
+            Some(0.) => return Ok(Self::Greedy),
+            Some(t) => t,
+        };
+        let sampling = match (top_k, top_p) {
+            (None, None) => Sampling::TopP {
+                p: 0.9,
                 temperature,
-                top_p,
-                rng: Rng::new(seed),
-            }),
-        }
+            },
+            (Some(k), None) => Sampling::TopK { k, temperature },
+            (None, Some(p)) => Sampling::TopP { p, temperature },
+            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+        };
+        Ok(Self::Sample(Box::new(LogitsProcessor::from_sampling(
+            seed, sampling,
+        ))))
     }
 
-    /// The next token, given the logits over the vocabulary.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The next token, given the logits over the vocabulary (`[vocab]`, f32).
+    pub fn sample(&mut self, logits: &Tensor) -> candle_core::Result<u32> {
         match self {
-            Self::Greedy => argmax(logits),
-            Self::TopP {
-                temperature,
-                top_p,
-                rng,
-            } => {
-                let dist = top_p_distribution(logits, *temperature, *top_p);
-                let mut u = rng.next_f64();
-                for &(id, p) in &dist {
-                    if u < p {
-                        return id;
-                    }
-                    u -= p;
-                }
-                // Rounding left `u` a hair above the total: the last kept token.
-                dist.last().map_or_else(|| argmax(logits), |&(id, _)| id)
-            }
+            Self::Greedy => Ok(argmax(&logits.to_vec1::<f32>()?)),
+            Self::Sample(processor) => processor.sample(logits),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::rng::Rng;
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn splitmix64_reference_values() {
@@ -133,31 +111,24 @@ mod tests {
         assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
     }
 
-    #[test]
-    fn nucleus() {
-        let logits = [1f32.ln(), 2f32.ln(), 5f32.ln()]; // p = 1/8, 2/8, 5/8
-        let ids = |d: Vec<(u32, f64)>| d.into_iter().map(|(i, _)| i).collect::<Vec<_>>();
-        assert_eq!(ids(top_p_distribution(&logits, 1., 0.5)), [2]);
-        assert_eq!(ids(top_p_distribution(&logits, 1., 0.625)), [2]);
-        let d = top_p_distribution(&logits, 1., 0.8);
-        assert_eq!(ids(d.clone()), [2, 1]);
-        assert!((d[0].1 - 5. / 7.).abs() < 1e-6 && (d[1].1 - 2. / 7.).abs() < 1e-6);
-        let d = top_p_distribution(&logits, 2., 1.0); // p ∝ √1, √2, √5
-        let z = 1. + 2f64.sqrt() + 5f64.sqrt();
-        assert!((d[0].1 - 5f64.sqrt() / z).abs() < 1e-6, "{d:?}");
-        assert_eq!(ids(d), [2, 1, 0]);
-        assert!(top_p_distribution(&[], 1., 1.).is_empty());
+    fn logits(values: &[f32]) -> Tensor {
+        Tensor::new(values, &Device::Cpu).unwrap()
     }
 
     #[test]
     fn sampling_follows_the_distribution_and_the_seed() {
-        let logits = [1f32.ln(), 3f32.ln()]; // p = 1/4, 3/4
-        let mut s = Sampler::new(Some(1.), 1., 7).unwrap();
-        let ones = (0..20_000).filter(|_| s.sample(&logits) == 1).count();
+        let l = logits(&[1f32.ln(), 3f32.ln()]); // p = 1/4, 3/4
+        let mut s = Sampler::new(Some(1.), None, Some(1.), 7).unwrap();
+        let ones = (0..20_000).filter(|_| s.sample(&l).unwrap() == 1).count();
         assert!((ones as f64 / 20_000. - 0.75).abs() < 0.015, "{ones}");
+        // Top-k 1 and a small nucleus keep the most likely token only.
+        for (k, p) in [(Some(1), None), (None, Some(0.5))] {
+            let mut s = Sampler::new(Some(1.), k, p, 7).unwrap();
+            assert!((0..200).all(|_| s.sample(&l).unwrap() == 1));
+        }
         let draw = |seed| {
-            let mut s = Sampler::new(Some(1.), 1., seed).unwrap();
-            (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            let mut s = Sampler::new(Some(1.), None, Some(1.), seed).unwrap();
+            (0..64).map(|_| s.sample(&l).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
@@ -165,15 +136,16 @@ mod tests {
 
     #[test]
     fn sampler_settings() {
-        assert!(matches!(Sampler::new(None, 0.9, 0), Ok(Sampler::Greedy)));
-        assert!(matches!(
-            Sampler::new(Some(0.), 0.9, 0),
-            Ok(Sampler::Greedy)
-        ));
-        assert!(Sampler::new(Some(-1.), 0.9, 0).is_err());
-        assert!(Sampler::new(Some(f64::NAN), 0.9, 0).is_err());
-        assert!(Sampler::new(Some(1.), 0., 0).is_err());
-        assert!(Sampler::new(Some(1.), 1.5, 0).is_err());
-        assert!(Sampler::new(None, f64::NAN, 0).is_err());
+        let greedy = |t| matches!(Sampler::new(t, None, None, 0), Ok(Sampler::Greedy));
+        assert!(greedy(None) && greedy(Some(0.)));
+        assert!(Sampler::new(Some(-1.), None, None, 0).is_err());
+        assert!(Sampler::new(Some(f64::NAN), None, None, 0).is_err());
+        assert!(Sampler::new(Some(1.), None, Some(0.), 0).is_err());
+        assert!(Sampler::new(Some(1.), None, Some(1.5), 0).is_err());
+        assert!(Sampler::new(None, None, Some(f64::NAN), 0).is_err());
+        assert!(Sampler::new(Some(1.), Some(0), None, 0).is_err());
+        // Greedy takes the first of ties, as the end-to-end tests' argmax does.
+        let mut g = Sampler::new(None, None, None, 0).unwrap();
+        assert_eq!(g.sample(&logits(&[1., 3., 3., 2.])).unwrap(), 1);
     }
 }
