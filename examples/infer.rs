@@ -447,6 +447,12 @@ fn warn_hub_flags(args: &Args) {
 
 fn open_weights(args: &Args) -> Result<(Checkpoint, String)> {
     let Some(weights) = &args.weights else {
+        if !Path::new(EMBEDDED).is_dir() {
+            bail!(
+                "no --weights, and the embedded weights are not at {EMBEDDED} (a binary built \
+                 from the repository looks there): pass --weights <checkpoint or Hub repo id>"
+            );
+        }
         let ckpt = Checkpoint::open(EMBEDDED)?;
         warn_hub_flags(args);
         return Ok((ckpt, "SmolLM2-135M-Instruct FFN (embedded weights/)".into()));
