@@ -116,6 +116,12 @@ fn per_second(n: usize, d: Duration) -> f64 {
 }
 
 fn run(args: &Args) -> Result<()> {
+    // Checked (as the f32 that candle's penalty divides by) before any warning.
+    if args.repeat_penalty as f32 <= 0.0 {
+        bail!("--repeat-penalty must be above 0 (1 is off)");
+    }
+    let mut sampler = Sampler::new(args.temperature, args.top_k, args.top_p, args.seed)
+        .map_err(anyhow::Error::msg)?;
     let sampling = args.temperature.is_some_and(|t| t > 0.0);
     for (given, flag) in [
         (args.top_k.is_some(), "--top-k"),
@@ -127,11 +133,6 @@ fn run(args: &Args) -> Result<()> {
             );
         }
     }
-    if args.repeat_penalty == 0.0 {
-        bail!("--repeat-penalty must be above 0 (1 is off)");
-    }
-    let mut sampler = Sampler::new(args.temperature, args.top_k, args.top_p, args.seed)
-        .map_err(anyhow::Error::msg)?;
     let path = weights_path(args)?;
     let device = Device::Cpu;
 

@@ -426,7 +426,6 @@ fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Opens `--weights`: a path if it exists, else a Hub repo id.
 /// `--revision`, or the Hub's default branch.
 #[cfg(feature = "hub")]
 fn revision(args: &Args) -> String {
@@ -445,6 +444,7 @@ fn warn_hub_flags(args: &Args) {
     }
 }
 
+/// Opens `--weights`: a path if it exists, else a Hub repo id.
 fn open_weights(args: &Args) -> Result<(Checkpoint, String)> {
     let Some(weights) = &args.weights else {
         if !Path::new(EMBEDDED).is_dir() {

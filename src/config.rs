@@ -43,7 +43,8 @@ pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 24;
 /// as candle-transformers' configs do; the activation and the layout as their names, the
 /// activation, bias and layout optional (their defaults), and Llama's `hidden_act` and
 /// `mlp_bias` read as `activation` and `bias`. (To read any family's `config.json`, with its own
-/// keys and checks, use [`GluConfig::from_hf_json`].) Constructors validate the sizes.
+/// keys and checks, use [`GluConfig::from_hf_json`].) Sizes are not checked here, nor by
+/// [`GluConfig::new`]: [`GluConfig::validate`] and every constructor of a block check them.
 ///
 /// ```rust
 /// use candle_glu::{Activation, GluConfig, WeightLayout};

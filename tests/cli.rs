@@ -330,6 +330,15 @@ fn bad_flags_and_files() {
         "invalid value '0' for --bench <N>: must be at least 1",
     );
     fails(&["--frobnicate"], "error: unknown flag --frobnicate");
+    // An empty value is a value, and the parser says what is wrong with it.
+    fails(
+        &["--dtype", ""],
+        "invalid value '' for --dtype <DTYPE>: unknown dtype ``",
+    );
+    fails(
+        &["--tokens", "99999999999999999999999"],
+        "invalid value '99999999999999999999999' for --tokens <N>: too large",
+    );
     fails(
         &["--weigths", "x"],
         "error: unknown flag --weigths (did you mean --weights?)",

@@ -890,9 +890,17 @@ fn generate_errors_are_one_line() {
         &["--prompt", "Hi", "--top-k", "0"],
         "invalid value '0' for --top-k <K>: must be at least 1",
     );
+    // 1e-300 is 0 as the f32 that the penalty divides by.
+    for penalty in ["0", "1e-300"] {
+        fails(
+            &[&base[..], &[gguf, "--repeat-penalty", penalty]].concat(),
+            "--repeat-penalty must be above 0 (1 is off)",
+        );
+    }
+    // A bad --top-p is an error even where it would do nothing (and no warning comes first).
     fails(
-        &[&base[..], &[gguf, "--repeat-penalty", "0"]].concat(),
-        "--repeat-penalty must be above 0 (1 is off)",
+        &[&base[..], &[gguf, "--top-p", "5"]].concat(),
+        "--top-p must be in (0, 1], found 5",
     );
     fails(
         &[&base[..], &[gguf, "--temperature", "1", "--top-p", "0"]].concat(),

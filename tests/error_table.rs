@@ -483,6 +483,22 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     // --- the CLI
     c.insert("cli-unknown-flag", |d| infer(d, &["--frobnicate"]));
     c.insert("cli-bad-dtype", |d| infer(d, &["--dtype", "f8"]));
+    c.insert("convert-from-candle", |_| {
+        err(Activation::try_from(candle_nn::Activation::Relu6))
+    });
+    c.insert("convert-swiglu", |_| {
+        err(Activation::try_from(candle_nn::Activation::Swiglu))
+    });
+    c.insert("convert-to-candle", |_| {
+        err(candle_nn::Activation::try_from(Activation::Identity))
+    });
+    c.insert("serde-layout", |_| {
+        let json = r#"{"hidden_size": 4, "intermediate_size": 8, "layout": "neox"}"#;
+        err(serde_json::from_str::<GluConfig>(json))
+    });
+    c.insert("serde-no-size", |_| {
+        err(serde_json::from_str::<GluConfig>(r#"{"hidden_size": 4}"#))
+    });
     c.insert("cli-bad-number", |d| infer(d, &["--tokens=-3"]));
     c.insert("cli-negative-layer", |d| infer(d, &["--layer", "-1"]));
     c.insert("cli-typo-flag", |d| infer(d, &["--weigths", "x"]));

@@ -27,7 +27,12 @@ pub fn parse<P: clap::Parser>() -> P {
 pub fn one_line(e: &clap::Error) -> String {
     let get = |kind| e.get(kind).map(|v| v.to_string()).filter(|v| !v.is_empty());
     let arg = get(ContextKind::InvalidArg).unwrap_or_default();
-    let value = get(ContextKind::InvalidValue);
+    // Empty both where the value is missing and for `--dtype ""`; only the second gets as far as
+    // the value's parser (ValueValidation).
+    let value = match e.kind() {
+        ErrorKind::ValueValidation => e.get(ContextKind::InvalidValue).map(|v| v.to_string()),
+        _ => get(ContextKind::InvalidValue),
+    };
     match e.kind() {
         ErrorKind::MissingRequiredArgument => format!("missing {arg}"),
         ErrorKind::UnknownArgument => match get(ContextKind::SuggestedArg) {
@@ -62,14 +67,14 @@ pub fn one_line(e: &clap::Error) -> String {
 /// (with `allow_negative_numbers` on the command) rather than being taken for a flag.
 pub fn at_least(min: i64) -> impl Fn(&str) -> Result<usize, String> + Clone {
     move |s: &str| {
-        let v: i64 = s
+        let v: i128 = s
             .trim()
             .parse()
             .map_err(|_| "not a whole number".to_string())?;
-        if v < min {
+        if v < i128::from(min) {
             return Err(format!("must be at least {min}"));
         }
-        usize::try_from(v).map_err(|_| "too large".to_string())
+        usize::try_from(v).map_err(|_| format!("too large (at most {})", usize::MAX))
     }
 }
 

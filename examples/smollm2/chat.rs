@@ -1,6 +1,8 @@
 //! Chat prompts: the GGUF's own `tokenizer.chat_template`, a Hugging Face Jinja template,
 //! rendered with minijinja the way transformers' `apply_chat_template` renders it (blocks
-//! trimmed, `raise_exception`, `bos_token`/`eos_token`, `add_generation_prompt`).
+//! trimmed, loop controls, `tojson`, `raise_exception`, `bos_token`/`eos_token`,
+//! `add_generation_prompt`); checked against jinja2 on SmolLM2's template. Templates that call
+//! Python string methods (`.strip()`, ...) need more than this.
 
 use anyhow::{anyhow, Context};
 use candle_core::quantized::gguf_file::Content;

@@ -23,9 +23,9 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// How to choose each next token: greedy, or candle-transformers' `LogitsProcessor`
 /// (temperature with top-k and/or top-p) from a seed.
 ///
-/// Greedy is [`argmax`] rather than `LogitsProcessor`'s `ArgMax`, which takes the last of equal
-/// logits: the first, as PyTorch and NumPy take it, keeps `generate` on the tokens that the
-/// end-to-end tests check against float64 and llama.cpp.
+/// Greedy is [`argmax`] rather than `LogitsProcessor`'s `ArgMax` (candle's tensor argmax): both
+/// take the first of equal logits, but this one never picks a NaN, and it is the argmax the
+/// end-to-end tests check `generate`'s tokens with against float64 and llama.cpp.
 pub enum Sampler {
     /// Always the most likely token.
     Greedy,

@@ -41,7 +41,8 @@ const PREFETCH_BYTES_Q4K: usize = 256;
 const LEAD_BYTES_Q4K: usize = 16 << 10;
 
 /// Prefetches the lines of a weight block of `BYTES` bytes at `p`: `near` bytes ahead into L1,
-/// and `ahead` bytes ahead (the same block of the rows that the schedule takes next) into L2.
+/// and `ahead` bytes ahead (the same block of the rows that the schedule takes next, or for
+/// q4k some calls later: [`LEAD_BYTES_Q4K`]) into L2.
 ///
 /// The L2 prefetch is what lets decode stream at the memory's pace: eight rows read in lockstep
 /// are eight streams, more than the hardware prefetchers follow well. On 7B decode, taking
