@@ -106,22 +106,18 @@ fn parse_layout(s: &str) -> std::result::Result<LayoutArg, String> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(LayoutArg(None));
     }
-    s.to_ascii_lowercase()
-        .parse()
+    s.parse()
         .map(|l| LayoutArg(Some(l)))
         .map_err(|e: candle_glu::ParseError| format!("{e}, or auto"))
 }
 
+// The crate's `FromStr` impls ignore ASCII case, as `--dtype` and `generate --ffn` do.
 fn parse_activation(s: &str) -> std::result::Result<Activation, String> {
-    s.to_ascii_lowercase()
-        .parse()
-        .map_err(|e: candle_glu::ParseError| e.to_string())
+    s.parse().map_err(|e: candle_glu::ParseError| e.to_string())
 }
 
 fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
-    s.to_ascii_lowercase()
-        .parse()
-        .map_err(|e: candle_glu::ParseError| e.to_string())
+    s.parse().map_err(|e: candle_glu::ParseError| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
@@ -233,10 +229,7 @@ fn check_flags(args: &Args) -> Result<()> {
         if path.file_name().is_none() {
             bail!("--output {}: not a file name", path.display());
         }
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let dir = output_dir(path);
         let meta =
             std::fs::metadata(dir).with_context(|| format!("--output {}", path.display()))?;
         if !meta.is_dir() {
@@ -285,10 +278,7 @@ fn run(args: &Args) -> Result<()> {
     let layout = match (args.layout.0, &moe) {
         (Some(layout), None) if args.prefix.is_none() && ckpt.layers(layout).is_empty() => {
             // Say what the tensors do look like, rather than that the layer is missing.
-            let seen = WeightLayout::ALL
-                .into_iter()
-                .find(|l| !ckpt.layers(*l).is_empty());
-            match seen {
+            match layout_with_layers(&ckpt) {
                 Some(seen) => bail!(
                     "--layout {layout}: no {layout}-layout FFN is in this checkpoint; its \
                      tensors look like the {seen} layout (drop --layout, or pass --layout {seen})"
@@ -426,12 +416,6 @@ fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `--revision`, or the Hub's default branch.
-#[cfg(feature = "hub")]
-fn revision(args: &Args) -> String {
-    args.revision.clone().unwrap_or_else(|| "main".into())
-}
-
 /// A warning on stderr for the Hub flags, where the weights are not a Hub repo.
 fn warn_hub_flags(args: &Args) {
     for (given, flag) in [
@@ -477,14 +461,15 @@ fn open_weights(args: &Args) -> Result<(Checkpoint, String)> {
 #[cfg(feature = "hub")]
 fn open_hub(repo: &str, args: &Args) -> Result<(Checkpoint, String)> {
     use candle_glu::loading::hub::HubOptions;
+    let revision = args.revision.as_deref().unwrap_or("main");
     let mut opts = HubOptions::new()
-        .with_revision(revision(args))
+        .with_revision(revision)
         .with_offline(args.offline);
     if !args.json {
         opts = opts.with_progress(StderrProgress::default());
     }
     let ckpt = Checkpoint::from_hub(repo, &opts)?;
-    Ok((ckpt, format!("{repo}@{}", revision(args))))
+    Ok((ckpt, format!("{repo}@{revision}")))
 }
 
 /// Download progress on stderr: one line redrawn in place (at most 5 times a second) on a
@@ -551,15 +536,19 @@ fn detect_layout(ckpt: &Checkpoint, args: &Args) -> Result<WeightLayout> {
             return Ok(layout);
         }
     }
+    layout_with_layers(ckpt).ok_or_else(|| {
+        anyhow!(
+            "found no layer's FFN weights in any known layout ({}); pass --prefix",
+            WeightLayout::NAMES.join(", ")
+        )
+    })
+}
+
+/// The first layout in which the checkpoint holds some layer's FFN.
+fn layout_with_layers(ckpt: &Checkpoint) -> Option<WeightLayout> {
     WeightLayout::ALL
         .into_iter()
         .find(|l| !ckpt.layers(*l).is_empty())
-        .ok_or_else(|| {
-            anyhow!(
-                "found no layer's FFN weights in any known layout ({}); pass --prefix",
-                WeightLayout::NAMES.join(", ")
-            )
-        })
 }
 
 fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
@@ -659,12 +648,16 @@ fn bench(
 
 /// Writes `y` as f32 through a temporary file renamed into place, so that a failure or an
 /// interruption never leaves a partial output; the interrupt handler removes the temporary file.
+/// The directory `--output` writes into (its temporary file too).
+fn output_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 fn write_output(path: &Path, y: &Tensor) -> Result<()> {
     let y = y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = output_dir(path);
     let name = path
         .file_name()
         .ok_or_else(|| anyhow!("--output {}: not a file name", path.display()))?;

@@ -154,31 +154,19 @@ fn conversions_with_candle_nn_compute_the_same_function() {
         (C::Swish, Activation::Silu),
         (C::Sigmoid, Activation::Sigmoid),
     ];
+    // max |candle's σ(x) - ours(x)|
+    let diff = |theirs: C, ours: Activation| -> f32 {
+        let d = (theirs.forward(&x).unwrap() - ours.forward(&x).unwrap()).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    };
     for (theirs, ours) in pairs {
         assert_eq!(Activation::try_from(theirs).unwrap(), ours, "{theirs:?}");
-        let a = theirs.forward(&x).unwrap();
-        let b = ours.forward(&x).unwrap();
-        let diff: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff <= 1e-6, "{theirs:?} and {ours}: {diff}");
+        let d = diff(theirs, ours);
+        assert!(d <= 1e-6, "{theirs:?} and {ours}: {d}");
         // Back: to a candle activation that computes the same.
         let back = C::try_from(ours).unwrap();
-        let c = back.forward(&x).unwrap();
-        let diff: f32 = (c - ours.forward(&x).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff <= 1e-6, "{ours} and {back:?}: {diff}");
+        let d = diff(back, ours);
+        assert!(d <= 1e-6, "{ours} and {back:?}: {d}");
     }
     assert_eq!(
         C::try_from(Activation::Swish { beta: 1.0 }).unwrap(),

@@ -716,20 +716,19 @@ fn generate(args: &[&str]) -> Output {
     generate_cmd(args).output().unwrap()
 }
 
+/// `generate` on the GGUF with `args`, which must succeed: (stdout, stderr).
+fn generate_ok(args: &[&str]) -> (String, String) {
+    let gguf = gguf();
+    let out = generate(&[args, &["--weights", gguf.to_str().unwrap()]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    (String::from_utf8(out.stdout).unwrap(), stderr)
+}
+
 #[test]
 fn generate_greedy_paris() {
-    let gguf = gguf();
-    let out = generate(&[
-        "--prompt",
-        "The capital of France is",
-        "--max-tokens",
-        "5",
-        "--weights",
-        gguf.to_str().unwrap(),
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let (stdout, stderr) =
+        generate_ok(&["--prompt", "The capital of France is", "--max-tokens", "5"]);
     assert!(
         stdout.starts_with("The capital of France is Paris"),
         "{stdout:?}"
@@ -746,15 +745,8 @@ fn generate_greedy_paris() {
 
 #[test]
 fn generate_sampling_is_seeded() {
-    let gguf = gguf();
     let run = |seed: &str| {
-        let out = generate(&[
-            "--prompt",
-            "Once upon a time",
-            "--max-tokens",
-            "6",
-            "--weights",
-            gguf.to_str().unwrap(),
+        let sampled = [
             "--temperature",
             "1.0",
             "--top-p",
@@ -763,13 +755,9 @@ fn generate_sampling_is_seeded() {
             seed,
             "--ffn",
             "f32",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        ];
+        let prompt = ["--prompt", "Once upon a time", "--max-tokens", "6"];
+        generate_ok(&[&prompt[..], &sampled].concat()).0
     };
     let a = run("7");
     assert!(a.starts_with("Once upon a time"), "{a:?}");
@@ -780,19 +768,9 @@ fn generate_sampling_is_seeded() {
 /// sampling with top-k and the penalty is seeded.
 #[test]
 fn generate_repeat_penalty_and_top_k() {
-    let gguf = gguf();
     let run = |extra: &[&str]| {
-        let base = [
-            "--prompt",
-            "Once upon a time",
-            "--max-tokens",
-            "40",
-            "--weights",
-        ];
-        let out = generate(&[&base[..], &[gguf.to_str().unwrap()], extra].concat());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{stderr}");
-        String::from_utf8(out.stdout).unwrap()
+        let prompt = ["--prompt", "Once upon a time", "--max-tokens", "40"];
+        generate_ok(&[&prompt[..], extra].concat()).0
     };
     let plain = run(&[]);
     let penalised = run(&["--repeat-penalty", "1.3"]);
@@ -812,21 +790,16 @@ fn generate_repeat_penalty_and_top_k() {
 
 #[test]
 fn generate_flags_ignore_case_and_say_what_does_nothing() {
-    let gguf = gguf();
-    let out = generate(&[
+    let (stdout, stderr) = generate_ok(&[
         "--prompt",
         "The capital of France is",
         "--max-tokens",
         "2",
-        "--weights",
-        gguf.to_str().unwrap(),
         "--ffn",
         "F32",
         "--top-p",
         "0.5",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("FFN f32"), "{stderr}");
     assert!(
         stderr.starts_with(
@@ -835,7 +808,6 @@ fn generate_flags_ignore_case_and_say_what_does_nothing() {
         "{stderr}"
     );
     // Greedy, as without --top-p.
-    let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout, "The capital of France is Paris.\n");
 }
 
@@ -975,16 +947,8 @@ fn chat_template_renders_as_jinja2_does() {
 
 #[test]
 fn generate_chat_answers_and_a_bare_question_gets_a_hint() {
-    let gguf = gguf();
-    // `generate` on the GGUF with `args`, which must succeed: (stdout, stderr).
-    let ok = |args: &[&str]| {
-        let out = generate(&[args, &["--weights", gguf.to_str().unwrap()]].concat());
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        (String::from_utf8(out.stdout).unwrap(), stderr)
-    };
     // With its chat template the Instruct model answers; only the answer is printed.
-    let (stdout, _) = ok(&[
+    let (stdout, _) = generate_ok(&[
         "--chat",
         "--system",
         "You answer in one word.",
@@ -996,7 +960,7 @@ fn generate_chat_answers_and_a_bare_question_gets_a_hint() {
     assert!(stdout.contains("Berlin"), "{stdout:?}");
     assert!(!stdout.contains("capital of Germany?"), "{stdout:?}");
     // Without it, the model ends the text at once: say why, and what to do.
-    let (_, stderr) = ok(&[
+    let (_, stderr) = generate_ok(&[
         "--prompt",
         "What is the capital of France?",
         "--max-tokens",
@@ -1005,7 +969,7 @@ fn generate_chat_answers_and_a_bare_question_gets_a_hint() {
     assert!(stderr.contains("generated   0 tokens"), "{stderr}");
     assert!(stderr.contains("try --chat"), "{stderr}");
     // --system alone does nothing, and says so.
-    let (_, stderr) = ok(&["--prompt", "Hi", "--max-tokens", "1", "--system", "x"]);
+    let (_, stderr) = generate_ok(&["--prompt", "Hi", "--max-tokens", "1", "--system", "x"]);
     assert!(
         stderr.starts_with("warning: --system does nothing without --chat\n"),
         "{stderr}"
