@@ -56,6 +56,42 @@ pub enum Error {
         hidden_size: usize,
     },
 
+    /// An input to a [`Projection`](crate::Projection) whose last dimension is not the layer's
+    /// input features, or which has no dimension at all.
+    #[error(
+        "input of shape {shape:?} does not end in the projection's {in_features} input features"
+    )]
+    ProjectionInput {
+        /// The input's shape.
+        shape: Vec<usize>,
+        /// The input features of the weight `[out, in]`.
+        in_features: usize,
+    },
+
+    /// A [`Projection`](crate::Projection) built from parts that do not fit: a weight that is
+    /// not a float matrix, a bias of another length, dtype or device.
+    #[error("invalid projection: {message}")]
+    InvalidProjection {
+        /// What is wrong.
+        message: String,
+    },
+
+    /// An input to a [`Projection`](crate::Projection) whose result would exceed
+    /// [`MAX_ACTIVATION_BYTES`](crate::config::MAX_ACTIVATION_BYTES): an error rather than an
+    /// allocation that aborts the process.
+    #[rustfmt::skip]
+    #[error("input of shape {shape:?} is too large: its result of {out_features} features per token would take {bytes} bytes, more than the limit of {limit} bytes; split it into smaller batches")]
+    OutputTooLarge {
+        /// The input's shape.
+        shape: Vec<usize>,
+        /// The projection's output features.
+        out_features: usize,
+        /// The bytes the result would take (saturating).
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+
     /// An input tensor that is not floating point.
     #[error("input has dtype {dtype:?}, expected a floating-point dtype (f32, f16, bf16 or f64)")]
     InputDtype {

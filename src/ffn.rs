@@ -4,104 +4,12 @@
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use crate::kernels::{self, GateUpOp, LinearOp, QuantGateUpOp, QuantLinearOp};
 use crate::layout::{self, WeightLayout};
-use crate::{Activation, Error, GluConfig, MicroKernel};
-
-/// One projection of the block, `y = x·Wᵀ + b`, with `W` stored as PyTorch's `[out, in]`.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum Projection {
-    /// A dense weight in any float dtype, as a [`candle_nn::Linear`].
-    Dense(Linear),
-    /// A quantized weight (GGUF), held in candle's [`QMatMul`], with f32 activations. On a CPU,
-    /// the block multiplies Q4_1 (with AVX-512), q8_0 and q4k (with AVX512-VNNI), and all three
-    /// on the AMX tiles at prefill where the CPU has them, by the crate's own kernels, which read
-    /// the blocks in place; other types, other devices, and a `Projection` used alone, multiply
-    /// through `QMatMul`.
-    Quantized {
-        /// The quantized weight, `[out, in]`.
-        weight: QMatMul,
-        /// The bias, if any, in f32.
-        bias: Option<Tensor>,
-    },
-}
-
-impl Projection {
-    /// A quantized projection.
-    pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Projection::Quantized { weight, bias }
-    }
-
-    /// The dense layer, if this projection is dense.
-    pub fn as_linear(&self) -> Option<&Linear> {
-        match self {
-            Projection::Dense(linear) => Some(linear),
-            Projection::Quantized { .. } => None,
-        }
-    }
-
-    /// The weight's shape `[out, in]`.
-    pub fn weight_dims(&self) -> &[usize] {
-        match self {
-            Projection::Dense(linear) => linear.weight().dims(),
-            Projection::Quantized { weight, .. } => match weight {
-                QMatMul::QTensor(q) => q.shape().dims(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims(),
-            },
-        }
-    }
-
-    /// The bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        match self {
-            Projection::Dense(linear) => linear.bias(),
-            Projection::Quantized { bias, .. } => bias.as_ref(),
-        }
-    }
-
-    /// The dtype inputs are computed in: the weight's for dense projections, f32 for quantized
-    /// ones.
-    pub fn dtype(&self) -> DType {
-        match self {
-            Projection::Dense(linear) => linear.weight().dtype(),
-            Projection::Quantized { .. } => DType::F32,
-        }
-    }
-
-    /// The device the weight lives on.
-    pub fn device(&self) -> Device {
-        match self {
-            Projection::Dense(linear) => linear.weight().device().clone(),
-            Projection::Quantized { weight, .. } => match weight {
-                QMatMul::QTensor(q) => q.device(),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
-            },
-        }
-    }
-
-    /// Whether the weight is quantized.
-    pub fn is_quantized(&self) -> bool {
-        matches!(self, Projection::Quantized { .. })
-    }
-}
-
-impl Module for Projection {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Projection::Dense(linear) => linear.forward(xs),
-            Projection::Quantized { weight, bias } => {
-                let ys = weight.forward(xs)?;
-                match bias {
-                    Some(b) => ys.broadcast_add(b),
-                    None => Ok(ys),
-                }
-            }
-        }
-    }
-}
+use crate::projection::{load_linear, shape_error};
+use crate::{Activation, Error, GluConfig, MicroKernel, Projection};
 
 /// The gated feed-forward block of modern transformers (Shazeer 2020):
 ///
@@ -163,7 +71,7 @@ impl GluFeedForward {
         check_biases(cfg, &vb, &names)?;
         let loaded = shapes
             .iter()
-            .map(|(name, shape)| load_linear(&vb, name, *shape, cfg.bias))
+            .map(|(name, shape)| load_linear(&vb.pp(*name), *shape, cfg.bias))
             .collect::<Result<Vec<_>>>()?;
         let (gate_proj, up_proj, down_proj) = match loaded.as_slice() {
             [gate, up, down] => (gate.clone(), up.clone(), down.clone()),
@@ -460,8 +368,8 @@ impl GluFeedForward {
                 exact_q4_1: self.exact_q4_1,
             })?
         } else {
-            let gate = self.gate_proj.forward(&x)?;
-            kernels::gated(&gate, &self.up_proj.forward(&x)?, act)?
+            let gate = self.gate_proj.forward_candle(&x)?;
+            kernels::gated(&gate, &self.up_proj.forward_candle(&x)?, act)?
         };
         if down {
             hidden.apply_op1_no_bwd(&QuantLinearOp {
@@ -469,17 +377,17 @@ impl GluFeedForward {
                 exact_q4_1: self.exact_q4_1,
             })
         } else {
-            self.down_proj.forward(&hidden)
+            self.down_proj.forward_candle(&hidden)
         }
     }
 
     /// The block as three projections on candle's ops, and the gated product in one pass where
     /// a kernel exists: GPUs, CPUs without the kernels, training with biases, other types.
     fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
+        let gate = self.gate_proj.forward_candle(x)?;
+        let up = self.up_proj.forward_candle(x)?;
         let hidden = kernels::gated(&gate, &up, self.config.activation)?;
-        self.down_proj.forward(&hidden)
+        self.down_proj.forward_candle(&hidden)
     }
 
     /// Checks an input and returns it as `[tokens, H]` in the weights' dtype.
@@ -560,58 +468,6 @@ impl Module for GluFeedForward {
         };
         y.reshape(xs.shape())?.to_dtype(xs.dtype())
     }
-}
-
-/// Reads `<name>.weight` of shape `[out, in]` and, if `bias`, `<name>.bias`.
-fn load_linear(vb: &VarBuilder, name: &str, [out, inp]: [usize; 2], bias: bool) -> Result<Linear> {
-    let vb = vb.pp(name);
-    let weight = load(
-        &vb,
-        "weight",
-        &[out, inp],
-        candle_nn::init::DEFAULT_KAIMING_NORMAL,
-    )?;
-    let bias = if bias {
-        let bound = 1. / (inp as f64).sqrt();
-        let init = Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
-        Some(load(&vb, "bias", &[out], init)?)
-    } else {
-        None
-    };
-    Ok(Linear::new(weight, bias))
-}
-
-/// `vb.get_with_hints`, with errors that say what exists instead.
-pub(crate) fn load(vb: &VarBuilder, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-    let err = match vb.get_with_hints(shape, name, init) {
-        Ok(t) => return Ok(t),
-        Err(err) => err,
-    };
-    let full = layout::join(&vb.prefix(), name);
-    if !vb.contains_tensor(name) {
-        let root = vb.root();
-        return Err(Error::MissingTensor {
-            found: layout::nearby_names(&full, |n| root.contains_tensor(n)),
-            name: full,
-        }
-        .into());
-    }
-    match vb.get_unchecked(name) {
-        Ok(t) if t.dims() != shape => Err(shape_error(&full, shape, t.dims())),
-        _ => Err(err),
-    }
-}
-
-fn shape_error(name: &str, expected: &[usize], found: &[usize]) -> candle_core::Error {
-    Error::ShapeMismatch {
-        name: name.to_string(),
-        expected: expected.to_vec(),
-        found: found.to_vec(),
-    }
-    .into()
 }
 
 /// Biases must exist for every projection or for none, and agree with `cfg.bias`.

@@ -41,16 +41,18 @@ mod kernels;
 pub mod layout;
 pub mod loading;
 pub mod moe;
+pub mod projection;
 
 pub use activation::Activation;
 pub use config::GluConfig;
 pub use error::{ConversionError, Error, ParseError, Result};
-pub use ffn::{ForwardPath, GluFeedForward, Projection};
+pub use ffn::{ForwardPath, GluFeedForward};
 pub use kernels::detect::{CpuKernels, MicroKernel};
 pub use layout::WeightLayout;
 #[cfg(feature = "hub")]
 pub use loading::hub::{fetch_model, DownloadProgress, HubOptions};
 pub use moe::{GluExperts, MoeConfig, Routing, Scoring};
+pub use projection::Projection;
 
 /// The crate's CPU kernels that run in this process, or `None` where they do not (a CPU
 /// without AVX-512 F/BW/VL, FMA and F16C; an architecture other than x86-64; or

@@ -32,7 +32,7 @@ use candle_core::Result;
 
 use crate::config::{bool_field, kind_of, size_field, MAX_CONFIG_BYTES, MAX_DIM};
 use crate::error;
-use crate::ffn::load;
+use crate::projection::load;
 use crate::{Error, GluConfig, GluFeedForward, Projection, WeightLayout};
 
 /// How the router turns its logits into scores.

@@ -15,7 +15,9 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::loading::{Checkpoint, LoadOptions};
-use candle_glu::{Activation, GluConfig, GluExperts, GluFeedForward, MoeConfig, WeightLayout};
+use candle_glu::{
+    Activation, GluConfig, GluExperts, GluFeedForward, MoeConfig, Projection, WeightLayout,
+};
 use candle_nn::{VarBuilder, VarMap};
 use craft::{write, Gguf, GgufValue};
 
@@ -53,6 +55,16 @@ fn llama_file(dir: &Path, tensors: &[(&str, &[u64])]) -> PathBuf {
 const G: &str = "model.layers.0.mlp.gate_proj.weight";
 const U: &str = "model.layers.0.mlp.up_proj.weight";
 const D: &str = "model.layers.0.mlp.down_proj.weight";
+
+/// A `[4, 8]` f32 weight of zeros.
+fn zeros_4_8() -> Tensor {
+    Tensor::zeros((4, 8), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// The repository's `weights/`.
+fn embedded() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
+}
 
 fn gguf_file(dir: &Path, g: &Gguf) -> PathBuf {
     write(dir, "model.gguf", &g.bytes())
@@ -479,6 +491,45 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let x = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
         let x = x.broadcast_as((1 << 20, 1 << 10, 4)).unwrap();
         err(ffn_4_8().forward(&x))
+    });
+    // --- Projection
+    c.insert("projection-weight-rank", |_| {
+        let w = Tensor::zeros((2, 4, 8), DType::F32, &Device::Cpu).unwrap();
+        err(Projection::new(w, None))
+    });
+    c.insert("projection-weight-int", |_| {
+        err(Projection::new(
+            Tensor::zeros((4, 8), DType::U32, &Device::Cpu).unwrap(),
+            None,
+        ))
+    });
+    c.insert("projection-bias-len", |_| {
+        let b = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+        err(Projection::new(zeros_4_8(), Some(b)))
+    });
+    c.insert("projection-bias-dtype", |_| {
+        let b = Tensor::zeros(4, DType::BF16, &Device::Cpu).unwrap();
+        err(Projection::new(zeros_4_8(), Some(b)))
+    });
+    c.insert("projection-input-width", |_| {
+        let p = Projection::new(zeros_4_8(), None).unwrap();
+        err(p.forward(&Tensor::zeros((3, 7), DType::F32, &Device::Cpu).unwrap()))
+    });
+    c.insert("projection-output-too-large", |_| {
+        // A broadcast view: 2^31 tokens without their memory.
+        let x = Tensor::zeros((1, 8), DType::F32, &Device::Cpu).unwrap();
+        let x = x.broadcast_as((1 << 21, 1 << 10, 8)).unwrap();
+        let p = Projection::new(zeros_4_8(), None).unwrap();
+        err(p.forward(&x))
+    });
+    c.insert("projection-missing", |_| {
+        let ckpt = Checkpoint::open(embedded()).unwrap();
+        err(ckpt.load_projection("model.layers.0.mlp.down", &f32_opts()))
+    });
+    c.insert("projection-not-matrix", |d| {
+        let path = llama_file(d, &[("model.norm.weight", &[8])]);
+        let ckpt = Checkpoint::open(path).unwrap();
+        err(ckpt.load_projection("model.norm", &f32_opts()))
     });
     // --- the CLI
     c.insert("cli-unknown-flag", |d| infer(d, &["--frobnicate"]));

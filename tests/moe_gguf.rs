@@ -148,14 +148,14 @@ fn quantized_experts_read_in_place_match_float64() {
     }
 }
 
-/// The layer with every projection through candle's own `QMatMul` (`Projection::forward`) and
+/// The layer with every projection through candle's own `QMatMul` (`Projection::forward_candle`) and
 /// candle's ops, token by token, routed as `moe` routes: an oracle independent of the crate's
 /// kernels for what 8-bit activations cost on these weights.
 fn through_qmatmul(moe: &GluExperts, ckpt: &Checkpoint, x: &Tensor) -> Tensor {
     let ffn = |f: &GluFeedForward, x: &Tensor| {
-        let g = candle_nn::ops::silu(&f.gate_proj().forward(x).unwrap()).unwrap();
-        let u = f.up_proj().forward(x).unwrap();
-        f.down_proj().forward(&(g * u).unwrap()).unwrap()
+        let g = candle_nn::ops::silu(&f.gate_proj().forward_candle(x).unwrap()).unwrap();
+        let u = f.up_proj().forward_candle(x).unwrap();
+        f.down_proj().forward_candle(&(g * u).unwrap()).unwrap()
     };
     let routing = moe.route(x).unwrap();
     let gate = ckpt

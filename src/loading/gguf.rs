@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::{Activation, Error, GluConfig, Result, WeightLayout};
@@ -749,22 +749,6 @@ fn integer(v: &Value) -> Option<u64> {
         Value::I64(n) => u64::try_from(n).ok(),
         _ => None,
     }
-}
-
-/// A quantized weight as candle's `QMatMul`, or dequantized to f32 where candle's quantized
-/// kernel cannot take it: Q4_1, Q5_0 and Q5_1 dot products `debug_assert!` an even number of
-/// blocks per row (found by fuzzing: rows of 32 values panic in debug builds; release builds
-/// compute them correctly with the generic loop).
-pub(crate) fn qmatmul(qt: QTensor, device: &Device) -> Result<QMatMul> {
-    let pairs_only = matches!(
-        qt.dtype(),
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-    );
-    let blocks = qt.shape().dims().last().copied().unwrap_or(0) / qt.dtype().block_size();
-    if pairs_only && blocks % 2 == 1 {
-        return Ok(QMatMul::Tensor(qt.dequantize(device)?));
-    }
-    Ok(QMatMul::from_qtensor(qt)?)
 }
 
 /// The bytes of a tensor of this shape and type, or what is wrong with its shape.

@@ -300,6 +300,65 @@ impl Checkpoint {
         VarBuilder::from_backend(backend, dtype, device.clone())
     }
 
+    /// Loads the linear layer `name` (e.g. `model.layers.0.self_attn.q_proj`, or
+    /// `blk.0.attn_q` in a GGUF): `{name}.weight` (`[out, in]`) and `{name}.bias` where the
+    /// checkpoint has one. GGUF weights stay quantized, read in place by
+    /// [`Projection`]'s kernels, unless `opts.quantized` is false; every other weight (and every
+    /// bias of a dense one) is read in `opts.dtype`; the bias of a quantized one in f32.
+    ///
+    /// ```no_run
+    /// use candle_core::{Device, Module, Tensor};
+    /// use candle_glu::loading::{Checkpoint, LoadOptions};
+    /// # fn main() -> anyhow::Result<()> {
+    /// let ckpt = Checkpoint::open("SmolLM2-135M-Instruct.Q4_1.gguf")?;
+    /// let q_proj = ckpt.load_projection("blk.0.attn_q", &LoadOptions::default())?; // Q4_1, in place
+    /// let y = q_proj.forward(&Tensor::zeros((1, 576), candle_core::DType::F32, &Device::Cpu)?)?;
+    /// assert_eq!(y.dims(), [1, 576]);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// A missing weight (with the closest names that exist), one that is not a matrix, or a bias
+    /// whose length is not its rows.
+    pub fn load_projection(&self, name: &str, opts: &LoadOptions) -> Result<Projection> {
+        let (weight, bias) = (join(name, "weight"), join(name, "bias"));
+        let Some(shape) = self.tensor_shape(&weight) else {
+            return Err(Error::MissingTensor {
+                found: crate::layout::nearby_names(&weight, |n| self.contains(n)),
+                name: weight,
+            });
+        };
+        let [out, inp] = *shape else {
+            return Err(Error::InvalidProjection {
+                message: format!("tensor `{weight}` has shape {shape:?}, expected [out, in]"),
+            });
+        };
+        if let Some(found) = self.tensor_shape(&bias) {
+            if found != [out] {
+                return Err(Error::ShapeMismatch {
+                    name: bias,
+                    expected: vec![out],
+                    found: found.to_vec(),
+                });
+            }
+        }
+        let has_bias = self.contains(&bias);
+        match &self.store {
+            Store::Gguf(g) if opts.quantized => {
+                let b = match has_bias {
+                    true => Some(g.dequantized(&bias, DType::F32, &opts.device)?),
+                    false => None,
+                };
+                let q = Arc::new(g.qtensor(&weight, &opts.device)?);
+                Ok(Projection::from_qtensor(q, b)?)
+            }
+            _ => {
+                let vb = self.var_builder(opts.dtype, &opts.device).pp(name);
+                Ok(Projection::load(inp, out, has_bias, vb)?)
+            }
+        }
+    }
+
     /// Loads the block whose weights are under `prefix` (e.g. `model.layers.3.mlp`).
     ///
     /// # Errors
@@ -591,7 +650,7 @@ impl Checkpoint {
 /// `opts.quantized` is false.
 fn gguf_projection(q: candle_core::quantized::QTensor, opts: &LoadOptions) -> Result<Projection> {
     Ok(if opts.quantized {
-        Projection::quantized(gguf::qmatmul(q, &opts.device)?, None)
+        Projection::quantized(crate::projection::qmatmul(Arc::new(q))?, None)
     } else {
         let w = q.dequantize(&opts.device)?.to_dtype(opts.dtype)?;
         Projection::Dense(candle_nn::Linear::new(w, None))

@@ -329,12 +329,11 @@ pub fn embedded_weights() -> PathBuf {
 /// projections (candle's `Linear` / `QMatMul`) and [`candle_glu::Activation::gated`]. The plain
 /// twin the fused kernels are held to.
 pub fn plain_forward(ffn: &candle_glu::GluFeedForward, xs: &Tensor) -> candle_core::Result<Tensor> {
-    use candle_core::Module;
     let h = ffn.config().hidden_size;
     let x = xs.reshape(((), h))?.to_dtype(ffn.dtype())?;
-    let gate = ffn.gate_proj().forward(&x)?;
-    let up = ffn.up_proj().forward(&x)?;
+    let gate = ffn.gate_proj().forward_candle(&x)?;
+    let up = ffn.up_proj().forward_candle(&x)?;
     let hidden = ffn.activation().gated(&gate, &up)?;
-    let y = ffn.down_proj().forward(&hidden)?;
+    let y = ffn.down_proj().forward_candle(&hidden)?;
     y.reshape(xs.shape())?.to_dtype(xs.dtype())
 }

@@ -1,0 +1,453 @@
+//! [`Projection`], a linear layer `y = x·Wᵀ + b` on the crate's kernels: the projections of the
+//! gated block, and a drop-in for candle's `Linear` and `QMatMul` anywhere in a model.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use crate::config::MAX_ACTIVATION_BYTES;
+use crate::kernels::{self, LinearOp, QuantLinearOp};
+use crate::{Error, MicroKernel};
+
+/// A linear layer, `y = x·Wᵀ + b`, with `W` stored as PyTorch's `[out, in]`: one projection of
+/// the gated block, and a layer of its own wherever a model has one (attention's q/k/v/o, an
+/// output head).
+///
+/// On a CPU with the crate's kernels ([`cpu_kernels`](crate::cpu_kernels)) it multiplies
+/// through them, reading the weight in place, with the schedules the block uses (weight rows
+/// streamed for a few tokens, packed panels for many):
+/// - dense f32, bf16 and f16 weights, f32 sums;
+/// - GGUF Q4_1 decoded exactly to f32 (AVX-512), q8_0 and q4k in integer dot products over
+///   activations rounded to 8 bits per 32 values (AVX512-VNNI), all three on the AMX tiles at
+///   prefill where the CPU has them (see `docs/performance.md`).
+///
+/// Elsewhere (other GGUF types, GPUs, CPUs without AVX-512, strided weights) it is candle's
+/// `Linear` or `QMatMul`, as [`forward_candle`](Self::forward_candle). Dense weights compute in
+/// the weight's dtype, quantized ones in f32; the result comes back in the input's dtype.
+/// Inputs of any rank whose last dimension is `in` work.
+///
+/// ```rust
+/// use candle_core::{Device, Module, Tensor};
+/// use candle_glu::Projection;
+/// let dev = Device::Cpu;
+/// let w = Tensor::new(&[[1f32, 0., 2.], [0., 1., -1.]], &dev)?; // [out 2, in 3]
+/// let b = Tensor::new(&[0.5f32, 0.], &dev)?;
+/// let proj = Projection::new(w, Some(b))?;
+/// let x = Tensor::new(&[[[1f32, 2., 3.]]], &dev)?; // [1, 1, 3]
+/// assert_eq!(proj.forward(&x)?.to_vec3::<f32>()?, [[[7.5, -1.]]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// Training works through dense weights: the kernels' backward pass gives the input's and the
+/// weight's gradients, and a bias that is a variable is added by candle's ops. Quantized weights
+/// are inference only.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Projection {
+    /// A dense weight in any float dtype, as a [`candle_nn::Linear`].
+    Dense(Linear),
+    /// A quantized weight (GGUF), held in candle's [`QMatMul`], with f32 activations.
+    Quantized {
+        /// The quantized weight, `[out, in]`.
+        weight: QMatMul,
+        /// The bias, if any, in f32.
+        bias: Option<Tensor>,
+    },
+}
+
+impl Projection {
+    /// A dense layer: `weight` is `[out, in]` in a float dtype, `bias` (if any) `[out]` in the
+    /// same dtype, on the same device.
+    ///
+    /// # Errors
+    /// A weight that is not a float matrix; a bias of another length, dtype or device.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out, _) = match *weight.dims() {
+            [out, inp] => (out, inp),
+            _ => {
+                return Err(invalid(format!(
+                    "weight of shape {:?} is not [out, in]",
+                    weight.dims()
+                )))
+            }
+        };
+        if !weight.dtype().is_float() {
+            return Err(invalid(format!(
+                "weight has dtype {:?}, expected a float dtype",
+                weight.dtype()
+            )));
+        }
+        if let Some(b) = &bias {
+            check_bias(b, out, weight.device())?;
+            if b.dtype() != weight.dtype() {
+                return Err(invalid(format!(
+                    "bias has dtype {:?} and weight {:?}: they must match",
+                    b.dtype(),
+                    weight.dtype()
+                )));
+            }
+        }
+        Ok(Projection::Dense(Linear::new(weight, bias)))
+    }
+
+    /// A quantized layer on a GGUF weight `[out, in]` (any type candle reads), read in place;
+    /// `bias` (if any) `[out]`, widened to f32. Q4_1, Q5_0 and Q5_1 weights whose rows hold an
+    /// odd number of 32-value blocks are dequantized to f32 (candle's own kernels for them assert
+    /// an even number), and so are GGUF's float types.
+    ///
+    /// # Errors
+    /// A weight that is not a matrix; a bias of another length or device.
+    pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let out = match *weight.shape().dims() {
+            [out, _] => out,
+            ref dims => {
+                return Err(invalid(format!(
+                    "weight of shape {dims:?} is not [out, in]"
+                )))
+            }
+        };
+        let bias = match bias {
+            Some(b) => {
+                check_bias(&b, out, &weight.device())?;
+                Some(b.to_dtype(DType::F32)?)
+            }
+            None => None,
+        };
+        Ok(Projection::Quantized {
+            weight: qmatmul(weight)?,
+            bias,
+        })
+    }
+
+    /// A quantized projection from candle's `QMatMul`, as it is (see [`from_qtensor`](Self::from_qtensor)
+    /// for one that checks its arguments).
+    pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Projection::Quantized { weight, bias }
+    }
+
+    /// Reads `weight` (`[out_dim, in_dim]`) and, if `bias`, `bias` (`[out_dim]`) under `vb`'s
+    /// prefix, in `vb`'s dtype, as `candle_nn::linear_b(in_dim, out_dim, bias, vb)` does. Over a
+    /// `VarMap`, missing tensors are created with `candle_nn::linear`'s initialisation.
+    ///
+    /// # Errors
+    /// A missing tensor (the message names what exists nearby), or one of another shape.
+    pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Projection::Dense(load_linear(
+            &vb,
+            [out_dim, in_dim],
+            bias,
+        )?))
+    }
+
+    /// The dense layer, if this projection is dense.
+    pub fn as_linear(&self) -> Option<&Linear> {
+        match self {
+            Projection::Dense(linear) => Some(linear),
+            Projection::Quantized { .. } => None,
+        }
+    }
+
+    /// The weight's shape `[out, in]`.
+    pub fn weight_dims(&self) -> &[usize] {
+        match self {
+            Projection::Dense(linear) => linear.weight().dims(),
+            Projection::Quantized { weight, .. } => match weight {
+                QMatMul::QTensor(q) => q.shape().dims(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims(),
+            },
+        }
+    }
+
+    /// The input features, `in`.
+    pub fn in_features(&self) -> usize {
+        self.weight_dims().get(1).copied().unwrap_or(0)
+    }
+
+    /// The output features, `out`.
+    pub fn out_features(&self) -> usize {
+        self.weight_dims().first().copied().unwrap_or(0)
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Projection::Dense(linear) => linear.bias(),
+            Projection::Quantized { bias, .. } => bias.as_ref(),
+        }
+    }
+
+    /// The dtype inputs are computed in: the weight's for dense projections, f32 for quantized
+    /// ones.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Projection::Dense(linear) => linear.weight().dtype(),
+            Projection::Quantized { .. } => DType::F32,
+        }
+    }
+
+    /// The device the weight lives on.
+    pub fn device(&self) -> Device {
+        match self {
+            Projection::Dense(linear) => linear.weight().device().clone(),
+            Projection::Quantized { weight, .. } => match weight {
+                QMatMul::QTensor(q) => q.device(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.device().clone(),
+            },
+        }
+    }
+
+    /// Whether the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Projection::Quantized { .. })
+    }
+
+    /// The CPU micro-kernel that multiplies `xs` (`[.., in]`), or `None` where candle's ops do.
+    /// For logs and tests: the result is the same either way, within the rounding of the path.
+    ///
+    /// ```rust
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_glu::{MicroKernel, Projection};
+    /// let proj = Projection::new(Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?, None)?;
+    /// let one = Tensor::zeros((1, 8), DType::F32, &Device::Cpu)?;
+    /// if candle_glu::cpu_kernels().is_some() {
+    ///     assert_eq!(proj.micro_kernel(&one), Some(MicroKernel::FmaRows));
+    /// }
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn micro_kernel(&self, xs: &Tensor) -> Option<MicroKernel> {
+        let k = self.in_features();
+        let m = xs.elem_count() / k.max(1);
+        match self.kernel_weight()? {
+            KernelWeight::Dense(w) => kernels::dense_micro_kernel(w.dtype(), m, k),
+            KernelWeight::Quantized(q) => kernels::quant_micro_kernel(q, m, false),
+        }
+    }
+
+    /// The same product through candle's own ops: `Linear::forward`, or `QMatMul::forward` plus
+    /// the bias. The plain twin the kernels are tested against, and the path of every case the
+    /// kernels do not take. Same dtypes in and out as [`forward`](Module::forward).
+    ///
+    /// # Errors
+    /// As [`forward`](Module::forward).
+    pub fn forward_candle(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = self.check_input(xs)?;
+        let y = match self {
+            Projection::Dense(linear) => linear.forward(&x)?,
+            Projection::Quantized { weight, bias } => add_bias(weight.forward(&x)?, bias.as_ref())?,
+        };
+        y.to_dtype(xs.dtype())
+    }
+
+    /// The weight as the CPU kernels take it, where they do.
+    fn kernel_weight(&self) -> Option<KernelWeight<'_>> {
+        crate::cpu_kernels()?;
+        match self {
+            Projection::Dense(linear) => dense_kernel_weight(linear.weight()),
+            Projection::Quantized { weight, .. } => match weight {
+                QMatMul::QTensor(q) => kernels::quantized_available(&[q.as_ref()])
+                    .then_some(KernelWeight::Quantized(q)),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense_kernel_weight(t),
+            },
+        }
+    }
+
+    /// Checks `xs` and returns it in the dtype the weight computes in (f16 for candle's
+    /// `QMatMul::TensorF16`, as it does), leading dimensions kept.
+    fn check_input(&self, xs: &Tensor) -> Result<Tensor> {
+        let (out, k) = (self.out_features(), self.in_features());
+        if !xs.dtype().is_float() {
+            return Err(Error::InputDtype { dtype: xs.dtype() }.into());
+        }
+        let Some((&last, lead)) = xs.dims().split_last() else {
+            return Err(input_shape(xs, k));
+        };
+        if last != k {
+            return Err(input_shape(xs, k));
+        }
+        let tokens = lead.iter().product::<usize>();
+        let elem_bytes = self.dtype().size_in_bytes().max(xs.dtype().size_in_bytes());
+        let bytes = (tokens as u64)
+            .saturating_mul(out as u64)
+            .saturating_mul(elem_bytes as u64);
+        if bytes > MAX_ACTIVATION_BYTES {
+            return Err(Error::OutputTooLarge {
+                shape: xs.dims().to_vec(),
+                out_features: out,
+                bytes,
+                limit: MAX_ACTIVATION_BYTES,
+            }
+            .into());
+        }
+        let dtype = match self {
+            Projection::Quantized {
+                weight: QMatMul::TensorF16(_),
+                ..
+            } => DType::F16,
+            _ => self.dtype(),
+        };
+        xs.to_dtype(dtype)
+    }
+}
+
+/// A weight the CPU kernels can take.
+enum KernelWeight<'a> {
+    /// Dense f32, bf16 or f16, contiguous.
+    Dense(&'a Tensor),
+    /// GGUF blocks the kernels read in place.
+    Quantized(&'a Arc<QTensor>),
+}
+
+fn dense_kernel_weight(w: &Tensor) -> Option<KernelWeight<'_>> {
+    let dtype_ok = matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    (dtype_ok && w.device().is_cpu() && w.is_contiguous() && w.rank() == 2)
+        .then_some(KernelWeight::Dense(w))
+}
+
+impl Module for Projection {
+    /// `xs·Wᵀ + b` over the last dimension of `xs` (`[.., in]` → `[.., out]`), in `xs`'s dtype.
+    ///
+    /// # Errors
+    /// An input that is not floating point, whose last dimension is not `in`, or whose result
+    /// would exceed [`MAX_ACTIVATION_BYTES`].
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let Some(weight) = self.kernel_weight().filter(|_| xs.device().is_cpu()) else {
+            return self.forward_candle(xs);
+        };
+        let x = self.check_input(xs)?;
+        let (k, n) = (self.in_features(), self.out_features());
+        let mut dims = xs.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let tokens = x.elem_count() / k.max(1);
+        if tokens == 0 || k == 0 {
+            // Sums of nothing are zeros, plus the bias.
+            return self.forward_candle(xs);
+        }
+        let x = x.reshape((tokens, k))?.contiguous()?;
+        let y = match (weight, self.bias()) {
+            // The kernels take a constant bias into their epilogue; one that is being trained is
+            // added by candle's ops, which differentiate it.
+            (KernelWeight::Dense(w), Some(b)) if !b.track_op() => {
+                let bias = Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+                x.apply_op2(w, LinearOp { bias })?
+            }
+            (KernelWeight::Dense(w), bias) => {
+                let y = x.apply_op2(w, LinearOp { bias: None })?;
+                add_bias(y, bias)?
+            }
+            (KernelWeight::Quantized(q), bias) => {
+                let op = QuantLinearOp {
+                    w: Arc::clone(q),
+                    exact_q4_1: false,
+                };
+                add_bias(x.apply_op1_no_bwd(&op)?, bias)?
+            }
+        };
+        y.reshape(dims)?.to_dtype(xs.dtype())
+    }
+}
+
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        None => Ok(y),
+    }
+}
+
+fn invalid(message: String) -> candle_core::Error {
+    Error::InvalidProjection { message }.into()
+}
+
+fn input_shape(xs: &Tensor, in_features: usize) -> candle_core::Error {
+    Error::ProjectionInput {
+        shape: xs.dims().to_vec(),
+        in_features,
+    }
+    .into()
+}
+
+fn check_bias(b: &Tensor, out: usize, device: &Device) -> Result<()> {
+    if b.dims() != [out] {
+        return Err(invalid(format!(
+            "bias of shape {:?} does not match the weight's {out} outputs",
+            b.dims()
+        )));
+    }
+    if !b.device().same_device(device) {
+        return Err(invalid("bias and weight are on different devices".into()));
+    }
+    Ok(())
+}
+
+/// Reads `weight` of shape `[out, in]` and, if `bias`, `bias` under `vb`'s prefix; over a
+/// `VarMap`, creates them as `candle_nn::linear` does (Kaiming-normal weight, uniform bias).
+pub(crate) fn load_linear(vb: &VarBuilder, [out, inp]: [usize; 2], bias: bool) -> Result<Linear> {
+    let weight = load(
+        vb,
+        "weight",
+        &[out, inp],
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    let bias = if bias {
+        let bound = 1. / (inp as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        Some(load(vb, "bias", &[out], init)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+/// `vb.get_with_hints`, with errors that say what exists instead.
+pub(crate) fn load(vb: &VarBuilder, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+    let err = match vb.get_with_hints(shape, name, init) {
+        Ok(t) => return Ok(t),
+        Err(err) => err,
+    };
+    let full = crate::layout::join(&vb.prefix(), name);
+    if !vb.contains_tensor(name) {
+        let root = vb.root();
+        return Err(Error::MissingTensor {
+            found: crate::layout::nearby_names(&full, |n| root.contains_tensor(n)),
+            name: full,
+        }
+        .into());
+    }
+    match vb.get_unchecked(name) {
+        Ok(t) if t.dims() != shape => Err(shape_error(&full, shape, t.dims())),
+        _ => Err(err),
+    }
+}
+
+pub(crate) fn shape_error(name: &str, expected: &[usize], found: &[usize]) -> candle_core::Error {
+    Error::ShapeMismatch {
+        name: name.to_string(),
+        expected: expected.to_vec(),
+        found: found.to_vec(),
+    }
+    .into()
+}
+
+/// A quantized weight as candle's `QMatMul`, or dequantized to f32 where candle's quantized
+/// kernel cannot take it: Q4_1, Q5_0 and Q5_1 dot products `debug_assert!` an even number of
+/// blocks per row (found by fuzzing: rows of 32 values panic in debug builds; release builds
+/// compute them correctly with the generic loop).
+pub(crate) fn qmatmul(qt: Arc<QTensor>) -> Result<QMatMul> {
+    let pairs_only = matches!(
+        qt.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    );
+    let blocks = qt.shape().dims().last().copied().unwrap_or(0) / qt.dtype().block_size();
+    if pairs_only && blocks % 2 == 1 {
+        return Ok(QMatMul::Tensor(qt.dequantize(&qt.device())?));
+    }
+    QMatMul::from_arc(qt)
+}
