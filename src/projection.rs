@@ -21,9 +21,11 @@ use crate::{Error, MicroKernel};
 /// through them, reading the weight in place, with the schedules the block uses (weight rows
 /// streamed for a few tokens, packed panels for many):
 /// - dense f32, bf16 and f16 weights, f32 sums;
-/// - GGUF Q4_1 decoded exactly to f32 (AVX-512), q8_0 and q4k in integer dot products over
-///   activations rounded to 8 bits per 32 values (AVX512-VNNI), all three on the AMX tiles at
-///   prefill where the CPU has them (see `docs/performance.md`).
+/// - GGUF q8_0 and q4k in integer dot products over activations rounded to 8 bits per 32
+///   values (AVX512-VNNI), Q4_1 too up to 32 tokens and decoded exactly to f32 past them
+///   (AVX-512), all three on the AMX tiles at prefill where the CPU has them (see
+///   `docs/performance.md`; [`GluFeedForward::with_exact_q4_1`](crate::GluFeedForward::with_exact_q4_1)
+///   keeps Q4_1 exact in a block).
 ///
 /// Elsewhere (other GGUF types, GPUs, CPUs without AVX-512, strided weights) it is candle's
 /// `Linear` or `QMatMul`, as [`forward_candle`](Self::forward_candle). Dense weights compute in

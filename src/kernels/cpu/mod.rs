@@ -7,11 +7,11 @@
 //! | `dot.rs` | the dot schedule (decode, few tokens): weight rows streamed in place |
 //! | `packed.rs` | the packed schedule (prefill): GotoBLAS-style blocking around a register micro-kernel |
 //! | `tiled.rs` | the tiled schedule (prefill on AMX: dense bf16 and GGUF from a token count per type): weight rows as tile operands, in place or packed (GGUF: decoded to bf16) per block |
-//! | `int8.rs` | both schedules for GGUF q8_0 and q4k, over activations rounded to 8 bits |
+//! | `int8.rs` | both schedules for GGUF q8_0 and q4k, the dot one for Q4_1, over activations rounded to 8 bits |
 //! | `parallel.rs` | candle's worker pool, disjoint output writes, per-thread scratch |
 //! | `element.rs` | the element types: f32, bf16, f16 |
 //! | `avx512.rs` | AVX-512 micro-kernels: loads/stores, σ in f32, f32 FMA and bf16 dot-product tiles, row encodings (dense; GGUF Q4_1, q8_0, q4k decoded to f32) |
-//! | `vnni.rs` | AVX512-VNNI micro-kernels: 8-bit rounding, q8_0 and q4k dot products and tiles |
+//! | `vnni.rs` | AVX512-VNNI micro-kernels: 8-bit rounding, q8_0 and q4k dot products and tiles, Q4_1 dot products |
 //! | `amx.rs` | AMX micro-kernels: the tile configuration, bf16 tile products |
 //! | `tests.rs` | each micro-kernel and schedule against float64 |
 
@@ -192,6 +192,9 @@ fn quant_kernel(qtype: QuantType, m: usize, exact_q4_1: bool) -> MicroKernel {
     let tiles = !(exact_q4_1 && qtype == QuantType::Q4_1);
     match qtype {
         _ if tiles && features().amx_bf16() && m >= qtype.tile_min_tokens() => MicroKernel::AmxBf16,
+        QuantType::Q4_1 if !exact_q4_1 && features().vnni() && m <= int8::Q4_1_DOT_MAX_TOKENS => {
+            MicroKernel::VnniRows
+        }
         QuantType::Q4_1 => dense_kernel(Compute::Fma, false, m, 1),
         QuantType::Int8(_) if m <= int8::DOT_MAX_TOKENS => MicroKernel::VnniRows,
         QuantType::Int8(_) => MicroKernel::VnniPacked,
@@ -299,7 +302,8 @@ fn not_contiguous(op: &str) -> candle_core::Error {
 /// The GGUF types the CPU ops read in place, with the CPU features each needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum QuantType {
-    /// Q4_1, decoded exactly to f32 (AVX-512), or to bf16 for the AMX tiles.
+    /// Q4_1, in integers over 8-bit activations for few tokens (AVX512-VNNI), decoded exactly
+    /// to f32 (AVX-512), or to bf16 for the AMX tiles.
     Q4_1,
     /// q8_0 or q4k, in integer dot products (AVX512-VNNI), or decoded to bf16 for the tiles.
     Int8(vnni::Kind),
@@ -561,8 +565,9 @@ pub(super) fn quant_linear(
 
 /// The quantized ops' product, `[m, n]` f32: on the AMX tiles from
 /// [`QuantType::tile_min_tokens`] tokens where [`features`] chose them (weights decoded to bf16
-/// per block as they are packed, activations rounded to bf16); below, or without AMX, Q4_1
-/// decoded exactly to f32 and q8_0/q4k in integers over 8-bit activations (`int8.rs`). With
+/// per block as they are packed, activations rounded to bf16); below, or without AMX, q8_0/q4k
+/// in integers over 8-bit activations (`int8.rs`), Q4_1 too up to
+/// [`int8::Q4_1_DOT_MAX_TOKENS`] tokens and decoded exactly to f32 past them. With
 /// `exact_q4_1`, Q4_1 is decoded exactly at every token count.
 ///
 /// # Safety
@@ -584,6 +589,7 @@ unsafe fn quant_matmul(
     unsafe {
         match (quant_kernel(qtype, m, exact_q4_1), qtype) {
             (MicroKernel::AmxBf16, _) => quant_tiles(x, m, k, w, n, qtype),
+            (MicroKernel::VnniRows, QuantType::Q4_1) => int8::matmul_q4_1(x, m, k, w, n),
             (_, QuantType::Q4_1) => {
                 matmul::<f32, avx512::Q4_1>(x, m, k, w, n, Bias::default(), Compute::Fma)
             }

@@ -508,9 +508,21 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         (40, 2560, 70),
         (410, 2560, 40),
     ];
-    for (kind, dtype, sizes) in [
-        (Kind::Q8_0, GgmlDType::Q8_0, q8_sizes),
-        (Kind::Q4K, GgmlDType::Q4K, q4k_sizes),
+    // Q4_1 over 8-bit activations: the dot schedule at any token count (decode takes it up to
+    // 4); odd numbers of blocks (1, 3, 65).
+    let q4_1_sizes = vec![
+        (1, 32, 1),
+        (1, 96, 33),
+        (2, 576, 13),
+        (3, 1536, 37),
+        (4, 64, 9),
+        (5, 2080, 21),
+        (17, 96, 33),
+    ];
+    for (dtype, sizes) in [
+        (GgmlDType::Q8_0, q8_sizes),
+        (GgmlDType::Q4K, q4k_sizes),
+        (GgmlDType::Q4_1, q4_1_sizes),
     ] {
         for (m, k, n) in sizes {
             let q = |seed| {
@@ -531,16 +543,28 @@ fn int8_kernels_match_float64_over_rounded_activations() {
                 x[32..64].fill(0.0);
                 x[40] = -0.5;
             }
-            let rb = kind.row_bytes(k);
+            let (rb, kind) = match dtype {
+                GgmlDType::Q4_1 => (k / 32 * vnni::Q4_1_BLOCK_BYTES, None),
+                GgmlDType::Q8_0 => (Kind::Q8_0.row_bytes(k), Some(Kind::Q8_0)),
+                _ => (Kind::Q4K.row_bytes(k), Some(Kind::Q4K)),
+            };
             let (g, u) = (Mat::blocks(&bg, rb), Mat::blocks(&bu, rb));
             let act = Activation::Silu;
-            // SAFETY: VNNI checked; the blocks hold n rows of k values.
-            let h = unsafe { int8::matmul(&x, m, k, Weights::GateUp(g, u, act), n, kind) };
-            // SAFETY: as above.
-            let y = unsafe { int8::matmul(&x, m, k, Weights::Single(g), n, kind) };
+            let matmul = |w| match kind {
+                // SAFETY: VNNI checked; the blocks hold n rows of k values.
+                Some(kind) => unsafe { int8::matmul(&x, m, k, w, n, kind) },
+                // SAFETY: as above.
+                None => unsafe { int8::matmul_q4_1(&x, m, k, w, n) },
+            };
+            let h = matmul(Weights::GateUp(g, u, act));
+            let y = matmul(Weights::Single(g));
             // One scale per 32 values; per 256 (a super-block) for q4k decode.
             let decode = m <= int8::DOT_MAX_TOKENS;
-            let block = if kind == Kind::Q4K && decode { 256 } else { 32 };
+            let block = if kind == Some(Kind::Q4K) && decode {
+                256
+            } else {
+                32
+            };
             let xr = rounded_activations(&x, block);
             let dot =
                 |a: &[f64], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * *b as f64).sum::<f64>();
@@ -561,7 +585,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
                     max = max.max(want.abs()).max(gs.abs());
                 }
             }
-            let what = format!("{kind:?} m{m} k{k} n{n}");
+            let what = format!("{dtype:?} m{m} k{k} n{n}");
             assert!(worst <= 2e-6 * max, "{what}: {worst:e} of {max:e}");
             assert!(
                 rounding <= 2e-2 * max,
@@ -596,9 +620,14 @@ fn int8_kernels_keep_nan_to_its_token() {
         return;
     }
     let (k, n) = (512, 40);
-    for (kind, dtype) in [(Kind::Q8_0, GgmlDType::Q8_0), (Kind::Q4K, GgmlDType::Q4K)] {
+    for (kind, dtype) in [
+        (Some(Kind::Q8_0), GgmlDType::Q8_0),
+        (Some(Kind::Q4K), GgmlDType::Q4K),
+        (None, GgmlDType::Q4_1),
+    ] {
         let (data, _) = quantized(dtype, n, k, 3);
-        let w = Mat::blocks(&data, kind.row_bytes(k));
+        let rb = kind.map_or(k / 32 * vnni::Q4_1_BLOCK_BYTES, |kind| kind.row_bytes(k));
+        let w = Mat::blocks(&data, rb);
         // A token of each schedule gets a NaN (and one an infinity): only its outputs are NaN.
         for m in [1, 4, 20] {
             let mut x = values(m * k, 4);
@@ -606,10 +635,14 @@ fn int8_kernels_keep_nan_to_its_token() {
             if m > 1 {
                 x[k + 7] = f32::INFINITY;
             }
-            // SAFETY: VNNI checked; the blocks hold n rows of k values.
-            let y = unsafe { int8::matmul(&x, m, k, Weights::Single(w), n, kind) };
+            let y = match kind {
+                // SAFETY: VNNI checked; the blocks hold n rows of k values.
+                Some(kind) => unsafe { int8::matmul(&x, m, k, Weights::Single(w), n, kind) },
+                // SAFETY: as above.
+                None => unsafe { int8::matmul_q4_1(&x, m, k, Weights::Single(w), n) },
+            };
             // An infinity makes its block's 8-bit scale infinite: NaN too.
-            assert_poisoned_only(&y, m, n, true, &format!("{kind:?}"));
+            assert_poisoned_only(&y, m, n, true, &format!("{dtype:?}"));
         }
     }
 }

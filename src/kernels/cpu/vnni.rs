@@ -1,4 +1,4 @@
-//! AVX512-VNNI building blocks for GGUF q8_0 and q4k weights, read in place.
+//! AVX512-VNNI building blocks for GGUF q8_0, q4k and Q4_1 weights, read in place.
 //!
 //! Activations are rounded to 8 bits in blocks of 32 values, each block with its own f32 scale
 //! (as llama.cpp's q8_0 activations; finer than the 256-value blocks candle uses with these
@@ -27,6 +27,9 @@ pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
 /// Bytes of a q4k super-block: f16 `d` and `dmin`, 12 bytes of 6-bit sub-block scales and
 /// minima, 128 bytes of 4-bit codes; value `i` of sub-block `j` is `d·sc[j]·q − dmin·m[j]`.
 pub(crate) const Q4K_BLOCK_BYTES: usize = 144;
+/// Bytes of a Q4_1 block: f16 `d` and `m`, then 16 bytes of 4-bit codes (byte `i` holds value
+/// `i` in its low nibble and value `i + 16` in its high one); a value is `d·q + m`.
+pub(crate) const Q4_1_BLOCK_BYTES: usize = 20;
 /// How far ahead of the loads the decode kernels prefetch each weight row into L1, q8_0 and q4k
 /// (tuned on 7B decode: 1024 bytes ahead was 10–25% slower).
 const PREFETCH_BYTES: usize = 512;
@@ -278,6 +281,9 @@ unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
 ///
 /// - q8_0: one scale per 32-value block; per pair of blocks, `dxv` holds the two scales spread
 ///   over 8 lanes each and `corr` `−128·Σq` of each block in lanes 0 and 8.
+/// - Q4_1: one scale per 32-value block; per pair of blocks `a`, `b`, the codes are stored as
+///   `[a 0..16, b 0..16, a 16..32, b 16..32]` (as the weights' nibbles come), `dxv` holds
+///   `[d_a ×4, d_b ×4, d_a ×4, d_b ×4]` and `xsv` `[0, d_a·Σq_a, 0, d_b·Σq_b]`.
 /// - q4k: one scale `d` per super-block of 256 values (as llama.cpp's and candle's q8K), in
 ///   `dxv`; `xsv` per super-block holds `d·Σq` of its 8 sub-blocks; the codes of each
 ///   super-block are stored with its sub-blocks in the order 0, 2, 1, 3, 4, 6, 5, 7, as the
@@ -288,7 +294,7 @@ pub(crate) struct DotTokens<'a> {
     pub dxv: &'a [f32],
     /// q8_0 only.
     pub corr: &'a [i32],
-    /// q4k only.
+    /// q4k and Q4_1 only.
     pub xsv: &'a [f32],
     /// Codes per token (a multiple of 64).
     pub kp: usize,
@@ -426,6 +432,83 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
         for ((o, a), am) in out.iter_mut().zip(&acc).zip(&am) {
             for ((o, a), am) in o.iter_mut().zip(a).zip(am) {
                 *o = _mm512_reduce_add_ps(_mm512_add_ps(*a, _mm512_zextps256_ps512(*am)));
+            }
+        }
+    }
+}
+
+/// `out[t][r] = Σ x[t]·w[r]` over `nb` Q4_1 blocks of `R` weight rows, for `TT` tokens from
+/// `toks` (laid out for Q4_1: [`DotTokens`]) starting at token `t0`.
+///
+/// A Q4_1 value is `d·q + m` (`q` a 4-bit code, `d` and `m` f16 per 32 values), so a block's
+/// dot product with 8-bit activations `d_x·xq` is `d·d_x·Σ q·xq + m·d_x·Σ xq`: VPDPBUSD takes
+/// the codes as they are (unsigned) against the activations, two blocks per vector, and the
+/// minima's term `m·(d_x·Σ xq)` is summed apart, 128 bits wide, from the blocks' headers as
+/// they come (`[d, m]` of both blocks), as llama.cpp's Q4_1 × Q8_1 dot product does.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn dot_q4_1<const R: usize, const TT: usize>(
+    nb: usize,
+    w: [*const u8; R],
+    ahead: usize,
+    toks: DotTokens<'_>,
+    t0: usize,
+    out: &mut [[f32; R]; TT],
+) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); R]; TT];
+        let mut am = [[_mm_setzero_ps(); R]; TT];
+        let pp = toks.kp / 64;
+        let low = _mm256_set1_epi8(0x0f);
+        // Lanes 0–3 and 8–11 hold the first block's sums, 4–7 and 12–15 the second's.
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
+        for p in 0..nb.div_ceil(2) {
+            let second = 2 * p + 1 < nb;
+            for row in &w {
+                prefetch_block::<{ 2 * Q4_1_BLOCK_BYTES }>(
+                    row.wrapping_add(2 * p * Q4_1_BLOCK_BYTES),
+                    PREFETCH_BYTES,
+                    ahead,
+                );
+            }
+            for (r, row) in w.iter().enumerate() {
+                let pa = row.add(2 * p * Q4_1_BLOCK_BYTES);
+                let qa = _mm_loadu_si128(pa.add(4) as *const __m128i);
+                let ha = (pa as *const i32).read_unaligned();
+                let (qb, hb) = if second {
+                    let pb = pa.add(Q4_1_BLOCK_BYTES);
+                    (
+                        _mm_loadu_si128(pb.add(4) as *const __m128i),
+                        (pb as *const i32).read_unaligned(),
+                    )
+                } else {
+                    (_mm_setzero_si128(), 0)
+                };
+                // [d_a, m_a, d_b, m_b]
+                let dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, hb, ha));
+                let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dm));
+                // Codes [a 0..16, b 0..16, a 16..32, b 16..32], as the tokens are laid out.
+                let both = _mm256_set_m128i(qb, qa);
+                let codes = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_and_si256(both, low)),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(both), low),
+                );
+                for (t, (a, am)) in acc.iter_mut().zip(&mut am).enumerate() {
+                    let i = (t0 + t) * pp + p;
+                    let x = _mm512_loadu_si512(toks.q.as_ptr().add(64 * i) as *const _);
+                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, x);
+                    let s = _mm512_mul_ps(dw, _mm512_loadu_ps(toks.dxv.as_ptr().add(16 * i)));
+                    a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, a[r]);
+                    // [0, d_x·Σxq of a, 0, that of b]
+                    let xs = _mm_loadu_ps(toks.xsv.as_ptr().add(4 * i));
+                    am[r] = _mm_fmadd_ps(dm, xs, am[r]);
+                }
+            }
+        }
+        for ((o, a), am) in out.iter_mut().zip(&acc).zip(&am) {
+            for ((o, a), am) in o.iter_mut().zip(a).zip(am) {
+                *o = _mm512_reduce_add_ps(_mm512_add_ps(*a, _mm512_castps128_ps512(*am)));
             }
         }
     }
