@@ -22,9 +22,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::utils::apply_repeat_penalty;
 use clap::Parser;
+use smollm2::profile::{self, Split};
 use smollm2::sampler::Sampler;
 use smollm2::tokenizer::Tokenizer;
-use smollm2::{FfnKind, LlamaConfig, Model};
+use smollm2::{Decoder, FfnKind, LlamaConfig, Model};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,6 +75,19 @@ struct Args {
     /// to f32 or bf16.
     #[arg(long, default_value = "quantized")]
     ffn: FfnKind,
+    /// What runs the decoder around the FFNs (attention's projections and core, the output
+    /// head): crate (candle-glu's Projection and a one-pass attention op at decode) or candle
+    /// (candle's QMatMul, matmuls and softmax, as candle-transformers' quantized_llama).
+    #[arg(long, default_value = "crate")]
+    decoder: Decoder,
+    /// Keep generating past the model's end token: always --max-tokens tokens (benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print where the time went, in milliseconds per token: the FFNs, attention's
+    /// projections, attention's core, the output head and the rest, for the prompt and for
+    /// the decode steps.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn main() {
@@ -161,7 +175,7 @@ fn run(args: &Args) -> Result<()> {
             cfg.max_positions
         );
     }
-    let model = Model::load(&path, args.ffn, &device)?;
+    let model = Model::load(&path, args.ffn, &device)?.with_decoder(args.decoder);
     eprintln!(
         "loaded      {} ({} layers, FFN {}) in {:.2} s",
         path.file_name().unwrap_or_default().to_string_lossy(),
@@ -179,13 +193,17 @@ fn run(args: &Args) -> Result<()> {
 
     let mut cache = model.new_cache();
     let mut stream = tokenizer.stream();
+    profile::enable(args.profile);
     let start = Instant::now();
     let input = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
     let mut logits = model.forward_last(&input, &mut cache)?;
     let prefill = start.elapsed();
+    let prefill_split = Split::take(prefill, prompt.len());
 
     // The first token comes from the prompt's logits; each further one costs a decode step.
     let (mut generated, mut steps) = (0, 0);
+    // The decode steps' own time, for --profile (sampling and printing left out).
+    let mut step_time = Duration::ZERO;
     let start = Instant::now();
     // The tokens so far, for the repeat penalty.
     let mut context = prompt.clone();
@@ -197,7 +215,7 @@ fn run(args: &Args) -> Result<()> {
         }
         let next = sampler.sample(&last)?;
         context.push(next);
-        if next == tokenizer.eos_token_id() {
+        if next == tokenizer.eos_token_id() && !args.ignore_eos {
             break;
         }
         generated += 1;
@@ -207,10 +225,13 @@ fn run(args: &Args) -> Result<()> {
             break;
         }
         let input = Tensor::new(&[[next]], &device)?;
+        let step = Instant::now();
         logits = model.forward_last(&input, &mut cache)?;
+        step_time += step.elapsed();
         steps += 1;
     }
     let decode = start.elapsed();
+    let decode_split = Split::take(step_time, steps);
     writeln!(out, "{}", stream.finish())?;
     out.flush()?;
     if generated == 0 && !args.chat {
@@ -231,5 +252,14 @@ fn run(args: &Args) -> Result<()> {
         decode.as_secs_f64() * 1e3,
         per_second(steps, decode)
     );
+    if args.profile {
+        eprintln!(
+            "profile     prompt ({} tokens, per token):\n{prefill_split}",
+            prompt.len()
+        );
+        if steps > 0 {
+            eprintln!("profile     decode ({steps} steps, per step):\n{decode_split}");
+        }
+    }
     Ok(())
 }

@@ -47,6 +47,44 @@ use crate::{Error, MicroKernel};
 /// Training works through dense weights: the kernels' backward pass gives the input's and the
 /// weight's gradients, and a bias that is a variable is added by candle's ops. Quantized weights
 /// are inference only.
+///
+/// Where a model holds candle's `Linear` (or `QMatMul`), a `Projection` takes its place; here
+/// attention's projections, loaded as `candle_nn::linear_b` would load them:
+///
+/// ```rust
+/// use candle_core::{DType, Device, Module, Result, Tensor};
+/// use candle_glu::Projection;
+/// use candle_nn::VarBuilder;
+///
+/// struct SelfAttention {
+///     q_proj: Projection, // was candle_nn::Linear
+///     k_proj: Projection,
+///     v_proj: Projection,
+///     o_proj: Projection,
+/// }
+///
+/// impl SelfAttention {
+///     fn new(hidden: usize, kv: usize, vb: VarBuilder) -> Result<Self> {
+///         Ok(Self {
+///             q_proj: Projection::load(hidden, hidden, false, vb.pp("q_proj"))?,
+///             k_proj: Projection::load(hidden, kv, false, vb.pp("k_proj"))?,
+///             v_proj: Projection::load(hidden, kv, false, vb.pp("v_proj"))?,
+///             o_proj: Projection::load(hidden, hidden, false, vb.pp("o_proj"))?,
+///         })
+///     }
+/// }
+///
+/// let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+/// let attn = SelfAttention::new(576, 192, vb.pp("model.layers.0.self_attn"))?;
+/// let x = Tensor::zeros((1, 7, 576), DType::F32, &Device::Cpu)?;
+/// let (q, k) = (attn.q_proj.forward(&x)?, attn.k_proj.forward(&x)?);
+/// assert_eq!((q.dims(), k.dims()), (&[1, 7, 576][..], &[1, 7, 192][..]));
+/// # let _ = (&attn.v_proj, &attn.o_proj);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// From a GGUF, `Checkpoint::load_projection("blk.0.attn_q", &opts)` keeps the blocks as they
+/// are; `examples/smollm2/` runs every linear layer of SmolLM2 this way (`docs/end-to-end.md`).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Projection {

@@ -3,11 +3,13 @@
 //!
 //! `h = x + Attn(RmsNorm(x));  y = h + FFN(RmsNorm(h))`, 30 times, then a tied output head.
 //!
-//! Shared by `examples/generate.rs` and `tests/e2e.rs` (both include it with `#[path]`). Everything
-//! except the FFNs comes straight from the GGUF through candle's quantized types, as
-//! candle-transformers' `quantized_llama` does: `QMatMul` for the attention projections and the
-//! output head (the Q8_0 token embedding, tied), the embedding dequantized to f32. The FFNs are
-//! loaded by candle-glu's own loader (`Checkpoint::load_layer`), quantized or dequantized.
+//! Shared by `examples/generate.rs` and `tests/e2e.rs` (both include it with `#[path]`). Every
+//! linear layer runs on candle-glu: attention's projections and the output head (the Q8_0 token
+//! embedding, tied) are [`Projection`]s over the GGUF's blocks, read in place, and the FFNs are
+//! loaded by candle-glu's own loader (`Checkpoint::load_layer`), quantized or dequantized. The
+//! embedding is dequantized to f32; the KV cache is candle-nn's `KvCache`, written in place; at
+//! decode, attention's core is one op ([`attention::DecodeAttention`]). [`Decoder::Candle`] runs
+//! the same model on candle's ops instead, as candle-transformers' `quantized_llama` does.
 //!
 //! The decoder block takes its FFN through candle's [`Module`] trait (`DecoderLayer<F: Module>`,
 //! `Model<F = GluFeedForward>`), so any module can go in every layer (this snippet is compiled as
@@ -49,7 +51,9 @@
 //! ```
 #![allow(dead_code)]
 
+pub mod attention;
 pub mod chat;
+pub mod profile;
 pub mod sampler;
 pub mod tokenizer;
 
@@ -64,8 +68,10 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_glu::loading::{Checkpoint, LoadOptions};
-use candle_glu::GluFeedForward;
+use candle_glu::{GluFeedForward, Projection};
+use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, RmsNorm};
+use profile::Part;
 
 /// The file `scripts/fetch_smollm2.sh` downloads.
 pub const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -271,13 +277,56 @@ impl Rope {
     }
 }
 
-/// Grouped-query self-attention with quantized projections.
+/// What runs the decoder around the FFNs: attention's projections and core, and the output
+/// head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Decoder {
+    /// candle-glu's [`Projection`] for the projections and the head (the crate's kernels,
+    /// reading the GGUF blocks in place, over 8-bit activations), and one op for attention's
+    /// core at decode ([`attention::DecodeAttention`]); candle's ops where these do not run.
+    #[default]
+    Crate,
+    /// candle's own ops: `QMatMul` ([`Projection::forward_candle`]), batched matmuls and
+    /// softmax, as candle-transformers' `quantized_llama` runs them.
+    Candle,
+}
+
+impl fmt::Display for Decoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Decoder::Crate => "crate",
+            Decoder::Candle => "candle",
+        })
+    }
+}
+
+impl FromStr for Decoder {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Decoder::Crate, Decoder::Candle]
+            .into_iter()
+            .find(|l| l.to_string().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown decoder `{s}`: expected crate or candle"))
+    }
+}
+
+impl Decoder {
+    fn forward(self, proj: &Projection, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Decoder::Crate => proj.forward(xs),
+            Decoder::Candle => proj.forward_candle(xs),
+        }
+    }
+}
+
+/// Grouped-query self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: QMatMul,
-    k_proj: QMatMul,
-    v_proj: QMatMul,
-    o_proj: QMatMul,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -293,45 +342,53 @@ impl Attention {
         rope: &Rope,
         pos: usize,
         mask: Option<&Tensor>,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut KvCache,
+        decoder: Decoder,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |proj: &QMatMul, n: usize| -> candle_core::Result<Tensor> {
-            proj.forward(xs)?.reshape((b, t, n, d))?.transpose(1, 2)
-        };
-        let q = rope.apply(&heads(&self.q_proj, h)?, pos)?;
-        let k = rope.apply(&heads(&self.k_proj, kvh)?, pos)?;
-        let v = heads(&self.v_proj, kvh)?.contiguous()?;
-        let (k, v) = match cache.take() {
-            Some((k_cache, v_cache)) => (
-                Tensor::cat(&[&k_cache, &k], 2)?,
-                Tensor::cat(&[&v_cache, &v], 2)?,
-            ),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
-        let kv_len = k.dim(2)?;
+        let (q, k, v) = profile::time(Part::AttnProj, || {
+            let q = decoder.forward(&self.q_proj, xs)?;
+            let k = decoder.forward(&self.k_proj, xs)?;
+            let v = decoder.forward(&self.v_proj, xs)?;
+            candle_core::Result::Ok((q, k, v))
+        })?;
+        let ys = profile::time(Part::AttnCore, || {
+            let heads = |x: Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2);
+            let q = rope.apply(&heads(q, h)?, pos)?;
+            let k = rope.apply(&heads(k, kvh)?, pos)?;
+            let v = heads(v, kvh)?.contiguous()?;
+            // Written in place into the cache's buffer; `k` and `v` are views of its first
+            // `pos + t` positions.
+            let (k, v) = cache.append(&k, &v)?;
+            let kv_len = k.dim(2)?;
 
-        // Query head j reads KV head j / (h / kvh): fold each group's queries into one
-        // `[group · t, d]` matrix per KV head, so the keys and values are never copied.
-        let group = h / kvh;
-        let q = q.reshape((b, kvh, group * t, d))?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((b, kvh, group, t, kv_len))?
-                .broadcast_add(mask)?
-                .reshape((b, kvh, group * t, kv_len))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ys = probs.matmul(&v)?; // [b, kvh, group · t, d]
-        let ys = ys
-            .reshape((b, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
-        self.o_proj.forward(&ys)
+            // Query head j reads KV head j / (h / kvh): fold each group's queries into one
+            // `[group · t, d]` matrix per KV head, so the keys and values are never copied.
+            let group = h / kvh;
+            let q = q.reshape((b, kvh, group * t, d))?;
+            if t == 1 && decoder == Decoder::Crate && q.device().is_cpu() {
+                let op = attention::DecodeAttention {
+                    scale: 1.0 / (d as f32).sqrt(),
+                };
+                let ys = q.contiguous()?.apply_op3_no_bwd(&k, &v, &op)?;
+                return ys.reshape((b, t, h * d));
+            }
+            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+            let scores = match mask {
+                Some(mask) => scores
+                    .reshape((b, kvh, group, t, kv_len))?
+                    .broadcast_add(mask)?
+                    .reshape((b, kvh, group * t, kv_len))?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ys = probs.matmul(&v)?; // [b, kvh, group · t, d]
+            ys.reshape((b, h, t, d))?
+                .transpose(1, 2)?
+                .reshape((b, t, h * d))
+        })?;
+        profile::time(Part::AttnProj, || decoder.forward(&self.o_proj, &ys))
     }
 }
 
@@ -356,23 +413,30 @@ impl<F: Module> DecoderLayer<F> {
         rope: &Rope,
         pos: usize,
         mask: Option<&Tensor>,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut KvCache,
+        decoder: Decoder,
     ) -> candle_core::Result<Tensor> {
-        let h = (xs
-            + self
-                .attn
-                .forward(&xs.apply(&self.attn_norm)?, rope, pos, mask, cache)?)?;
-        h.apply(&self.ffn_norm)?.apply(&self.mlp)? + &h
+        let attn =
+            self.attn
+                .forward(&xs.apply(&self.attn_norm)?, rope, pos, mask, cache, decoder)?;
+        let h = (xs + attn)?;
+        let normed = h.apply(&self.ffn_norm)?;
+        profile::time(Part::Ffn, || normed.apply(&self.mlp))? + &h
     }
 }
 
+/// Positions each layer's KV buffer grows by: the cache is written in place, and copied only
+/// when it grows past a multiple of this.
+const KV_CHUNK: usize = 512;
+
 /// The keys and values of the tokens seen so far, per layer; the next token's position is
-/// [`len`](Cache::len).
+/// [`len`](Cache::len). Each layer's keys and values live in a buffer of whole
+/// [`KV_CHUNK`]s of positions (candle-nn's `KvCache`), written in place.
 ///
 /// Kept apart from [`Model`] so that one model can serve several sequences (and threads).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Cache {
-    kv: Vec<Option<(Tensor, Tensor)>>,
+    kv: Vec<KvCache>,
     len: usize,
 }
 
@@ -387,9 +451,9 @@ impl Cache {
         self.len == 0
     }
 
-    /// Forgets every token.
+    /// Forgets every token (and frees the buffers).
     pub fn clear(&mut self) {
-        self.kv.iter_mut().for_each(|kv| *kv = None);
+        self.kv.iter_mut().for_each(KvCache::reset);
         self.len = 0;
     }
 }
@@ -400,10 +464,11 @@ pub struct Model<F = GluFeedForward> {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer<F>>,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Projection,
     rope: Rope,
     config: LlamaConfig,
     device: Device,
+    decoder: Decoder,
 }
 
 impl Model<GluFeedForward> {
@@ -442,26 +507,25 @@ impl<F: Module> Model<F> {
         let norm = |w: QTensor| -> anyhow::Result<RmsNorm> {
             Ok(RmsNorm::new(w.dequantize(device)?, config.rms_norm_eps))
         };
+        let proj = |w: QTensor| -> anyhow::Result<Projection> {
+            Ok(Projection::from_qtensor(std::sync::Arc::new(w), None)?)
+        };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let mut proj = |name: &str| -> anyhow::Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(qtensor(&format!(
-                    "blk.{i}.{name}.weight"
-                ))?)?)
-            };
+            let mut weight = |name: &str| qtensor(&format!("blk.{i}.{name}.weight"));
             let attn = Attention {
-                q_proj: proj("attn_q")?,
-                k_proj: proj("attn_k")?,
-                v_proj: proj("attn_v")?,
-                o_proj: proj("attn_output")?,
+                q_proj: proj(weight("attn_q")?)?,
+                k_proj: proj(weight("attn_k")?)?,
+                v_proj: proj(weight("attn_v")?)?,
+                o_proj: proj(weight("attn_output")?)?,
                 num_heads: config.num_heads,
                 num_kv_heads: config.num_kv_heads,
                 head_dim: config.head_dim,
             };
             layers.push(DecoderLayer {
-                attn_norm: norm(qtensor(&format!("blk.{i}.attn_norm.weight"))?)?,
+                attn_norm: norm(weight("attn_norm")?)?,
                 attn,
-                ffn_norm: norm(qtensor(&format!("blk.{i}.ffn_norm.weight"))?)?,
+                ffn_norm: norm(weight("ffn_norm")?)?,
                 mlp: make_ffn(i).with_context(|| format!("layer {i}'s FFN"))?,
             });
         }
@@ -477,20 +541,31 @@ impl<F: Module> Model<F> {
             embed_tokens,
             layers,
             norm,
-            lm_head: QMatMul::from_qtensor(lm_head)?,
+            lm_head: proj(lm_head)?,
             rope: Rope::new(&config, device)?,
             config,
             device: device.clone(),
+            decoder: Decoder::default(),
         })
     }
 
+    /// The same model with attention's projections and the output head multiplied by
+    /// `decoder`.
+    pub fn with_decoder(mut self, decoder: Decoder) -> Self {
+        self.decoder = decoder;
+        self
+    }
+
     /// The same model with the attention projections and the output head dequantized to f32
-    /// (the embedding already is): no more Q8 rounding of their inputs. With f32 FFNs the whole
-    /// model then computes in plain f32.
+    /// (the embedding already is): no more 8-bit rounding of their inputs. With f32 FFNs the
+    /// whole model then computes in plain f32.
     pub fn dequantized(mut self) -> candle_core::Result<Self> {
-        let dense = |m: &QMatMul| -> candle_core::Result<QMatMul> {
-            Ok(match m {
-                QMatMul::QTensor(q) => QMatMul::Tensor(q.dequantize(&q.device())?),
+        let dense = |p: &Projection| -> candle_core::Result<Projection> {
+            Ok(match p {
+                Projection::Quantized {
+                    weight: QMatMul::QTensor(q),
+                    bias,
+                } => Projection::new(q.dequantize(&q.device())?, bias.clone())?,
                 other => other.clone(),
             })
         };
@@ -523,7 +598,9 @@ impl<F: Module> Model<F> {
     /// An empty KV cache for this model.
     pub fn new_cache(&self) -> Cache {
         Cache {
-            kv: vec![None; self.layers.len()],
+            kv: (0..self.layers.len())
+                .map(|_| KvCache::new(2, KV_CHUNK))
+                .collect(),
             len: 0,
         }
     }
@@ -551,7 +628,7 @@ impl<F: Module> Model<F> {
             let mask = causal_mask(t, pos, &self.device)?;
             let mut xs = self.embed_tokens.forward(ids)?;
             for (layer, kv) in self.layers.iter().zip(cache.kv.iter_mut()) {
-                xs = layer.forward(&xs, &self.rope, pos, mask.as_ref(), kv)?;
+                xs = layer.forward(&xs, &self.rope, pos, mask.as_ref(), kv, self.decoder)?;
             }
             xs.apply(&self.norm)
         };
@@ -568,18 +645,21 @@ impl<F: Module> Model<F> {
         }
     }
 
+    /// The output head: logits from final hidden states.
+    fn head(&self, hs: &Tensor) -> candle_core::Result<Tensor> {
+        profile::time(Part::Head, || self.decoder.forward(&self.lm_head, hs))
+    }
+
     /// Next-token logits at every position: `[batch, tokens, vocab]`, f32.
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
-        self.lm_head.forward(&self.hidden_states(ids, cache)?)
+        self.head(&self.hidden_states(ids, cache)?)
     }
 
     /// Next-token logits after the last token only: `[batch, vocab]`, f32.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut Cache) -> candle_core::Result<Tensor> {
         let hs = self.hidden_states(ids, cache)?;
         let last = hs.dim(1)? - 1;
-        self.lm_head
-            .forward(&hs.i((.., last..))?.contiguous()?)?
-            .squeeze(1)
+        self.head(&hs.i((.., last..))?)?.squeeze(1)
     }
 }
 
