@@ -5,7 +5,8 @@ Each round runs our `generate` example as a process (greedy, 64 tokens after a 1
 paragraph; it prints its own prompt and decode timings), then llama.cpp (llama-cpp-python, in
 this process, model loaded once) on the same GGUF, the same token ids and the same number of
 greedy steps. Reports prompt tokens/s and decode tokens/s of both, per round and as medians, and
-the ratio of the medians. Loading is never timed.
+ours ÷ llama.cpp per round: their median and range (the rounds' own ratios, so that a phase of
+the machine hits both sides of a round alike). Loading is never timed.
 
     pip install llama-cpp-python      # about 12 minutes: builds llama.cpp from source
     cargo build --release --example generate
@@ -137,8 +138,10 @@ def main() -> None:
               f"{pair['llama.cpp']['decode_tps']:6.1f} tokens/s", flush=True)
     med = {who: {k: statistics.median(r[who][k] for r in rounds)
                  for k in ("prompt_tps", "decode_tps")} for who in ("ours", "llama.cpp")}
-    ratio = {k: statistics.median(r["ours"][k] / r["llama.cpp"][k] for r in rounds)
-             for k in ("prompt_tps", "decode_tps")}
+    ratios = {k: [r["ours"][k] / r["llama.cpp"][k] for r in rounds]
+              for k in ("prompt_tps", "decode_tps")}
+    ratio = {k: statistics.median(v) for k, v in ratios.items()}
+    spread = {k: f"{min(v):.2f}–{max(v):.2f}" for k, v in ratios.items()}
     print(f"\n{len(ids)}-token prompt, {args.tokens} greedy tokens, {args.threads} threads, "
           f"{args.rounds} rounds (medians)")
     print("| | prompt, tokens/s | decode, tokens/s |\n|---|---:|---:|")
@@ -146,15 +149,19 @@ def main() -> None:
           f"| {med['llama.cpp']['decode_tps']:.1f} |")
     print(f"| examples/generate.rs | {med['ours']['prompt_tps']:.0f} "
           f"| {med['ours']['decode_tps']:.1f} |")
-    print(f"| ours ÷ llama.cpp (median of per-round ratios) | {ratio['prompt_tps']:.2f} "
-          f"| {ratio['decode_tps']:.2f} |")
-    same = rounds[-1]["ours"]["text"].endswith(rounds[-1]["llama.cpp"]["text"])
-    print(f"same greedy text: {same}; llama.cpp extra buffer types: {'off (AMX)' if amx else 'on'}")
+    print(f"| ours ÷ llama.cpp, per round: median (range) | {ratio['prompt_tps']:.2f} "
+          f"({spread['prompt_tps']}) | {ratio['decode_tps']:.2f} ({spread['decode_tps']}) |")
+    # generate prints the prompt, the continuation and a newline; llama.cpp's is the
+    # continuation alone.
+    same = all(r["ours"]["text"].rstrip("\n").endswith(r["llama.cpp"]["text"]) for r in rounds)
+    print(f"same greedy text in every round: {same}; llama.cpp extra buffer types: "
+          f"{'off (AMX)' if amx else 'on'}")
     if args.json:
         args.json.write_text(json.dumps({"llama_cpp_python": llama_version, "threads":
                                          args.threads, "prompt_tokens": len(ids),
                                          "tokens": args.tokens, "rounds": rounds,
-                                         "medians": med, "ratios": ratio}, indent=1) + "\n")
+                                         "medians": med, "ratios": ratios,
+                                         "same_text": same}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ impl GluFeedForward {
     /// Whether GGUF Q4_1 weights are multiplied as their exact f32 decoding at every token
     /// count: the block's result is then bit-identical to the same block with the weights
     /// dequantized to f32. By default (`false`), Q4_1 takes the fastest path the CPU has: up
-    /// to 32 tokens on a CPU with AVX512-VNNI, integer dot products over activations rounded
+    /// to 20 tokens on a CPU with AVX512-VNNI, integer dot products over activations rounded
     /// to 8 bits per 32 values (as llama.cpp and candle multiply Q4_1, 2.3× faster than the
     /// exact decoding at one token); on a CPU with AMX, from 4 tokens, the weights decoded to
     /// bf16 for the tiles, with the activations rounded to bf16 (f32 sums), as q8_0 and q4k
@@ -158,6 +158,10 @@ impl GluFeedForward {
     /// each path against float64.
     pub fn with_exact_q4_1(mut self, exact: bool) -> Self {
         self.exact_q4_1 = exact;
+        // The projections alone (`gate_proj().forward(..)`) too.
+        for p in [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj] {
+            *p = p.clone().with_exact_q4_1(exact);
+        }
         self
     }
 
@@ -311,6 +315,7 @@ impl GluFeedForward {
             Projection::Quantized {
                 weight: QMatMul::QTensor(q),
                 bias: None,
+                ..
             } => Some(q.clone()),
             _ => None,
         };

@@ -22,10 +22,10 @@ use crate::{Error, MicroKernel};
 /// streamed for a few tokens, packed panels for many):
 /// - dense f32, bf16 and f16 weights, f32 sums;
 /// - GGUF q8_0 and q4k in integer dot products over activations rounded to 8 bits per 32
-///   values (AVX512-VNNI), Q4_1 too up to 32 tokens and decoded exactly to f32 past them
+///   values (AVX512-VNNI), Q4_1 too up to 20 tokens and decoded exactly to f32 past them
 ///   (AVX-512), all three on the AMX tiles at prefill where the CPU has them (see
-///   `docs/performance.md`; [`GluFeedForward::with_exact_q4_1`](crate::GluFeedForward::with_exact_q4_1)
-///   keeps Q4_1 exact in a block).
+///   `docs/performance.md`; [`with_exact_q4_1`](Projection::with_exact_q4_1) keeps Q4_1
+///   exact).
 ///
 /// Elsewhere (other GGUF types, GPUs, CPUs without AVX-512, strided weights) it is candle's
 /// `Linear` or `QMatMul`, as [`forward_candle`](Self::forward_candle). Dense weights compute in
@@ -90,12 +90,17 @@ use crate::{Error, MicroKernel};
 pub enum Projection {
     /// A dense weight in any float dtype, as a [`candle_nn::Linear`].
     Dense(Linear),
-    /// A quantized weight (GGUF), held in candle's [`QMatMul`], with f32 activations.
+    /// A quantized weight (GGUF), held in candle's [`QMatMul`], with f32 activations. Built
+    /// with [`from_qtensor`](Projection::from_qtensor) or [`quantized`](Projection::quantized).
+    #[non_exhaustive]
     Quantized {
         /// The quantized weight, `[out, in]`.
         weight: QMatMul,
         /// The bias, if any, in f32.
         bias: Option<Tensor>,
+        /// Q4_1 decoded exactly at every token count; see
+        /// [`with_exact_q4_1`](Projection::with_exact_q4_1).
+        exact_q4_1: bool,
     },
 }
 
@@ -160,13 +165,41 @@ impl Projection {
         Ok(Projection::Quantized {
             weight: qmatmul(weight)?,
             bias,
+            exact_q4_1: false,
         })
     }
 
     /// A quantized projection from candle's `QMatMul`, as it is (see [`from_qtensor`](Self::from_qtensor)
     /// for one that checks its arguments).
     pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Projection::Quantized { weight, bias }
+        Projection::Quantized {
+            weight,
+            bias,
+            exact_q4_1: false,
+        }
+    }
+
+    /// Whether a GGUF Q4_1 weight is multiplied as its exact f32 decoding at every token count
+    /// (the result then equals the same layer dequantized to f32, bit for bit), rather than
+    /// the fastest way the CPU has: by default over activations rounded to 8 bits per 32 values
+    /// up to 20 tokens (AVX512-VNNI), as llama.cpp and candle multiply Q4_1, and on the AMX
+    /// tiles from 4 tokens. Other weights ignore it.
+    pub fn with_exact_q4_1(mut self, exact: bool) -> Self {
+        if let Projection::Quantized { exact_q4_1, .. } = &mut self {
+            *exact_q4_1 = exact;
+        }
+        self
+    }
+
+    /// Whether Q4_1 is decoded exactly ([`with_exact_q4_1`](Self::with_exact_q4_1)).
+    pub fn exact_q4_1(&self) -> bool {
+        matches!(
+            self,
+            Projection::Quantized {
+                exact_q4_1: true,
+                ..
+            }
+        )
     }
 
     /// Reads `weight` (`[out_dim, in_dim]`) and, if `bias`, `bias` (`[out_dim]`) under `vb`'s
@@ -221,10 +254,14 @@ impl Projection {
     }
 
     /// The dtype inputs are computed in: the weight's for dense projections, f32 for quantized
-    /// ones.
+    /// ones (f16 for candle's `QMatMul::TensorF16`, which rounds its input to f16).
     pub fn dtype(&self) -> DType {
         match self {
             Projection::Dense(linear) => linear.weight().dtype(),
+            Projection::Quantized {
+                weight: QMatMul::TensorF16(_),
+                ..
+            } => DType::F16,
             Projection::Quantized { .. } => DType::F32,
         }
     }
@@ -261,9 +298,12 @@ impl Projection {
     pub fn micro_kernel(&self, xs: &Tensor) -> Option<MicroKernel> {
         let k = self.in_features();
         let m = xs.elem_count() / k.max(1);
+        if !xs.device().is_cpu() {
+            return None;
+        }
         match self.kernel_weight()? {
             KernelWeight::Dense(w) => kernels::dense_micro_kernel(w.dtype(), m, k),
-            KernelWeight::Quantized(q) => kernels::quant_micro_kernel(q, m, false),
+            KernelWeight::Quantized(q) => kernels::quant_micro_kernel(q, m, self.exact_q4_1()),
         }
     }
 
@@ -277,7 +317,9 @@ impl Projection {
         let x = self.check_input(xs)?;
         let y = match self {
             Projection::Dense(linear) => linear.forward(&x)?,
-            Projection::Quantized { weight, bias } => add_bias(weight.forward(&x)?, bias.as_ref())?,
+            Projection::Quantized { weight, bias, .. } => {
+                add_bias(weight.forward(&x)?, bias.as_ref())?
+            }
         };
         y.to_dtype(xs.dtype())
     }
@@ -295,8 +337,8 @@ impl Projection {
         }
     }
 
-    /// Checks `xs` and returns it in the dtype the weight computes in (f16 for candle's
-    /// `QMatMul::TensorF16`, as it does), leading dimensions kept.
+    /// Checks `xs` and returns it in the dtype the weight computes in ([`dtype`](Self::dtype)),
+    /// leading dimensions kept.
     fn check_input(&self, xs: &Tensor) -> Result<Tensor> {
         let (out, k) = (self.out_features(), self.in_features());
         if !xs.dtype().is_float() {
@@ -322,14 +364,7 @@ impl Projection {
             }
             .into());
         }
-        let dtype = match self {
-            Projection::Quantized {
-                weight: QMatMul::TensorF16(_),
-                ..
-            } => DType::F16,
-            _ => self.dtype(),
-        };
-        xs.to_dtype(dtype)
+        xs.to_dtype(self.dtype())
     }
 }
 
@@ -383,7 +418,7 @@ impl Module for Projection {
             (KernelWeight::Quantized(q), bias) => {
                 let op = QuantLinearOp {
                     w: Arc::clone(q),
-                    exact_q4_1: false,
+                    exact_q4_1: self.exact_q4_1(),
                 };
                 add_bias(x.apply_op1_no_bwd(&op)?, bias)?
             }

@@ -433,7 +433,7 @@ fn decoder_is_bit_identical_to_candle_transformers() {
 #[test]
 fn glu_ffn_and_decoder_top1_match_candle_transformers() {
     // candle-transformers' QMatMul rounds the activations of every product to 8 bits (Q8_1).
-    // Our FFN rounds them its own way up to 32 tokens (8 bits per 32 values, its own rounding)
+    // Our FFN rounds them its own way up to 20 tokens (8 bits per 32 values, its own rounding)
     // and decodes Q4_1 exactly past that; with the crate's decoder, so do attention's
     // projections and the head, and decode attention sums in another order. Same top-1 at
     // every position but near-ties, both ways; logits within (measured 1.52 with candle's
@@ -546,6 +546,40 @@ fn kv_cache_gives_the_logits_of_one_pass() {
     let what = "KV cache, 4 + 1 + 16 tokens vs 21 in one pass";
     let d = assert_close(&chunked, &whole, Tol::Abs(1e-3f64.next_down()), what);
     eprintln!("{what}: max |logit diff| {d:e}");
+}
+
+#[test]
+fn kv_cache_grows_past_its_first_chunk() {
+    // The cache's buffers hold 512 positions, then grow by 512 (a copy): 510 tokens in one
+    // pass, then 6 one at a time across the boundary, against all 516 in one pass.
+    let model = dense_model();
+    let ids: Vec<u32> = reference()
+        .prompts
+        .iter()
+        .flat_map(|p| p.ids.iter().copied())
+        .cycle()
+        .take(516)
+        .collect();
+    let whole = prefill(model, &ids);
+    let mut cache = model.new_cache();
+    let input = Tensor::new(&ids[..510], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.forward(&input, &mut cache).unwrap();
+    for (i, &id) in ids.iter().enumerate().skip(510) {
+        let logits = model
+            .forward_last(&Tensor::new(&[[id]], &Device::Cpu).unwrap(), &mut cache)
+            .unwrap();
+        let what = format!("position {i}, one token at a time vs one pass");
+        assert_close(
+            &logits.squeeze(0).unwrap(),
+            &whole.i(i).unwrap(),
+            Tol::Abs(1e-3),
+            what,
+        );
+    }
+    assert_eq!(cache.len(), 516);
 }
 
 // ---------------------------------------------------------------------------------------------

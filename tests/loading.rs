@@ -224,7 +224,7 @@ fn gguf_quantized_is_close_to_dequantized() {
         .unwrap();
     let exact = q.clone().with_exact_q4_1(true);
     // The exact Q4_1 kernel decodes the weights exactly (d·q + m is exact in f32) and keeps
-    // the activations in f32. By default, up to 32 tokens on a CPU with AVX512-VNNI the
+    // the activations in f32. By default, up to 20 tokens on a CPU with AVX512-VNNI the
     // activations are rounded to 8 bits per 32 values, as candle's QMatMul rounds them (Q8_1)
     // with or without the kernels: 2.3e-2 (candle) and 2.5e-2 (ours) measured at 1 token, so
     // 3e-2 for both; on a CPU with AMX, from 4 tokens the tiles take weights and activations

@@ -8,11 +8,11 @@
 //!
 //! - Dequantized on load: within 1e-5 of the float64 layer (the metadata read as llama.cpp
 //!   reads it: any routing difference would show far above that).
-//! - Quantized, read in place by the crate's kernels: 1e-5 for Q4_1's exact kernel (where the
-//!   AMX tiles do not take the experts); else, where activations are rounded (8 bits for q8_0
-//!   and q4k, bf16 on the AMX tiles), no more than 1.25× the error of the same layer through
-//!   candle's own `QMatMul` (an oracle independent of the kernels) and at most 3e-2, the bound
-//!   of `tests/loading.rs` for `QMatMul`.
+//! - Quantized, read in place by the crate's kernels: 1e-5 for Q4_1's exact kernel (where
+//!   neither the VNNI kernels nor the AMX tiles take the experts); else, where activations are
+//!   rounded (8 bits for q8_0, q4k and Q4_1, bf16 on the AMX tiles), no more than 1.25× the
+//!   error of the same layer through candle's own `QMatMul` (an oracle independent of the
+//!   kernels) and at most 3e-2, the bound of `tests/loading.rs` for `QMatMul`.
 
 mod common;
 
@@ -129,7 +129,7 @@ fn quantized_experts_read_in_place_match_float64() {
         let io = io(case);
         for n in TOKENS {
             let x = &io[&format!("x_{n}")];
-            // Q4_1 weights only: the exact kernel, where neither the VNNI one (up to 32 tokens
+            // Q4_1 weights only: the exact kernel, where neither the VNNI one (up to 20 tokens
             // an expert) nor the AMX tiles (from 4) take them. Else activations rounded to 8
             // bits (or bf16 on the tiles): no worse than candle's own QMatMul over the same
             // blocks and routing (plus a quarter), and within the bound of `tests/loading.rs`

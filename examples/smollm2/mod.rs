@@ -433,7 +433,8 @@ const KV_CHUNK: usize = 512;
 /// [`len`](Cache::len). Each layer's keys and values live in a buffer of whole
 /// [`KV_CHUNK`]s of positions (candle-nn's `KvCache`), written in place.
 ///
-/// Kept apart from [`Model`] so that one model can serve several sequences (and threads).
+/// Kept apart from [`Model`] so that one model can serve several sequences (and threads). Not
+/// `Clone`: clones of a `KvCache` share its buffer, and each would write into the other's.
 #[derive(Debug)]
 pub struct Cache {
     kv: Vec<KvCache>,
@@ -565,6 +566,7 @@ impl<F: Module> Model<F> {
                 Projection::Quantized {
                     weight: QMatMul::QTensor(q),
                     bias,
+                    ..
                 } => Projection::new(q.dequantize(&q.device())?, bias.clone())?,
                 other => other.clone(),
             })

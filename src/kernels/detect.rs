@@ -6,7 +6,7 @@
 //! |---|---|
 //! | unset, empty or `auto` | the best this CPU has, as below |
 //! | `candle` (or `none`, `off`) | none of the crate's: candle's own ops everywhere |
-//! | `avx512` | AVX-512 with f32 FMA micro-kernels, and AVX512-VNNI for q8_0/q4k where present |
+//! | `avx512` | AVX-512 with f32 FMA micro-kernels, and AVX512-VNNI for q8_0/q4k (Q4_1 up to 20 tokens) where present |
 //! | `avx512-bf16` | as `avx512`, with bf16 dot products (VDPBF16PS) for dense bf16 prefill |
 //! | `amx` | as `avx512`, with AMX tiles for dense bf16 and GGUF (Q4_1, q8_0, q4k) prefill |
 //!
@@ -33,7 +33,7 @@ pub(crate) const KERNELS_ENV: &str = "CANDLE_GLU_KERNELS";
 /// The crate's CPU kernels that run in this process; see [`cpu_kernels`](crate::cpu_kernels).
 ///
 /// `Display` writes the name that `CANDLE_GLU_KERNELS` takes to choose the set, then what the
-/// int8 (q8_0/q4k) kernels run on: `avx512 (int8: vnni)`.
+/// int8 kernels (q8_0/q4k, Q4_1 for few tokens) run on: `avx512 (int8: vnni)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuKernels {
     set: Set,
@@ -90,7 +90,8 @@ impl CpuKernels {
     }
 
     /// Whether GGUF q8_0 and q4k weights are multiplied by the crate's kernels (AVX512-VNNI, and
-    /// the AMX tiles at prefill where [`amx`](Self::amx)); else by candle's `QMatMul`.
+    /// the AMX tiles at prefill where [`amx`](Self::amx)), else by candle's `QMatMul`; and
+    /// whether Q4_1 takes its kernel over 8-bit activations for few tokens.
     pub fn int8(&self) -> bool {
         self.vnni
     }
@@ -120,7 +121,7 @@ pub enum MicroKernel {
     /// f32 FMAs (AVX-512) over packed weight panels, the packed schedule (prefill).
     FmaPacked,
     /// Integer dot products (AVX512-VNNI) over activations rounded to 8 bits, weight rows
-    /// streamed in place: GGUF q8_0 and q4k, few tokens.
+    /// streamed in place: GGUF q8_0 and q4k, few tokens; Q4_1 up to 20 tokens.
     VnniRows,
     /// The same over packed panels (prefill).
     VnniPacked,
@@ -158,7 +159,7 @@ impl Features {
         self.set == Set::Avx512Bf16
     }
 
-    /// AVX512-VNNI: the q8_0 and q4k kernels.
+    /// AVX512-VNNI: the q8_0 and q4k kernels, and Q4_1's over 8-bit activations.
     pub(crate) fn vnni(&self) -> bool {
         self.avx512() && self.has_vnni
     }

@@ -9,7 +9,7 @@
 //!   (`gated.metal`, compiled at run time); on the GPUs for any layout.
 //! - [`QuantGateUpOp`] and [`QuantLinearOp`]: the same matmuls on GGUF weights read in place,
 //!   with no copy kept: q8_0 and q4k in AVX512-VNNI integer dot products (candle's keeps a
-//!   repacked copy of each weight), Q4_1 too up to 32 tokens, past them (or when asked to stay
+//!   repacked copy of each weight), Q4_1 too up to 20 tokens, past them (or when asked to stay
 //!   exact) decoded exactly to f32 (candle's own Q4_1 matmul has no SIMD path on x86); on AMX,
 //!   prefill decodes the blocks to bf16 for the tiles (Q4_1 from 4 tokens unless asked to stay
 //!   exact, q8_0 from 28, q4k from 44); inference only.

@@ -33,8 +33,10 @@ pub(crate) const DOT_MAX_TOKENS: usize = 4;
 /// Up to this many tokens, Q4_1 weights go through the dot schedule over 8-bit activations
 /// ([`matmul_q4_1`]) rather than their exact f32 decoding (unless asked to stay exact). Measured
 /// on SmolLM2's shapes (576 → 192, 576, 1536 and 1536 → 576; AMD EPYC Zen 4, 2 threads, in
-/// cache): 0.7–0.9× the exact path's time from 6 to 17 tokens, 0.85–1.1× at 32, 1.05–1.5× at 64.
-pub(crate) const Q4_1_DOT_MAX_TOKENS: usize = 32;
+/// cache): 0.7–0.9× the exact path's time from 6 to 17 tokens, 0.7–1.0× at 20; at 24 and 28 the
+/// larger shapes still 0.75–0.9× but 576 → 192 1.0–1.2×; 1.05–1.5× at 64. Never slower up to
+/// here, and no 8-bit rounding where it would not buy time. (Not yet measured on Intel.)
+pub(crate) const Q4_1_DOT_MAX_TOKENS: usize = 20;
 /// Depth of one weight block (a multiple of 256, so q4k super-blocks are never split).
 const KC: usize = 1024;
 /// Tiles (of 32 rows) per task.

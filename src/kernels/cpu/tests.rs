@@ -508,8 +508,8 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         (40, 2560, 70),
         (410, 2560, 40),
     ];
-    // Q4_1 over 8-bit activations: the dot schedule at any token count (decode takes it up to
-    // 4); odd numbers of blocks (1, 3, 65).
+    // Q4_1 over 8-bit activations: the dot schedule at any token count (the dispatch takes it
+    // up to `int8::Q4_1_DOT_MAX_TOKENS`); odd numbers of blocks (1, 3, 65).
     let q4_1_sizes = vec![
         (1, 32, 1),
         (1, 96, 33),
@@ -544,7 +544,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
                 x[40] = -0.5;
             }
             let (rb, kind) = match dtype {
-                GgmlDType::Q4_1 => (k / 32 * vnni::Q4_1_BLOCK_BYTES, None),
+                GgmlDType::Q4_1 => (QuantType::Q4_1.row_bytes(k), None),
                 GgmlDType::Q8_0 => (Kind::Q8_0.row_bytes(k), Some(Kind::Q8_0)),
                 _ => (Kind::Q4K.row_bytes(k), Some(Kind::Q4K)),
             };
@@ -626,7 +626,7 @@ fn int8_kernels_keep_nan_to_its_token() {
         (None, GgmlDType::Q4_1),
     ] {
         let (data, _) = quantized(dtype, n, k, 3);
-        let rb = kind.map_or(k / 32 * vnni::Q4_1_BLOCK_BYTES, |kind| kind.row_bytes(k));
+        let rb = kind.map_or(QuantType::Q4_1.row_bytes(k), |kind| kind.row_bytes(k));
         let w = Mat::blocks(&data, rb);
         // A token of each schedule gets a NaN (and one an infinity): only its outputs are NaN.
         for m in [1, 4, 20] {

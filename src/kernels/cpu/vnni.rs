@@ -18,6 +18,8 @@
 
 use std::arch::x86_64::*;
 
+use super::avx512::Q4_1_BLOCK_BYTES;
+
 /// Values per block of activations, of q8_0 weights and of q4k sub-blocks.
 pub(crate) const QK: usize = 32;
 /// Values per q4k super-block.
@@ -27,9 +29,6 @@ pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
 /// Bytes of a q4k super-block: f16 `d` and `dmin`, 12 bytes of 6-bit sub-block scales and
 /// minima, 128 bytes of 4-bit codes; value `i` of sub-block `j` is `d·sc[j]·q − dmin·m[j]`.
 pub(crate) const Q4K_BLOCK_BYTES: usize = 144;
-/// Bytes of a Q4_1 block: f16 `d` and `m`, then 16 bytes of 4-bit codes (byte `i` holds value
-/// `i` in its low nibble and value `i + 16` in its high one); a value is `d·q + m`.
-pub(crate) const Q4_1_BLOCK_BYTES: usize = 20;
 /// How far ahead of the loads the decode kernels prefetch each weight row into L1, q8_0 and q4k
 /// (tuned on 7B decode: 1024 bytes ahead was 10–25% slower).
 const PREFETCH_BYTES: usize = 512;
@@ -276,8 +275,8 @@ unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     }
 }
 
-/// The tokens of a decode call, rounded to 8 bits and laid out for [`dot_q8_0`] and
-/// [`dot_q4k`]: by token, `q` codes (i8).
+/// The tokens of a decode call, rounded to 8 bits and laid out for [`dot_q8_0`], [`dot_q4k`]
+/// and [`dot_q4_1`]: by token, `q` codes (i8).
 ///
 /// - q8_0: one scale per 32-value block; per pair of blocks, `dxv` holds the two scales spread
 ///   over 8 lanes each and `corr` `−128·Σq` of each block in lanes 0 and 8.
