@@ -50,7 +50,6 @@ pub struct GluFeedForward {
     up_proj: Projection,
     down_proj: Projection,
     config: GluConfig,
-    exact_q4_1: bool,
 }
 
 impl GluFeedForward {
@@ -91,7 +90,6 @@ impl GluFeedForward {
             up_proj: Projection::Dense(up_proj),
             down_proj: Projection::Dense(down_proj),
             config: cfg.clone(),
-            exact_q4_1: false,
         })
     }
 
@@ -143,7 +141,6 @@ impl GluFeedForward {
             up_proj,
             down_proj,
             config: cfg.clone(),
-            exact_q4_1: false,
         })
     }
 
@@ -156,13 +153,19 @@ impl GluFeedForward {
     /// bf16 for the tiles, with the activations rounded to bf16 (f32 sums), as q8_0 and q4k
     /// weights are there; else the exact decoding. See `docs/performance.md` for the error of
     /// each path against float64.
+    ///
+    /// The flag lives on the projections ([`Projection::with_exact_q4_1`]): this sets all three,
+    /// and a block built [`from_projections`](Self::from_projections) keeps theirs.
     pub fn with_exact_q4_1(mut self, exact: bool) -> Self {
-        self.exact_q4_1 = exact;
-        // The projections alone (`gate_proj().forward(..)`) too.
         for p in [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj] {
             *p = p.clone().with_exact_q4_1(exact);
         }
         self
+    }
+
+    /// Whether gate and up (either) ask for Q4_1 decoded exactly.
+    fn exact_gate_up(&self) -> bool {
+        self.gate_proj.exact_q4_1() || self.up_proj.exact_q4_1()
     }
 
     /// The gate projection W, `[I, H]`. For a fused checkpoint, a view of its first half.
@@ -269,8 +272,12 @@ impl GluFeedForward {
             ForwardPath::Fused => kernels::dense_micro_kernel(self.dtype(), m, h),
             ForwardPath::Quantized => {
                 let q = self.quantized_weights()?;
-                let w = if q.gate_up { &q.wg } else { &q.wd };
-                kernels::quant_micro_kernel(w, m, self.exact_q4_1)
+                let (w, exact) = if q.gate_up {
+                    (&q.wg, self.exact_gate_up())
+                } else {
+                    (&q.wd, self.down_proj.exact_q4_1())
+                };
+                kernels::quant_micro_kernel(w, m, exact)
             }
             ForwardPath::Candle => None,
         }
@@ -373,7 +380,7 @@ impl GluFeedForward {
                 wg,
                 wu,
                 act,
-                exact_q4_1: self.exact_q4_1,
+                exact_q4_1: self.exact_gate_up(),
             })?
         } else {
             let gate = self.gate_proj.forward_candle(&x)?;
@@ -382,7 +389,7 @@ impl GluFeedForward {
         if down {
             hidden.apply_op1_no_bwd(&QuantLinearOp {
                 w: wd,
-                exact_q4_1: self.exact_q4_1,
+                exact_q4_1: self.down_proj.exact_q4_1(),
             })
         } else {
             self.down_proj.forward_candle(&hidden)

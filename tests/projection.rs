@@ -219,6 +219,44 @@ fn q4_1_takes_8_bit_activations_up_to_20_tokens_unless_asked_to_stay_exact() {
 }
 
 #[test]
+fn a_block_keeps_its_projections_exact_q4_1() {
+    // The flag lives on the projections: a block built from exact ones is exact, bit for bit
+    // the block asked for it.
+    let gguf = Checkpoint::open(common::smollm2_gguf()).unwrap();
+    let cfg = gguf.config().unwrap().clone();
+    let ffn = gguf.load_layer(&cfg, 0, &LoadOptions::default()).unwrap();
+    let exact = |p: &Projection| p.clone().with_exact_q4_1(true);
+    let built = candle_glu::GluFeedForward::from_projections(
+        &cfg,
+        exact(ffn.gate_proj()),
+        exact(ffn.up_proj()),
+        exact(ffn.down_proj()),
+    )
+    .unwrap();
+    let asked = ffn.clone().with_exact_q4_1(true);
+    assert!([asked.gate_proj(), asked.up_proj(), asked.down_proj()]
+        .iter()
+        .all(|p| p.exact_q4_1()));
+    let x = randn(9, (1, 576), 1.0, &Device::Cpu);
+    let kernel = built.micro_kernel(&x);
+    assert!(
+        !matches!(kernel, Some(MicroKernel::VnniRows | MicroKernel::AmxBf16)),
+        "{kernel:?}"
+    );
+    assert_eq!(kernel, asked.micro_kernel(&x));
+    let (a, b) = (built.forward(&x).unwrap(), asked.forward(&x).unwrap());
+    assert_close(
+        &a,
+        &b,
+        Tol::Abs(0.0),
+        "from exact projections vs with_exact_q4_1",
+    );
+    if common::int8_kernels_or_skip("the default's 8-bit Q4_1 kernel") {
+        assert_eq!(ffn.micro_kernel(&x), Some(MicroKernel::VnniRows));
+    }
+}
+
+#[test]
 fn f16_weights_through_qmatmul_compute_in_f16() {
     // candle's `QMatMul::TensorF16` (dequantized GGUF weights kept in f16) rounds its input to
     // f16; the kernels take it as a dense f16 weight and do the same.
