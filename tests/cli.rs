@@ -9,21 +9,9 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, manifest, Tol};
 
-/// `target/<profile>/examples/infer`, which `cargo test` builds beside the test binaries.
+/// The `infer` example as a process.
 fn infer() -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("infer{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "{} is missing: `cargo test` builds it; or run `cargo build --examples`",
-        bin.display()
-    );
-    let mut cmd = Command::new(bin);
-    cmd.env("RUST_BACKTRACE", "1"); // errors must still be one line
-    cmd
+    common::example_command("infer")
 }
 
 fn run(args: &[&str]) -> Output {

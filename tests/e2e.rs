@@ -731,20 +731,10 @@ fn any_module_can_be_the_ffn() {
 // ---------------------------------------------------------------------------------------------
 // The generate example, run as a process
 
-/// `target/<profile>/examples/generate`, which `cargo test` builds beside the test binaries.
+/// The `generate` example as a process, with `args`.
 fn generate_cmd(args: &[&str]) -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("generate{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "{} is missing: `cargo test` builds it; or run `cargo build --examples`",
-        bin.display()
-    );
-    let mut cmd = Command::new(bin);
-    cmd.args(args).env("RUST_BACKTRACE", "1"); // errors must still be one line
+    let mut cmd = common::example_command("generate");
+    cmd.args(args);
     cmd
 }
 

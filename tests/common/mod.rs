@@ -292,6 +292,24 @@ pub fn rel_err(a: &Tensor, truth: &Tensor) -> f64 {
     max_abs_diff(a, truth) / max_abs(truth)
 }
 
+/// The example `name` as a process: `target/<profile>/examples/<name>`, which `cargo test` builds
+/// beside the test binaries, with `RUST_BACKTRACE=1` (its errors must still be one line).
+pub fn example_command(name: &str) -> std::process::Command {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: `cargo test` builds it; or run `cargo build --examples`",
+        bin.display()
+    );
+    let mut cmd = std::process::Command::new(bin);
+    cmd.env("RUST_BACKTRACE", "1");
+    cmd
+}
+
 /// The SmolLM2-135M-Instruct Q4_1 GGUF that `scripts/fetch_smollm2.sh` caches. Panics, saying
 /// how to get it, when it is absent: tests that need it never pass without it.
 pub fn smollm2_gguf() -> PathBuf {
