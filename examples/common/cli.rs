@@ -86,3 +86,12 @@ pub fn non_negative(s: &str) -> Result<f64, String> {
     }
     Ok(v)
 }
+
+/// A float flag: finite and above 0.
+pub fn positive(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| "not a number".to_string())?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err("must be a finite number above 0".into());
+    }
+    Ok(v)
+}

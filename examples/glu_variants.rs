@@ -1,0 +1,462 @@
+//! "GLU Variants Improve Transformer" (Shazeer 2020), reproduced at a small scale: trains the
+//! same byte-level Transformer language model on Shakespeare once per feed-forward variant and
+//! seed, at equal parameters, and reports the held-out loss.
+//!
+//! ```text
+//! scripts/fetch_shakespeare.sh
+//! cargo run --release --example glu_variants -- --json --plot curves.png > results.json
+//! cargo run --release --example glu_variants -- --variants relu,swiglu --seeds 0 --steps 100
+//! ```
+//!
+//! Plain FFNs (`relu`, `gelu`, `swish`: `W2·act(x·W1)`, `d_ff = 4·d_model`) against the crate's
+//! `GluFeedForward` with each σ of the paper (`glu`, `bilinear`, `reglu`, `geglu`, `swiglu`,
+//! `d_ff = round(2/3·4·d_model)`). Every run shares the initialisation scheme, AdamW, the
+//! learning-rate schedule, the token budget and, for a seed, the parameters outside the FFN and
+//! the order of the batches. See docs/glu-variants.md for the results.
+
+#[path = "common/cli.rs"]
+mod cli;
+#[path = "glu_variants/data.rs"]
+mod data;
+#[path = "glu_variants/model.rs"]
+mod model;
+#[path = "glu_variants/plot.rs"]
+mod plot;
+#[path = "common/rng.rs"]
+mod rng;
+#[path = "glu_variants/train.rs"]
+mod train;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use model::{ModelConfig, Variant};
+use train::{RunResult, TrainConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Trains a small Transformer LM once per FFN variant and seed (Shazeer 2020, Table 1)",
+    allow_negative_numbers = true
+)]
+struct Args {
+    /// The feed-forward variants, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "relu,gelu,swish,glu,bilinear,reglu,geglu,swiglu"
+    )]
+    variants: Vec<Variant>,
+    /// Training steps per run.
+    #[arg(long, default_value_t = 400, value_parser = cli::at_least(1))]
+    steps: usize,
+    /// The seeds, comma-separated: each variant trains once per seed.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    seeds: Vec<u64>,
+    /// The model's width.
+    #[arg(long, default_value_t = 128, value_parser = cli::at_least(1))]
+    d_model: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4, value_parser = cli::at_least(1))]
+    layers: usize,
+    /// Attention heads (a divisor of --d-model).
+    #[arg(long, default_value_t = 4, value_parser = cli::at_least(1))]
+    heads: usize,
+    /// Bytes of context per training window.
+    #[arg(long, default_value_t = 64, value_parser = cli::at_least(1))]
+    context: usize,
+    /// Windows per training batch.
+    #[arg(long, default_value_t = 32, value_parser = cli::at_least(1))]
+    batch: usize,
+    /// Peak learning rate (AdamW, betas 0.9/0.95; linear warm-up over the first 5% of steps,
+    /// then cosine decay to a tenth of the peak).
+    #[arg(long, default_value_t = 3e-3, value_parser = cli::positive)]
+    lr: f64,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.1, value_parser = cli::non_negative)]
+    weight_decay: f64,
+    /// The text: a folder of .txt files (scripts/fetch_shakespeare.sh fills the default).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The files held out (by stem), comma-separated: whole plays, never trained on.
+    #[arg(long, value_delimiter = ',', default_value = data::DEFAULT_HELD_OUT)]
+    held_out: Vec<String>,
+    /// Held-out windows for the final loss (spread evenly over the held-out plays).
+    #[arg(long, default_value_t = 512, value_parser = cli::at_least(1))]
+    eval_windows: usize,
+    /// Points on each run's held-out curve.
+    #[arg(long, default_value_t = 20, value_parser = cli::at_least(1))]
+    curve_points: usize,
+    /// Print the results as JSON on stdout (one object: the configuration and every run).
+    #[arg(long)]
+    json: bool,
+    /// Write the held-out loss against the step, one line per variant (the seeds' mean, their
+    /// range shaded), to this PNG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Train nothing: read the runs from a file that `--json` wrote, and print their table (and
+    /// draw `--plot`) again.
+    #[arg(long, value_name = "RESULTS.json")]
+    replot: Option<PathBuf>,
+}
+
+fn main() {
+    let args: Args = cli::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Limits that turn absurd sizes into errors before anything is allocated.
+const MAX_D_MODEL: usize = 8192;
+const MAX_LAYERS: usize = 256;
+const MAX_CONTEXT: usize = 8192;
+/// Bytes of attention scores a batch may hold (`batch × heads × context² × 4`).
+const MAX_SCORE_BYTES: usize = 1 << 33;
+
+/// Checks every flag that needs no data: sizes, repeats, the plot's path, the parameter budget.
+fn check_args(args: &Args) -> Result<()> {
+    for (flag, value, max) in [
+        ("--d-model", args.d_model, MAX_D_MODEL),
+        ("--layers", args.layers, MAX_LAYERS),
+        ("--context", args.context, MAX_CONTEXT),
+    ] {
+        if value > max {
+            bail!("{flag} {value} is more than this example's limit of {max}");
+        }
+    }
+    if !args.d_model.is_multiple_of(args.heads) {
+        bail!(
+            "--d-model {} is not a multiple of --heads {}",
+            args.d_model,
+            args.heads
+        );
+    }
+    // Training and evaluation both run `--batch` windows at a time.
+    let scores = [args.batch, args.heads, args.context, args.context, 4]
+        .into_iter()
+        .try_fold(1usize, |acc, n| acc.checked_mul(n));
+    if scores.is_none_or(|bytes| bytes > MAX_SCORE_BYTES) {
+        bail!(
+            "--batch {} × --heads {} × --context {} squared needs more than {} GiB of attention \
+             scores",
+            args.batch,
+            args.heads,
+            args.context,
+            MAX_SCORE_BYTES >> 30
+        );
+    }
+    let names: Vec<&str> = args.variants.iter().map(|v| v.name()).collect();
+    if let Some(dup) = repeated(&names) {
+        bail!("--variants names {dup} twice");
+    }
+    if let Some(dup) = repeated(&args.seeds) {
+        bail!("--seeds names {dup} twice");
+    }
+    if let Some(dup) = repeated(&args.held_out) {
+        bail!("--held-out names {dup} twice");
+    }
+    if args.held_out.iter().any(|h| h.is_empty()) {
+        bail!("--held-out has an empty name: give file stems, e.g. hamlet_gut,macbeth_gut");
+    }
+    if let Some(path) = &args.plot {
+        plot::check_path(path)?;
+    }
+    let counts: Vec<(Variant, usize)> = args
+        .variants
+        .iter()
+        .map(|&v| (v, model_config(args, v).parameters()))
+        .collect();
+    check_equal_parameters(&counts)
+}
+
+/// The first value that appears twice.
+fn repeated<T: PartialEq + std::fmt::Display>(values: &[T]) -> Option<&T> {
+    values
+        .iter()
+        .enumerate()
+        .find(|(k, v)| values[..*k].contains(v))
+        .map(|(_, v)| v)
+}
+
+fn model_config(args: &Args, variant: Variant) -> ModelConfig {
+    ModelConfig {
+        vocab: 256,
+        d_model: args.d_model,
+        layers: args.layers,
+        heads: args.heads,
+        context: args.context,
+        variant,
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    if let Some(path) = &args.replot {
+        return replot(path, args.plot.as_deref());
+    }
+    check_args(args)?;
+    let dir = match &args.data {
+        Some(dir) => dir.clone(),
+        None => default_data_dir()?,
+    };
+    let corpus = data::Corpus::load(&dir, &args.held_out)?;
+    corpus.check_context(args.context)?;
+    let device = Device::Cpu;
+    let train_cfg = TrainConfig {
+        steps: args.steps,
+        batch: args.batch,
+        lr: args.lr,
+        warmup: (args.steps / 20).max(1),
+        weight_decay: args.weight_decay,
+        eval_every: args.steps.div_ceil(args.curve_points).max(1),
+        eval_windows: (args.eval_windows / 4).max(1),
+        final_windows: args.eval_windows,
+    };
+    eprintln!(
+        "text: {} training bytes ({} files), {} held-out bytes ({}); kernels: {}",
+        corpus.train.len(),
+        corpus.train_files.len(),
+        corpus.held_out.len(),
+        corpus.held_out_files.join(", "),
+        candle_glu::cpu_kernels().map_or("candle's".to_string(), |k| k.to_string()),
+    );
+    let mut results = Vec::new();
+    for &seed in &args.seeds {
+        for &variant in &args.variants {
+            let bar = progress_bar(args.steps, &format!("{:>8} seed {seed}", variant.name()));
+            let cfg = model_config(args, variant);
+            let result = match train::run(&cfg, &train_cfg, &corpus, seed, &device, &bar) {
+                Ok(result) => result,
+                Err(e) => {
+                    // The finished runs are reported before the error.
+                    bar.finish_and_clear();
+                    report(args, &train_cfg, &corpus, &results)?;
+                    return Err(e);
+                }
+            };
+            bar.finish_and_clear();
+            eprintln!(
+                "{:>8} seed {seed}: held-out {:.4} nats/byte ({:.4} bits), train {:.4}, \
+                 {} parameters ({} in the FFNs, d_ff {}), {:.0} s",
+                result.variant,
+                result.held_out_loss,
+                result.bits_per_byte,
+                result.train_loss,
+                result.parameters,
+                result.ffn_parameters,
+                result.d_ff,
+                result.wall_s
+            );
+            results.push(result);
+        }
+    }
+    report(args, &train_cfg, &corpus, &results)?;
+    if let Some(path) = &args.plot {
+        plot::write(path, &args.variants, &results)?;
+        eprintln!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--replot`: the table and the plot from the runs of an earlier `--json`, in its variants'
+/// order.
+fn replot(path: &std::path::Path, plot_path: Option<&std::path::Path>) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Recorded {
+        runs: Vec<RunResult>,
+    }
+    if let Some(plot_path) = plot_path {
+        plot::check_path(plot_path)?;
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--replot {}", path.display()))?;
+    let recorded: Recorded = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--replot {}: not the JSON that --json writes",
+            path.display()
+        )
+    })?;
+    let mut variants = Vec::new();
+    for run in &recorded.runs {
+        let variant = Variant::ALL
+            .into_iter()
+            .find(|v| v.name() == run.variant)
+            .with_context(|| {
+                format!(
+                    "--replot {}: unknown variant {}",
+                    path.display(),
+                    run.variant
+                )
+            })?;
+        if !variants.contains(&variant) {
+            variants.push(variant);
+        }
+    }
+    if variants.is_empty() {
+        bail!("--replot {}: no runs", path.display());
+    }
+    print_table(&summarize(&variants, &recorded.runs));
+    if let Some(plot_path) = plot_path {
+        plot::write(plot_path, &variants, &recorded.runs)?;
+        eprintln!("plot: {}", plot_path.display());
+    }
+    Ok(())
+}
+
+/// The table on stdout, or with `--json` the configuration, every run and the summary.
+fn report(
+    args: &Args,
+    train_cfg: &TrainConfig,
+    corpus: &data::Corpus,
+    results: &[RunResult],
+) -> Result<()> {
+    let summary = summarize(&args.variants, results);
+    if !args.json {
+        print_table(&summary);
+        return Ok(());
+    }
+    let variants: Vec<&str> = args.variants.iter().map(|v| v.name()).collect();
+    let out = serde_json::json!({
+        "config": {
+            "variants": variants, "seeds": args.seeds,
+            "d_model": args.d_model, "layers": args.layers, "heads": args.heads,
+            "context": args.context, "batch": args.batch, "steps": args.steps,
+            "optimizer": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+            "weight_decay": args.weight_decay, "warmup": train_cfg.warmup,
+            "schedule": "linear warm-up, then cosine decay towards lr / 10",
+            "eval_windows": args.eval_windows, "curve_windows": train_cfg.eval_windows,
+            "curve_every": train_cfg.eval_every,
+            "train_bytes": corpus.train.len(), "held_out_bytes": corpus.held_out.len(),
+            "held_out": corpus.held_out_files,
+            "kernels": candle_glu::cpu_kernels().map(|k| k.to_string()),
+        },
+        "uniform_loss": 256f64.ln(),
+        "runs": results,
+        "summary": summary,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// Where scripts/fetch_shakespeare.sh puts the texts: `$CANDLE_GLU_CACHE/shakespeare`, the cache
+/// defaulting to `${XDG_CACHE_HOME:-$HOME/.cache}/candle-glu`.
+fn default_data_dir() -> Result<PathBuf> {
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let cache = match (var("CANDLE_GLU_CACHE"), var("XDG_CACHE_HOME"), var("HOME")) {
+        (Some(cache), _, _) => cache,
+        (None, Some(xdg), _) => xdg.join("candle-glu"),
+        (None, None, Some(home)) => home.join(".cache/candle-glu"),
+        (None, None, None) => bail!("no HOME to find the text in: pass --data DIR"),
+    };
+    Ok(cache.join("shakespeare"))
+}
+
+fn progress_bar(steps: usize, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// The variants' parameter counts are within 1% of each other (the experiment's premise; the
+/// rounding of the gated width breaks it for tiny widths).
+fn check_equal_parameters(counts: &[(Variant, usize)]) -> Result<()> {
+    let min = counts.iter().min_by_key(|c| c.1);
+    let max = counts.iter().max_by_key(|c| c.1);
+    if let (Some(&(small, lo)), Some(&(large, hi))) = (min, max) {
+        if hi as f64 > 1.01 * lo as f64 {
+            bail!(
+                "at this --d-model the variants' parameter counts differ by more than 1% ({} has \
+                 {lo}, {} {hi}): the comparison would not be at equal parameters",
+                small.name(),
+                large.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One variant over its seeds.
+#[derive(Debug, serde::Serialize)]
+struct Summary {
+    variant: &'static str,
+    paper_name: &'static str,
+    seeds: usize,
+    parameters: usize,
+    ffn_parameters: usize,
+    d_ff: usize,
+    held_out_mean: f64,
+    held_out_std: f64,
+    bits_per_byte_mean: f64,
+    wall_s_mean: f64,
+}
+
+fn summarize(variants: &[Variant], results: &[RunResult]) -> Vec<Summary> {
+    variants
+        .iter()
+        .filter_map(|&v| {
+            let runs: Vec<&RunResult> = results.iter().filter(|r| r.variant == v.name()).collect();
+            let first = runs.first()?;
+            let n = runs.len() as f64;
+            let mean = runs.iter().map(|r| r.held_out_loss).sum::<f64>() / n;
+            // The sample standard deviation (0 for one seed).
+            let var = runs
+                .iter()
+                .map(|r| (r.held_out_loss - mean).powi(2))
+                .sum::<f64>()
+                / (n - 1.0).max(1.0);
+            Some(Summary {
+                variant: v.name(),
+                paper_name: v.paper_name(),
+                seeds: runs.len(),
+                parameters: first.parameters,
+                ffn_parameters: first.ffn_parameters,
+                d_ff: first.d_ff,
+                held_out_mean: mean,
+                held_out_std: var.sqrt(),
+                bits_per_byte_mean: mean / std::f64::consts::LN_2,
+                wall_s_mean: runs.iter().map(|r| r.wall_s).sum::<f64>() / n,
+            })
+        })
+        .collect()
+}
+
+fn print_table(summary: &[Summary]) {
+    println!(
+        "{:<14} {:>6} {:>11} {:>10} {:>5} {:>22} {:>13} {:>9}",
+        "variant",
+        "seeds",
+        "parameters",
+        "FFN",
+        "d_ff",
+        "held-out nats/byte",
+        "bits/byte",
+        "time (s)"
+    );
+    for s in summary {
+        println!(
+            "{:<14} {:>6} {:>11} {:>10} {:>5} {:>13.4} ± {:<6.4} {:>13.4} {:>9.0}",
+            s.paper_name,
+            s.seeds,
+            s.parameters,
+            s.ffn_parameters,
+            s.d_ff,
+            s.held_out_mean,
+            s.held_out_std,
+            s.bits_per_byte_mean,
+            s.wall_s_mean
+        );
+    }
+}

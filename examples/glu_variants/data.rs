@@ -1,0 +1,154 @@
+//! The text: byte-level tokens from a folder of plain-text files (Shakespeare's works, one file
+//! per play or poem, as `scripts/fetch_shakespeare.sh` lays them out), split by whole files into
+//! training and held-out text.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+
+use crate::rng::Rng;
+
+/// The plays held out by default: a tragedy, a comedy, a late romance and a Scottish play, about
+/// a tenth of the text.
+pub const DEFAULT_HELD_OUT: &str = "hamlet_gut,macbeth_gut,tempest_gut,twelfth_night_gut";
+
+/// Training and held-out bytes.
+pub struct Corpus {
+    pub train: Vec<u8>,
+    pub held_out: Vec<u8>,
+    /// The files read, training ones first, for the record.
+    pub train_files: Vec<String>,
+    pub held_out_files: Vec<String>,
+}
+
+impl Corpus {
+    /// Reads every `*.txt` in `dir` (in name order); the files whose stem is in `held_out` are
+    /// the held-out text, the others the training text.
+    pub fn load(dir: &Path, held_out: &[String]) -> Result<Self> {
+        let entries = std::fs::read_dir(dir).with_context(|| {
+            format!(
+                "no text at {}: run scripts/fetch_shakespeare.sh (or pass --data DIR)",
+                dir.display()
+            )
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!(
+                "no .txt files in {}: run scripts/fetch_shakespeare.sh (or pass --data DIR)",
+                dir.display()
+            );
+        }
+        let stem = |p: &Path| {
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let stems: Vec<String> = files.iter().map(|p| stem(p)).collect();
+        if let Some(missing) = held_out.iter().find(|h| !stems.contains(h)) {
+            bail!(
+                "--held-out names {missing}, which is not in {} (it holds {})",
+                dir.display(),
+                stems.join(", ")
+            );
+        }
+        let mut corpus = Corpus {
+            train: Vec::new(),
+            held_out: Vec::new(),
+            train_files: Vec::new(),
+            held_out_files: Vec::new(),
+        };
+        for (path, name) in files.iter().zip(stems) {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            if held_out.contains(&name) {
+                corpus.held_out.extend_from_slice(&bytes);
+                corpus.held_out_files.push(name);
+            } else {
+                corpus.train.extend_from_slice(&bytes);
+                corpus.train_files.push(name);
+            }
+        }
+        if corpus.train.is_empty() {
+            bail!(
+                "every file in {} is held out: no training text",
+                dir.display()
+            );
+        }
+        if corpus.held_out.is_empty() {
+            bail!(
+                "no held-out text: --held-out names no file of {}",
+                dir.display()
+            );
+        }
+        Ok(corpus)
+    }
+
+    /// Checks that both texts hold at least one window of `context + 1` bytes.
+    pub fn check_context(&self, context: usize) -> Result<()> {
+        for (name, text) in [("training", &self.train), ("held-out", &self.held_out)] {
+            if text.len() <= context {
+                bail!(
+                    "the {name} text ({} bytes) is shorter than --context {context} plus one",
+                    text.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A batch of `batch` training windows at offsets drawn from `rng`: inputs and next-byte
+    /// targets, `u32 [batch, context]` each.
+    pub fn train_batch(
+        &self,
+        rng: &mut Rng,
+        batch: usize,
+        context: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let last = self.train.len() - context - 1;
+        let starts: Vec<usize> = (0..batch)
+            .map(|_| (rng.next_u64() % (last as u64 + 1)) as usize)
+            .collect();
+        windows(&self.train, &starts, context, device)
+    }
+
+    /// `count` held-out windows spread evenly over the held-out text (the same every call).
+    pub fn held_out_windows(
+        &self,
+        count: usize,
+        context: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let last = self.held_out.len() - context - 1;
+        let starts: Vec<usize> = (0..count).map(|k| k * last / count.max(1)).collect();
+        windows(&self.held_out, &starts, context, device)
+    }
+}
+
+fn windows(
+    text: &[u8],
+    starts: &[usize],
+    context: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let take = |offset: usize| -> Vec<u32> {
+        starts
+            .iter()
+            .flat_map(|&s| {
+                text[s + offset..s + offset + context]
+                    .iter()
+                    .map(|&b| u32::from(b))
+            })
+            .collect()
+    };
+    let shape = (starts.len(), context);
+    Ok((
+        Tensor::from_vec(take(0), shape, device)?,
+        Tensor::from_vec(take(1), shape, device)?,
+    ))
+}
