@@ -27,6 +27,7 @@ mod rng;
 #[path = "glu_variants/train.rs"]
 mod train;
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -116,8 +117,12 @@ fn main() {
 const MAX_D_MODEL: usize = 8192;
 const MAX_LAYERS: usize = 256;
 const MAX_CONTEXT: usize = 8192;
+const MAX_EVAL_WINDOWS: usize = 1 << 20;
 /// Bytes of attention scores a batch may hold (`batch × heads × context² × 4`).
 const MAX_SCORE_BYTES: usize = 1 << 33;
+/// Bytes of parameters and AdamW's state (f32 weights, gradients and two moments: 16 bytes a
+/// parameter), and of one batch's activations kept for the backward pass.
+const MAX_MODEL_BYTES: usize = 1 << 34;
 
 /// Checks every flag that needs no data: sizes, repeats, the plot's path, the parameter budget.
 fn check_args(args: &Args) -> Result<()> {
@@ -125,6 +130,7 @@ fn check_args(args: &Args) -> Result<()> {
         ("--d-model", args.d_model, MAX_D_MODEL),
         ("--layers", args.layers, MAX_LAYERS),
         ("--context", args.context, MAX_CONTEXT),
+        ("--eval-windows", args.eval_windows, MAX_EVAL_WINDOWS),
     ] {
         if value > max {
             bail!("{flag} {value} is more than this example's limit of {max}");
@@ -150,6 +156,38 @@ fn check_args(args: &Args) -> Result<()> {
             args.context,
             MAX_SCORE_BYTES >> 30
         );
+    }
+    // The widest variant's parameters (16 bytes each with AdamW), and a rough count of the
+    // activations a step keeps for its backward pass: per layer and byte of the batch, about
+    // 16 values of width d_model plus the FFN's hidden widths.
+    let gib = |bytes: usize| bytes >> 30;
+    for variant in &args.variants {
+        let cfg = model_config(args, *variant);
+        let state = cfg.parameters().checked_mul(16);
+        if state.is_none_or(|bytes| bytes > MAX_MODEL_BYTES) {
+            bail!(
+                "--d-model {} × --layers {} needs more than {} GiB for the parameters and the \
+                 optimizer's state",
+                args.d_model,
+                args.layers,
+                gib(MAX_MODEL_BYTES)
+            );
+        }
+        let per_byte = 16 * args.d_model + 4 * variant.d_ff(args.d_model) + 256;
+        let activations = [args.batch, args.context, args.layers, per_byte, 4]
+            .into_iter()
+            .try_fold(1usize, |acc, n| acc.checked_mul(n));
+        if activations.is_none_or(|bytes| bytes > MAX_MODEL_BYTES) {
+            bail!(
+                "--batch {} × --context {} × --layers {} at --d-model {} needs more than {} GiB \
+                 of activations",
+                args.batch,
+                args.context,
+                args.layers,
+                args.d_model,
+                gib(MAX_MODEL_BYTES)
+            );
+        }
     }
     let names: Vec<&str> = args.variants.iter().map(|v| v.name()).collect();
     if let Some(dup) = repeated(&names) {
@@ -197,6 +235,9 @@ fn model_config(args: &Args, variant: Variant) -> ModelConfig {
 
 fn run(args: &Args) -> Result<()> {
     if let Some(path) = &args.replot {
+        if args.json {
+            eprintln!("warning: --json does nothing with --replot (nor do the training flags)");
+        }
         return replot(path, args.plot.as_deref());
     }
     check_args(args)?;
@@ -255,12 +296,12 @@ fn run(args: &Args) -> Result<()> {
             results.push(result);
         }
     }
-    report(args, &train_cfg, &corpus, &results)?;
+    // The plot first: it cannot be lost to a stdout closed under the table.
     if let Some(path) = &args.plot {
         plot::write(path, &args.variants, &results)?;
         eprintln!("plot: {}", path.display());
     }
-    Ok(())
+    report(args, &train_cfg, &corpus, &results)
 }
 
 /// `--replot`: the table and the plot from the runs of an earlier `--json`, in its variants'
@@ -283,6 +324,15 @@ fn replot(path: &std::path::Path, plot_path: Option<&std::path::Path>) -> Result
     })?;
     let mut variants = Vec::new();
     for run in &recorded.runs {
+        let values = std::iter::once(run.held_out_loss).chain(run.curve.iter().map(|p| p.1));
+        if let Some(bad) = values.into_iter().find(|v| !(0.0..=1e3).contains(v)) {
+            bail!(
+                "--replot {}: {} seed {} has a loss of {bad:e}, not a loss this example writes",
+                path.display(),
+                run.variant,
+                run.seed
+            );
+        }
         let variant = Variant::ALL
             .into_iter()
             .find(|v| v.name() == run.variant)
@@ -300,12 +350,11 @@ fn replot(path: &std::path::Path, plot_path: Option<&std::path::Path>) -> Result
     if variants.is_empty() {
         bail!("--replot {}: no runs", path.display());
     }
-    print_table(&summarize(&variants, &recorded.runs));
     if let Some(plot_path) = plot_path {
         plot::write(plot_path, &variants, &recorded.runs)?;
         eprintln!("plot: {}", plot_path.display());
     }
-    Ok(())
+    print_table(&summarize(&variants, &recorded.runs))
 }
 
 /// The table on stdout, or with `--json` the configuration, every run and the summary.
@@ -317,8 +366,7 @@ fn report(
 ) -> Result<()> {
     let summary = summarize(&args.variants, results);
     if !args.json {
-        print_table(&summary);
-        return Ok(());
+        return print_table(&summary);
     }
     let variants: Vec<&str> = args.variants.iter().map(|v| v.name()).collect();
     let out = serde_json::json!({
@@ -339,7 +387,8 @@ fn report(
         "runs": results,
         "summary": summary,
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", serde_json::to_string_pretty(&out)?)?;
     Ok(())
 }
 
@@ -433,8 +482,10 @@ fn summarize(variants: &[Variant], results: &[RunResult]) -> Vec<Summary> {
         .collect()
 }
 
-fn print_table(summary: &[Summary]) {
-    println!(
+fn print_table(summary: &[Summary]) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
         "{:<14} {:>6} {:>11} {:>10} {:>5} {:>22} {:>13} {:>9}",
         "variant",
         "seeds",
@@ -444,9 +495,10 @@ fn print_table(summary: &[Summary]) {
         "held-out nats/byte",
         "bits/byte",
         "time (s)"
-    );
+    )?;
     for s in summary {
-        println!(
+        writeln!(
+            stdout,
             "{:<14} {:>6} {:>11} {:>10} {:>5} {:>13.4} ± {:<6.4} {:>13.4} {:>9.0}",
             s.paper_name,
             s.seeds,
@@ -457,6 +509,7 @@ fn print_table(summary: &[Summary]) {
             s.held_out_std,
             s.bits_per_byte_mean,
             s.wall_s_mean
-        );
+        )?;
     }
+    Ok(())
 }

@@ -655,6 +655,31 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         std::fs::write(d.join("r.json"), r#"{"runs": [{"variant": "relu"}]}"#).unwrap();
         glu_variants(d, &["--replot", "r.json"])
     });
+    c.insert("gv-eval-windows", |d| {
+        glu_variants(d, &["--eval-windows", "2000000"])
+    });
+    c.insert("gv-state", |d| {
+        let args = ["--d-model", "8192", "--layers", "256", "--heads", "1"];
+        glu_variants(d, &args)
+    });
+    c.insert("gv-activations", |d| {
+        let args = ["--batch", "100000000", "--context", "1", "--heads", "1"];
+        glu_variants(d, &args)
+    });
+    c.insert("gv-replot-loss", |d| {
+        let run = r#"{"variant": "relu", "seed": 0, "parameters": 1, "ffn_parameters": 1,
+            "d_ff": 1, "held_out_loss": 1e308, "bits_per_byte": 1, "train_loss": 1,
+            "curve": [[1, 1.0]], "wall_s": 1}"#;
+        std::fs::write(d.join("r.json"), format!(r#"{{"runs": [{run}]}}"#)).unwrap();
+        glu_variants(d, &["--replot", "r.json", "--plot", "r.png"])
+    });
+    c.insert("gv-fifo", |d| {
+        std::fs::create_dir(d.join("text")).unwrap();
+        let fifo = d.join("text/zz.txt");
+        let ok = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(ok.success());
+        glu_variants(d, &["--data", "text", "--held-out", "hamlet_gut"])
+    });
     c.insert("gv-unequal", |d| {
         let args = [
             "--data",

@@ -1,5 +1,6 @@
 //! SplitMix64 (Steele, Lea & Flood 2014): tiny, seedable, and the same everywhere; shared by
-//! the examples (`infer`'s random input, `generate`'s sampler).
+//! the examples (`infer`'s random input, `generate`'s sampler, `glu_variants`' parameters and
+//! batches).
 
 /// A SplitMix64 generator.
 #[derive(Debug, Clone)]

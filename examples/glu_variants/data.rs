@@ -63,6 +63,10 @@ impl Corpus {
             held_out_files: Vec::new(),
         };
         for (path, name) in files.iter().zip(stems) {
+            // A FIFO or device would block or never end: regular files only.
+            if !path.is_file() {
+                bail!("{} is not a regular file", path.display());
+            }
             let bytes =
                 std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             if held_out.contains(&name) {
@@ -125,7 +129,9 @@ impl Corpus {
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let last = self.held_out.len() - context - 1;
-        let starts: Vec<usize> = (0..count).map(|k| k * last / count.max(1)).collect();
+        let starts: Vec<usize> = (0..count)
+            .map(|k| (k as u128 * last as u128 / count.max(1) as u128) as usize)
+            .collect();
         windows(&self.held_out, &starts, context, device)
     }
 }

@@ -146,6 +146,13 @@ fn draw(path: &Path, variants: &[Variant], results: &[RunResult]) -> Result<()> 
         bail!("nothing to plot: no held-out points");
     }
     let margin = 0.05 * (hi - lo).max(1e-3);
+    // plotters would loop for ever over an infinite axis.
+    if ![hi - lo, lo - margin, hi + margin]
+        .iter()
+        .all(|v| v.is_finite())
+    {
+        bail!("the held-out losses ({lo} to {hi}) span no axis that can be drawn");
+    }
     let first_step = 0.25 * last_step;
 
     let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
