@@ -258,6 +258,14 @@ fn windows_predict_the_next_byte() {
     let firsts: Vec<u32> = ids.iter().map(|w| w[0]).collect();
     assert_eq!(firsts, [0, 41, 82, 123, 165, 206, 247]);
     assert_eq!(targets[6][context - 1], (247 + 10) % 256);
+    // A context the text cannot hold is an error, not an underflow.
+    let err = corpus.held_out_windows(1, 300, &Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("held-out text (300 bytes) is shorter than --context 300"),
+        "{err}"
+    );
+    assert!(corpus.train_batch(&mut rng, 1, 266, &Device::Cpu).is_err());
 }
 
 /// The schedule: linear warm-up to the peak, then a cosine that falls towards a tenth of it.

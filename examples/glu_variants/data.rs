@@ -94,14 +94,8 @@ impl Corpus {
 
     /// Checks that both texts hold at least one window of `context + 1` bytes.
     pub fn check_context(&self, context: usize) -> Result<()> {
-        for (name, text) in [("training", &self.train), ("held-out", &self.held_out)] {
-            if text.len() <= context {
-                bail!(
-                    "the {name} text ({} bytes) is shorter than --context {context} plus one",
-                    text.len()
-                );
-            }
-        }
+        last_start(&self.train, context, "training")?;
+        last_start(&self.held_out, context, "held-out")?;
         Ok(())
     }
 
@@ -114,7 +108,7 @@ impl Corpus {
         context: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let last = self.train.len() - context - 1;
+        let last = last_start(&self.train, context, "training")?;
         let starts: Vec<usize> = (0..batch)
             .map(|_| (rng.next_u64() % (last as u64 + 1)) as usize)
             .collect();
@@ -128,11 +122,23 @@ impl Corpus {
         context: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let last = self.held_out.len() - context - 1;
+        let last = last_start(&self.held_out, context, "held-out")?;
         let starts: Vec<usize> = (0..count)
             .map(|k| (k as u128 * last as u128 / count.max(1) as u128) as usize)
             .collect();
         windows(&self.held_out, &starts, context, device)
+    }
+}
+
+/// The last offset at which a window of `context` bytes and its next-byte targets fit in
+/// `text`, or the error that the text is too short.
+fn last_start(text: &[u8], context: usize, name: &str) -> Result<usize> {
+    match text.len().checked_sub(context + 1) {
+        Some(last) => Ok(last),
+        None => bail!(
+            "the {name} text ({} bytes) is shorter than --context {context} plus one",
+            text.len()
+        ),
     }
 }
 
