@@ -487,6 +487,8 @@ fn int8_kernels_match_float64_over_rounded_activations() {
     // n not a multiple of 16 or 32.
     let q8_sizes = vec![
         (1, 32, 1),
+        (1, 2080, 21),
+        (1, 96, 37),
         (2, 96, 37),
         (4, 2080, 21),
         (5, 2080, 21),
@@ -499,6 +501,8 @@ fn int8_kernels_match_float64_over_rounded_activations() {
     ];
     let q4k_sizes = vec![
         (1, 256, 1),
+        (1, 2304, 21),
+        (1, 768, 37),
         (2, 512, 13),
         (3, 512, 37),
         (4, 768, 19),
@@ -643,6 +647,54 @@ fn int8_kernels_keep_nan_to_its_token() {
             };
             // An infinity makes its block's 8-bit scale infinite: NaN too.
             assert_poisoned_only(&y, m, n, true, &format!("{dtype:?}"));
+        }
+    }
+}
+
+/// One token alone (rows taken one or two at a time, start to end) gives the bits it gets
+/// inside a batch of the dot schedule (rows taken in lockstep): the two orders do the same
+/// arithmetic per row.
+#[test]
+fn int8_one_token_matches_its_batch_bit_for_bit() {
+    use candle_core::quantized::GgmlDType;
+
+    use vnni::Kind;
+    if !vnni() {
+        return;
+    }
+    // n not a multiple of the 8 rows a call (its last rows repeat) nor of the row pairs; odd
+    // numbers of q8_0 blocks (65, 3) and of q4k super-blocks (9, 1).
+    for (kind, dtype, k) in [
+        (Some(Kind::Q8_0), GgmlDType::Q8_0, 2080),
+        (Some(Kind::Q8_0), GgmlDType::Q8_0, 96),
+        (Some(Kind::Q4K), GgmlDType::Q4K, 2304),
+        (Some(Kind::Q4K), GgmlDType::Q4K, 256),
+        (None, GgmlDType::Q4_1, 2080),
+    ] {
+        for n in [21, 37] {
+            let (gate, _) = quantized(dtype, n, k, 5);
+            let (up, _) = quantized(dtype, n, k, 6);
+            let rb = kind.map_or(QuantType::Q4_1.row_bytes(k), |kind| kind.row_bytes(k));
+            let (g, u) = (Mat::blocks(&gate, rb), Mat::blocks(&up, rb));
+            let run = |x: &[f32], m: usize, w: Weights<'_>| match kind {
+                // SAFETY: VNNI checked; the blocks hold n rows of k values.
+                Some(kind) => unsafe { int8::matmul(x, m, k, w, n, kind) },
+                // SAFETY: as above.
+                None => unsafe { int8::matmul_q4_1(x, m, k, w, n) },
+            };
+            let m = 3;
+            let x = values(m * k, 8);
+            for w in [Weights::Single(g), Weights::GateUp(g, u, Activation::Silu)] {
+                let batch = run(&x, m, w);
+                for t in 0..m {
+                    let alone = run(&x[t * k..(t + 1) * k], 1, w);
+                    let same = alone
+                        .iter()
+                        .zip(&batch[t * n..(t + 1) * n])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype:?} k{k} n{n}, token {t}: {alone:?}");
+                }
+            }
         }
     }
 }
