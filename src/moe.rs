@@ -347,10 +347,10 @@ pub struct GluExperts {
     config: MoeConfig,
     /// The router, `[E, H]`, as stored.
     router: Tensor,
-    /// The router in f32, kept where it is stored in another dtype and is not a variable
-    /// (whose updates a copy would miss): converting it on every call cost 15% of a Qwen3-MoE
-    /// layer's decode.
-    router_f32: Option<Tensor>,
+    /// The router in f32 as a [`Projection`] (the crate's kernels on the CPU, on every thread),
+    /// where it is not a variable (whose updates a copy would miss); a copy where it is stored
+    /// in another dtype: converting it on every call cost 15% of a Qwen3-MoE layer's decode.
+    router_f32: Option<Projection>,
     /// DeepSeek-V3's selection bias, `[E]`, f32.
     selection_bias: Option<Vec<f32>>,
     experts: Vec<GluFeedForward>,
@@ -538,10 +538,10 @@ impl GluExperts {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let router_f32 = if router.dtype() != DType::F32 && !router.is_variable() {
-            Some(router.to_dtype(DType::F32)?)
-        } else {
+        let router_f32 = if router.is_variable() {
             None
+        } else {
+            Some(Projection::new(router.to_dtype(DType::F32)?, None)?)
         };
         Ok(Self {
             config: cfg.clone(),
@@ -587,7 +587,7 @@ impl GluExperts {
     /// The router's logits for the tokens `x` (in the scores' dtype).
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         match &self.router_f32 {
-            Some(w) if x.dtype() == DType::F32 => x.matmul(&w.t()?),
+            Some(w) if x.dtype() == DType::F32 => x.apply(w),
             _ => Self::project(x, &self.router),
         }
     }
