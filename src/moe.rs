@@ -347,10 +347,12 @@ pub struct GluExperts {
     config: MoeConfig,
     /// The router, `[E, H]`, as stored.
     router: Tensor,
-    /// The router in f32 as a [`Projection`] (the crate's kernels on the CPU, on every thread),
-    /// where it is not a variable (whose updates a copy would miss); a copy where it is stored
-    /// in another dtype: converting it on every call cost 15% of a Qwen3-MoE layer's decode.
-    router_f32: Option<Projection>,
+    /// The router in f32 as a [`Projection`], for f32 and narrower inputs: on a CPU with the
+    /// crate's kernels, they compute the logits on every thread. Only where the router is not a
+    /// variable (one being trained stays on candle's ops; a copy would miss its updates); a
+    /// copy where it is stored in another dtype (converting it on every call cost 15% of a
+    /// Qwen3-MoE layer's decode), the same storage where it is f32.
+    router_projection: Option<Projection>,
     /// DeepSeek-V3's selection bias, `[E]`, f32.
     selection_bias: Option<Vec<f32>>,
     experts: Vec<GluFeedForward>,
@@ -538,7 +540,7 @@ impl GluExperts {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let router_f32 = if router.is_variable() {
+        let router_projection = if router.is_variable() {
             None
         } else {
             Some(Projection::new(router.to_dtype(DType::F32)?, None)?)
@@ -546,7 +548,7 @@ impl GluExperts {
         Ok(Self {
             config: cfg.clone(),
             router,
-            router_f32,
+            router_projection,
             selection_bias,
             experts,
             shared,
@@ -586,7 +588,7 @@ impl GluExperts {
 
     /// The router's logits for the tokens `x` (in the scores' dtype).
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.router_f32 {
+        match &self.router_projection {
             Some(w) if x.dtype() == DType::F32 => x.apply(w),
             _ => Self::project(x, &self.router),
         }

@@ -254,10 +254,7 @@ fn gradients_reach_the_router_and_the_experts() {
     use candle_core::Var;
     // Qwen3-MoE's fixture as variables; the loss Σ y·c for a fixed c.
     let io = io("qwen3_moe");
-    let cfg = MoeConfig::from_hf_config_file(dir("qwen3_moe").join("config.json")).unwrap();
-    let ws =
-        candle_core::safetensors::load(dir("qwen3_moe").join("model.safetensors"), &Device::Cpu)
-            .unwrap();
+    let (cfg, ws) = config_and_weights("qwen3_moe");
     let ws: HashMap<String, Tensor> = ws
         .into_iter()
         .map(|(k, v)| (k, v.to_dtype(DType::F64).unwrap()))
@@ -311,6 +308,50 @@ fn gradients_reach_the_router_and_the_experts() {
             "{name}{at:?}: analytic {analytic:e}, numeric {numeric:e}"
         );
     }
+}
+
+/// A router that is not a variable runs on the crate's kernels; its gradients with respect to
+/// the input are the ones candle's matmul gives where the router is a variable (f32, within
+/// f32 rounding).
+#[test]
+fn a_frozen_routers_input_gradients_match_a_trained_one() {
+    use candle_core::Var;
+    let io = io("qwen3_moe");
+    let (cfg, ws) = config_and_weights("qwen3_moe");
+    let router = "model.layers.0.mlp.gate.weight";
+    let c = io["y_f64"].to_dtype(DType::F32).unwrap();
+    let x_grad = |ws: HashMap<String, Tensor>| -> Vec<f32> {
+        let vb = VarBuilder::from_tensors(ws, DType::F32, &Device::Cpu);
+        let moe = GluExperts::new(&cfg, vb.pp("model.layers.0.mlp")).unwrap();
+        let x = Var::from_tensor(&io["x"].to_dtype(DType::F32).unwrap()).unwrap();
+        let loss = (moe.forward(x.as_tensor()).unwrap() * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads.get(x.as_tensor()).expect("a gradient for x");
+        g.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let frozen = x_grad(ws.clone());
+    let mut trained = ws;
+    let w = Var::from_tensor(&trained[router]).unwrap();
+    trained.insert(router.to_string(), w.as_tensor().clone());
+    let trained = x_grad(trained);
+    let scale = trained.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = frozen
+        .iter()
+        .zip(&trained)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(scale > 0.0, "no gradient reached x");
+    assert!(worst <= 1e-5 * scale, "{worst:e} of {scale:e}");
+}
+
+/// A fixture's config and its `model.safetensors` tensors (on the CPU, as stored).
+fn config_and_weights(case: &str) -> (MoeConfig, HashMap<String, Tensor>) {
+    let cfg = MoeConfig::from_hf_config_file(dir(case).join("config.json")).unwrap();
+    let ws =
+        candle_core::safetensors::load(dir(case).join("model.safetensors"), &Device::Cpu).unwrap();
+    (cfg, ws)
 }
 
 /// An expert that some token of the fixture uses.

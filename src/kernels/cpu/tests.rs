@@ -682,17 +682,26 @@ fn int8_one_token_matches_its_batch_bit_for_bit() {
                 // SAFETY: as above.
                 None => unsafe { int8::matmul_q4_1(x, m, k, w, n) },
             };
-            let m = 3;
-            let x = values(m * k, 8);
+            let x = values(5 * k, 8);
             for w in [Weights::Single(g), Weights::GateUp(g, u, Activation::Silu)] {
-                let batch = run(&x, m, w);
-                for t in 0..m {
-                    let alone = run(&x[t * k..(t + 1) * k], 1, w);
-                    let same = alone
-                        .iter()
-                        .zip(&batch[t * n..(t + 1) * n])
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{dtype:?} k{k} n{n}, token {t}: {alone:?}");
+                let alone: Vec<Vec<f32>> =
+                    (0..5).map(|t| run(&x[t * k..(t + 1) * k], 1, w)).collect();
+                // Batches of every width the dot schedule's kernels take (2, 3, 4; Q4_1's, which
+                // keeps that schedule past 4 tokens, 2 + 2 + 1 too).
+                let widest = if kind.is_some() {
+                    int8::DOT_MAX_TOKENS
+                } else {
+                    5
+                };
+                for m in 2..=widest {
+                    let batch = run(&x[..m * k], m, w);
+                    for (t, alone) in alone[..m].iter().enumerate() {
+                        let same = alone
+                            .iter()
+                            .zip(&batch[t * n..(t + 1) * n])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{dtype:?} k{k} n{n} m{m}, token {t}: {alone:?}");
+                    }
                 }
             }
         }

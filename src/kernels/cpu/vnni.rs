@@ -29,8 +29,9 @@ pub(crate) const Q8_0_BLOCK_BYTES: usize = 34;
 /// Bytes of a q4k super-block: f16 `d` and `dmin`, 12 bytes of 6-bit sub-block scales and
 /// minima, 128 bytes of 4-bit codes; value `i` of sub-block `j` is `d·sc[j]·q − dmin·m[j]`.
 pub(crate) const Q4K_BLOCK_BYTES: usize = 144;
-/// How far ahead of the loads the decode kernels prefetch each weight row into L1, q8_0 and q4k
-/// (tuned on 7B decode: 1024 bytes ahead was 10–25% slower).
+/// How far ahead of the loads the decode kernels prefetch each weight row into L1 where they
+/// read the rows in lockstep (Q4_1, and q8_0 and q4k for 2–4 tokens; tuned on 7B decode when
+/// one token read them so too: 1024 bytes ahead was 10–25% slower).
 const PREFETCH_BYTES: usize = 512;
 const PREFETCH_BYTES_Q4K: usize = 256;
 /// At least how far ahead q4k decode prefetches into L2: the same block of the rows some calls
@@ -46,10 +47,11 @@ const LEAD_BYTES_Q4K: usize = 16 << 10;
 /// and `ahead` bytes ahead (the same block of the rows that the schedule takes next, or for
 /// q4k some calls later: [`LEAD_BYTES_Q4K`]) into L2.
 ///
-/// The L2 prefetch is what lets decode stream at the memory's pace: eight rows read in lockstep
-/// are eight streams, more than the hardware prefetchers follow well. On 7B decode, taking
-/// turns over copies of the weights (so every run reads them from memory), it cut q4k from
-/// 1.27–1.43× to 1.00–1.15× the read floor, and q8_0 from 1.04–1.06× to 0.91–1.03×.
+/// The L2 prefetch is what lets the lockstep order stream at the memory's pace: eight rows read
+/// in lockstep are eight streams, more than the hardware prefetchers follow well. On 7B decode
+/// (when one token took that order too), taking turns over copies of the weights (so every run
+/// reads them from memory), it cut q4k from 1.27–1.43× to 1.00–1.15× the read floor, and q8_0
+/// from 1.04–1.06× to 0.91–1.03×.
 #[inline(always)]
 unsafe fn prefetch_block<const BYTES: usize>(p: *const u8, near: usize, ahead: usize) {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
