@@ -124,7 +124,7 @@ impl Corpus {
     ) -> Result<(Tensor, Tensor)> {
         let last = last_start(&self.held_out, context, "held-out")?;
         let starts: Vec<usize> = (0..count)
-            .map(|k| (k as u128 * last as u128 / count.max(1) as u128) as usize)
+            .map(|k| (k as u128 * last as u128 / count as u128) as usize)
             .collect();
         windows(&self.held_out, &starts, context, device)
     }
@@ -133,7 +133,11 @@ impl Corpus {
 /// The last offset at which a window of `context` bytes and its next-byte targets fit in
 /// `text`, or the error that the text is too short.
 fn last_start(text: &[u8], context: usize, name: &str) -> Result<usize> {
-    match text.len().checked_sub(context + 1) {
+    match text
+        .len()
+        .checked_sub(context)
+        .and_then(|n| n.checked_sub(1))
+    {
         Some(last) => Ok(last),
         None => bail!(
             "the {name} text ({} bytes) is shorter than --context {context} plus one",

@@ -151,9 +151,10 @@ impl FeedForward {
 }
 
 impl FeedForward {
-    /// Whether training runs on the crate's CPU kernels (and their backward passes): the gated
-    /// block's fused path, or both of the plain layer's projections on a kernel. Asked with
-    /// tracked inputs of two tokens, as in training.
+    /// Whether the forward passes of training run on the crate's CPU kernels: the gated block's
+    /// fused path, or both of the plain layer's projections on a kernel. Asked with tracked
+    /// inputs of two tokens, as in training. (The backward passes are those of the crate's ops,
+    /// partly on candle's matmuls.)
     fn on_crate_kernels(&self, device: &Device) -> Result<bool> {
         let probe = |width: usize| candle_core::Var::zeros((1, 2, width), DType::F32, device);
         Ok(match self {

@@ -52,9 +52,8 @@ pub struct RunResult {
     pub parameters: usize,
     pub ffn_parameters: usize,
     pub d_ff: usize,
-    /// Whether the FFNs trained on the crate's CPU kernels and their backward passes (else
-    /// candle's ops: a CPU without AVX-512, or another device). Absent from runs recorded
-    /// before it was.
+    /// Whether the FFNs' forward passes ran on the crate's CPU kernels (else candle's ops: a CPU
+    /// without AVX-512, or another device). Absent from runs recorded before it was.
     #[serde(default)]
     pub ffn_on_crate_kernels: Option<bool>,
     /// Mean cross-entropy on the final held-out windows, in nats per byte.

@@ -16,6 +16,16 @@ pub fn dir(case: &str) -> PathBuf {
     super::fixtures().join("moe").join(case)
 }
 
+/// Its config.
+pub fn config(case: &str) -> MoeConfig {
+    MoeConfig::from_hf_config_file(dir(case).join("config.json")).unwrap()
+}
+
+/// Its `model.safetensors` tensors, on the CPU, as stored.
+pub fn weights(case: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir(case).join("model.safetensors"), &Device::Cpu).unwrap()
+}
+
 /// Its inputs and transformers' outputs (`x`, `y_f64`, `y_torch_bf16`, ...), on the CPU.
 pub fn io(case: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(dir(case).join("io.safetensors"), &Device::Cpu).unwrap()
@@ -42,7 +52,7 @@ pub fn files(case: &str) -> &'static [&'static str] {
 
 /// The layer from `file` of the case, in `dtype` on `dev`.
 pub fn layer(case: &str, file: &str, dtype: DType, dev: &Device) -> GluExperts {
-    let cfg = MoeConfig::from_hf_config_file(dir(case).join("config.json")).unwrap();
+    let cfg = config(case);
     let bytes = std::fs::read(dir(case).join(file)).unwrap();
     let vb = VarBuilder::from_buffered_safetensors(bytes, dtype, dev).unwrap();
     let prefix = if file == "fused.safetensors" {

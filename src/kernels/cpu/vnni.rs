@@ -59,8 +59,8 @@ unsafe fn prefetch_block<const BYTES: usize>(p: *const u8, near: usize, ahead: u
     unsafe {
         for line in 0..BYTES.div_ceil(64) {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(near + 64 * line) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead + 64 * line) as *const i8);
         }
+        prefetch_ahead::<BYTES>(p, ahead);
     }
 }
 
