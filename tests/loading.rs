@@ -370,11 +370,13 @@ fn real_weights_requantized_to_q8_0_and_q4k_match_candle_and_float64() {
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        // The 8-bit activations' rounding: ours per 32 values (per 256 for q4k at up to 4
-        // tokens), candle's per 256; on the tiles, bf16's. (Without the kernels, ours is
-        // candle's.) Measured on this input at 1/9/40/70 tokens: without AMX, ours 1.32e-2,
-        // 5.7e-3, 4.2e-3 at 1/9/40; on an Xeon with AMX ours 1.32e-2, 5.7e-3, 4.0e-3, 2.8e-3;
-        // candle's 1.28e-2, 1.14e-2, 6.9e-3, 1.42e-2.
+        // The 8-bit activations' rounding: ours per 32 values for q8_0 and per 256 for q4k,
+        // candle's per 256 for both; on the tiles, bf16's. (Without the kernels, ours is
+        // candle's.) Measured on this input at 1/9/40/70 tokens: without AMX (AMD Zen 4), ours
+        // 1.32e-2, 1.21e-2, 6.7e-3, 1.26e-2 (the q4k down projection's rounding dominates; it
+        // was 5.7e-3 and 4.2e-3 at 9 and 40 tokens when the packed schedule rounded q4k's
+        // activations per 32 values); on an Xeon with AMX, before that change, ours 1.32e-2,
+        // 5.7e-3, 4.0e-3, 2.8e-3; candle's 1.28e-2, 1.14e-2, 6.9e-3, 1.42e-2.
         let candle = rel_err(&naive, &want);
         let what = format!("{m} tokens, ours vs float64");
         let ours = assert_close(&y, &want, Tol::Rel(2e-2), what);

@@ -482,7 +482,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         return;
     }
     // Token counts in both schedules (dot up to 4, packed) and on both sides of the 6-token
-    // tile; k past the 1024-deep weight block (which
+    // tile (last tiles of 1 to 5 tokens); k past the 1024-deep weight block (which
     // the packed schedule uses past 1 MiB of tokens' codes), with an odd number of q8_0 blocks;
     // n not a multiple of 16 or 32.
     let q8_sizes = vec![
@@ -493,6 +493,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         (4, 2080, 21),
         (5, 2080, 21),
         (9, 544, 9),
+        (13, 96, 9),
         (15, 96, 33),
         (17, 96, 33),
         (40, 2080, 70),
@@ -508,6 +509,7 @@ fn int8_kernels_match_float64_over_rounded_activations() {
         (4, 768, 19),
         (6, 2304, 21),
         (7, 256, 9),
+        (9, 512, 13),
         (17, 1280, 33),
         (40, 2560, 70),
         (410, 2560, 40),
@@ -562,13 +564,8 @@ fn int8_kernels_match_float64_over_rounded_activations() {
             };
             let h = matmul(Weights::GateUp(g, u, act));
             let y = matmul(Weights::Single(g));
-            // One scale per 32 values; per 256 (a super-block) for q4k decode.
-            let decode = m <= int8::DOT_MAX_TOKENS;
-            let block = if kind == Some(Kind::Q4K) && decode {
-                256
-            } else {
-                32
-            };
+            // One scale per 32 values; per 256 (a super-block) for q4k.
+            let block = if kind == Some(Kind::Q4K) { 256 } else { 32 };
             let xr = rounded_activations(&x, block);
             let dot =
                 |a: &[f64], b: &[f32]| a.iter().zip(b).map(|(a, b)| a * *b as f64).sum::<f64>();

@@ -2,10 +2,10 @@
 //!
 //! Activations are rounded to 8 bits in blocks of 32 values, each block with its own f32 scale
 //! (as llama.cpp's q8_0 activations; finer than the 256-value blocks candle uses with these
-//! weights), except in [`dot_q4k`], which takes one scale per 256 values so that the sub-block
-//! scales apply in integers. Weights and activations meet in integer dot products (VPDPBUSD:
-//! u8 × i8, four products summed per i32 lane), and the scales are applied in f32 once per 32
-//! values (per 256 in [`dot_q4k`]).
+//! weights), except for q4k ([`dot_q4k`], [`packed_kernel_q4k`]), which takes one scale per 256
+//! values (as llama.cpp and candle do) so that the sub-block scales apply in integers. Weights
+//! and activations meet in integer dot products (VPDPBUSD: u8 × i8, four products summed per
+//! i32 lane), and the scales are applied in f32 once per 32 values (per 256 for q4k).
 //!
 //! VPDPBUSD needs one operand unsigned. q4k's 4-bit codes are; q8_0's signed weights are offset
 //! by +128 (their sign bit flipped), and the `128·Σq` this adds to each activation block's sum
@@ -619,33 +619,35 @@ pub(crate) unsafe fn dot_q4_1<const R: usize, const TT: usize>(
     }
 }
 
-/// Tokens per tile of [`packed_kernel`].
+/// Tokens per tile of [`packed_kernel`] (the schedule takes 1 to 5 for a last, short block).
 pub(crate) const MT: usize = 6;
+const _: () = assert!(MT == 6);
 /// Weight rows per tile of [`packed_kernel`] (two vectors of 16).
 pub(crate) const NT: usize = 32;
 
-/// The packed micro-kernel: `C[t][0..32] (+)= Σ_b` over `nb` 32-value blocks, for `MT` tokens
-/// and 32 weight rows, each block's integer sums scaled once.
+/// The packed micro-kernel for q8_0: `C[t][0..32] (+)= Σ_b` over `nb` 32-value blocks, for
+/// the first `R` (≤ `MT`) of a block of `MT` tokens and 32 weight rows, each block's integer
+/// sums scaled once. (A last block of fewer than `MT` tokens takes a smaller `R`.)
 ///
 /// - `xq`: `[nb][8][MT]` u32, each 4 activation codes (i8); `xd`, `xs`: `[nb][MT]` scales
 ///   and code sums;
-/// - `wq`: `[nb][8][32]` u32, each 4 weight codes (u8; q8_0 offset by +128); `wd`: `[nb][32]`
-///   scales; `wm`: `[nb][32]` minima (`MIN` only: q4k);
-/// - `c`: `MT` rows of 32 f32, `ldc` apart; overwritten if `first`, else accumulated into.
-#[allow(clippy::too_many_arguments)]
+/// - `wq`: `[nb][8][32]` u32, each 4 weight codes offset by +128 (u8); `wd`: `[nb][32]` scales;
+/// - `c`: `R` rows of 32 f32, `ldc` apart; overwritten if `first`, else accumulated into;
+/// - `ahead()` is called before each 32-value block (for the caller's prefetches).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-pub(crate) unsafe fn packed_kernel<const MIN: bool>(
+pub(crate) unsafe fn packed_kernel<const R: usize>(
     nb: usize,
     (xq, xd, xs): (*const i32, *const f32, *const i32),
-    (wq, wd, wm): (*const i32, *const f32, *const f32),
+    (wq, wd): (*const i32, *const f32),
     c: *mut f32,
     ldc: usize,
     first: bool,
+    mut ahead: impl FnMut(),
 ) {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MT];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if !first {
             for (t, a) in acc.iter_mut().enumerate() {
                 a[0] = _mm512_loadu_ps(c.add(t * ldc));
@@ -653,46 +655,140 @@ pub(crate) unsafe fn packed_kernel<const MIN: bool>(
             }
         }
         for b in 0..nb {
-            let mut isum = [[_mm512_setzero_si512(); 2]; MT];
-            if !MIN {
-                // q8_0's +128 offset adds 128·Σq to every row's sum.
-                for (t, s) in isum.iter_mut().enumerate() {
-                    let corr = _mm512_set1_epi32(-128 * *xs.add(b * MT + t));
-                    *s = [corr, corr];
-                }
+            ahead();
+            // The +128 offset adds 128·Σq to every row's sum.
+            let mut isum = [[_mm512_setzero_si512(); 2]; R];
+            for (t, s) in isum.iter_mut().enumerate() {
+                let corr = _mm512_set1_epi32(-128 * *xs.add(b * MT + t));
+                *s = [corr, corr];
             }
-            for g in 0..8 {
-                let w = wq.add((b * 8 + g) * NT);
-                let (w0, w1) = (
-                    _mm512_loadu_si512(w as *const _),
-                    _mm512_loadu_si512(w.add(16) as *const _),
-                );
-                let x = xq.add((b * 8 + g) * MT);
-                for (t, s) in isum.iter_mut().enumerate() {
-                    let xb = _mm512_set1_epi32(*x.add(t));
-                    s[0] = _mm512_dpbusd_epi32(s[0], w0, xb);
-                    s[1] = _mm512_dpbusd_epi32(s[1], w1, xb);
-                }
-            }
+            block_sums(wq.add(b * 8 * NT), xq.add(b * 8 * MT), &mut isum);
             let (d0, d1) = (
                 _mm512_loadu_ps(wd.add(b * NT)),
                 _mm512_loadu_ps(wd.add(b * NT + 16)),
             );
             for (t, (a, s)) in acc.iter_mut().zip(&isum).enumerate() {
-                let dx = *xd.add(b * MT + t);
-                let dxv = _mm512_set1_ps(dx);
+                let dxv = _mm512_set1_ps(*xd.add(b * MT + t));
                 a[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_mul_ps(d0, dxv), a[0]);
                 a[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1]), _mm512_mul_ps(d1, dxv), a[1]);
-                if MIN {
-                    let ms = _mm512_set1_ps(dx * *xs.add(b * MT + t) as f32);
-                    a[0] = _mm512_fnmadd_ps(_mm512_loadu_ps(wm.add(b * NT)), ms, a[0]);
-                    a[1] = _mm512_fnmadd_ps(_mm512_loadu_ps(wm.add(b * NT + 16)), ms, a[1]);
-                }
             }
         }
         for (t, a) in acc.iter().enumerate() {
             _mm512_storeu_ps(c.add(t * ldc), a[0]);
             _mm512_storeu_ps(c.add(t * ldc + 16), a[1]);
+        }
+    }
+}
+
+/// Adds one 32-value block's integer dot products of the first `R` of `MT` tokens (`x`:
+/// `[8][MT]` u32 of 4 codes) with 32 rows (`w`: `[8][32]` u32 of 4 codes) to `isum`.
+#[inline(always)]
+unsafe fn block_sums<const R: usize>(w: *const i32, x: *const i32, isum: &mut [[__m512i; 2]; R]) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        for g in 0..8 {
+            let w = w.add(g * NT);
+            let (w0, w1) = (
+                _mm512_loadu_si512(w as *const _),
+                _mm512_loadu_si512(w.add(16) as *const _),
+            );
+            let x = x.add(g * MT);
+            for (t, s) in isum.iter_mut().enumerate() {
+                let xb = _mm512_set1_epi32(*x.add(t));
+                s[0] = _mm512_dpbusd_epi32(s[0], w0, xb);
+                s[1] = _mm512_dpbusd_epi32(s[1], w1, xb);
+            }
+        }
+    }
+}
+
+/// The packed micro-kernel for q4k: `C[t][0..32] (+)= Σ` over `nsb` super-blocks of 256
+/// values, for the first `R` (≤ `MT`) of a block of `MT` tokens and 32 weight rows.
+///
+/// The activations have one scale per super-block (as in [`dot_q4k`]), so that the weights'
+/// 6-bit sub-block scales and minima apply in integers: per super-block and token,
+/// `d·Σ_j sc[j]·Σq·xq − dmin·Σ_j m[j]·Σxq`, then one scaling by `d_x` in f32. The integer
+/// multiplies (VPMULLD) and adds issue beside the dot products on an AMD Zen 4, where a
+/// float multiply or FMA takes a dot product's slot: three of those per 64 dot products,
+/// against three per 8 when every 32-value block was scaled in f32.
+///
+/// - `xq`: `[nsb·8][8][MT]` u32, each 4 activation codes (i8); `xd`: `[nsb][MT]` scales;
+///   `xs`: `[nsb·4][MT]` code sums per 32 values, those of sub-blocks `2p` and `2p + 1` as
+///   an i16 pair;
+/// - `wq`: `[nsb·8][8][32]` u32, each 4 weight codes (u8); `wsc`: `[nsb·8][32]` 6-bit scales
+///   (i32); `wmn`: `[nsb·4][32]` 6-bit minima, of sub-blocks `2p` and `2p + 1` as an i16
+///   pair; `wdd`: `[nsb][2][32]` `d` then `dmin` (f32);
+/// - `c`: `R` rows of 32 f32, `ldc` apart; overwritten if `first`, else accumulated into;
+/// - `ahead()` is called before each 32-value block (for the caller's prefetches).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(crate) unsafe fn packed_kernel_q4k<const R: usize>(
+    nsb: usize,
+    (xq, xd, xs): (*const i32, *const f32, *const i32),
+    (wq, wsc, wmn, wdd): (*const i32, *const i32, *const i32, *const f32),
+    c: *mut f32,
+    ldc: usize,
+    first: bool,
+    mut ahead: impl FnMut(),
+) {
+    // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
+    // the CPU features and passes pointers valid for the lengths documented here.
+    unsafe {
+        if first {
+            for t in 0..R {
+                _mm512_storeu_ps(c.add(t * ldc), _mm512_setzero_ps());
+                _mm512_storeu_ps(c.add(t * ldc + 16), _mm512_setzero_ps());
+            }
+        }
+        for sb in 0..nsb {
+            // Σ_j sc[j]·(sub-block j's dot product), per token and row.
+            let mut acc = [[_mm512_setzero_si512(); 2]; R];
+            for j in 0..8 {
+                let b = sb * 8 + j;
+                ahead();
+                let mut isum = [[_mm512_setzero_si512(); 2]; R];
+                block_sums(wq.add(b * 8 * NT), xq.add(b * 8 * MT), &mut isum);
+                let sc = [
+                    _mm512_loadu_si512(wsc.add(b * NT) as *const _),
+                    _mm512_loadu_si512(wsc.add(b * NT + 16) as *const _),
+                ];
+                for (a, s) in acc.iter_mut().zip(&isum) {
+                    for v in 0..2 {
+                        a[v] = _mm512_add_epi32(a[v], _mm512_mullo_epi32(s[v], sc[v]));
+                    }
+                }
+            }
+            let mut mn = [[_mm512_setzero_si512(); 2]; 4];
+            for (p, mn) in mn.iter_mut().enumerate() {
+                let at = wmn.add((sb * 4 + p) * NT);
+                *mn = [
+                    _mm512_loadu_si512(at as *const _),
+                    _mm512_loadu_si512(at.add(16) as *const _),
+                ];
+            }
+            let dd = wdd.add(sb * 2 * NT);
+            let d = [_mm512_loadu_ps(dd), _mm512_loadu_ps(dd.add(16))];
+            let dmin = [
+                _mm512_loadu_ps(dd.add(NT)),
+                _mm512_loadu_ps(dd.add(NT + 16)),
+            ];
+            for (t, a) in acc.iter().enumerate() {
+                // Σ_j m[j]·Σxq[j], two sub-blocks per VPDPWSSD (both as i16 pairs).
+                let mut mins = [_mm512_setzero_si512(); 2];
+                for (p, mn) in mn.iter().enumerate() {
+                    let xb = _mm512_set1_epi32(*xs.add((sb * 4 + p) * MT + t));
+                    for v in 0..2 {
+                        mins[v] = dpwssd(mins[v], mn[v], xb);
+                    }
+                }
+                let dx = _mm512_set1_ps(*xd.add(sb * MT + t));
+                for v in 0..2 {
+                    let m = _mm512_mul_ps(_mm512_cvtepi32_ps(mins[v]), dmin[v]);
+                    let f = _mm512_fmsub_ps(_mm512_cvtepi32_ps(a[v]), d[v], m);
+                    let at = c.add(t * ldc + 16 * v);
+                    _mm512_storeu_ps(at, _mm512_fmadd_ps(f, dx, _mm512_loadu_ps(at)));
+                }
+            }
         }
     }
 }
@@ -707,6 +803,13 @@ pub(crate) struct Rows16 {
 }
 
 impl Rows16 {
+    /// No rows.
+    const NONE: Self = Self {
+        base: std::ptr::null(),
+        stride: 0,
+        valid: 0,
+    };
+
     /// Prefetches the cache lines that hold bytes `[from, from + len)` of every row that
     /// exists, with hint `HINT`.
     #[inline(always)]
@@ -736,6 +839,74 @@ impl Rows16 {
     }
 }
 
+/// Prefetches the rows of a panel a few lines at a time, in order (of each row, `len` bytes
+/// from the line that holds its byte `from`), so that their reads from memory are spread
+/// over the work before them rather than made while they are unpacked.
+#[derive(Debug, Clone)]
+pub(crate) struct Trickle {
+    rows: [Rows16; 2],
+    from: usize,
+    len: usize,
+    per_step: usize,
+    /// The half and row whose lines `[at, end)` come next.
+    half: usize,
+    row: usize,
+    at: usize,
+    end: usize,
+}
+
+impl Trickle {
+    /// A trickle over `rows` (none if `None`) that ends within `steps` calls to [`Self::step`].
+    pub(crate) fn new(rows: Option<[Rows16; 2]>, from: usize, len: usize, steps: usize) -> Self {
+        let rows = rows.unwrap_or([Rows16::NONE; 2]);
+        let lines = (len.div_ceil(64) + 1) * (rows[0].valid + rows[1].valid);
+        let mut t = Self {
+            rows,
+            from,
+            len,
+            per_step: lines.div_ceil(steps.max(1)),
+            half: 0,
+            row: 0,
+            at: 0,
+            end: 0,
+        };
+        t.seek();
+        t
+    }
+
+    /// Points `at` and `end` at row `row` of half `half`, or of the next half with rows.
+    fn seek(&mut self) {
+        while self.half < 2 && self.row == self.rows[self.half].valid {
+            (self.half, self.row) = (self.half + 1, 0);
+        }
+        if self.half < 2 {
+            let r = self.rows[self.half];
+            let start = r.base as usize + self.row * r.stride + self.from;
+            (self.at, self.end) = (start & !63, start + self.len);
+        }
+    }
+
+    /// Prefetches the next lines (into L2 and, on some CPUs, L1).
+    #[inline(always)]
+    pub(crate) fn step(&mut self) {
+        for _ in 0..self.per_step {
+            if self.at >= self.end {
+                if self.half == 2 {
+                    return;
+                }
+                self.row += 1;
+                self.seek();
+                if self.half == 2 {
+                    return;
+                }
+            }
+            // SAFETY: a prefetch reads nothing the program sees and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.at as *const i8) };
+            self.at += 64;
+        }
+    }
+}
+
 /// How many q8_0 blocks (and q4k super-blocks) ahead [`pack16`] prefetches its rows into L1.
 const PACK_AHEAD_Q8_0: usize = 8;
 const PACK_AHEAD_Q4K: usize = 2;
@@ -746,30 +917,40 @@ unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
-        let mut f: [__m512; 16] = std::array::from_fn(|i| _mm512_castsi512_ps(r[i]));
+        // Loops, not closures: an intrinsic inside a closure (a function without the CPU
+        // features) may stay a call.
+        let mut f = [_mm512_setzero_ps(); 16];
+        for (f, r) in f.iter_mut().zip(&r) {
+            *f = _mm512_castsi512_ps(*r);
+        }
         super::avx512::transpose16(&mut f);
-        std::array::from_fn(|i| _mm512_castps_si512(f[i]))
+        let mut out = [_mm512_setzero_si512(); 16];
+        for (o, f) in out.iter_mut().zip(&f) {
+            *o = _mm512_castps_si512(*f);
+        }
+        out
     }
 }
 
 /// Packs 16 weight rows' 32-value blocks `[b0, b0 + nb)` (`b0` a multiple of 8 for q4k) for
-/// [`packed_kernel`]: codes into `wq[(b·8 + g)·32 + i]`, scales into `wd[b·32 + i]` and, for
-/// q4k, minima into `wm[b·32 + i]`, with `i = i0 + row`. Codes are loaded by row and transposed
-/// in registers; scales (and q4k's packed fields) are gathered from the blocks, one gather per
-/// vector of 16 rows' values.
+/// [`packed_kernel`] or [`packed_kernel_q4k`]: codes into `wq[(b·8 + g)·32 + i]`, with
+/// `i = i0 + row`; for q8_0 the scales into `wd[b·32 + i]` (f32); for q4k the 6-bit scales
+/// into `wd[b·32 + i]` (i32), the minima of blocks `2p` and `2p + 1` into `wm[p·32 + i]` (an
+/// i16 pair), and each super-block `s`'s `d` and `dmin` into `wdd[s·64 + i]` and
+/// `wdd[s·64 + 32 + i]`. Codes are loaded by row and
+/// transposed in registers; scales (and q4k's packed fields) are gathered from the blocks, one
+/// gather per vector of 16 rows' values.
 ///
-/// The rows are read from memory in lockstep, 16 streams or more, which the hardware
-/// prefetchers do not follow: the blocks a few steps ahead are prefetched into L1, and the same
-/// blocks of `next` (the rows packed after these, if any) into L2.
-#[allow(clippy::too_many_arguments)]
+/// The rows are read in lockstep, 16 streams or more, which the hardware prefetchers do not
+/// follow: the blocks a few steps ahead are prefetched into L1. (The caller brings the rows
+/// from memory beforehand: [`Trickle`].)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(crate) unsafe fn pack16(
     kind: Kind,
     rows: Rows16,
-    next: Option<Rows16>,
     b0: usize,
     nb: usize,
-    (wq, wd, wm): (*mut i32, *mut f32, *mut f32),
+    (wq, wd, wm, wdd): (*mut i32, *mut f32, *mut f32, *mut f32),
     i0: usize,
 ) {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
@@ -780,6 +961,12 @@ pub(crate) unsafe fn pack16(
             for b in 0..nb {
                 std::ptr::write_bytes(wd.add(b * NT + i0), 0, 16);
                 std::ptr::write_bytes(wm.add(b * NT + i0), 0, 16);
+            }
+            if kind == Kind::Q4K {
+                for sb in 0..nb / 8 {
+                    std::ptr::write_bytes(wdd.add(sb * 2 * NT + i0), 0, 16);
+                    std::ptr::write_bytes(wdd.add(sb * 2 * NT + NT + i0), 0, 16);
+                }
             }
             return;
         }
@@ -815,12 +1002,23 @@ pub(crate) unsafe fn pack16(
                         let ahead = at + PACK_AHEAD_Q8_0 * Q8_0_BLOCK_BYTES;
                         rows.prefetch_lines::<_MM_HINT_T0, 2>(ahead);
                     }
-                    if let Some(next) = next {
-                        next.prefetch_lines::<_MM_HINT_T1, 2>(at);
-                    }
-                    let v = transpose(std::array::from_fn(|i| q8_0_pair(row(i), b, second).0));
-                    for (h, v) in v.iter().enumerate().take(if second { 16 } else { 8 }) {
-                        store(p + h / 8, h % 8, *v);
+                    // Two paths with fixed counts: with a count known only at run time, the
+                    // transposed vectors went through the stack.
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    if second {
+                        for (i, v) in v.iter_mut().enumerate() {
+                            *v = q8_0_pair(row(i), b, true).0;
+                        }
+                        for (h, v) in transpose(v).iter().enumerate() {
+                            store(p + h / 8, h % 8, *v);
+                        }
+                    } else {
+                        for (i, v) in v.iter_mut().enumerate() {
+                            *v = q8_0_pair(row(i), b, false).0;
+                        }
+                        for (h, v) in transpose(v).iter().enumerate().take(8) {
+                            store(p, h, *v);
+                        }
                     }
                     for bb in p..nb.min(p + 2) {
                         let d = _mm512_cvtepi32_epi16(gather((b0 + bb) * Q8_0_BLOCK_BYTES));
@@ -836,19 +1034,18 @@ pub(crate) unsafe fn pack16(
                         let ahead = blk + PACK_AHEAD_Q4K * Q4K_BLOCK_BYTES;
                         rows.prefetch::<_MM_HINT_T0>(ahead, Q4K_BLOCK_BYTES);
                     }
-                    if let Some(next) = next {
-                        next.prefetch::<_MM_HINT_T1>(blk, Q4K_BLOCK_BYTES);
-                    }
                     // The 32 u32 of codes of each row, loaded by row and transposed in registers
                     // into word `8c + g` of the 16 rows (with gathers, a whole call took 1.2× as
                     // long on an AMD Zen 4). Rows that do not exist read row 0; their scales are
                     // zeros.
                     for half in 0..2 {
-                        let words = transpose(std::array::from_fn(|i| {
+                        let mut words = [_mm512_setzero_si512(); 16];
+                        for (i, w) in words.iter_mut().enumerate() {
                             let row = if i < rows.valid { i * rows.stride } else { 0 };
                             let at = rows.base.add(row + blk + 16 + 64 * half);
-                            _mm512_loadu_si512(at as *const _)
-                        }));
+                            *w = _mm512_loadu_si512(at as *const _);
+                        }
+                        let words = transpose(words);
                         for (w, v) in words.iter().enumerate() {
                             let (c, g) = (2 * half + w / 8, w % 8);
                             let b = sb * 8 + 2 * c;
@@ -884,16 +1081,36 @@ pub(crate) unsafe fn pack16(
                         for byte in 0..4 {
                             let j = sb * 8 + 4 * half + byte;
                             let field = |v: __m512i| {
-                                let v = _mm512_and_si512(
+                                _mm512_and_si512(
                                     _mm512_srlv_epi32(v, _mm512_set1_epi32(8 * byte as i32)),
                                     _mm512_set1_epi32(0xff),
-                                );
-                                _mm512_cvtepi32_ps(v)
+                                )
                             };
-                            _mm512_storeu_ps(wd.add(j * NT + i0), _mm512_mul_ps(field(*sc), d));
-                            _mm512_storeu_ps(wm.add(j * NT + i0), _mm512_mul_ps(field(*mn), dmin));
+                            _mm512_storeu_si512(wd.add(j * NT + i0) as *mut _, field(*sc));
+                        }
+                        // The minima of sub-blocks (2p, 2p + 1) as i16 pairs: bytes 0, 1 of
+                        // `mn` (p = 2·half), then bytes 2, 3.
+                        let lo = _mm512_set1_epi32(0xff);
+                        let pairs = [
+                            _mm512_or_si512(
+                                _mm512_and_si512(*mn, lo),
+                                _mm512_slli_epi32::<8>(_mm512_and_si512(
+                                    *mn,
+                                    _mm512_set1_epi32(0xff00),
+                                )),
+                            ),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi32::<16>(*mn), lo),
+                                _mm512_slli_epi32::<16>(_mm512_srli_epi32::<24>(*mn)),
+                            ),
+                        ];
+                        for (i, v) in pairs.iter().enumerate() {
+                            let p = sb * 4 + 2 * half + i;
+                            _mm512_storeu_si512(wm.add(p * NT + i0) as *mut _, *v);
                         }
                     }
+                    _mm512_storeu_ps(wdd.add(sb * 2 * NT + i0), d);
+                    _mm512_storeu_ps(wdd.add(sb * 2 * NT + NT + i0), dmin);
                 }
             }
         }
