@@ -21,8 +21,9 @@
 //! Measured on 7B shapes (Intel Emerald Rapids, 2 threads), the dot schedule costs about 1 ms
 //! per token beyond the weights' read and the packed one a fixed ~4 ms (the tiles) plus about
 //! 0.35 ms per token: dot wins up to 4 tokens. That was before the packed schedule prefetched
-//! the rows it unpacks; on an AMD Zen 4 since, dot wins up to 8 tokens for q4k. The bound stays
-//! at 4 until it is measured again on the Intel machines.
+//! the rows it unpacks; on an AMD Zen 4 since (and before q4k's packed kernel took its scales
+//! in integers), dot won up to 8 tokens for q4k. The bound stays at 4 until it is measured again
+//! on the Intel machines.
 //!
 //! Q4_1 has only the dot schedule here ([`matmul_q4_1`]): past [`Q4_1_DOT_MAX_TOKENS`] its
 //! exact f32 decoding in the packed schedule is faster.
@@ -419,6 +420,7 @@ impl PackedTokens {
     /// The kernels' token pointers for token block `tb`, from block `b` (for q4k, the first
     /// of a super-block).
     fn at(&self, tb: usize, b: usize) -> (*const i32, *const f32, *const i32) {
+        debug_assert_eq!(b % self.per_scale, 0);
         let i = tb * self.nb + b;
         (
             self.q[i * 8 * MT..].as_ptr(),
@@ -510,7 +512,7 @@ unsafe fn packed_task(
                 for p in 0..panels {
                     let next = (p + 1 < panels).then(|| halves(p + 1));
                     for (half, rows) in halves(p).into_iter().enumerate() {
-                        let parts = (wq, wd, wm, wdd);
+                        let parts = (wq, wd, wm as *mut i32, wdd);
                         vnni::pack16(kind, rows, pc / QK, nb, parts, half * 16);
                     }
                     // The next panel's rows from memory while this one's tiles compute.

@@ -794,7 +794,7 @@ pub(crate) unsafe fn packed_kernel_q4k<const R: usize>(
 }
 
 /// 16 weight rows for [`pack16`]: the first at `base`, the next `stride` bytes apart; only the
-/// first `valid` exist (the others pack as zeros and are never read).
+/// first `valid` exist (for the others [`pack16`] reads row 0 and packs zero scales).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Rows16 {
     pub base: *const u8,
@@ -950,7 +950,7 @@ pub(crate) unsafe fn pack16(
     rows: Rows16,
     b0: usize,
     nb: usize,
-    (wq, wd, wm, wdd): (*mut i32, *mut f32, *mut f32, *mut f32),
+    (wq, wd, wm, wdd): (*mut i32, *mut f32, *mut i32, *mut f32),
     i0: usize,
 ) {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
