@@ -357,16 +357,22 @@ struct PackedTokens {
     nb: usize,
     /// 32-value blocks per scale: 1 (q8_0) or 8 (q4k).
     per_scale: usize,
+    /// 32-value blocks per stored code sum: 1 (q8_0, an i32) or 2 (q4k, an i16 pair).
+    per_sum: usize,
 }
 
 impl PackedTokens {
     unsafe fn new(x: &[f32], m: usize, k: usize, kind: Kind) -> Self {
         let nb = k / QK;
         let per_scale = kind.block_values() / QK;
+        let per_sum = match kind {
+            Kind::Q8_0 => 1,
+            Kind::Q4K => 2,
+        };
         let tbs = m.div_ceil(MT);
         let mut q = vec![0i32; tbs * nb * 8 * MT];
         let mut d = vec![0f32; tbs * nb / per_scale * MT];
-        let mut s = vec![0i32; tbs * nb / per_scale.min(2) * MT];
+        let mut s = vec![0i32; tbs * nb / per_sum * MT];
         let (qp, dp, sp) = (
             DisjointOut::new(&mut q),
             DisjointOut::new(&mut d),
@@ -384,16 +390,11 @@ impl PackedTokens {
                     unsafe {
                         let src = x.as_ptr().add(t * k + b0 * QK);
                         let dst = codes.as_mut_ptr() as *mut i8;
-                        *dp.at((tb * nb / per_scale + sc) * MT + lane) = if per_scale == 1 {
-                            let (db, sb) = vnni::quantize_block(src, dst);
-                            sums[0] = sb;
-                            db
-                        } else {
-                            vnni::quantize_shared(src, per_scale, dst, sums.as_mut_ptr())
-                        };
+                        *dp.at((tb * nb / per_scale + sc) * MT + lane) =
+                            vnni::quantize_shared(src, per_scale, dst, sums.as_mut_ptr());
                         for j in 0..per_scale {
                             let i = tb * nb + b0 + j;
-                            if per_scale == 1 {
+                            if per_sum == 1 {
                                 *sp.at(i * MT + lane) = sums[j];
                             } else if j % 2 == 0 {
                                 // An i16 pair (each sum below 32·128 in magnitude).
@@ -414,6 +415,7 @@ impl PackedTokens {
             s,
             nb,
             per_scale,
+            per_sum,
         }
     }
 
@@ -425,7 +427,7 @@ impl PackedTokens {
         (
             self.q[i * 8 * MT..].as_ptr(),
             self.d[i / self.per_scale * MT..].as_ptr(),
-            self.s[i / self.per_scale.min(2) * MT..].as_ptr(),
+            self.s[i / self.per_sum * MT..].as_ptr(),
         )
     }
 }
@@ -546,6 +548,7 @@ unsafe fn packed_task(
                                 }
                             };
                         }
+                        // (The arms below are the widths under MT: vnni asserts MT == 6.)
                         match m - tb * MT {
                             1 => tile!(1),
                             2 => tile!(2),
