@@ -11,12 +11,13 @@
 //!   weight row streamed once and dotted with every token, 64 values of a row against 64 of a
 //!   token per VPDPBUSD;
 //! - **packed**: tokens packed once; per task, 32-row tiles of weights unpacked from the blocks
-//!   (codes transposed from row loads, scales gathered) into a per-thread buffer (unpacked:
-//!   one u32 of 4 codes per row and group; q8_0's scales in f32, q4k's 6-bit scales and minima
-//!   as integers), each used by every token while it is in L2, through a 6-token × 32-row
-//!   micro-kernel (1 to 5 tokens for a last, short block: an expert's 32 tokens are not
-//!   computed as 36). While a tile's tokens compute, the next tile's rows are prefetched a
-//!   few lines a block ([`vnni::Trickle`]), so that its unpacking finds them in cache.
+//!   (codes and q4k's super-block headers transposed from row loads, q8_0's scales gathered)
+//!   into a per-thread buffer (unpacked: one u32 of 4 codes per row and group; q8_0's scales
+//!   in f32, q4k's 6-bit scales and minima as integers), each used by every token while it is
+//!   in L2, through a 6-token × 32-row micro-kernel (1 to 5 tokens for a last, short block: an
+//!   expert's 32 tokens are not computed as 36). While a tile's tokens compute, the next
+//!   tile's rows are prefetched a few lines at a time ([`vnni::Trickle`]), so that its
+//!   unpacking finds them in cache.
 //!
 //! Measured on 7B shapes (Intel Emerald Rapids, 2 threads), the dot schedule costs about 1 ms
 //! per token beyond the weights' read and the packed one a fixed ~4 ms (the tiles) plus about
@@ -518,7 +519,9 @@ unsafe fn packed_task(
                         vnni::pack16(kind, rows, pc / QK, nb, parts, half * 16);
                     }
                     // The next panel's rows from memory while this one's tiles compute.
-                    let mut trickle = vnni::Trickle::new(next, from, len, tbs * nb);
+                    // (The kernels call `ahead` once a block of the weights' scales.)
+                    let steps = tbs * nb * QK / kind.block_values();
+                    let mut trickle = vnni::Trickle::new(next, from, len, steps);
                     for tb in 0..tbs {
                         let cp = c.as_mut_ptr().add(tb * MT * ldc + p * NT);
                         let xs = toks.at(tb, pc / QK);
