@@ -519,7 +519,8 @@ unsafe fn packed_task(
                         vnni::pack16(kind, rows, pc / QK, nb, parts, half * 16);
                     }
                     // The next panel's rows from memory while this one's tiles compute.
-                    // (The kernels call `ahead` once a block of the weights' scales.)
+                    // (The kernels call `ahead` once per q8_0 block of 32 values, once per q4k
+                    // super-block of 256: `block_values`.)
                     let steps = tbs * nb * QK / kind.block_values();
                     let mut trickle = vnni::Trickle::new(next, from, len, steps);
                     for tb in 0..tbs {

@@ -828,7 +828,9 @@ impl Rows16 {
     /// Prefetches `LINES` lines of every row that exists, with hint `HINT`, from the one that
     /// holds byte `from`: a fixed count, cheaper than the exact one for short blocks (q8_0's
     /// pairs of 68 bytes take 2 lines, or 3 for 3 of 64 alignments; q4k's super-blocks of 144
-    /// bytes 3, or 4 for some), whose next block's lines then cover the rest. (Counting q4k's
+    /// bytes 3, or 4 where a block starts 49 to 63 bytes into a line, never for rows 16-byte
+    /// aligned), whose next block's lines then cover the rest (the last block's fourth line is
+    /// left to the load that needs it). (Counting q4k's
     /// exact lines row by row made a Mixtral expert 1.02-1.05× slower at 8 to 128 tokens on an
     /// AMD Zen 4.)
     #[inline(always)]
@@ -947,7 +949,8 @@ unsafe fn headers(
     mask: __mmask16,
 ) -> (__m512i, __m512i, __m512i, __m512i) {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
-    // the CPU features and passes rows valid for 16 bytes from `blk`.
+    // the CPU features and passes at least one row (the absent ones read row 0; `pack16`
+    // returns before this when there are none), each valid for 16 bytes from `blk`.
     unsafe {
         let head = |i: usize| {
             let row = if i < rows.valid { i * rows.stride } else { 0 };
