@@ -519,9 +519,9 @@ unsafe fn packed_task(
                         vnni::pack16(kind, rows, pc / QK, nb, parts, half * 16);
                     }
                     // The next panel's rows from memory while this one's tiles compute.
-                    // (The kernels call `ahead` once per q8_0 block of 32 values, once per q4k
-                    // super-block of 256: `block_values`.)
-                    let steps = tbs * nb * QK / kind.block_values();
+                    // (The kernels call `ahead` once per scale of the tokens: per 32 values for
+                    // q8_0, per 256 for q4k.)
+                    let steps = tbs * nb / toks.per_scale;
                     let mut trickle = vnni::Trickle::new(next, from, len, steps);
                     for tb in 0..tbs {
                         let cp = c.as_mut_ptr().add(tb * MT * ldc + p * NT);

@@ -777,9 +777,8 @@ pub(crate) unsafe fn packed_kernel_q4k<const R: usize>(
             // Token by token, unrolled (a loop over `t` kept `acc` on the stack).
             macro_rules! token {
                 ($t:expr) => {
-                    if $t < R {
-                        // (Clamped: the arms past `R` are never taken, but still compiled.)
-                        let (t, a) = ($t, &acc[$t.min(R - 1)]);
+                    if let Some(a) = acc.get($t) {
+                        let t = $t;
                         // Σ_j m[j]·Σxq[j], two sub-blocks per VPDPWSSD (both as i16 pairs).
                         let mut mins = [_mm512_setzero_si512(); 2];
                         for (p, mn) in mn.iter().enumerate() {
@@ -825,14 +824,32 @@ impl Rows16 {
         valid: 0,
     };
 
+    /// A lane mask of the rows that exist.
+    #[inline(always)]
+    fn mask(&self) -> __mmask16 {
+        ((1u32 << self.valid) - 1) as __mmask16
+    }
+
+    /// The start of row `i`, or of row 0 for a row that does not exist (its values are read
+    /// but its scales packed as zeros).
+    ///
+    /// # Safety
+    /// At least one row exists.
+    #[inline(always)]
+    unsafe fn row(&self, i: usize) -> *const u8 {
+        // SAFETY: row 0 exists, and so does row `i` where `i < valid`.
+        unsafe {
+            self.base
+                .add(if i < self.valid { i * self.stride } else { 0 })
+        }
+    }
+
     /// Prefetches `LINES` lines of every row that exists, with hint `HINT`, from the one that
     /// holds byte `from`: a fixed count, cheaper than the exact one for short blocks (q8_0's
     /// pairs of 68 bytes take 2 lines, or 3 for 3 of 64 alignments; q4k's super-blocks of 144
-    /// bytes 3, or 4 where a block starts 49 to 63 bytes into a line, never for rows 16-byte
-    /// aligned), whose next block's lines then cover the rest (the last block's fourth line is
-    /// left to the load that needs it). (Counting q4k's
-    /// exact lines row by row made a Mixtral expert 1.02-1.05× slower at 8 to 128 tokens on an
-    /// AMD Zen 4.)
+    /// bytes 3, or 4 where one starts 49 to 63 bytes into a line, which rows 16-byte aligned
+    /// never do), the next block's lines covering the rest. Counting q4k's exact lines row by
+    /// row made a Mixtral expert 1.02–1.05× slower at 8 to 128 tokens on an AMD Zen 4.
     #[inline(always)]
     fn prefetch_lines<const HINT: i32, const LINES: usize>(&self, from: usize) {
         for i in 0..self.valid {
@@ -943,19 +960,12 @@ unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
 /// at byte `blk` of 16 rows, as 4 vectors of their u32 `0..4` for the 16 rows (zeros for the
 /// rows that do not exist): loaded by row, 4 rows a vector, and transposed in registers.
 #[inline(always)]
-unsafe fn headers(
-    rows: Rows16,
-    blk: usize,
-    mask: __mmask16,
-) -> (__m512i, __m512i, __m512i, __m512i) {
+unsafe fn headers(rows: Rows16, blk: usize) -> (__m512i, __m512i, __m512i, __m512i) {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes at least one row (the absent ones read row 0; `pack16`
     // returns before this when there are none), each valid for 16 bytes from `blk`.
     unsafe {
-        let head = |i: usize| {
-            let row = if i < rows.valid { i * rows.stride } else { 0 };
-            _mm_loadu_si128(rows.base.add(row + blk) as *const __m128i)
-        };
+        let head = |i: usize| _mm_loadu_si128(rows.row(i).add(blk) as *const __m128i);
         // z[a]'s 128-bit lane i: row 4i + a.
         let mut z = [_mm512_setzero_si512(); 4];
         for (a, z) in z.iter_mut().enumerate() {
@@ -972,6 +982,7 @@ unsafe fn headers(
             _mm512_unpacklo_epi32(z[2], z[3]),
             _mm512_unpackhi_epi32(z[2], z[3]),
         );
+        let mask = rows.mask();
         (
             _mm512_maskz_mov_epi32(mask, _mm512_unpacklo_epi64(t0, t2)),
             _mm512_maskz_mov_epi32(mask, _mm512_unpackhi_epi64(t0, t2)),
@@ -1022,31 +1033,26 @@ pub(crate) unsafe fn pack16(
             }
             return;
         }
-        let mask: __mmask16 = ((1u32 << rows.valid) - 1) as __mmask16;
-        let idx = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(rows.stride as i32),
-        );
-        // The u32 at byte `off` of each row (zeros for the rows that do not exist).
-        let gather = |off: usize| {
-            _mm512_mask_i32gather_epi32::<1>(
-                _mm512_setzero_si512(),
-                mask,
-                idx,
-                rows.base.wrapping_add(off) as *const i32,
-            )
-        };
         let store = |b: usize, g: usize, v: __m512i| {
             _mm512_storeu_si512(wq.add((b * 8 + g) * NT + i0) as *mut _, v)
         };
         match kind {
             Kind::Q8_0 => {
+                let idx = _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32(rows.stride as i32),
+                );
+                // The u32 at byte `off` of each row (zeros for the rows that do not exist).
+                let gather = |off: usize| {
+                    _mm512_mask_i32gather_epi32::<1>(
+                        _mm512_setzero_si512(),
+                        rows.mask(),
+                        idx,
+                        rows.base.wrapping_add(off) as *const i32,
+                    )
+                };
                 // Codes by row (blocks b and b + 1 as 16 u32), transposed in registers: cheaper than
                 // 8 gathers a block. Rows that do not exist read row 0; their scales are zeros.
-                let row = |i: usize| {
-                    rows.base
-                        .add(if i < rows.valid { i * rows.stride } else { 0 })
-                };
                 for p in (0..nb).step_by(2) {
                     let (b, second) = (b0 + p, p + 1 < nb);
                     let at = b * Q8_0_BLOCK_BYTES;
@@ -1059,14 +1065,14 @@ pub(crate) unsafe fn pack16(
                     let mut v = [_mm512_setzero_si512(); 16];
                     if second {
                         for (i, v) in v.iter_mut().enumerate() {
-                            *v = q8_0_pair(row(i), b, true).0;
+                            *v = q8_0_pair(rows.row(i), b, true).0;
                         }
                         for (h, v) in transpose(v).iter().enumerate() {
                             store(p + h / 8, h % 8, *v);
                         }
                     } else {
                         for (i, v) in v.iter_mut().enumerate() {
-                            *v = q8_0_pair(row(i), b, false).0;
+                            *v = q8_0_pair(rows.row(i), b, false).0;
                         }
                         for (h, v) in transpose(v).iter().enumerate().take(8) {
                             store(p, h, *v);
@@ -1093,8 +1099,7 @@ pub(crate) unsafe fn pack16(
                     for half in 0..2 {
                         let mut words = [_mm512_setzero_si512(); 16];
                         for (i, w) in words.iter_mut().enumerate() {
-                            let row = if i < rows.valid { i * rows.stride } else { 0 };
-                            let at = rows.base.add(row + blk + 16 + 64 * half);
+                            let at = rows.row(i).add(blk + 16 + 64 * half);
                             *w = _mm512_loadu_si512(at as *const _);
                         }
                         let words = transpose(words);
@@ -1107,7 +1112,7 @@ pub(crate) unsafe fn pack16(
                     }
                     // d, dmin and the 6-bit fields, unpacked for 16 rows at once (the layout is in
                     // `q4k_fields`, which unpacks one row's for decode).
-                    let (dd, u0, u1, u2) = headers(rows, blk, mask);
+                    let (dd, u0, u1, u2) = headers(rows, blk);
                     let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
                     let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
                     let m6 = _mm512_set1_epi32(0x3f3f_3f3f);
