@@ -55,8 +55,7 @@ pub(super) unsafe fn run<T: Element, E: Encoding>(
 /// that `put` inlines: it runs once per row and token).
 pub(crate) trait RowSums: Sync {
     /// Calls `put(token, row, sum)` for every token and the `R` rows. `ahead` is how many
-    /// bytes past each row the same row of the next call starts, for prefetching (the
-    /// dense kernels, already at the read floor, ignore it).
+    /// bytes past each row the same row of the next call starts, for prefetching.
     ///
     /// # Safety
     /// The rows hold the values the implementation was made for, in its encoding.
@@ -72,10 +71,10 @@ struct DenseSums<'a, E> {
 }
 
 impl<E: Encoding> RowSums for DenseSums<'_, E> {
-    unsafe fn sums(&self, rows: [*const u8; R], _ahead: usize, put: impl FnMut(usize, usize, f32)) {
+    unsafe fn sums(&self, rows: [*const u8; R], ahead: usize, put: impl FnMut(usize, usize, f32)) {
         // SAFETY: this function's `# Safety` contract is its body's: the CPU features were
         // checked, and the pointers it reads and writes lie inside the buffers it was given.
-        unsafe { sums::<E>(self.xf, self.m, self.k, rows, put) }
+        unsafe { sums::<E>(self.xf, self.m, self.k, rows, ahead, put) }
     }
 }
 
@@ -175,6 +174,7 @@ unsafe fn sums<E: Encoding>(
     m: usize,
     k: usize,
     rows: [*const u8; R],
+    ahead: usize,
     mut put: impl FnMut(usize, usize, f32),
 ) {
     // SAFETY: this function's `# Safety` contract is its body's: the CPU features were
@@ -211,9 +211,12 @@ unsafe fn sums<E: Encoding>(
                         ($tt:literal) => {{
                             let mut s = [[0f32; R]; $tt];
                             if widen {
-                                Dense::<f32>::dot::<R, $tt>(kc, wide_rows, x, k, &mut s);
+                                Dense::<f32>::dot::<R, $tt>(kc, wide_rows, 0, x, k, &mut s);
                             } else {
-                                E::dot::<R, $tt>(kc, rows, x, k, &mut s);
+                                // The first pass over a chunk reads it from memory: it
+                                // prefetches the next call's.
+                                let ahead = if t == 0 { ahead } else { 0 };
+                                E::dot::<R, $tt>(kc, rows, ahead, x, k, &mut s);
                             }
                             for (total, s) in total[t..].iter_mut().zip(&s) {
                                 for (total, s) in total.iter_mut().zip(s) {
