@@ -299,14 +299,14 @@ impl Encoding for Q4_1 {
     unsafe fn dot<const R: usize, const TT: usize>(
         k: usize,
         w: [*const u8; R],
-        _ahead: usize,
+        ahead: usize,
         x: *const f32,
         ldx: usize,
         out: &mut [[f32; R]; TT],
     ) {
         // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
         // the CPU features and passes pointers valid for the lengths documented here.
-        unsafe { dot_kernel_q4_1::<R, TT>(k, w, x, ldx, out) }
+        unsafe { dot_kernel_q4_1::<R, TT>(k, w, ahead, x, ldx, out) }
     }
 }
 
@@ -485,10 +485,13 @@ unsafe fn f16_at(p: *const u8) -> __m512 {
 /// [`dot_kernel`] for [`Q4_1`] rows, with each block's scale, minimum and codes unpacked once
 /// per block rather than once per 16 values. Values are still `d·q + m` rounded to f32 and
 /// summed in the same order, so the sums are bit-identical to those over the f32 dequantization.
+/// It prefetches as [`dot_kernel`] does (one token of the 7B FFN 0.80× the time with the L2
+/// prefetch, 3 tokens 0.85×, on the AMD Zen 4).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
     k: usize,
     w: [*const u8; R],
+    ahead: usize,
     x: *const f32,
     ldx: usize,
     out: &mut [[f32; R]; TT],
@@ -496,6 +499,11 @@ unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
+        let lead = if ahead == 0 {
+            0
+        } else {
+            ahead * LEAD_BYTES.div_ceil(ahead)
+        };
         let mut acc = [[_mm512_setzero_ps(); R]; TT];
         for b in 0..k / 32 {
             if b % 2 == 0 {
@@ -503,6 +511,12 @@ unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
                     _mm_prefetch::<_MM_HINT_T0>(
                         row.wrapping_add(b * Q4_1_BLOCK_BYTES + PREFETCH_BYTES) as *const i8,
                     );
+                }
+                if lead > 0 {
+                    for row in &w {
+                        let at = row.wrapping_add(b * Q4_1_BLOCK_BYTES + lead);
+                        _mm_prefetch::<_MM_HINT_T1>(at as *const i8);
+                    }
                 }
             }
             let mut xv = [[_mm512_setzero_ps(); 2]; TT];
