@@ -485,8 +485,9 @@ unsafe fn f16_at(p: *const u8) -> __m512 {
 /// [`dot_kernel`] for [`Q4_1`] rows, with each block's scale, minimum and codes unpacked once
 /// per block rather than once per 16 values. Values are still `d·q + m` rounded to f32 and
 /// summed in the same order, so the sums are bit-identical to those over the f32 dequantization.
-/// It prefetches as [`dot_kernel`] does (one token of the 7B FFN 0.80× the time with the L2
-/// prefetch, 3 tokens 0.85×, on the AMD Zen 4).
+/// It prefetches into L2 as [`dot_kernel`] does (one token of the 7B FFN 0.80× the time with
+/// that prefetch, 3 tokens 0.85×, on an AMD Zen 4); past six tokens the schedule widens the
+/// rows to f32 a chunk at a time instead, without it.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
     k: usize,
@@ -499,11 +500,7 @@ unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
-        let lead = if ahead == 0 {
-            0
-        } else {
-            ahead * LEAD_BYTES.div_ceil(ahead)
-        };
+        let lead = lead(ahead);
         let mut acc = [[_mm512_setzero_ps(); R]; TT];
         for b in 0..k / 32 {
             if b % 2 == 0 {
@@ -761,21 +758,36 @@ pub(crate) unsafe fn dp_kernel<const MR: usize>(
 
 /// How far ahead of the loads the decode kernel prefetches each weight row into L1.
 const PREFETCH_BYTES: usize = 1024;
-/// At least how far ahead it prefetches into L2: the same values of the rows some calls later
-/// (whole calls), where the caller says where those are. Eight rows read in lockstep are eight
-/// short streams, which the hardware prefetchers follow late: with this, one token of a 7B
-/// FFN in bf16 (4096 → 11008) took 0.73–0.80× the time, SmolLM2's shape (576 → 1536, its rows
-/// 1.1 and 3 KiB) 0.47–0.51×, and Qwen3-MoE's layer in bf16 (each expert's rows on one thread)
-/// 0.69–0.70×; f32, whose rows are twice as long, 0.87–0.99× (AMD EPYC Zen 4, 2 threads,
-/// alternating in one process). 8 and 32 KiB did no better.
-const LEAD_BYTES: usize = 16 << 10;
+/// At least how far ahead the decode kernels (dense, Q4_1's exact one, and q4k's) prefetch
+/// into L2: the same values of the rows some calls later (whole calls, [`lead`]). Eight rows
+/// read in lockstep are eight short streams, which the hardware prefetchers follow late. On an
+/// AMD EPYC Zen 4 (2 threads, alternating in one process), with it one token of a 7B FFN in
+/// bf16 (4096 → 11008) took 0.73–0.80× the time, in f32 0.97–0.99×; SmolLM2's shape (576 →
+/// 1536, rows of 1.1 and 3 KiB) in bf16 0.47–0.51×; Qwen3-MoE's layer (each expert's rows on
+/// one thread) 0.69–0.70× in bf16 and 0.87–0.91× in f32. 8 and 32 KiB did no better. For q4k,
+/// whose rows are shorter still (a Qwen3-MoE expert's: 3.4 and 4.5 KiB a call), the layer took
+/// 0.86–0.92× the time against one call ahead, and 7B decode 0.94–1.02× (noise); q8_0, with
+/// twice the bytes a call, gained nothing over one call ahead and keeps that.
+pub(crate) const LEAD_BYTES: usize = 16 << 10;
+
+/// The distance of the L2 prefetches for calls whose rows are `ahead` bytes apart: whole
+/// calls, at least [`LEAD_BYTES`] (0 for 0: nothing to fetch).
+#[inline(always)]
+pub(crate) fn lead(ahead: usize) -> usize {
+    if ahead == 0 {
+        0
+    } else {
+        ahead * LEAD_BYTES.div_ceil(ahead)
+    }
+}
 
 /// Dot products for few tokens, straight from the weights' own `[out, in]` rows:
 /// `out[t][r] = Σ_k x[t][k] · w[r][k]` for `R` weight rows and `TT` tokens, over `k` values.
 ///
 /// `x` rows are f32, `ldx` apart; weight rows are in encoding `E`, given by pointer. `ahead`:
-/// how many bytes past each row the same row of the caller's next call starts, for
-/// prefetching ([`LEAD_BYTES`]); 0 where there is nothing to fetch (rows already in cache).
+/// how many bytes past each row the same row of the caller's next call starts, for the L2
+/// prefetch ([`LEAD_BYTES`]); 0 where there is nothing to fetch (rows already in cache). The
+/// rows that far ahead need not exist: they are only prefetched, which never faults.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 pub(crate) unsafe fn dot_kernel<E: Encoding, const R: usize, const TT: usize>(
     k: usize,
@@ -788,14 +800,9 @@ pub(crate) unsafe fn dot_kernel<E: Encoding, const R: usize, const TT: usize>(
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
-        // Whole calls ahead, at least LEAD_BYTES.
-        let lead = if ahead == 0 {
-            0
-        } else {
-            ahead * LEAD_BYTES.div_ceil(ahead)
-        };
-        // Lines per 32 values (one a step for the 32-value formats).
-        let lines = E::byte_offset(32).div_ceil(64);
+        let lead = lead(ahead);
+        // The cache lines that 32 values span (2 for f32, else 1).
+        let lines = (E::row_bytes(256) / 8).div_ceil(64);
         let mut acc = [[_mm512_setzero_ps(); R]; TT];
         let mut i = 0;
         while i < k {
@@ -805,7 +812,7 @@ pub(crate) unsafe fn dot_kernel<E: Encoding, const R: usize, const TT: usize>(
                 // not keep R streams per core busy enough to saturate memory.
                 for row in &w {
                     _mm_prefetch::<_MM_HINT_T0>(
-                        row.wrapping_add(E::row_bytes(i) + PREFETCH_BYTES) as *const i8
+                        row.wrapping_add(E::byte_offset(i) + PREFETCH_BYTES) as *const i8,
                     );
                 }
                 if lead > 0 {

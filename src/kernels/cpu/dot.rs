@@ -55,7 +55,8 @@ pub(super) unsafe fn run<T: Element, E: Encoding>(
 /// that `put` inlines: it runs once per row and token).
 pub(crate) trait RowSums: Sync {
     /// Calls `put(token, row, sum)` for every token and the `R` rows. `ahead` is how many
-    /// bytes past each row the same row of the next call starts, for prefetching.
+    /// bytes past each row the same row of the next call starts, for prefetching (Q4_1's exact
+    /// rows past six tokens, widened a chunk at a time, ignore it).
     ///
     /// # Safety
     /// The rows hold the values the implementation was made for, in its encoding.
@@ -214,7 +215,7 @@ unsafe fn sums<E: Encoding>(
                                 Dense::<f32>::dot::<R, $tt>(kc, wide_rows, 0, x, k, &mut s);
                             } else {
                                 // The first pass over a chunk reads it from memory: it
-                                // prefetches the next call's.
+                                // prefetches the rows of later calls.
                                 let ahead = if t == 0 { ahead } else { 0 };
                                 E::dot::<R, $tt>(kc, rows, ahead, x, k, &mut s);
                             }

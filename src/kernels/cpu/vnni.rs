@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx512::Q4_1_BLOCK_BYTES;
+use super::avx512::{self, Q4_1_BLOCK_BYTES};
 
 /// Values per block of activations, of q8_0 weights and of q4k sub-blocks.
 pub(crate) const QK: usize = 32;
@@ -34,18 +34,10 @@ pub(crate) const Q4K_BLOCK_BYTES: usize = 144;
 /// one token read them so too: 1024 bytes ahead was 10–25% slower).
 const PREFETCH_BYTES: usize = 512;
 const PREFETCH_BYTES_Q4K: usize = 256;
-/// At least how far ahead q4k decode prefetches into L2: the same block of the rows some calls
-/// later rather than the next call's, where a call's rows are short. A Qwen3-MoE expert's
-/// q4k rows (2048 and 768 values, 4.5 and 3.4 KiB a call) are read faster than one call
-/// ahead covers memory's latency: its MoE layer at one token took 0.86–0.92× the time with
-/// 12–18 KiB ahead (AMD EPYC Zen 4, 2 threads, three alternating runs); 7B decode (9 KiB a
-/// call for gate and up, 48 KiB for down) took 0.94–1.02×, noise. q8_0, with twice the bytes
-/// a call, gained nothing.
-const LEAD_BYTES_Q4K: usize = 16 << 10;
 
 /// Prefetches the lines of a weight block of `BYTES` bytes at `p`: `near` bytes ahead into L1,
 /// and `ahead` bytes ahead (the same block of the rows that the schedule takes next, or for
-/// q4k some calls later: [`LEAD_BYTES_Q4K`]) into L2.
+/// q4k some calls later: [`avx512::lead`]) into L2.
 ///
 /// The L2 prefetch is what lets the lockstep order stream at the memory's pace: eight rows read
 /// in lockstep are eight streams, more than the hardware prefetchers follow well. On 7B decode
@@ -413,8 +405,7 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
-        // Whole calls ahead, at least LEAD_BYTES_Q4K.
-        let ahead = ahead * LEAD_BYTES_Q4K.div_ceil(ahead.max(1)).max(1);
+        let ahead = avx512::lead(ahead);
         if TT == 1 {
             for (r, row) in w.iter().enumerate() {
                 let (mut a, mut am) = (_mm512_setzero_ps(), _mm256_setzero_ps());
@@ -947,7 +938,7 @@ unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
         for (f, r) in f.iter_mut().zip(&r) {
             *f = _mm512_castsi512_ps(*r);
         }
-        super::avx512::transpose16(&mut f);
+        avx512::transpose16(&mut f);
         let mut out = [_mm512_setzero_si512(); 16];
         for (o, f) in out.iter_mut().zip(&f) {
             *o = _mm512_castps_si512(*f);
