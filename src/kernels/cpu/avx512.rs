@@ -511,8 +511,11 @@ unsafe fn dot_kernel_q4_1<const R: usize, const TT: usize>(
                 }
                 if lead > 0 {
                     for row in &w {
-                        let at = row.wrapping_add(b * Q4_1_BLOCK_BYTES + lead);
-                        _mm_prefetch::<_MM_HINT_T1>(at as *const i8);
+                        prefetch_l2(
+                            row.wrapping_add(b * Q4_1_BLOCK_BYTES),
+                            2 * Q4_1_BLOCK_BYTES,
+                            lead,
+                        );
                     }
                 }
             }
@@ -781,6 +784,18 @@ pub(crate) fn lead(ahead: usize) -> usize {
     }
 }
 
+/// Prefetches into L2 the lines of the `bytes` bytes at `ahead` bytes past `p` (into L2, not
+/// L1: where the rows are read in order, the hardware prefetchers bring them on to L1 in time).
+/// Callers pass constant `bytes`, so that the loop unrolls. A prefetch reads nothing the program
+/// sees and never faults, whatever the address.
+#[inline(always)]
+pub(crate) fn prefetch_l2(p: *const u8, bytes: usize, ahead: usize) {
+    for line in 0..bytes.div_ceil(64) {
+        // SAFETY: a prefetch never faults (above); SSE, which it needs, is part of x86-64.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead + 64 * line) as *const i8) };
+    }
+}
+
 /// Dot products for few tokens, straight from the weights' own `[out, in]` rows:
 /// `out[t][r] = Σ_k x[t][k] · w[r][k]` for `R` weight rows and `TT` tokens, over `k` values.
 ///
@@ -801,8 +816,6 @@ pub(crate) unsafe fn dot_kernel<E: Encoding, const R: usize, const TT: usize>(
     // the CPU features and passes pointers valid for the lengths documented here.
     unsafe {
         let lead = lead(ahead);
-        // The cache lines that 32 values span (2 for f32, else 1).
-        let lines = (E::row_bytes(256) / 8).div_ceil(64);
         let mut acc = [[_mm512_setzero_ps(); R]; TT];
         let mut i = 0;
         while i < k {
@@ -816,11 +829,10 @@ pub(crate) unsafe fn dot_kernel<E: Encoding, const R: usize, const TT: usize>(
                     );
                 }
                 if lead > 0 {
+                    // The bytes of 32 values (128 for f32: two lines).
+                    let bytes = E::row_bytes(256) / 8;
                     for row in &w {
-                        let at = row.wrapping_add(E::byte_offset(i) + lead);
-                        for line in 0..lines {
-                            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64 * line) as *const i8);
-                        }
+                        prefetch_l2(row.wrapping_add(E::byte_offset(i)), bytes, lead);
                     }
                 }
             }

@@ -52,20 +52,7 @@ unsafe fn prefetch_block<const BYTES: usize>(p: *const u8, near: usize, ahead: u
         for line in 0..BYTES.div_ceil(64) {
             _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(near + 64 * line) as *const i8);
         }
-        prefetch_ahead::<BYTES>(p, ahead);
-    }
-}
-
-/// Prefetches the lines of a weight block of `BYTES` bytes `ahead` bytes past `p` into L2 (and
-/// not into L1: where a row is read from start to end, the hardware prefetchers bring it from
-/// L2 to L1 in time).
-#[inline(always)]
-unsafe fn prefetch_ahead<const BYTES: usize>(p: *const u8, ahead: usize) {
-    // SAFETY: prefetches never fault, whatever the address.
-    unsafe {
-        for line in 0..BYTES.div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead + 64 * line) as *const i8);
-        }
+        avx512::prefetch_l2(p, BYTES, ahead);
     }
 }
 
@@ -344,7 +331,7 @@ pub(crate) unsafe fn dot_q8_0<const R: usize, const TT: usize>(
                 for p in 0..pairs {
                     for (row, a) in rows.iter().zip(&mut acc) {
                         let blocks = row.add(2 * p * Q8_0_BLOCK_BYTES);
-                        prefetch_ahead::<{ 2 * Q8_0_BLOCK_BYTES }>(blocks, ahead);
+                        avx512::prefetch_l2(blocks, 2 * Q8_0_BLOCK_BYTES, ahead);
                         add_token(q8_0_pair(*row, 2 * p, 2 * p + 1 < nb), t0, p, a);
                     }
                 }
@@ -411,7 +398,7 @@ pub(crate) unsafe fn dot_q4k<const R: usize, const TT: usize>(
                 let (mut a, mut am) = (_mm512_setzero_ps(), _mm256_setzero_ps());
                 for sb in 0..nb {
                     let blk = row.add(sb * Q4K_BLOCK_BYTES);
-                    prefetch_ahead::<Q4K_BLOCK_BYTES>(blk, ahead);
+                    avx512::prefetch_l2(blk, Q4K_BLOCK_BYTES, ahead);
                     Q4kBlock::load(blk).add_token(toks, t0, sb, &mut a, &mut am);
                 }
                 out[0][r] = q4k_total(a, am);
