@@ -180,6 +180,8 @@ struct Report {
     output: Option<PathBuf>,
     /// The mixture-of-experts layer's routing, where the layer is one.
     moe: Option<MoeReport>,
+    /// For a dense layer of a mixture-of-experts model, the layers with experts.
+    moe_layers: Option<Vec<usize>>,
 }
 
 /// What the router did with the input.
@@ -275,6 +277,13 @@ fn run(args: &Args) -> Result<()> {
         None => ckpt.moe_config()?,
         Some(_) => None,
     };
+    // Its dense layers (DeepSeek's first `first_k_dense_replace`, Qwen2-MoE's
+    // `mlp_only_layers`) run their FFN, in the experts' layout.
+    let dense_of_moe = moe
+        .as_ref()
+        .filter(|m| ckpt.moe_dense_layers(m).contains(&args.layer))
+        .map(|m| (m.expert.layout, ckpt.moe_layers(m)));
+    let moe = if dense_of_moe.is_some() { None } else { moe };
     let layout = match (args.layout.0, &moe) {
         (Some(layout), None) if args.prefix.is_none() && ckpt.layers(layout).is_empty() => {
             // Say what the tensors do look like, rather than that the layer is missing.
@@ -292,7 +301,10 @@ fn run(args: &Args) -> Result<()> {
         }
         (Some(layout), _) => layout,
         (None, Some(moe)) => moe.expert.layout,
-        (None, None) => detect_layout(&ckpt, args)?,
+        (None, None) => match &dense_of_moe {
+            Some((layout, _)) => *layout,
+            None => detect_layout(&ckpt, args)?,
+        },
     };
     if args.prefix.is_none() {
         match ckpt.num_layers() {
@@ -407,6 +419,7 @@ fn run(args: &Args) -> Result<()> {
         bench,
         output: args.output.clone(),
         moe: moe_report,
+        moe_layers: dense_of_moe.map(|(_, layers)| layers),
     };
     if args.json {
         println!("{}", to_json(&report));
@@ -745,6 +758,12 @@ fn print_summary(r: &Report) {
             m.num_experts, m.top_k, m.tokens_per_expert
         );
     }
+    if let Some(layers) = &r.moe_layers {
+        println!(
+            "experts     none: a dense layer of a mixture-of-experts model (layers with experts: \
+             {layers:?})"
+        );
+    }
     let busiest = if r.moe.is_some() {
         " (the busiest expert)"
     } else {
@@ -804,5 +823,6 @@ fn to_json(r: &Report) -> serde_json::Value {
             "shared_intermediate_size": m.shared,
             "tokens_per_expert": m.tokens_per_expert,
         })),
+        "moe_layers": r.moe_layers,
     })
 }

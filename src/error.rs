@@ -161,6 +161,29 @@ pub enum Error {
         limit: u64,
     },
 
+    /// An expert the router names, none of whose weights the checkpoint stores.
+    #[error("missing tensor `{name}`: expert {expert} of the router's {num_experts} is not stored; the checkpoint stores {}", stored_experts(.stored))]
+    MissingExpert {
+        /// The full name of the expert's first weight.
+        name: String,
+        /// The missing expert.
+        expert: usize,
+        /// The experts the router (and config) name.
+        num_experts: usize,
+        /// The experts with weights stored.
+        stored: Vec<usize>,
+    },
+
+    /// A layer of a mixture-of-experts model whose FFN is dense (DeepSeek's first
+    /// `first_k_dense_replace` layers, Qwen2-MoE's `mlp_only_layers`), asked for as experts.
+    #[error("layer {layer} has a dense FFN, not a mixture of experts (load it as one layer); the layers with experts are {}", list_layers(.moe_layers))]
+    DenseLayer {
+        /// The layer asked for.
+        layer: usize,
+        /// The layers that have experts.
+        moe_layers: Vec<usize>,
+    },
+
     /// A layer index the checkpoint has no FFN weights for.
     #[error("layer {layer} is not in this checkpoint{}: it holds layers {}", model_layers(.num_layers), list_layers(.present))]
     LayerOutOfRange {
@@ -339,12 +362,33 @@ fn model_layers(n: &Option<usize>) -> String {
         .unwrap_or_default()
 }
 
-fn list_layers(present: &[usize]) -> String {
+/// Indices, runs of three or more as ranges: `0, 1`, `3–60`, `0–5, 7`.
+pub(crate) fn list_layers(present: &[usize]) -> String {
     if present.is_empty() {
         return "none".into();
     }
-    let names: Vec<String> = present.iter().map(usize::to_string).collect();
-    names.join(", ")
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for i in 1..=present.len() {
+        if i < present.len() && present[i - 1].checked_add(1) == Some(present[i]) {
+            continue;
+        }
+        let run = &present[start..i];
+        match run {
+            [a, .., b] if run.len() >= 3 => parts.push(format!("{a}–{b}")),
+            _ => parts.extend(run.iter().map(usize::to_string)),
+        }
+        start = i;
+    }
+    parts.join(", ")
+}
+
+fn stored_experts(stored: &[usize]) -> String {
+    if stored.is_empty() {
+        "none of them".into()
+    } else {
+        format!("{} ({} experts)", list_layers(stored), stored.len())
+    }
 }
 
 fn origin(path: &Option<PathBuf>) -> String {

@@ -13,7 +13,11 @@
 //! | Qwen3-MoE (`qwen3_moe`), OLMoE (`olmoe`) | softmax | top-k | renormalised if `norm_topk_prob` |
 //! | DeepSeek-V3 (`deepseek_v3`) | sigmoid | top-k of score + `e_score_correction_bias`, among the `topk_group` best of `n_group` groups (a group's score: its two best) | the scores without the bias, renormalised if `norm_topk_prob`, × `routed_scaling_factor`; + shared experts |
 //!
-//! Ties in a top-k go to the lowest index, as PyTorch's `topk` breaks them.
+//! Ties in a top-k go to the lowest index, as PyTorch's `topk` breaks them. A NaN score is never
+//! chosen while a number is left (`topk` would rank it highest; a NaN router row makes every
+//! score NaN, and its token's output NaN, either way). DeepSeek's experts outside the chosen
+//! groups are masked with −∞, as transformers 5 and DeepSeek's own inference code mask them
+//! (transformers 4 filled 0.0, which chooses differently only where a biased score is below 0).
 //!
 //! Execution is grouped: the tokens routed to each expert are gathered once, the expert runs
 //! once over them, and its outputs are added back with their weights; an expert without tokens
@@ -258,15 +262,22 @@ impl MoeConfig {
                 cfg.norm_topk_prob = flag("norm_topk_prob", true)?;
                 cfg.n_group = size("n_group")?;
                 cfg.topk_group = size("topk_group")?;
-                cfg.routed_scaling_factor = match obj.get("routed_scaling_factor") {
-                    None | Some(Value::Null) => 1.0,
-                    Some(v) => v.as_f64().ok_or_else(|| {
-                        fail(format!(
-                            "`routed_scaling_factor` must be a number, found {}",
-                            kind_of(v)
-                        ))
-                    })?,
-                };
+                cfg.routed_scaling_factor =
+                    match obj.get("routed_scaling_factor") {
+                        // Required, as the other routing fields are: transformers would take its
+                        // default, 2.5, and a silent 1.0 here would weight every expert otherwise.
+                        None | Some(Value::Null) => return Err(fail(
+                            "missing `routed_scaling_factor` (DeepSeek-V3's factor on the routed \
+                             experts' weights; transformers' default is 2.5)"
+                                .into(),
+                        )),
+                        Some(v) => v.as_f64().ok_or_else(|| {
+                            fail(format!(
+                                "`routed_scaling_factor` must be a number, found {}",
+                                kind_of(v)
+                            ))
+                        })?,
+                    };
                 let shared = size("n_shared_experts")?;
                 let width = shared
                     .checked_mul(cfg.expert.intermediate_size)
@@ -371,8 +382,9 @@ impl GluExperts {
     /// (`shared_expert.*` with `shared_expert_gate`, or `shared_experts.*`).
     ///
     /// # Errors
-    /// An invalid config; a missing tensor (the message names it and what is present), or one
-    /// of the wrong shape.
+    /// An invalid config; a missing tensor (the message names it, in the checkpoint's own
+    /// layout, and what is present nearby), an expert none of whose weights is stored
+    /// ([`Error::MissingExpert`], with the experts that are), or a tensor of the wrong shape.
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let (h, i, e) = (
@@ -389,7 +401,9 @@ impl GluExperts {
             None
         };
         let expert_cfg = cfg.expert.clone().with_bias(false);
-        let experts = if vb.contains_tensor("experts.gate_up_proj") {
+        // Stacked if either stacked tensor is there (a missing one is then named as such).
+        let stacked = ["experts.gate_up_proj", "experts.down_proj"];
+        let experts = if stacked.iter().any(|n| vb.contains_tensor(n)) {
             let gate_up = load(&vb, "experts.gate_up_proj", &[e, 2 * i, h], kaiming)?;
             let down = load(&vb, "experts.down_proj", &[e, h, i], kaiming)?;
             (0..e)
@@ -405,14 +419,26 @@ impl GluExperts {
                 })
                 .collect::<Result<Vec<_>>>()?
         } else {
-            let layout = if vb.contains_tensor("experts.0.w1.weight") {
+            // Mixtral's names where the config says so or any expert has them (a config made
+            // with `MoeConfig::new` says Llama), so that a missing tensor is named in the
+            // checkpoint's own layout.
+            let mixtral = cfg.expert.layout == WeightLayout::Mixtral
+                || (0..e).any(|x| {
+                    ["w1", "w2", "w3"]
+                        .iter()
+                        .any(|w| vb.contains_tensor(&format!("experts.{x}.{w}.weight")))
+                });
+            let layout = if mixtral {
                 WeightLayout::Mixtral
             } else {
                 WeightLayout::Llama
             };
             let expert_cfg = expert_cfg.with_layout(layout);
             (0..e)
-                .map(|x| GluFeedForward::new(&expert_cfg, vb.pp(format!("experts.{x}"))))
+                .map(|x| {
+                    GluFeedForward::new(&expert_cfg, vb.pp(format!("experts.{x}")))
+                        .map_err(|err| missing_expert(&vb, layout, e, x).unwrap_or(err))
+                })
                 .collect::<Result<Vec<_>>>()?
         };
         let (shared, shared_gate) = match cfg.shared_intermediate_size {
@@ -606,12 +632,14 @@ impl GluExperts {
     pub fn route(&self, xs: &Tensor) -> Result<Routing> {
         let logits = self.logits(&self.tokens(xs)?.1)?;
         let (experts, weights) = self.choose(&logits)?;
-        let weights = weights.to_vec2::<f32>()?;
+        // f64 for f64 inputs.
+        let weights = weights.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         Ok(Routing { experts, weights })
     }
 
-    /// The experts chosen for each token, and their weights `[tokens, k]` (f32, computed with
-    /// candle's ops from `logits`, so that gradients reach the router).
+    /// The experts chosen for each token, and their weights `[tokens, k]` (in the scores' dtype,
+    /// f32 or f64, computed with candle's ops from `logits`, so that gradients reach the
+    /// router).
     fn choose(&self, logits: &Tensor) -> Result<(Vec<Vec<usize>>, Tensor)> {
         let cfg = &self.config;
         let scores = match cfg.scoring {
@@ -797,6 +825,33 @@ fn score_dtype(input: DType) -> DType {
     }
 }
 
+/// Where expert `x` of `e` failed to load and none of its weights is stored: an error that names
+/// its gate weight and the experts the checkpoint does store (a router of more experts than
+/// stored, or a checkpoint cut short). `None` where some of its weights are there (their own
+/// error says which is missing).
+fn missing_expert(
+    vb: &VarBuilder,
+    layout: WeightLayout,
+    e: usize,
+    x: usize,
+) -> Option<candle_core::Error> {
+    let names = layout.names().all();
+    let weight = |j: usize, n: &str| format!("experts.{j}.{n}.weight");
+    let stored = |j: usize| names.iter().any(|n| vb.contains_tensor(&weight(j, n)));
+    if stored(x) {
+        return None;
+    }
+    Some(
+        Error::MissingExpert {
+            name: crate::layout::join(&vb.prefix(), &weight(x, names[0])),
+            expert: x,
+            num_experts: e,
+            stored: (0..e).filter(|&j| stored(j)).collect(),
+        }
+        .into(),
+    )
+}
+
 /// The indices of the `k` largest values, largest first; ties to the lower index; NaN last.
 fn best(values: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();
@@ -813,5 +868,24 @@ fn best(values: &[f32], k: usize) -> Vec<usize> {
 impl Module for GluExperts {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.forward_impl(xs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::best;
+
+    #[test]
+    fn top_k_ties_go_to_the_lower_index_and_nan_is_never_chosen() {
+        // torch.topk([0.2, 0.5, 0.5, 0.1, 0.5], 2) gives indices [1, 2]: equals in index order.
+        assert_eq!(best(&[0.2, 0.5, 0.5, 0.1, 0.5], 2), [1, 2]);
+        assert_eq!(best(&[0.2, 0.5, 0.5, 0.1, 0.5], 4), [1, 2, 4, 0]);
+        assert_eq!(best(&[1.0; 4], 3), [0, 1, 2]);
+        // −0.0 and 0.0 compare equal, so index order decides.
+        assert_eq!(best(&[-0.0, 0.0], 1), [0]);
+        // A NaN is ranked below every number (torch ranks it above), and NaNs among
+        // themselves by index.
+        assert_eq!(best(&[f32::NAN, 0.1, f32::NAN, -1.0], 3), [1, 3, 0]);
+        assert_eq!(best(&[f32::NEG_INFINITY, f32::NAN], 1), [0]);
     }
 }

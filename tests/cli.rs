@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
@@ -16,6 +16,26 @@ fn infer() -> Command {
 
 fn run(args: &[&str]) -> Output {
     infer().args(args).output().unwrap()
+}
+
+/// `infer`'s flags to run layer `layer` of `weights` on the input file `input` into `output`.
+fn layer_io<'a>(
+    weights: &'a Path,
+    layer: &'a str,
+    input: &'a Path,
+    output: &'a Path,
+) -> Vec<&'a str> {
+    let path = |p: &'a Path| p.to_str().unwrap();
+    vec![
+        "--weights",
+        path(weights),
+        "--layer",
+        layer,
+        "--input",
+        path(input),
+        "--output",
+        path(output),
+    ]
 }
 
 fn stdout(out: &Output) -> String {
@@ -497,17 +517,8 @@ fn gguf_mixture_of_experts_layer() {
     candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &input).unwrap();
     for (flag, tol) in [(None, 3e-2), (Some("--dequantize"), 1e-5)] {
         let out = tmp.path().join("y.safetensors");
-        let mut args = vec![
-            "--weights",
-            weights.to_str().unwrap(),
-            "--layer",
-            "0",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--json",
-        ];
+        let mut args = layer_io(&weights, "0", &input, &out);
+        args.push("--json");
         args.extend(flag);
         let json: serde_json::Value = serde_json::from_str(&stdout(&run(&args))).unwrap();
         assert_eq!(json["moe"]["tokens_per_expert"], counts, "{flag:?}");
@@ -527,17 +538,7 @@ fn mixture_of_experts_layer_at_layer() {
         let fixture = candle_core::safetensors::load(&io, &Device::Cpu).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("y.safetensors");
-        let args = [
-            "--weights",
-            weights.to_str().unwrap(),
-            "--layer",
-            "0",
-            "--input",
-            io.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--json",
-        ];
+        let args = [layer_io(&weights, "0", &io, &out), vec!["--json"]].concat();
         let json: serde_json::Value = serde_json::from_str(&stdout(&run(&args))).unwrap();
         let counts: Vec<i64> = fixture["counts"].to_vec1().unwrap();
         let got: Vec<i64> = json["moe"]["tokens_per_expert"]
@@ -551,6 +552,44 @@ fn mixture_of_experts_layer_at_layer() {
         let y = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["y"].clone();
         assert_close(&y, &fixture["y_f64"], Tol::Rel(1e-5), case);
     }
+    // A dense layer of a mixture-of-experts model (DeepSeek-V3's first
+    // `first_k_dense_replace`) runs its dense FFN, and says so.
+    let dir = tempfile::tempdir().unwrap();
+    let [wg, wu, wd] = common::moe::deepseek_with_a_dense_layer(dir.path());
+    let io = common::fixtures().join("moe/deepseek_v3/io.safetensors");
+    let out = dir.path().join("y.safetensors");
+    let weights = dir.path().to_str().unwrap();
+    let args = layer_io(dir.path(), "0", &io, &out);
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&[&args[..], &["--json"]].concat()))).unwrap();
+    assert_eq!(json["intermediate_size"], 56);
+    assert_eq!(json["moe"], serde_json::Value::Null);
+    assert_eq!(json["moe_layers"], serde_json::json!([1]));
+    // The reference: the gated FFN in float64 with candle's ops.
+    let x = candle_core::safetensors::load(&io, &Device::Cpu).unwrap()["x"]
+        .to_dtype(DType::F64)
+        .unwrap();
+    let f64 = |w: &Tensor| w.to_dtype(DType::F64).unwrap().t().unwrap();
+    let h = candle_nn::ops::silu(&x.broadcast_matmul(&f64(&wg)).unwrap()).unwrap()
+        * x.broadcast_matmul(&f64(&wu)).unwrap();
+    let want = h.unwrap().broadcast_matmul(&f64(&wd)).unwrap();
+    let y = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["y"].clone();
+    assert_close(&y, &want, Tol::Rel(1e-5), "dense layer 0");
+    let text = stdout(&run(&args));
+    assert!(
+        text.contains("a dense layer of a mixture-of-experts model (layers with experts: [1])"),
+        "{text}"
+    );
+    // Its layer 1 is the mixture.
+    let json: serde_json::Value = serde_json::from_str(&stdout(&run(&[
+        "--weights",
+        weights,
+        "--layer",
+        "1",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(json["moe"]["num_experts"], 16);
     let text = stdout(&run(&[
         "--weights",
         common::fixtures().join("moe/qwen2_moe").to_str().unwrap(),

@@ -726,6 +726,23 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     c.insert("moe-missing-expert", |_| {
         moe_layer("mixtral", "experts.5.w3", |_| {})
     });
+    c.insert("moe-expert-not-stored", |_| {
+        moe_layer("mixtral", "experts.6.", |_| {})
+    });
+    c.insert("moe-scaling-missing", |d| {
+        moe_config(
+            d,
+            "deepseek_v3",
+            "routed_scaling_factor",
+            serde_json::Value::Null,
+        )
+    });
+    c.insert("moe-dense-layer", |d| {
+        common::moe::deepseek_with_a_dense_layer(d);
+        let ckpt = Checkpoint::open(d).unwrap();
+        let cfg = ckpt.moe_config().unwrap().unwrap();
+        err(ckpt.load_experts(&cfg, 0, &LoadOptions::new(DType::F32, Device::Cpu)))
+    });
     c.insert("moe-router-rows", |_| {
         moe_layer("mixtral", "nothing", |cfg| cfg.num_experts = 10)
     });

@@ -161,6 +161,94 @@ fn bad_configs_are_one_line_errors() {
     );
     let e = err(config_with("qwen3_moe", "norm_topk_prob", "yes".into()));
     assert!(e.contains("norm_topk_prob"), "{e}");
+    // DeepSeek's factor is required, as its other routing fields are (transformers' default,
+    // 2.5, is not 1).
+    let e = err(config_with(
+        "deepseek_v3",
+        "routed_scaling_factor",
+        serde_json::Value::Null,
+    ));
+    assert!(e.contains("missing `routed_scaling_factor`"), "{e}");
+}
+
+#[test]
+fn missing_experts_are_named_in_their_own_layout() {
+    let vb = |case: &str, file: &str, keep: &dyn Fn(&str) -> bool| {
+        let mut ws = candle_core::safetensors::load(dir(case).join(file), &Device::Cpu).unwrap();
+        ws.retain(|name, _| keep(name));
+        VarBuilder::from_tensors(ws, DType::F32, &Device::Cpu)
+    };
+    let load = |cfg: &MoeConfig, vb: VarBuilder, prefix: &str| {
+        let e = GluExperts::new(cfg, vb.pp(prefix)).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "one line: {e}");
+        e
+    };
+    // The last two of eight experts missing.
+    let e = load(
+        &config("mixtral"),
+        vb("mixtral", "model.safetensors", &|n| {
+            !n.contains("experts.6.") && !n.contains("experts.7.")
+        }),
+        prefix("mixtral"),
+    );
+    assert!(
+        e.contains("experts.6.w1.weight") && e.contains("stores 0–5 (6 experts)"),
+        "{e}"
+    );
+    // A config made in code says Llama's names; the checkpoint's Mixtral names are still the
+    // ones a missing expert 0 is reported under.
+    let mixtral = config("mixtral");
+    let llama = MoeConfig::new(
+        mixtral
+            .expert
+            .clone()
+            .with_layout(candle_glu::WeightLayout::Llama),
+        mixtral.num_experts,
+        mixtral.top_k,
+    );
+    let e = load(
+        &llama,
+        vb("mixtral", "model.safetensors", &|n| {
+            !n.contains("experts.0.w1")
+        }),
+        prefix("mixtral"),
+    );
+    assert!(e.contains("experts.0.w1.weight"), "{e}");
+    // The stacked form: whichever of its two tensors is missing is named.
+    for (drop, want) in [
+        ("experts.down_proj", "experts.down_proj"),
+        ("experts.gate_up_proj", "experts.gate_up_proj"),
+    ] {
+        let e = load(
+            &mixtral,
+            vb("mixtral", "fused.safetensors", &|n| !n.ends_with(drop)),
+            "model.layers.0.mlp",
+        );
+        assert!(e.contains(&format!("{want}`")), "without {drop}: {e}");
+    }
+}
+
+#[test]
+fn f64_inputs_route_as_f32_inputs_do() {
+    // `route` hands its weights back in f32 whatever the input's dtype.
+    for case in ["qwen3_moe", "deepseek_v3"] {
+        let moe = layer(case, "model.safetensors", DType::F32);
+        let x = io(case)["x"].reshape(((), 72)).unwrap();
+        let r32 = moe.route(&x).unwrap();
+        let r64 = moe.route(&x.to_dtype(DType::F64).unwrap()).unwrap();
+        assert_eq!(r32.experts, r64.experts, "{case}");
+        for (a, b) in r32
+            .weights
+            .iter()
+            .flatten()
+            .zip(r64.weights.iter().flatten())
+        {
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                "{case}: {a} vs {b}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -174,8 +262,14 @@ fn missing_or_misshapen_tensors_name_themselves() {
     for (case, drop, want) in [
         // An expert's weight.
         ("mixtral", "experts.5.w3", "experts.5.w3.weight"),
-        // The router's rows say 8, but the checkpoint holds 6 experts.
-        ("mixtral", "experts.6.", "experts.6.w1.weight"),
+        // The router's rows say 8, but the checkpoint has no expert 6: named, with the
+        // experts it does hold.
+        (
+            "mixtral",
+            "experts.6.",
+            "missing tensor `model.layers.0.block_sparse_moe.experts.6.w1.weight`: expert 6 of \
+             the router's 8 is not stored; the checkpoint stores 0–5, 7 (7 experts)",
+        ),
         // A shared expert in the config but not in the checkpoint.
         (
             "qwen2_moe",
@@ -508,4 +602,35 @@ fn experts_partly_on_candles_qmatmul_do_not_share_threads() {
         // Q6_K's QMatMul rounds the activations to 8 bits.
         assert!(err <= 3e-2, "{m} tokens: {err:e}");
     }
+}
+
+#[test]
+fn dense_layers_of_a_mixture_are_told_apart() {
+    // DeepSeek-V3's first `first_k_dense_replace` layers are dense: asking for their experts
+    // says so, rather than that the layer is not in the checkpoint.
+    use candle_glu::loading::{Checkpoint, LoadOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    common::moe::deepseek_with_a_dense_layer(tmp.path());
+    let ckpt = Checkpoint::open(tmp.path()).unwrap();
+    let cfg = ckpt.moe_config().unwrap().expect("a mixture of experts");
+    assert_eq!(ckpt.moe_layers(&cfg), [1]);
+    assert_eq!(ckpt.moe_dense_layers(&cfg), [0]);
+    let opts = LoadOptions::new(DType::F32, Device::Cpu);
+    let e = ckpt.load_experts(&cfg, 0, &opts).unwrap_err();
+    assert!(matches!(e, candle_glu::Error::DenseLayer { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "layer 0 has a dense FFN, not a mixture of experts (load it as one layer); the layers \
+         with experts are 1"
+    );
+    let e = ckpt.load_experts(&cfg, 2, &opts).unwrap_err();
+    assert!(
+        matches!(e, candle_glu::Error::LayerOutOfRange { .. }),
+        "{e}"
+    );
+    // Layer 1 is the fixture's layer, as transformers computes it.
+    let moe = ckpt.load_experts(&cfg, 1, &opts).unwrap();
+    let io = io("deepseek_v3");
+    let y = moe.forward(&io["x"]).unwrap();
+    assert_close(&y, &io["y_f64"], Tol::Rel(1e-5), "layer 1");
 }

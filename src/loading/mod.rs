@@ -479,6 +479,24 @@ impl Checkpoint {
         layers
     }
 
+    /// The layers of a mixture-of-experts model whose FFN is dense, sorted: DeepSeek's first
+    /// `first_k_dense_replace` (llama.cpp's `leading_dense_block_count`), Qwen2-MoE's
+    /// `mlp_only_layers`. A layer is dense where it has no router and a gated FFN at the dense
+    /// prefix of the experts' layout ([`WeightLayout::Llama`]'s `model.layers.N.mlp`, GGUF's
+    /// `blk.N.ffn_*`; [`load_layer`](Self::load_layer) loads it). Mixtral has none.
+    pub fn moe_dense_layers(&self, cfg: &MoeConfig) -> Vec<usize> {
+        let layout = match (&self.store, cfg.expert.layout) {
+            (Store::Gguf(_), _) => WeightLayout::Gguf,
+            (Store::Safetensors(_), WeightLayout::Mixtral) => return Vec::new(),
+            (Store::Safetensors(_), _) => WeightLayout::Llama,
+        };
+        let moe = self.moe_layers(cfg);
+        self.layers(layout)
+            .into_iter()
+            .filter(|l| !moe.contains(l))
+            .collect()
+    }
+
     /// Loads layer `layer`'s mixture of experts ([`GluExperts`]). Safetensors: as
     /// [`GluExperts::new`] at [`MoeConfig::layer_prefix`], in `opts.dtype`. GGUF: the router
     /// (`blk.N.ffn_gate_inp`, and `exp_probs_b`), the experts stacked in `ffn_gate_exps`,
@@ -488,8 +506,9 @@ impl Checkpoint {
     /// dequantized to `opts.dtype` when `opts.quantized` is false. The router is read as f32.
     ///
     /// # Errors
-    /// A layer without experts (the message lists those that have them), a missing tensor
-    /// (with the closest names that exist), a wrong shape (checked before any data is read).
+    /// A layer without experts (the message lists those that have them, and says where the
+    /// layer is dense: [`Error::DenseLayer`]), a missing tensor (with the closest names that
+    /// exist), a wrong shape (checked before any data is read).
     pub fn load_experts(
         &self,
         cfg: &MoeConfig,
@@ -498,6 +517,12 @@ impl Checkpoint {
     ) -> Result<GluExperts> {
         cfg.validate()?;
         let present = self.moe_layers(cfg);
+        if !present.contains(&layer) && self.moe_dense_layers(cfg).contains(&layer) {
+            return Err(Error::DenseLayer {
+                layer,
+                moe_layers: present,
+            });
+        }
         if !present.contains(&layer) {
             return Err(Error::LayerOutOfRange {
                 layer,

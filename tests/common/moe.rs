@@ -62,3 +62,32 @@ pub fn layer(case: &str, file: &str, dtype: DType, dev: &Device) -> GluExperts {
     };
     GluExperts::new(&cfg, vb.pp(prefix)).unwrap()
 }
+
+/// A two-layer DeepSeek-V3 checkpoint in `dir` (`config.json`, `model.safetensors`): layer 0
+/// a dense FFN (`first_k_dense_replace` = 1; hidden 72, intermediate 56, deterministic
+/// weights), layer 1 the fixture's mixture of experts. Returns the dense weights `[gate, up,
+/// down]`.
+pub fn deepseek_with_a_dense_layer(dir: &std::path::Path) -> [Tensor; 3] {
+    let text = std::fs::read_to_string(self::dir("deepseek_v3").join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["num_hidden_layers"] = 2.into();
+    cfg["first_k_dense_replace"] = 1.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let (h, i) = (72, 56);
+    let det = |rows: usize, cols: usize, seed: f64| {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|j| ((j as f64 * 0.7 + seed).sin() * 0.2) as f32)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    };
+    let dense = [det(i, h, 0.1), det(i, h, 1.3), det(h, i, 2.9)];
+    let mut ws: HashMap<String, Tensor> = weights("deepseek_v3")
+        .into_iter()
+        .map(|(n, t)| (n.replace("model.layers.0.", "model.layers.1."), t))
+        .collect();
+    for (name, w) in ["gate_proj", "up_proj", "down_proj"].iter().zip(&dense) {
+        ws.insert(format!("model.layers.0.mlp.{name}.weight"), w.clone());
+    }
+    candle_core::safetensors::save(&ws, dir.join("model.safetensors")).unwrap();
+    dense
+}
