@@ -5,7 +5,7 @@
 #
 #   scripts/gpu_h200.sh prepare   on a build machine (no GPU needed): builds the GPU tests, the
 #                                 benchmark and the CLI with `--features cuda` into .gpu/
-#                                 (xz-compressed, about 30 MB; git-ignored: name it in the
+#                                 (xz-compressed, about 35 MB; git-ignored: name it in the
 #                                 device tool's `carry`)
 #   scripts/gpu_h200.sh [run]     on the GPU machine: says which CUDA libraries it has, uses
 #                                 .gpu/ if present or else builds with cargo (offline), then runs
@@ -56,7 +56,7 @@ if [ "$mode" = prepare ]; then
         fi
         cp "$exe" "$carry/$name"
         strip "$carry/$name"
-        # About 220 MB stripped, 30 MB compressed: the device tool carries 64 MiB in all.
+        # About 220 MB stripped, 30-35 MB compressed: the device tool carries 64 MiB in all.
         xz -T0 -6 -f "$carry/$name"
     done
     rm -f "$json"
