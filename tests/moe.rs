@@ -558,8 +558,10 @@ fn experts_partly_on_candles_qmatmul_do_not_share_threads() {
     // Gate and up in Q4_1 (the crate's kernels), down in Q6_K (candle's QMatMul, which uses
     // candle's worker pool: inside a task of that pool on the calling thread it would wait for
     // the pool forever). Eight experts of one token each would share the threads were every
-    // projection on the crate's kernels; here they must not, and the layer must still agree
-    // with the same experts dequantized.
+    // projection on the crate's kernels; here they must not (a forward that has not returned
+    // within a minute is that wait, and fails the test rather than hanging it), and the layer
+    // must still agree with the same experts dequantized. With one thread nothing is shared
+    // either way, so this test can tell only where candle's pool has two or more.
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_glu::{GluConfig, GluFeedForward, Projection};
     let (h, i, e) = (128, 256, 8);
@@ -593,12 +595,16 @@ fn experts_partly_on_candles_qmatmul_do_not_share_threads() {
     let router = common::randn(99, (e, h), 0.5, &dev);
     let q = GluExperts::from_parts(&cfg, router.clone(), None, quantized, None, None).unwrap();
     let d = GluExperts::from_parts(&cfg, router, None, dense, None, None).unwrap();
+    let q = std::sync::Arc::new(q);
     for m in [1, 3] {
         let x = common::randn(m as u64, (m, h), 1.0, &dev);
-        let err = rel(
-            &q.forward(&x).unwrap(),
-            &d.forward(&x).unwrap().to_dtype(DType::F64).unwrap(),
-        );
+        let (send, receive) = std::sync::mpsc::channel();
+        let (layer, input) = (q.clone(), x.clone());
+        std::thread::spawn(move || send.send(layer.forward(&input).unwrap()));
+        let y = receive
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{m} tokens: no output within a minute ({e})"));
+        let err = rel(&y, &d.forward(&x).unwrap().to_dtype(DType::F64).unwrap());
         // Q6_K's QMatMul rounds the activations to 8 bits.
         assert!(err <= 3e-2, "{m} tokens: {err:e}");
     }
