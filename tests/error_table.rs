@@ -743,6 +743,10 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let cfg = ckpt.moe_config().unwrap().unwrap();
         err(ckpt.load_experts(&cfg, 0, &LoadOptions::new(DType::F32, Device::Cpu)))
     });
+    c.insert("moe-gguf-malformed-count", |d| {
+        let g = Gguf::llama(32, 64, craft::F32).meta("llama.expert_count", GgufValue::I32(-8));
+        err(Checkpoint::open(gguf_file(d, &g)).unwrap().moe_config())
+    });
     c.insert("moe-router-rows", |_| {
         moe_layer("mixtral", "nothing", |cfg| cfg.num_experts = 10)
     });

@@ -19,6 +19,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::loading::{Checkpoint, LoadOptions};
 use candle_glu::{Error, GluExperts, GluFeedForward, MoeConfig, Scoring};
@@ -266,4 +267,119 @@ fn stacked_slices_hold_the_stored_blocks() {
         .stacked_qtensors("blk.0.ffn_gate_inp.weight", None, &Device::Cpu)
         .unwrap_err();
     assert!(e.to_string().contains("a stack of matrices"), "{e}");
+}
+
+/// The fixture `case` written again (by candle's GGUF writer) into `dir` with its metadata
+/// changed by `edit`: the same tensors, bytes for bytes.
+fn rewritten(
+    case: &str,
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut HashMap<String, gguf_file::Value>),
+) -> PathBuf {
+    let mut file = std::fs::File::open(path(case)).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut metadata = content.metadata.clone();
+    edit(&mut metadata);
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            (
+                n.clone(),
+                content.tensor(&mut file, n, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let out = dir.join(format!("{case}.gguf"));
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(
+        &mut std::fs::File::create(&out).unwrap(),
+        &metadata,
+        &tensors,
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn metadata_that_llama_cpp_would_default_or_refuse() {
+    use gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |case: &str, edit: &dyn Fn(&mut HashMap<String, Value>)| {
+        let path = rewritten(case, dir.path(), |m| edit(m));
+        Checkpoint::open(path).unwrap().moe_config()
+    };
+    // Sizes the metadata leaves out come from the tensors' shapes: the same layer. (The
+    // dense FFN's size, which the experts' used to fall back to, made other than theirs, as
+    // Qwen1.5-MoE's is.)
+    for (case, key) in [
+        ("qwen3moe", "qwen3moe.expert_feed_forward_length"),
+        ("qwen2moe", "qwen2moe.expert_feed_forward_length"),
+        ("deepseek2", "deepseek2.expert_shared_count"),
+        ("qwen2moe", "qwen2moe.expert_shared_feed_forward_length"),
+    ] {
+        let without = config(case, &|m| {
+            assert!(m.remove(key).is_some(), "{key} is in the fixture");
+            m.insert(format!("{case}.feed_forward_length"), Value::U32(5632));
+        });
+        assert_eq!(without.unwrap(), Some(open(case).1), "{case} without {key}");
+    }
+    // Qwen2-MoE's shared size 0 is llama.cpp's "not set" too.
+    let zero = config("qwen2moe", &|m| {
+        m.insert(
+            "qwen2moe.expert_shared_feed_forward_length".into(),
+            Value::U32(0),
+        );
+    });
+    assert_eq!(zero.unwrap(), Some(open("qwen2moe").1));
+    // Group-limited routing is read for every architecture, as llama.cpp reads it.
+    let grouped = config("qwen3moe", &|m| {
+        m.insert("qwen3moe.expert_group_count".into(), Value::U32(4));
+        m.insert("qwen3moe.expert_group_used_count".into(), Value::U32(2));
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!((grouped.n_group, grouped.topk_group), (4, 2));
+    // Refused, one line each, naming the key: a malformed count, a group count without the
+    // groups used, shared-expert tensors the metadata sizes at 0.
+    for (case, edit, want) in [
+        (
+            "deepseek2",
+            &(|m: &mut HashMap<String, Value>| {
+                m.insert(
+                    "deepseek2.expert_gating_func".into(),
+                    Value::String("sigmoid".into()),
+                );
+            }) as &dyn Fn(&mut HashMap<String, Value>),
+            "`deepseek2.expert_gating_func` must be a non-negative integer, found a string",
+        ),
+        (
+            "mixtral",
+            &|m: &mut HashMap<String, Value>| {
+                m.insert("llama.expert_count".into(), Value::I32(-8));
+            },
+            "`llama.expert_count` must be a non-negative integer, found -8",
+        ),
+        (
+            "qwen3moe",
+            &|m: &mut HashMap<String, Value>| {
+                m.insert("qwen3moe.expert_group_count".into(), Value::U32(4));
+            },
+            "`qwen3moe.expert_group_count` = 4 needs `qwen3moe.expert_group_used_count`",
+        ),
+        (
+            "deepseek2",
+            &|m: &mut HashMap<String, Value>| {
+                m.insert("deepseek2.expert_shared_count".into(), Value::U32(0));
+            },
+            "shared-expert tensors (`ffn_up_shexp`), but its metadata gives them no size \
+             (`deepseek2.expert_shared_count` is 0)",
+        ),
+    ] {
+        let e = config(case, edit).unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.contains(want), "{case}: {e}");
+    }
 }

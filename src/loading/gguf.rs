@@ -157,6 +157,42 @@ impl GgufStore {
             .and_then(|n| usize::try_from(n).ok())
     }
 
+    /// `<arch>.key` as a count: `None` where absent, an error naming the key where it is there
+    /// but not a non-negative integer (of any width) that fits in `usize`.
+    fn arch_count(&self, key: &str) -> Result<Option<usize>> {
+        let Some(full) = self.arch_key(key) else {
+            return Ok(None);
+        };
+        let Some(v) = self.metadata(&full) else {
+            return Ok(None);
+        };
+        integer(v)
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| Error::InvalidConfig {
+                path: Some(self.path.clone()),
+                message: format!(
+                    "`{full}` must be a non-negative integer, found {}",
+                    value_kind(v)
+                ),
+            })
+    }
+
+    /// The shape (PyTorch's order) of the first tensor whose name ends in `suffix`, in name
+    /// order.
+    fn shape_of_any(&self, suffix: &str) -> Option<&[usize]> {
+        let mut names: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|n| n.ends_with(suffix))
+            .collect();
+        names.sort();
+        names
+            .first()
+            .and_then(|n| self.tensors.get(*n))
+            .map(|e| e.shape.as_slice())
+    }
+
     /// The number of transformer blocks, `<arch>.block_count`.
     pub fn num_layers(&self) -> Option<usize> {
         self.arch_u64("block_count")
@@ -213,24 +249,27 @@ impl GgufStore {
     /// each architecture; `None` for a model without experts (no `<arch>.expert_count`, or 0).
     ///
     /// Keys read: `<arch>.embedding_length`, `<arch>.expert_count`, `<arch>.expert_used_count`,
-    /// `<arch>.expert_feed_forward_length` (else `<arch>.feed_forward_length`: Mixtral, OLMoE),
-    /// `<arch>.expert_shared_feed_forward_length` (Qwen2-MoE; else the shape of a
-    /// `ffn_up_shexp`), and for DeepSeek `<arch>.expert_shared_count`,
-    /// `<arch>.expert_weights_norm`, `<arch>.expert_weights_scale`, `<arch>.expert_gating_func`
-    /// (1 softmax, 2 sigmoid), `<arch>.expert_group_count`, `<arch>.expert_group_used_count`
-    /// (llama.cpp reads them for `deepseek2` only among these). The k weights
-    /// are renormalised for `llama` and `qwen3moe`, not for `qwen2moe` and `olmoe`, and as
-    /// `expert_weights_norm` says for `deepseek2`; a selection bias is read where the file has
-    /// `exp_probs_b` tensors; Qwen2-MoE's shared expert is gated where it has
+    /// `<arch>.expert_feed_forward_length` (else the experts' own shape, `ffn_gate_exps`,
+    /// `ffn_up_exps` or `ffn_gate_up_exps`; else `<arch>.feed_forward_length`),
+    /// `<arch>.expert_group_count` and `<arch>.expert_group_used_count` (as llama.cpp, for every
+    /// architecture), for Qwen2-MoE `<arch>.expert_shared_feed_forward_length` (absent or 0:
+    /// the shape of an `ffn_up_shexp`), and for DeepSeek `<arch>.expert_shared_count` (absent:
+    /// the shape of an `ffn_up_shexp`), `<arch>.expert_weights_norm`,
+    /// `<arch>.expert_weights_scale` and `<arch>.expert_gating_func` (1 softmax, 2 sigmoid).
+    /// The k weights are renormalised for `llama` and `qwen3moe`, not for `qwen2moe` and
+    /// `olmoe`, and as `expert_weights_norm` says for `deepseek2`; a selection bias is read where
+    /// the file has `exp_probs_b` tensors; Qwen2-MoE's shared expert is gated where it has
     /// `ffn_gate_inp_shexp`.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for an architecture with experts that is not in
-    /// [`MOE_ARCHITECTURES`](Self::MOE_ARCHITECTURES), a missing or malformed key, or
-    /// inconsistent sizes.
+    /// [`MOE_ARCHITECTURES`](Self::MOE_ARCHITECTURES); a missing key, or one that is there but
+    /// malformed (a count that is not a non-negative integer), named; a group count above 1
+    /// without the groups used; shared-expert tensors that the metadata gives no size (or that
+    /// the architecture does not have); inconsistent sizes.
     pub fn moe_config(&self) -> Result<Option<crate::MoeConfig>> {
         use crate::moe::{MoeConfig, Scoring};
-        let experts = self.arch_u64("expert_count").unwrap_or(0);
+        let experts = self.arch_count("expert_count")?.unwrap_or(0);
         if experts == 0 {
             return Ok(None);
         }
@@ -247,13 +286,24 @@ impl GgufStore {
             )));
         }
         let size = |key: &str| {
-            self.arch_u64(key)
-                .ok_or_else(|| fail(format!("missing or malformed `{arch}.{key}`")))
+            self.arch_count(key)?
+                .ok_or_else(|| fail(format!("missing `{arch}.{key}`")))
         };
         let hidden = size("embedding_length")?;
-        let intermediate = match self.arch_u64("expert_feed_forward_length") {
+        // The experts' size: the key, else the experts' own rows, else the FFN's size (which is
+        // the experts' for Mixtral and OLMoE; llama.cpp takes `n_ff / k` for Qwen's).
+        let from_experts = || {
+            let rows = |suffix: &str| self.shape_of_any(suffix).and_then(|s| s.get(1).copied());
+            rows(".ffn_gate_exps.weight")
+                .or_else(|| rows(".ffn_up_exps.weight"))
+                .or_else(|| rows(".ffn_gate_up_exps.weight").map(|n| n / 2))
+        };
+        let intermediate = match self.arch_count("expert_feed_forward_length")? {
             Some(n) => n,
-            None => size("feed_forward_length")?,
+            None => match from_experts() {
+                Some(n) => n,
+                None => size("feed_forward_length")?,
+            },
         };
         let expert = GluConfig::new(hidden, intermediate)
             .with_activation(Activation::Silu)
@@ -261,6 +311,24 @@ impl GgufStore {
         let mut cfg = MoeConfig::new(expert, experts, size("expert_used_count")?);
         let metadata = |key: &str| self.arch_key(key).and_then(|k| self.metadata(&k));
         let has_tensor = |suffix: &str| self.tensors.keys().any(|n| n.ends_with(suffix));
+        // The shared experts' width as their tensors have it.
+        let shared_from_shape = || {
+            self.shape_of_any(".ffn_up_shexp.weight")
+                .and_then(|s| s.first().copied())
+                .filter(|&n| n > 0)
+        };
+        // Group-limited routing, read for every architecture as llama.cpp reads it (0: none).
+        cfg.n_group = self.arch_count("expert_group_count")?.unwrap_or(1).max(1);
+        cfg.topk_group = match self.arch_count("expert_group_used_count")? {
+            Some(n) => n,
+            None if cfg.n_group > 1 => {
+                return Err(fail(format!(
+                    "`{arch}.expert_group_count` = {} needs `{arch}.expert_group_used_count`",
+                    cfg.n_group
+                )))
+            }
+            None => 1,
+        };
         cfg.norm_topk_prob = match arch.as_str() {
             "llama" | "qwen3moe" => true,
             "deepseek2" => match metadata("expert_weights_norm") {
@@ -281,7 +349,7 @@ impl GgufStore {
                     cfg.routed_scaling_factor = f64::from(scale);
                 }
             }
-            cfg.scoring = match self.arch_u64("expert_gating_func") {
+            cfg.scoring = match self.arch_count("expert_gating_func")? {
                 None | Some(0 | 1) => Scoring::Softmax,
                 Some(2) => Scoring::Sigmoid,
                 Some(other) => {
@@ -291,28 +359,43 @@ impl GgufStore {
                     )))
                 }
             };
-            cfg.n_group = self.arch_u64("expert_group_count").unwrap_or(1).max(1);
-            cfg.topk_group = self.arch_u64("expert_group_used_count").unwrap_or(1).max(1);
-            let shared = self.arch_u64("expert_shared_count").unwrap_or(0);
-            let width = shared.checked_mul(intermediate).ok_or_else(|| {
-                fail(format!(
-                    "`{arch}.expert_shared_count` = {shared} × the experts' size overflows"
-                ))
-            })?;
-            cfg.shared_intermediate_size = (shared > 0).then_some(width);
+            cfg.shared_intermediate_size = match self.arch_count("expert_shared_count")? {
+                Some(shared) => {
+                    let width = shared.checked_mul(intermediate).ok_or_else(|| {
+                        fail(format!(
+                            "`{arch}.expert_shared_count` = {shared} × the experts' size overflows"
+                        ))
+                    })?;
+                    (shared > 0).then_some(width)
+                }
+                None => shared_from_shape(),
+            };
         }
         if arch == "qwen2moe" {
-            let from_shape = || {
-                self.tensors
-                    .iter()
-                    .find(|(n, _)| n.ends_with(".ffn_up_shexp.weight"))
-                    .and_then(|(_, e)| e.shape.first().copied())
-            };
+            // 0 is llama.cpp's "not set", as absent is.
             cfg.shared_intermediate_size = self
-                .arch_u64("expert_shared_feed_forward_length")
-                .or_else(from_shape)
-                .filter(|&n| n > 0);
+                .arch_count("expert_shared_feed_forward_length")?
+                .filter(|&n| n > 0)
+                .or_else(shared_from_shape);
             cfg.shared_expert_gate = has_tensor(".ffn_gate_inp_shexp.weight");
+        }
+        // Shared-expert tensors the layer would not read: an error, not a layer without them.
+        if cfg.shared_intermediate_size.is_none() && has_tensor(".ffn_up_shexp.weight") {
+            return Err(fail(match arch.as_str() {
+                "qwen2moe" | "deepseek2" => format!(
+                    "the file has shared-expert tensors (`ffn_up_shexp`), but its metadata gives \
+                     them no size (`{arch}.{}` is 0)",
+                    if arch == "deepseek2" {
+                        "expert_shared_count"
+                    } else {
+                        "expert_shared_feed_forward_length"
+                    }
+                ),
+                _ => format!(
+                    "the file has shared-expert tensors (`ffn_up_shexp`), which `{arch}` does \
+                     not have"
+                ),
+            }));
         }
         cfg.selection_bias = has_tensor(".exp_probs_b.bias");
         cfg.validate().map_err(|e| match e {
@@ -733,6 +816,21 @@ impl Header<'_> {
             t => return Err(self.fail(format!("{what}: unknown value type {t}"))),
         };
         Ok(v)
+    }
+}
+
+/// What a metadata value is, for messages: its type, or that it is a negative integer.
+fn value_kind(v: &Value) -> String {
+    match v {
+        Value::I8(n) => n.to_string(),
+        Value::I16(n) => n.to_string(),
+        Value::I32(n) => n.to_string(),
+        Value::I64(n) => n.to_string(),
+        Value::F32(_) | Value::F64(_) => "a float".into(),
+        Value::Bool(_) => "a bool".into(),
+        Value::String(_) => "a string".into(),
+        Value::Array(_) => "an array".into(),
+        _ => "an unsigned integer".into(),
     }
 }
 
