@@ -167,7 +167,10 @@ fn run(args: &Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty: SmolLM2 adds no BOS token, so there is nothing to continue");
     }
-    if prompt.len() + args.max_tokens > cfg.max_positions {
+    // The last token written is never fed back, so the model sees at most
+    // prompt + max_tokens - 1 positions (checked_add: `--max-tokens` can be any usize).
+    let seen = prompt.len().checked_add(args.max_tokens - 1);
+    if seen.is_none_or(|n| n > cfg.max_positions) {
         bail!(
             "{} prompt tokens + --max-tokens {} exceed the context length {}",
             prompt.len(),

@@ -788,6 +788,29 @@ fn generate_sampling_is_seeded() {
     let a = run("7");
     assert!(a.starts_with("Once upon a time"), "{a:?}");
     assert_eq!(a, run("7"));
+    // The seed and the temperature do something: other seeds give other text, and not all of
+    // it greedy's (six tokens at temperature 1: all four alike would be a ~1e-6 chance).
+    let texts: std::collections::HashSet<String> = ["1", "2", "3", "4"].map(run).into();
+    assert!(texts.len() >= 2, "four seeds, one text: {texts:?}");
+    let greedy = |extra: &[&str]| {
+        let args = [
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "6",
+            "--ffn",
+            "f32",
+        ];
+        generate_ok(&[&args[..], extra].concat()).0
+    };
+    let g = greedy(&[]);
+    assert!(
+        texts.iter().any(|t| *t != g),
+        "sampled as greedy: {texts:?}"
+    );
+    // A temperature too small to scale the logits by (they would overflow to inf) is greedy,
+    // as candle's LogitsProcessor takes it, not an error from the sampler's weights.
+    assert_eq!(greedy(&["--temperature", "1e-38"]), g);
 }
 
 /// candle's repeat penalty, as candle's examples apply it: greedy text changes with it, and
@@ -892,6 +915,12 @@ fn generate_errors_are_one_line() {
         assert!(err.starts_with("error:"), "{err}");
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
+        // 2 for what clap rejects, 1 otherwise; a panic would be 101.
+        assert!(
+            matches!(out.status.code(), Some(1 | 2)),
+            "{args:?}: {:?}",
+            out.status
+        );
     };
     let missing = "/nonexistent/SmolLM2.gguf";
     let base = ["--prompt", "Hi", "--max-tokens", "2", "--weights"];
@@ -950,6 +979,13 @@ fn generate_errors_are_one_line() {
         "--top-p",
     );
     fails(&["--prompt", "", "--weights", gguf], "the prompt is empty");
+    // A --max-tokens past the context, however large (the check used to overflow).
+    for max in ["8193", "18446744073709551615"] {
+        fails(
+            &["--prompt", "Hi", "--weights", gguf, "--max-tokens", max],
+            &format!("1 prompt tokens + --max-tokens {max} exceed the context length 8192"),
+        );
+    }
     // No --weights, and nothing where scripts/fetch_smollm2.sh would have put it.
     let empty = tempfile::tempdir().unwrap();
     let out = generate_cmd(&["--prompt", "Hi"])

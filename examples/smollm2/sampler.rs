@@ -34,7 +34,7 @@ pub enum Sampler {
 }
 
 impl Sampler {
-    /// Greedy without a temperature (or with temperature 0); else sampling at `temperature`
+    /// Greedy without a temperature (or with one below 1e-7); else sampling at `temperature`
     /// from the `top_k` most likely tokens and/or the `top_p` nucleus (top-p 0.9 when neither
     /// is given).
     ///
@@ -59,7 +59,9 @@ impl Sampler {
                     "--temperature must be a finite number >= 0, found {t}"
                 ))
             }
-            Some(0.) => return Ok(Self::Greedy),
+            // Below 1e-7 the scaled logits overflow to ±inf, and softmax of those is NaN; the
+            // limit is all but greedy, as candle's `LogitsProcessor::new` takes it.
+            Some(t) if t < 1e-7 => return Ok(Self::Greedy),
             Some(t) => t,
         };
         let sampling = match (top_k, top_p) {
