@@ -147,12 +147,16 @@ impl GluConfig {
     /// Reads a Hugging Face `config.json` from its text.
     ///
     /// Understood: `hidden_size` / `intermediate_size` / `hidden_act` / `mlp_bias` (Llama,
-    /// Mistral, Qwen2, SmolLM, Phi-3, Mixtral), Gemma's `hidden_activation` (and its legacy
-    /// `hidden_act = "gelu"`, which transformers reads as the tanh GELU), T5's `d_model` / `d_ff`
-    /// / `feed_forward_proj = "gated-<act>"` (where `gated-gelu` means `gelu_new`), and a nested
-    /// `text_config` for multimodal models. The layout follows `model_type`: `phi3` → Phi-3,
-    /// `mixtral` → Mixtral, T5 family → T5, otherwise Llama. A missing activation means `silu`,
-    /// as in transformers' `LlamaConfig`.
+    /// Mistral, Qwen2, SmolLM, Phi-3, Mixtral), Gemma's `hidden_activation` (Gemma 2 and 3 read
+    /// nothing else; Gemma's legacy `hidden_act = "gelu"` is the tanh GELU, as transformers reads
+    /// it), T5's `d_model` / `d_ff` / `feed_forward_proj = "gated-<act>"` (where `gated-gelu`
+    /// means `gelu_new`; absent: `relu`, not gated, for T5 and `gated-gelu` for mT5 and UMT5, as
+    /// transformers' defaults), a nested `text_config` for multimodal models and T5Gemma's
+    /// `encoder`. The layout follows `model_type`: `phi3` → Phi-3, `mixtral` → Mixtral, T5
+    /// family → T5, otherwise Llama (T5Gemma's blocks have Llama's names under
+    /// `encoder.layers.N.mlp`: load them with that prefix). A missing
+    /// activation is the tanh GELU for the Gemma families and `silu` otherwise, as transformers'
+    /// `GemmaConfig`s and `LlamaConfig` default.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for invalid JSON, a missing or malformed size, an unknown or
@@ -185,9 +189,12 @@ impl GluConfig {
                 kind_of(&value)
             )));
         };
-        // Multimodal configs (Gemma 3, Llava, ...) nest the language model's settings.
-        let obj = match root.get("text_config") {
-            Some(Value::Object(text)) if !root.contains_key("hidden_size") => text,
+        // Multimodal configs (Gemma 3, Llava, ...) nest the language model's settings; T5Gemma
+        // its encoder's and decoder's (the encoder's are read).
+        let root_type = root.get("model_type").and_then(Value::as_str);
+        let obj = match (root.get("encoder"), root.get("text_config")) {
+            (Some(Value::Object(encoder)), _) if root_type == Some("t5gemma") => encoder,
+            (_, Some(Value::Object(text))) if !root.contains_key("hidden_size") => text,
             _ => &root,
         };
         let model_type = obj
@@ -195,19 +202,36 @@ impl GluConfig {
             .or_else(|| root.get("model_type"))
             .and_then(Value::as_str)
             .unwrap_or("");
-        let is_t5 = matches!(model_type, "t5" | "mt5" | "umt5" | "t5gemma")
+        let is_t5 = matches!(model_type, "t5" | "mt5" | "umt5")
             || (!obj.contains_key("hidden_size") && obj.contains_key("d_model"));
+        // Gemma's families, whose σ defaults to the tanh GELU; all but the first read only
+        // `hidden_activation`, as transformers does.
+        let gemma = matches!(
+            model_type,
+            "gemma" | "gemma2" | "gemma3" | "gemma3_text" | "t5gemma" | "t5gemma_module"
+        ) || root_type == Some("t5gemma");
+        let later_gemma = gemma && model_type != "gemma";
 
         let cfg = if is_t5 {
             let hidden = size_field(obj, "d_model").map_err(&fail)?;
             let intermediate = size_field(obj, "d_ff").map_err(&fail)?;
-            let proj = str_field(obj, "feed_forward_proj")
-                .map_err(&fail)?
-                .unwrap_or("gated-gelu");
+            // transformers' defaults: `relu` (not gated) for T5, `gated-gelu` for mT5 and UMT5.
+            let given = str_field(obj, "feed_forward_proj").map_err(&fail)?;
+            let default = if matches!(model_type, "mt5" | "umt5") {
+                "gated-gelu"
+            } else {
+                "relu"
+            };
+            let proj = given.unwrap_or(default);
             let Some(act) = proj.strip_prefix("gated-") else {
+                let whence = if given.is_none() {
+                    " (transformers' default for T5, where the config does not say)"
+                } else {
+                    ""
+                };
                 return Err(fail(format!(
-                    "`feed_forward_proj` is `{proj}`, which is not gated: expected `gated-<act>` \
-                     such as `gated-gelu`"
+                    "`feed_forward_proj` is `{proj}`{whence}, which is not gated: expected \
+                     `gated-<act>` such as `gated-gelu`"
                 )));
             };
             // transformers' T5Config turns `gated-gelu` into `gelu_new`, the tanh form.
@@ -220,11 +244,14 @@ impl GluConfig {
             let intermediate = size_field(obj, "intermediate_size").map_err(&fail)?;
             let activation = match str_field(obj, "hidden_activation").map_err(&fail)? {
                 Some(name) => parse_act(name, "hidden_activation").map_err(&fail)?,
+                // Gemma 2 and 3 (and T5Gemma) never read `hidden_act`.
+                None if later_gemma => Activation::GeluTanh,
                 None => match str_field(obj, "hidden_act").map_err(&fail)? {
                     // Gemma's first checkpoints say `gelu` but were trained with the tanh form;
                     // transformers reads it so.
                     Some("gelu") if model_type == "gemma" => Activation::GeluTanh,
                     Some(name) => parse_act(name, "hidden_act").map_err(&fail)?,
+                    None if gemma => Activation::GeluTanh,
                     None => Activation::Silu,
                 },
             };
@@ -396,6 +423,50 @@ mod tests {
         let llama_gelu = r#"{"model_type":"llama","hidden_size":8,"intermediate_size":16,
                              "hidden_act":"gelu"}"#;
         assert_eq!(parse(llama_gelu).unwrap().activation, Activation::Gelu);
+    }
+
+    #[test]
+    fn gemma_defaults_to_the_tanh_gelu_and_later_gemmas_read_only_hidden_activation() {
+        let tanh = |json: &str| assert_eq!(parse(json).unwrap().activation, Activation::GeluTanh);
+        // google/gemma-3-4b-it's nesting, no activation named: transformers' default.
+        tanh(
+            r#"{"model_type":"gemma3","text_config":{"model_type":"gemma3_text",
+                "hidden_size":8,"intermediate_size":16}}"#,
+        );
+        tanh(r#"{"model_type":"gemma","hidden_size":8,"intermediate_size":16}"#);
+        // Gemma 2 ignores `hidden_act` (exact `gelu` would be read for a Llama).
+        tanh(
+            r#"{"model_type":"gemma2","hidden_size":8,"intermediate_size":16,"hidden_act":"gelu"}"#,
+        );
+        // T5Gemma: the encoder's settings.
+        let cfg = parse(
+            r#"{"model_type":"t5gemma","encoder":{"hidden_size":8,"intermediate_size":16},
+                "decoder":{"hidden_size":4,"intermediate_size":12}}"#,
+        )
+        .unwrap();
+        assert_eq!((cfg.hidden_size, cfg.intermediate_size), (8, 16));
+        assert_eq!(
+            (cfg.activation, cfg.layout),
+            (Activation::GeluTanh, WeightLayout::Llama)
+        );
+    }
+
+    #[test]
+    fn t5_defaults_as_transformers() {
+        // T5Config's default `relu` is not gated; mT5's and UMT5's `gated-gelu` is.
+        let err = parse(r#"{"model_type":"t5","d_model":8,"d_ff":16}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`relu` (transformers' default for T5"),
+            "{err}"
+        );
+        let err = parse(r#"{"d_model":8,"d_ff":16}"#).unwrap_err().to_string();
+        assert!(err.contains("not gated"), "{err}");
+        for t in ["mt5", "umt5"] {
+            let cfg = parse(&format!(r#"{{"model_type":"{t}","d_model":8,"d_ff":16}}"#)).unwrap();
+            assert_eq!(cfg.activation, Activation::GeluTanh, "{t}");
+        }
     }
 
     #[test]

@@ -345,6 +345,9 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     c.insert("index-parent-dir", |d| {
         index_dir(d, r#"{"weight_map":{"w":"../model.safetensors"}}"#)
     });
+    c.insert("index-control-char", |d| {
+        index_dir(d, r#"{"weight_map":{"w":"model\n.safetensors"}}"#)
+    });
     c.insert("index-absolute", |d| {
         index_dir(d, r#"{"weight_map":{"w":"/etc/passwd"}}"#)
     });

@@ -653,7 +653,7 @@ mod tests {
             assert!(super::super::is_plain_file_name(ok), "{ok:?}");
         }
         for bad in [
-            "", ".", "..", "../x", "/abs", "a/b", "a\\b", "C:x", "nul\0", "./x",
+            "", ".", "..", "../x", "/abs", "a/b", "a\\b", "C:x", "nul\0", "./x", "a\nb", "tab\t",
         ] {
             assert!(!super::super::is_plain_file_name(bad), "{bad:?}");
         }

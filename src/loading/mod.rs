@@ -735,11 +735,13 @@ fn has_gguf_magic(path: &Path) -> bool {
 }
 
 /// A name that stays inside the snapshot directory: one normal path component, no separators
-/// of any platform, not `.` or `..`, not absolute, no NUL.
+/// of any platform, not `.` or `..`, not absolute, no control character (NUL included).
 pub(crate) fn is_plain_file_name(name: &str) -> bool {
     let mut components = Path::new(name).components();
     !name.is_empty()
-        && !name.contains(['/', '\\', ':', '\0'])
+        && !name.contains(['/', '\\', ':'])
+        // Control characters (a newline would split an error message in two; NUL a path).
+        && !name.chars().any(char::is_control)
         && matches!(components.next(), Some(Component::Normal(_)))
         && components.next().is_none()
         && name != "."

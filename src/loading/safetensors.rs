@@ -296,8 +296,10 @@ pub(crate) fn read_index(index: &Path) -> Result<Vec<(String, String)>> {
         };
         if !super::is_plain_file_name(shard) {
             return Err(fail(format!(
-                "names shard `{shard}` (for tensor `{tensor}`), which is not a plain file name \
-                 in its directory; refusing to read it"
+                "names shard `{}` (for tensor `{}`), which is not a plain file name in its \
+                 directory; refusing to read it",
+                shard.escape_debug(),
+                tensor.escape_debug()
             )));
         }
         weight_map.push((tensor.clone(), shard.to_string()));
@@ -308,13 +310,13 @@ pub(crate) fn read_index(index: &Path) -> Result<Vec<(String, String)>> {
     Ok(weight_map)
 }
 
-/// The distinct shards of a `weight_map`, in the order they first appear.
+/// The distinct shards of a `weight_map`, in the order they first appear (a set, not a scan of
+/// those seen: a hostile index can name millions).
 pub(crate) fn shards(weight_map: &[(String, String)]) -> Vec<&str> {
-    let mut shards: Vec<&str> = Vec::new();
-    for (_, shard) in weight_map {
-        if !shards.contains(&shard.as_str()) {
-            shards.push(shard);
-        }
-    }
-    shards
+    let mut seen = std::collections::HashSet::new();
+    weight_map
+        .iter()
+        .map(|(_, shard)| shard.as_str())
+        .filter(|shard| seen.insert(*shard))
+        .collect()
 }
