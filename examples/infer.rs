@@ -285,6 +285,13 @@ fn run(args: &Args) -> Result<()> {
         .map(|m| (m.expert.layout, ckpt.moe_layers(m)));
     let moe = if dense_of_moe.is_some() { None } else { moe };
     let layout = match (args.layout.0, &moe) {
+        // A mixture's experts are in the layout of its config (or its GGUF).
+        (Some(layout), Some(moe)) if layout != moe.expert.layout => bail!(
+            "--layout {layout}: layer {} is a mixture of experts, whose experts are in the {} \
+             layout (drop --layout, or pass --prefix for one expert's block)",
+            args.layer,
+            moe.expert.layout
+        ),
         (Some(layout), None) if args.prefix.is_none() && ckpt.layers(layout).is_empty() => {
             // Say what the tensors do look like, rather than that the layer is missing.
             match layout_with_layers(&ckpt) {
@@ -421,11 +428,14 @@ fn run(args: &Args) -> Result<()> {
         moe: moe_report,
         moe_layers: dense_of_moe.map(|(_, layers)| layers),
     };
+    // Written with errors, not `println!`'s panic: stdout may be a full disk or a closed pipe.
+    let mut out = std::io::stdout().lock();
     if args.json {
-        println!("{}", to_json(&report));
+        writeln!(out, "{}", to_json(&report))?;
     } else {
-        print_summary(&report);
+        print_summary(&report, &mut out)?;
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -727,66 +737,78 @@ fn kernels(r: &Report) -> String {
     }
 }
 
-fn print_summary(r: &Report) {
+fn print_summary(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let c = &r.cfg;
-    println!("model       {}", r.model);
-    println!(
+    writeln!(out, "model       {}", r.model)?;
+    writeln!(
+        out,
         "block       {} ({} layout, {})",
         r.prefix, c.layout, r.format
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "config      hidden {}, intermediate {}, activation {} ({}), bias {}",
         c.hidden_size,
         c.intermediate_size,
         c.activation,
         c.activation.glu_variant(),
         c.bias
-    );
+    )?;
     let weights = if r.quantized {
         " (weights quantized, GGUF blocks)"
     } else {
         ""
     };
-    println!("device      {}, {}{weights}", r.device, r.dtype.as_str());
+    writeln!(
+        out,
+        "device      {}, {}{weights}",
+        r.device,
+        r.dtype.as_str()
+    )?;
     if let Some(m) = &r.moe {
         let used = m.tokens_per_expert.iter().filter(|&&n| n > 0).count();
         let shared = m
             .shared
             .map_or(String::new(), |s| format!(", shared expert {s} wide"));
-        println!(
+        writeln!(
+            out,
             "experts     {} routed, top-{}{shared}; {used} used, tokens per expert {:?}",
             m.num_experts, m.top_k, m.tokens_per_expert
-        );
+        )?;
     }
     if let Some(layers) = &r.moe_layers {
-        println!(
+        writeln!(
+            out,
             "experts     none: a dense layer of a mixture-of-experts model (layers with experts: \
              {layers:?})"
-        );
+        )?;
     }
     let busiest = if r.moe.is_some() {
         " (the busiest expert)"
     } else {
         ""
     };
-    println!("kernels     {}{busiest}", kernels(r));
-    println!("input       {:?}", r.input_shape);
-    println!("output      {:?}", r.output_shape);
+    writeln!(out, "kernels     {}{busiest}", kernels(r))?;
+    writeln!(out, "input       {:?}", r.input_shape)?;
+    writeln!(out, "output      {:?}", r.output_shape)?;
     let s = &r.stats;
-    println!(
+    writeln!(
+        out,
         "y stats     mean {:+.6}, std {:.6}, min {:+.6}, max {:+.6}, sum|y| {:.4}",
         s.mean, s.std, s.min, s.max, s.abs_sum
-    );
-    println!("time        {:.3} ms (first call)", r.first_ms);
+    )?;
+    writeln!(out, "time        {:.3} ms (first call)", r.first_ms)?;
     if let Some(b) = &r.bench {
-        println!(
+        writeln!(
+            out,
             "bench       {} runs: median {:.3} ms, {:.0} tokens/s, {:.1} GFLOP/s",
             b.runs, b.median_ms, b.tokens_per_s, b.gflops
-        );
+        )?;
     }
     if let Some(path) = &r.output {
-        println!("wrote       {} (y, f32)", path.display());
+        writeln!(out, "wrote       {} (y, f32)", path.display())?;
     }
+    Ok(())
 }
 
 fn to_json(r: &Report) -> serde_json::Value {

@@ -580,6 +580,12 @@ fn mixture_of_experts_layer_at_layer() {
         text.contains("a dense layer of a mixture-of-experts model (layers with experts: [1])"),
         "{text}"
     );
+    // --layout names the layout of the block it loads; a mixture's experts have their own.
+    let mixtral = common::fixtures().join("moe/mixtral");
+    fails(
+        &["--weights", mixtral.to_str().unwrap(), "--layout", "llama"],
+        "--layout llama: layer 0 is a mixture of experts, whose experts are in the mixtral layout",
+    );
     // Its layer 1 is the mixture.
     let json: serde_json::Value = serde_json::from_str(&stdout(&run(&[
         "--weights",
@@ -598,4 +604,30 @@ fn mixture_of_experts_layer_at_layer() {
         text.contains("experts     16 routed, top-4, shared expert 56 wide"),
         "{text}"
     );
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    // `println!` panics (exit 101) where stdout cannot be written; the summary is written with
+    // its errors handled instead.
+    let Ok(full) = std::fs::File::create("/dev/full") else {
+        eprintln!("SKIPPED (no /dev/full)");
+        return;
+    };
+    for json in [false, true] {
+        let mut cmd = infer();
+        cmd.args(["--tokens", "2"])
+            .stdout(full.try_clone().unwrap());
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with("error: ") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
 }
