@@ -227,6 +227,14 @@ fn check_flags(args: &Args) -> Result<()> {
     if let Some(n) = args.bench.filter(|&n| n > MAX_BENCH_RUNS) {
         bail!("--bench {n} is more than the {MAX_BENCH_RUNS} runs a benchmark may have");
     }
+    if let Some(path) = &args.input {
+        // Before the weights, which may be a download; and a FIFO would block the read.
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("--input {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("--input {}: not a regular file", path.display());
+        }
+    }
     if let Some(path) = &args.output {
         if path.file_name().is_none() {
             bail!("--output {}: not a file name", path.display());
@@ -240,6 +248,19 @@ fn check_flags(args: &Args) -> Result<()> {
                 path.display(),
                 dir.display()
             );
+        }
+        // Never onto the checkpoint's own files (a file that does not exist yet cannot be one).
+        let weights = Path::new(args.weights.as_deref().unwrap_or(EMBEDDED));
+        if let (Ok(out), Ok(weights)) =
+            (std::fs::canonicalize(path), std::fs::canonicalize(weights))
+        {
+            if out == weights || (weights.is_dir() && out.starts_with(&weights)) {
+                bail!(
+                    "--output {}: a file of the checkpoint {}; write y elsewhere",
+                    path.display(),
+                    weights.display()
+                );
+            }
         }
     }
     Ok(())
@@ -358,7 +379,12 @@ fn run(args: &Args) -> Result<()> {
 
     let x = match &args.input {
         Some(path) => read_input(path, &device)?,
-        None => random_input(args, cfg.hidden_size, &device)?,
+        None => {
+            // The forward's size checked before the input is made (gigabytes of samples).
+            let tokens = args.batch.saturating_mul(args.tokens);
+            cfg.check_tokens(&[args.batch, args.tokens, cfg.hidden_size], tokens, dtype)?;
+            random_input(args, cfg.hidden_size, &device)?
+        }
     };
     let x = x.to_dtype(dtype)?;
     // The path and micro-kernel: the block's, or for a mixture the busiest expert's, on its

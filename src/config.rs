@@ -119,9 +119,13 @@ impl GluConfig {
         validate_sizes(self.hidden_size, self.intermediate_size, None, None)
     }
 
-    /// Checks that a forward pass over `tokens` tokens in `dtype` stays within
-    /// [`MAX_ACTIVATION_BYTES`] per intermediate activation.
-    pub(crate) fn check_tokens(
+    /// Checks that a forward pass over `tokens` tokens (of an input of `shape`, for the
+    /// message) in `dtype` stays within [`MAX_ACTIVATION_BYTES`] per intermediate activation,
+    /// as `forward` checks it: so that a caller can refuse an input before making it.
+    ///
+    /// # Errors
+    /// [`Error::InputTooLarge`].
+    pub fn check_tokens(
         &self,
         shape: &[usize],
         tokens: usize,

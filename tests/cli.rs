@@ -59,6 +59,12 @@ fn fails(args: &[&str], want: &str) {
     );
     assert!(err.contains(want), "{args:?}: {err}");
     assert!(!err.contains("panicked"), "{err}");
+    // 2 for what clap rejects, 1 otherwise; a panic would be 101.
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "{args:?}: {:?}",
+        out.status
+    );
 }
 
 #[test]
@@ -404,6 +410,53 @@ fn output_is_checked_before_the_weights() {
         &["--output", under_file.to_str().unwrap()],
         "is not a directory",
     );
+    // --input is checked before the weights too.
+    let typo = dir.path().join("typo.safetensors");
+    fails(
+        &[
+            "--input",
+            typo.to_str().unwrap(),
+            "--weights",
+            "/no/such/model.safetensors",
+        ],
+        "--input",
+    );
+    // Never onto the checkpoint's own files: the file given as --weights, or any file of a
+    // checkpoint directory; they are left as they were.
+    let weights = dir.path().join("w");
+    std::fs::create_dir(&weights).unwrap();
+    for name in ["model.safetensors", "config.json"] {
+        std::fs::copy(common::embedded_weights().join(name), weights.join(name)).unwrap();
+    }
+    let model = weights.join("model.safetensors");
+    let before = std::fs::read(&model).unwrap();
+    for (w, out) in [
+        (&model, &model),
+        (&weights, &model),
+        (&weights, &weights.join("config.json")),
+    ] {
+        fails(
+            &[
+                "--weights",
+                w.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ],
+            "a file of the checkpoint",
+        );
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+    // A new file beside them is fine.
+    let beside = weights.join("y.safetensors");
+    let args = ["--weights", weights.to_str().unwrap(), "--tokens", "2"];
+    stdout(&run(
+        &[&args[..], &["--output", beside.to_str().unwrap()]].concat()
+    ));
+    // A random input too large for the forward is refused before it is made.
+    fails(
+        &["--tokens", "30000000"],
+        "input of shape [1, 30000000, 576] is too large",
+    );
 }
 
 #[test]
@@ -557,7 +610,9 @@ fn mixture_of_experts_layer_at_layer() {
     let dir = tempfile::tempdir().unwrap();
     let [wg, wu, wd] = common::moe::deepseek_with_a_dense_layer(dir.path());
     let io = common::fixtures().join("moe/deepseek_v3/io.safetensors");
-    let out = dir.path().join("y.safetensors");
+    // Not inside the checkpoint's directory, whose existing files --output refuses.
+    let outside = tempfile::tempdir().unwrap();
+    let out = outside.path().join("y.safetensors");
     let weights = dir.path().to_str().unwrap();
     let args = layer_io(dir.path(), "0", &io, &out);
     let json: serde_json::Value =
