@@ -185,7 +185,7 @@ pub enum Error {
     },
 
     /// A layer index the checkpoint has no FFN weights for.
-    #[error("layer {layer} is not in this checkpoint{}: it holds layers {}", model_layers(.num_layers), list_layers(.present))]
+    #[error("layer {layer} is not in this checkpoint{}: {}", model_layers(.num_layers), held_layers(.present, .looked_for))]
     LayerOutOfRange {
         /// The layer asked for.
         layer: usize,
@@ -193,6 +193,9 @@ pub enum Error {
         num_layers: Option<usize>,
         /// The layers whose FFN weights are present.
         present: Vec<usize>,
+        /// The tensor that would hold the layer (its gate, or its router), as the layout names
+        /// it: where no layer is present, the layout may not be the checkpoint's.
+        looked_for: String,
     },
 
     /// A device that cannot be opened, or an unknown device name.
@@ -381,6 +384,18 @@ pub(crate) fn list_layers(present: &[usize]) -> String {
         start = i;
     }
     parts.join(", ")
+}
+
+fn held_layers(present: &[usize], looked_for: &str) -> String {
+    if present.is_empty() {
+        format!(
+            "none of its tensors is a layer's FFN as the layout names them (`{}`): another \
+             layout, or pass the block's prefix",
+            shorten(looked_for)
+        )
+    } else {
+        format!("it holds layers {}", list_layers(present))
+    }
 }
 
 fn stored_experts(stored: &[usize]) -> String {

@@ -316,6 +316,14 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let ckpt = Checkpoint::open(d).unwrap();
         err(ckpt.load_layer(&GluConfig::new(4, 8), 3, &f32_opts()))
     });
+    c.insert("wrong-layer-no-layers", |d| {
+        // A multimodal model's language model, one prefix deeper than the Llama layout's.
+        let n = |t: &str| format!("language_model.{t}");
+        let (g, u, dn) = (n(G), n(U), n(D));
+        llama_file(d, &[(&g, &[8, 4]), (&u, &[8, 4]), (&dn, &[4, 8])]);
+        let ckpt = Checkpoint::open(d).unwrap();
+        err(ckpt.load_layer(&GluConfig::new(4, 8), 0, &f32_opts()))
+    });
     c.insert("some-biases", |d| {
         let b = "model.layers.0.mlp.gate_proj.bias";
         llama_file(d, &[(G, &[8, 4]), (U, &[8, 4]), (D, &[4, 8]), (b, &[8])]);

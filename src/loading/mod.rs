@@ -232,12 +232,11 @@ impl Checkpoint {
 
     /// The layers whose FFN weights exist in `layout`'s naming, sorted.
     pub fn layers(&self, layout: WeightLayout) -> Vec<usize> {
-        let gate = layout.names().all()[0];
         let mut layers: Vec<usize> = self
             .tensor_names()
             .iter()
             .filter_map(|n| layout.layer_of(n))
-            .filter(|&l| self.contains(&format!("{}.{gate}.weight", layout.layer_prefix(l))))
+            .filter(|&l| self.contains(&gate_name(layout, l)))
             .collect();
         layers.sort_unstable();
         layers.dedup();
@@ -463,20 +462,23 @@ impl Checkpoint {
     /// The layers that hold a mixture of experts, sorted: a router at
     /// [`MoeConfig::layer_prefix`] (`blk.N.ffn_gate_inp` in GGUF files).
     pub fn moe_layers(&self, cfg: &MoeConfig) -> Vec<usize> {
-        // GGUF names are llama.cpp's whatever the config's layout says.
-        let router = |l: usize| match &self.store {
-            Store::Gguf(_) => format!("blk.{l}.ffn_gate_inp.weight"),
-            Store::Safetensors(_) => join(&cfg.layer_prefix(l), "gate.weight"),
-        };
         let mut layers: Vec<usize> = self
             .tensor_names()
             .iter()
             .filter_map(|n| n.split('.').find_map(|p| p.parse::<usize>().ok()))
-            .filter(|&l| self.contains(&router(l)))
+            .filter(|&l| self.contains(&self.router_name(cfg, l)))
             .collect();
         layers.sort_unstable();
         layers.dedup();
         layers
+    }
+
+    /// Layer `layer`'s router: GGUF names are llama.cpp's whatever the config's layout says.
+    fn router_name(&self, cfg: &MoeConfig, layer: usize) -> String {
+        match &self.store {
+            Store::Gguf(_) => format!("blk.{layer}.ffn_gate_inp.weight"),
+            Store::Safetensors(_) => join(&cfg.layer_prefix(layer), "gate.weight"),
+        }
     }
 
     /// The layers of a mixture-of-experts model whose FFN is dense, sorted: DeepSeek's first
@@ -528,6 +530,7 @@ impl Checkpoint {
                 layer,
                 num_layers: self.num_layers,
                 present,
+                looked_for: self.router_name(cfg, layer),
             });
         }
         match &self.store {
@@ -665,10 +668,21 @@ impl Checkpoint {
                 layer,
                 num_layers: self.num_layers,
                 present,
+                looked_for: gate_name(cfg.layout, layer),
             });
         }
         self.load_ffn(cfg, &cfg.layout.layer_prefix(layer), opts)
     }
+}
+
+/// Layer `layer`'s gate weight (or fused gate-up) as `layout` names it: the tensor that marks a
+/// layer as present.
+fn gate_name(layout: WeightLayout, layer: usize) -> String {
+    format!(
+        "{}.{}.weight",
+        layout.layer_prefix(layer),
+        layout.names().all()[0]
+    )
 }
 
 /// A GGUF weight as a projection: kept quantized, or dequantized to `opts.dtype` where
