@@ -299,6 +299,16 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let cfg = ckpt.infer_config("model.layers.0.mlp", WeightLayout::Phi3, Activation::Silu);
         err(cfg)
     });
+    c.insert("infer-gate-not-matrix", |d| {
+        llama_file(d, &[(G, &[8, 4, 2]), (U, &[8, 4]), (D, &[4, 8])]);
+        let ckpt = Checkpoint::open(d).unwrap();
+        err(ckpt.infer_config("model.layers.0.mlp", WeightLayout::Llama, Activation::Silu))
+    });
+    c.insert("infer-gate-no-rows", |d| {
+        llama_file(d, &[(G, &[0, 4]), (U, &[0, 4]), (D, &[4, 0])]);
+        let ckpt = Checkpoint::open(d).unwrap();
+        err(ckpt.infer_config("model.layers.0.mlp", WeightLayout::Llama, Activation::Silu))
+    });
     c.insert("fused-wrong-rows", |d| {
         let gu = "model.layers.0.mlp.gate_up_proj.weight";
         llama_file(d, &[(gu, &[15, 4]), (D, &[4, 8])]);

@@ -247,7 +247,9 @@ impl Checkpoint {
     /// biases; σ is `activation`. For checkpoints without a `config.json`.
     ///
     /// # Errors
-    /// A missing gate (or fused gate-up) weight, or shapes that are not a gated FFN's.
+    /// A missing gate (or fused gate-up) weight, or one that is not a matrix, has an odd row
+    /// count where fused, or gives a size of 0 (the other weights' shapes are checked when the
+    /// block is loaded).
     pub fn infer_config(
         &self,
         prefix: &str,
@@ -260,10 +262,11 @@ impl Checkpoint {
         let gate = join(prefix, &format!("{gate}.weight"));
         let shape = self.require(&gate)?;
         let [rows, hidden] = shape[..] else {
-            return Err(Error::ShapeMismatch {
-                name: gate,
-                expected: vec![0, 0],
-                found: shape.to_vec(),
+            return Err(Error::InvalidFile {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{gate}` has shape {shape:?}, expected a matrix [rows, hidden size]"
+                ),
             });
         };
         if rows % rows_per_i != 0 {
@@ -275,6 +278,7 @@ impl Checkpoint {
                 ),
             });
         }
+        crate::config::validate_sizes(hidden, rows / rows_per_i, Some(&self.path), None)?;
         let bias = self.contains(&join(prefix, &format!("{}.bias", layout.names().down)));
         Ok(GluConfig::new(hidden, rows / rows_per_i)
             .with_activation(activation)
