@@ -50,7 +50,12 @@ fn single_file_without_config() {
     let ckpt = Checkpoint::open(case.dir().join("model.safetensors")).unwrap();
     // config.json sits beside the file and is read too.
     assert!(ckpt.config().is_some());
-    // Sizes can also be read off the shapes.
+    // The file alone has none: its sizes are read off the shapes.
+    let alone = tempfile::tempdir().unwrap();
+    let file = alone.path().join("weights.safetensors");
+    std::fs::copy(case.dir().join("model.safetensors"), &file).unwrap();
+    let ckpt = Checkpoint::open(&file).unwrap();
+    assert!(ckpt.config().is_none());
     let inferred = ckpt
         .infer_config(&case.prefix, WeightLayout::Phi3, "silu".parse().unwrap())
         .unwrap();
@@ -149,6 +154,17 @@ fn index_naming_a_missing_shard() {
     .unwrap();
     let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
     assert!(err.contains("model-00001-of-00002.safetensors"), "{err}");
+    // Beside a model.safetensors, the index is not read (transformers takes the single file).
+    let case = case("phi3_silu");
+    for name in ["model.safetensors", "config.json"] {
+        std::fs::copy(case.dir().join(name), dir.path().join(name)).unwrap();
+    }
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let ffn = ckpt
+        .load_ffn(ckpt.config().unwrap(), &case.prefix, &f32_opts())
+        .unwrap();
+    let y = ffn.forward(&case.io("x")).unwrap();
+    assert_close(&y, &case.io("y_f64"), Tol::Rel(1e-5), "the single file");
 }
 
 #[test]

@@ -103,8 +103,9 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens a checkpoint: a safetensors file, a `model.safetensors.index.json`, a `.gguf` file,
-    /// or a directory holding `model.safetensors`, `model.safetensors.index.json` or one
-    /// `.gguf` file. A `config.json` beside the weights is read too.
+    /// or a directory holding `model.safetensors` (taken before an index beside it, as
+    /// transformers takes it), `model.safetensors.index.json`, or else exactly one `.safetensors`
+    /// or `.gguf` file of any name. A `config.json` beside the weights is read too.
     ///
     /// # Errors
     /// A path that does not exist, a directory without weights, a file that is not a valid
@@ -700,9 +701,10 @@ fn gguf_projection(q: candle_core::quantized::QTensor, opts: &LoadOptions) -> Re
     })
 }
 
-/// The weights file inside a checkpoint directory.
+/// The weights file inside a checkpoint directory: the single file before the index, as
+/// transformers (and `hub::fetch_model`) take them where both are there.
 fn find_weights(dir: &Path) -> Result<PathBuf> {
-    for name in ["model.safetensors.index.json", "model.safetensors"] {
+    for name in ["model.safetensors", "model.safetensors.index.json"] {
         let path = dir.join(name);
         if path.is_file() {
             return Ok(path);
