@@ -147,6 +147,24 @@ fn inputs_up_to_the_activation_limit_run() {
         let x = Tensor::zeros(shape.as_slice(), DType::BF16, &Device::Cpu).unwrap();
         assert_eq!(ffn.forward(&x).unwrap().dims(), shape.as_slice());
     }
+    // At the limit itself (2^34 bytes: 2^29 tokens × 8 × 4 bytes) an input passes the check,
+    // one token more does not; half-precision activations count as f32. (Checked without
+    // making the input: `forward` runs the same check first.)
+    let limit = candle_glu::config::MAX_ACTIVATION_BYTES as usize / (8 * 4);
+    for dtype in [DType::F32, DType::BF16] {
+        assert!(cfg.check_tokens(&[limit, 4], limit, dtype).is_ok());
+        let e = cfg
+            .check_tokens(&[limit + 1, 4], limit + 1, dtype)
+            .unwrap_err();
+        assert!(matches!(e, candle_glu::Error::InputTooLarge { .. }), "{e}");
+    }
+    // f64 activations are 8 bytes: half the tokens.
+    assert!(cfg
+        .check_tokens(&[limit / 2, 4], limit / 2, DType::F64)
+        .is_ok());
+    assert!(cfg
+        .check_tokens(&[limit / 2 + 1, 4], limit / 2 + 1, DType::F64)
+        .is_err());
 }
 
 #[test]
