@@ -27,6 +27,11 @@ use smollm2::sampler::Sampler;
 use smollm2::tokenizer::Tokenizer;
 use smollm2::{Decoder, FfnKind, LlamaConfig, Model};
 
+/// `--seed`'s default (another value counts as given, for the warnings).
+const DEFAULT_SEED: u64 = 299_792_458;
+/// `--repeat-last-n`'s default (as `DEFAULT_SEED`).
+const DEFAULT_REPEAT_LAST_N: usize = 64;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "generate",
@@ -59,10 +64,10 @@ struct Args {
     #[arg(long, default_value_t = 1.0, value_parser = cli::non_negative)]
     repeat_penalty: f64,
     /// How many of the last tokens (the prompt's included) --repeat-penalty looks at.
-    #[arg(long, default_value_t = 64, value_name = "N", value_parser = cli::at_least(0))]
+    #[arg(long, default_value_t = DEFAULT_REPEAT_LAST_N, value_name = "N", value_parser = cli::at_least(0))]
     repeat_last_n: usize,
     /// The sampler's seed.
-    #[arg(long, default_value_t = 299_792_458)]
+    #[arg(long, default_value_t = DEFAULT_SEED)]
     seed: u64,
     /// Chat: the prompt is a user's message, put in the GGUF's own chat template (with
     /// --system), and only the assistant's answer is printed.
@@ -136,16 +141,22 @@ fn run(args: &Args) -> Result<()> {
     }
     let mut sampler = Sampler::new(args.temperature, args.top_k, args.top_p, args.seed)
         .map_err(anyhow::Error::msg)?;
-    let sampling = args.temperature.is_some_and(|t| t > 0.0);
+    // Sampling where the sampler samples (a temperature below 1e-7 is greedy).
+    let sampling = matches!(sampler, Sampler::Sample(_));
     for (given, flag) in [
         (args.top_k.is_some(), "--top-k"),
         (args.top_p.is_some(), "--top-p"),
+        // Flags with defaults count as given where they differ from theirs.
+        (args.seed != DEFAULT_SEED, "--seed"),
     ] {
         if given && !sampling {
             eprintln!(
                 "warning: {flag} does nothing without a --temperature above 0 (decoding is greedy)"
             );
         }
+    }
+    if args.repeat_last_n != DEFAULT_REPEAT_LAST_N && args.repeat_penalty == 1.0 {
+        eprintln!("warning: --repeat-last-n does nothing without a --repeat-penalty other than 1");
     }
     let path = weights_path(args)?;
     let device = Device::Cpu;

@@ -36,6 +36,9 @@ const MAX_BENCH_RUNS: usize = 1_000_000;
 /// The most values the random input may have, 2^31 (8 GiB of f32).
 const MAX_RANDOM_VALUES: usize = 1 << 31;
 
+/// `--tokens`' default (another value counts as given, for the warnings).
+const DEFAULT_TOKENS: usize = 8;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "infer",
@@ -79,7 +82,7 @@ struct Args {
     #[arg(long)]
     input: Option<PathBuf>,
     /// Tokens per sequence of the random input (when there is no --input).
-    #[arg(long, default_value_t = 8, value_name = "N", value_parser = cli::at_least(1))]
+    #[arg(long, default_value_t = DEFAULT_TOKENS, value_name = "N", value_parser = cli::at_least(1))]
     tokens: usize,
     /// Sequences in the random input.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = cli::at_least(1))]
@@ -274,6 +277,19 @@ fn run(args: &Args) -> Result<()> {
     let quantized = gguf && !args.dequantize;
     if args.dequantize && !gguf {
         eprintln!("warning: --dequantize does nothing: only GGUF weights are quantized");
+    }
+    // The random input's flags, where the input is a file (counted as given where they differ
+    // from their defaults).
+    if args.input.is_some() {
+        for (given, flag) in [
+            (args.tokens != DEFAULT_TOKENS, "--tokens"),
+            (args.batch != 1, "--batch"),
+            (args.seed != 0, "--seed"),
+        ] {
+            if given {
+                eprintln!("warning: {flag} does nothing with --input (it shapes the random input)");
+            }
+        }
     }
     // A quantized GGUF's kernels take and give f32.
     let dtype = match args.dtype {

@@ -488,6 +488,24 @@ fn flags_that_do_nothing_are_warned_about() {
             "warning: --dequantize does nothing: only GGUF weights are quantized",
         ]
     );
+    // The random input's flags, with an input file.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.safetensors");
+    let x = Tensor::zeros((1, 2, 576), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &input).unwrap();
+    let input = input.to_str().unwrap();
+    let out = run(&[
+        "--input", input, "--tokens", "3", "--batch", "1", "--seed", "5",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        [
+            "warning: --tokens does nothing with --input (it shapes the random input)",
+            "warning: --seed does nothing with --input (it shapes the random input)",
+        ]
+    );
 }
 
 #[test]

@@ -858,6 +858,25 @@ fn generate_flags_ignore_case_and_say_what_does_nothing() {
     );
     // Greedy, as without --top-p.
     assert_eq!(stdout, "The capital of France is Paris.\n");
+    // A seed while greedy, a window without a penalty.
+    let (_, stderr) = generate_ok(&[
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "1",
+        "--seed",
+        "7",
+        "--repeat-last-n",
+        "10",
+    ]);
+    assert_eq!(
+        stderr.lines().take(2).collect::<Vec<_>>(),
+        [
+            "warning: --seed does nothing without a --temperature above 0 (decoding is greedy)",
+            "warning: --repeat-last-n does nothing without a --repeat-penalty other than 1",
+        ],
+        "{stderr}"
+    );
 }
 
 #[test]
