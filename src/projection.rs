@@ -315,13 +315,20 @@ impl Projection {
     /// As [`forward`](Module::forward).
     pub fn forward_candle(&self, xs: &Tensor) -> Result<Tensor> {
         let x = self.check_input(xs)?;
+        // As `[tokens, in]`, in order: candle's `Linear` takes ranks 2 to 4 only, and
+        // `QMatMul` contiguous inputs only; every rank and layout works here as on the kernels.
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.out_features();
+        }
+        let x = x.reshape(((), self.in_features()))?;
         let y = match self {
             Projection::Dense(linear) => linear.forward(&x)?,
             Projection::Quantized { weight, bias, .. } => {
                 add_bias(weight.forward(&x)?, bias.as_ref())?
             }
         };
-        y.to_dtype(xs.dtype())
+        y.reshape(dims)?.to_dtype(xs.dtype())
     }
 
     /// The weight as the CPU kernels take it, where they do.

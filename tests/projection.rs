@@ -451,3 +451,52 @@ fn bad_weights_and_inputs_are_one_line_errors() {
     );
     assert!(m.contains("down_proj"), "{m}");
 }
+
+#[test]
+fn every_rank_and_layout_on_candles_path_as_on_the_kernels() {
+    // candle's `Linear` takes ranks 2 to 4 and `QMatMul` contiguous inputs only; a projection
+    // takes any rank and layout on every path: f64 weights and Q6_K take candle's ops, f32 the
+    // kernels where the CPU has them.
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    let dev = Device::Cpu;
+    let w = randn(11, (40, 256), 0.1, &dev);
+    let q6k = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q6K).unwrap()).unwrap();
+    let projections = [
+        (
+            "f64",
+            Projection::new(w.to_dtype(DType::F64).unwrap(), None).unwrap(),
+        ),
+        ("f32", Projection::new(w.clone(), None).unwrap()),
+        ("q6k", Projection::quantized(q6k, None)),
+    ];
+    let x = randn(12, (30, 256), 1.0, &dev);
+    for (name, p) in &projections {
+        let x = x
+            .to_dtype(if *name == "f64" {
+                DType::F64
+            } else {
+                DType::F32
+            })
+            .unwrap();
+        let rows = p.forward(&x).unwrap();
+        let cases = [
+            (x.get(7).unwrap(), vec![40], rows.get(7).unwrap()),
+            (
+                x.reshape((1, 1, 2, 15, 256)).unwrap(),
+                vec![1, 1, 2, 15, 40],
+                rows.reshape((1, 1, 2, 15, 40)).unwrap(),
+            ),
+            // [256, 30] transposed: the same tokens, not contiguous.
+            (
+                x.t().unwrap().contiguous().unwrap().t().unwrap(),
+                vec![30, 40],
+                rows.clone(),
+            ),
+        ];
+        for (input, dims, want) in cases {
+            let y = p.forward(&input).unwrap();
+            assert_eq!(y.dims(), dims, "{name}");
+            assert_close(&y, &want, Tol::Rel(1e-5), format!("{name} {dims:?}"));
+        }
+    }
+}
