@@ -135,6 +135,12 @@ impl Activation {
     /// `gate` and `up` of different shapes or dtypes, or on different devices.
     pub fn gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let dtype = gate.dtype();
+        if up.dtype() != dtype {
+            return Err(candle_core::Error::Msg(format!(
+                "gated: gate is {dtype:?} and up {:?}; they must share a dtype",
+                up.dtype()
+            )));
+        }
         if matches!(dtype, DType::F32 | DType::F64) {
             return gate.apply(self)? * up;
         }

@@ -111,12 +111,22 @@ impl GluConfig {
     }
 
     /// Checks that the sizes are non-zero and plausible (at most [`MAX_DIM`] each, and at most
-    /// [`MAX_PROJECTION_ELEMENTS`] per projection), so that nothing absurd is ever allocated.
+    /// [`MAX_PROJECTION_ELEMENTS`] per projection), so that nothing absurd is ever allocated, and
+    /// that a Swish β is finite (a NaN would not survive a serde round-trip).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] naming the size at fault.
     pub fn validate(&self) -> Result<()> {
-        validate_sizes(self.hidden_size, self.intermediate_size, None, None)
+        validate_sizes(self.hidden_size, self.intermediate_size, None, None)?;
+        if let Activation::Swish { beta } = self.activation {
+            if !beta.is_finite() {
+                return Err(Error::InvalidConfig {
+                    path: None,
+                    message: format!("swish's beta must be finite, found {beta}"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Checks that a forward pass over `tokens` tokens (of an input of `shape`, for the

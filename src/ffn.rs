@@ -300,7 +300,10 @@ impl GluFeedForward {
         ];
         let w = ws[0].weight();
         let supported = matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16);
-        if !supported || !w.device().is_cpu() || crate::cpu_kernels().is_none() {
+        // The fused ops take one dtype for the three (a block built from projections of
+        // several takes candle's ops, which convert).
+        let one_dtype = ws.iter().all(|l| l.weight().dtype() == w.dtype());
+        if !supported || !one_dtype || !w.device().is_cpu() || crate::cpu_kernels().is_none() {
             return None;
         }
         match ws.map(|l| l.bias()) {

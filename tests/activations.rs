@@ -246,3 +246,18 @@ fn config_and_layout_round_trip_through_serde() {
         .to_string();
     assert!(missing.contains("intermediate_size"), "{missing}");
 }
+
+#[test]
+fn gated_refuses_mixed_dtypes_and_swish_needs_a_finite_beta() {
+    let dev = Device::Cpu;
+    let gate = Tensor::new(&[1f32, -2.], &dev).unwrap();
+    let up = gate.to_dtype(DType::F16).unwrap();
+    for (g, u) in [(&gate, &up), (&up, &gate)] {
+        let e = Activation::Silu.gated(g, u).unwrap_err().to_string();
+        assert!(e.contains("must share a dtype"), "{e}");
+    }
+    let nan =
+        candle_glu::GluConfig::new(8, 16).with_activation(Activation::Swish { beta: f64::NAN });
+    let e = nan.validate().unwrap_err().to_string();
+    assert!(e.contains("beta must be finite"), "{e}");
+}

@@ -145,3 +145,43 @@ fn phi3_halves_are_views_and_take_the_fused_path() {
         "phi3",
     );
 }
+
+#[test]
+fn a_block_of_mixed_dtypes_takes_candles_ops() {
+    // bf16 gate and up, an f32 down: the fused ops take one dtype for all three, so such a
+    // block goes through candle's ops (each projection in its own dtype) rather than failing
+    // in them.
+    let dev = Device::Cpu;
+    let (h, i) = (24, 40);
+    let w = |seed: u64, shape: (usize, usize)| common::randn(seed, shape, 0.2, &dev);
+    let (wg, wu, wd) = (w(1, (i, h)), w(2, (i, h)), w(3, (h, i)));
+    let dense =
+        |t: &Tensor, dtype| Projection::Dense(Linear::new(t.to_dtype(dtype).unwrap(), None));
+    let cfg = GluConfig::new(h, i);
+    let mixed = GluFeedForward::from_projections(
+        &cfg,
+        dense(&wg, DType::BF16),
+        dense(&wu, DType::BF16),
+        dense(&wd, DType::F32),
+    )
+    .unwrap();
+    let x = common::randn(4, (5, h), 1.0, &dev);
+    assert_eq!(mixed.forward_path(&x), ForwardPath::Candle);
+    let y = mixed.forward(&x).unwrap();
+    // The same weights, rounded to bf16 as the gate and up are, all in f32.
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let f32_block = GluFeedForward::from_projections(
+        &cfg,
+        dense(&round(&wg), DType::F32),
+        dense(&round(&wu), DType::F32),
+        dense(&wd, DType::F32),
+    )
+    .unwrap();
+    // bf16 gate and up products round once more: within bf16's rounding.
+    assert_close(&y, &f32_block.forward(&x).unwrap(), Tol::Rel(2e-2), "mixed");
+}
