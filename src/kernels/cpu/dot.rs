@@ -81,7 +81,11 @@ impl<E: Encoding> RowSums for DenseSums<'_, E> {
 
 /// The schedule around a way of taking row sums: tasks of `COLS` output columns, each
 /// adding biases, the gated product and the rounding to `T` to its rows' sums.
-pub(crate) fn run_with<T: Element, S: RowSums>(
+///
+/// # Safety
+/// The CPU has AVX-512 (the epilogue's kernels); `out` holds `m × n` values; `w` holds `n`
+/// rows and the biases `n` values each; `sums` may be called on any `R` of `w`'s rows.
+pub(crate) unsafe fn run_with<T: Element, S: RowSums>(
     m: usize,
     w: Weights<'_>,
     n: usize,

@@ -348,13 +348,26 @@ impl QuantType {
 /// thread alone.
 pub(super) use parallel::{parallel_for as tasks, threads};
 
+/// Row bytes past which a quantized weight is left to candle: q8_0's unpacking gathers 16
+/// rows' scales with 32-bit offsets (15 rows × this stay below `i32::MAX`). Real rows are
+/// kilobytes.
+const MAX_QUANT_ROW_BYTES: usize = i32::MAX as usize / 16;
+
 /// A CPU `QTensor` `[n, k]` the ops can read in place: its type, its raw blocks, `n`, `k`.
 fn blocks(q: &QTensor) -> Option<(QuantType, Cow<'_, [u8]>, usize, usize)> {
+    // On the host only (checked before `data`, which would copy a GPU tensor back).
+    if !q.device().is_cpu() {
+        return None;
+    }
     let (n, k) = q.shape().dims2().ok()?;
     let qtype = QuantType::of(q.dtype())?;
-    let ok = q.device().is_cpu() && k > 0 && k.is_multiple_of(qtype.block_values());
+    let ok = k > 0 && k.is_multiple_of(qtype.block_values());
+    let row_bytes = qtype.row_bytes(k);
+    if !ok || row_bytes > MAX_QUANT_ROW_BYTES {
+        return None;
+    }
     let data = q.data().ok()?;
-    (ok && data.len() == n * qtype.row_bytes(k)).then_some((qtype, data, n, k))
+    (n.checked_mul(row_bytes) == Some(data.len())).then_some((qtype, data, n, k))
 }
 
 /// The f32 activations `[m, k]` of a quantized op.
@@ -366,6 +379,10 @@ fn f32_input<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], 
     let Some(x) = contiguous(x, l) else {
         return Err(not_contiguous(op));
     };
+    // A checked product, as in `gate_up`.
+    if m.checked_mul(k) != Some(x.len()) {
+        candle_core::bail!("{op}: the storage does not hold the shape")
+    }
     Ok((x, m, k))
 }
 
@@ -396,7 +413,10 @@ pub(super) fn gate_up(
         else {
             return Err(not_contiguous("glu-gate-up"));
         };
-        if x.len() != m * k || wg.len() != n * k || wu.len() != n * k {
+        // Checked products: candle's element counts are plain products, which a shape of
+        // absurd dimensions wraps in release builds.
+        let holds = |len: usize, rows: usize| rows.checked_mul(k) == Some(len);
+        if !holds(x.len(), m) || !holds(wg.len(), n) || !holds(wu.len(), n) {
             candle_core::bail!("glu-gate-up: the storage does not hold the shapes")
         }
         let w = Weights::GateUp(Mat::dense(wg, k), Mat::dense(wu, k), act);
@@ -453,7 +473,8 @@ pub(super) fn linear(
         let (Some(x), Some(w)) = (contiguous(x, l1), contiguous(w, l2)) else {
             return Err(not_contiguous("glu-linear"));
         };
-        if x.len() != m * k || w.len() != n * k {
+        // Checked products, as in `gate_up`.
+        if m.checked_mul(k) != Some(x.len()) || n.checked_mul(k) != Some(w.len()) {
             candle_core::bail!("glu-linear: the storage does not hold the shapes")
         }
         let w = Weights::Single(Mat::dense(w, k));
