@@ -252,16 +252,26 @@ fn check_flags(args: &Args) -> Result<()> {
                 dir.display()
             );
         }
-        // Never onto the checkpoint's own files (a file that does not exist yet cannot be one).
+        // Never onto an existing file in the checkpoint's directory (the weights' own, or the
+        // one they are in). The output is resolved through its directory only: the rename that
+        // writes it replaces a symlink (a Hub snapshot's file) rather than its target.
         let weights = Path::new(args.weights.as_deref().unwrap_or(EMBEDDED));
-        if let (Ok(out), Ok(weights)) =
-            (std::fs::canonicalize(path), std::fs::canonicalize(weights))
-        {
-            if out == weights || (weights.is_dir() && out.starts_with(&weights)) {
+        let weights_dir = if weights.is_dir() {
+            weights
+        } else {
+            output_dir(weights)
+        };
+        let out = std::fs::canonicalize(dir)
+            .ok()
+            .zip(path.file_name())
+            .map(|(dir, name)| dir.join(name));
+        if let (Some(out), Ok(weights_dir)) = (out, std::fs::canonicalize(weights_dir)) {
+            if out.starts_with(&weights_dir) && std::fs::symlink_metadata(&out).is_ok() {
                 bail!(
-                    "--output {}: a file of the checkpoint {}; write y elsewhere",
+                    "--output {}: an existing file in the checkpoint's directory {}; write y \
+                     elsewhere",
                     path.display(),
-                    weights.display()
+                    weights_dir.display()
                 );
             }
         }
@@ -396,9 +406,15 @@ fn run(args: &Args) -> Result<()> {
     let x = match &args.input {
         Some(path) => read_input(path, &device)?,
         None => {
-            // The forward's size checked before the input is made (gigabytes of samples).
+            // The forward's size checked before the input is made (gigabytes of samples), at
+            // its widest block (a mixture's shared expert may be wider than its experts).
             let tokens = args.batch.saturating_mul(args.tokens);
-            cfg.check_tokens(&[args.batch, args.tokens, cfg.hidden_size], tokens, dtype)?;
+            let mut widest = cfg.clone();
+            if let Block::Moe(moe) = &block {
+                let shared = moe.config().shared_intermediate_size.unwrap_or(0);
+                widest.intermediate_size = widest.intermediate_size.max(shared);
+            }
+            widest.check_tokens(&[args.batch, args.tokens, cfg.hidden_size], tokens, dtype)?;
             random_input(args, cfg.hidden_size, &device)?
         }
     };

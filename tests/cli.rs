@@ -430,11 +430,23 @@ fn output_is_checked_before_the_weights() {
     }
     let model = weights.join("model.safetensors");
     let before = std::fs::read(&model).unwrap();
-    for (w, out) in [
-        (&model, &model),
-        (&weights, &model),
-        (&weights, &weights.join("config.json")),
-    ] {
+    let mut cases = vec![
+        (model.clone(), model.clone()),
+        (model.clone(), weights.join("config.json")),
+        (weights.clone(), model.clone()),
+        (weights.clone(), weights.join("config.json")),
+    ];
+    // A Hub snapshot's files are symlinks into its blobs: the link is what --output would
+    // replace, and it is refused as well.
+    #[cfg(unix)]
+    {
+        let snapshot = dir.path().join("snapshot");
+        std::fs::create_dir(&snapshot).unwrap();
+        std::os::unix::fs::symlink(&model, snapshot.join("model.safetensors")).unwrap();
+        std::fs::copy(weights.join("config.json"), snapshot.join("config.json")).unwrap();
+        cases.push((snapshot.clone(), snapshot.join("model.safetensors")));
+    }
+    for (w, out) in &cases {
         fails(
             &[
                 "--weights",
@@ -442,7 +454,7 @@ fn output_is_checked_before_the_weights() {
                 "--output",
                 out.to_str().unwrap(),
             ],
-            "a file of the checkpoint",
+            "an existing file in the checkpoint's directory",
         );
     }
     assert_eq!(std::fs::read(&model).unwrap(), before);

@@ -70,7 +70,9 @@ impl SafetensorsStore {
             });
             if !in_shard {
                 return Err(fail(format!(
-                    "the index puts `{tensor}` in `{shard}`, which does not hold it"
+                    "the index puts `{}` in `{}`, which does not hold it",
+                    tensor.escape_debug(),
+                    shard.escape_debug()
                 )));
             }
         }
@@ -121,7 +123,10 @@ impl SafetensorsStore {
             let entry = parse_entry(name, info, data_len).map_err(&fail)?;
             ranges.push((entry.0, entry.1, name.as_str()));
             if self.tensors.contains_key(name) {
-                return Err(fail(format!("tensor `{name}` is also in another shard")));
+                return Err(fail(format!(
+                    "tensor `{}` is also in another shard",
+                    name.escape_debug()
+                )));
             }
             let (start, end, dtype, shape) = entry;
             self.tensors.insert(
@@ -291,7 +296,8 @@ pub(crate) fn read_index(index: &Path) -> Result<Vec<(String, String)>> {
     for (tensor, shard) in map {
         let Some(shard) = shard.as_str() else {
             return Err(fail(format!(
-                "maps tensor `{tensor}` to {shard}, expected a file name string"
+                "maps tensor `{}` to {shard}, expected a file name string",
+                tensor.escape_debug()
             )));
         };
         if !super::is_plain_file_name(shard) {
