@@ -168,20 +168,15 @@ fn a_block_of_mixed_dtypes_takes_candles_ops() {
     let x = common::randn(4, (5, h), 1.0, &dev);
     assert_eq!(mixed.forward_path(&x), ForwardPath::Candle);
     let y = mixed.forward(&x).unwrap();
-    // The same weights, rounded to bf16 as the gate and up are, all in f32.
-    let round = |t: &Tensor| {
-        t.to_dtype(DType::BF16)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
-    let f32_block = GluFeedForward::from_projections(
-        &cfg,
-        dense(&round(&wg), DType::F32),
-        dense(&round(&wu), DType::F32),
-        dense(&wd, DType::F32),
-    )
+    // The oracle: candle's ops in f64 on the same weights, the gate and up rounded to bf16 as
+    // stored.
+    let f64 = |t: &Tensor, dtype| t.to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let proj = |w: &Tensor| x64.matmul(&w.t().unwrap()).unwrap();
+    let h = (candle_nn::ops::silu(&proj(&f64(&wg, DType::BF16))).unwrap()
+        * proj(&f64(&wu, DType::BF16)))
     .unwrap();
+    let want = h.matmul(&f64(&wd, DType::F32).t().unwrap()).unwrap();
     // bf16 gate and up products round once more: within bf16's rounding.
-    assert_close(&y, &f32_block.forward(&x).unwrap(), Tol::Rel(2e-2), "mixed");
+    assert_close(&y, &want, Tol::Rel(2e-2), "mixed");
 }

@@ -145,16 +145,10 @@ impl GgufStore {
         Some(format!("{}.{key}", self.architecture()?))
     }
 
+    /// `<arch>.key` as a count where it is one ([`arch_count`](Self::arch_count)), else `None`:
+    /// for the dense FFN's sizes, whose absence (or a malformed value) leaves the config unread.
     fn arch_u64(&self, key: &str) -> Option<usize> {
-        let v = self.metadata(&self.arch_key(key)?)?;
-        v.to_u64()
-            .ok()
-            .or_else(|| match v {
-                Value::I32(n) => u64::try_from(*n).ok(),
-                Value::I64(n) => u64::try_from(*n).ok(),
-                _ => None,
-            })
-            .and_then(|n| usize::try_from(n).ok())
+        self.arch_count(key).ok().flatten()
     }
 
     /// `<arch>.key` as a count: `None` where absent, an error naming the key where it is there

@@ -492,12 +492,16 @@ impl Checkpoint {
     /// prefix of the experts' layout ([`WeightLayout::Llama`]'s `model.layers.N.mlp`, GGUF's
     /// `blk.N.ffn_*`; [`load_layer`](Self::load_layer) loads it). Mixtral has none.
     pub fn moe_dense_layers(&self, cfg: &MoeConfig) -> Vec<usize> {
+        self.dense_layers_besides(cfg, &self.moe_layers(cfg))
+    }
+
+    /// [`moe_dense_layers`](Self::moe_dense_layers) given the layers with experts, `moe`.
+    fn dense_layers_besides(&self, cfg: &MoeConfig, moe: &[usize]) -> Vec<usize> {
         let layout = match (&self.store, cfg.expert.layout) {
             (Store::Gguf(_), _) => WeightLayout::Gguf,
             (Store::Safetensors(_), WeightLayout::Mixtral) => return Vec::new(),
             (Store::Safetensors(_), _) => WeightLayout::Llama,
         };
-        let moe = self.moe_layers(cfg);
         self.layers(layout)
             .into_iter()
             .filter(|l| !moe.contains(l))
@@ -524,7 +528,7 @@ impl Checkpoint {
     ) -> Result<GluExperts> {
         cfg.validate()?;
         let present = self.moe_layers(cfg);
-        if !present.contains(&layer) && self.moe_dense_layers(cfg).contains(&layer) {
+        if !present.contains(&layer) && self.dense_layers_besides(cfg, &present).contains(&layer) {
             return Err(Error::DenseLayer {
                 layer,
                 moe_layers: present,
