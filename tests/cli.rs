@@ -529,6 +529,30 @@ fn unwritable_output_leaves_nothing() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
+/// A write that fails half-way (the file-size limit, 4 KiB, below the output's 37 KiB) leaves
+/// neither the output nor its temporary file behind, and says so in one line.
+#[cfg(unix)]
+#[test]
+fn output_failing_half_way_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("y.safetensors");
+    let infer = infer();
+    // `ulimit -f` counts 512-byte blocks; an ignored SIGXFSZ makes the write fail with EFBIG
+    // rather than kill the process (ignored signals stay ignored across `exec`).
+    let out = Command::new("sh")
+        .args(["-c", r#"ulimit -f 8 && trap '' XFSZ && exec "$0" "$@""#])
+        .arg(infer.get_program())
+        .args(["--tokens", "16", "--output", target.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--output") && err.contains("large"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[path = "common/hub_cache.rs"]
 mod hub_cache;
 

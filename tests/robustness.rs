@@ -84,12 +84,36 @@ fn gguf_without_sizes_in_its_metadata_is_still_usable() {
 #[test]
 fn alignment_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
-    // The writer pads to 32 bytes, so data and offsets are also aligned to every smaller power
-    // of two: each of them reads the same file.
-    for align in [1u32, 8, 32] {
-        let g = Gguf::llama(32, 64, craft::Q4_0).meta("general.alignment", GgufValue::U32(align));
-        let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap();
-        assert!(ckpt.config().is_some(), "{align}");
+    // The same f32 weights with their data where each alignment puts it: a reader that
+    // assumed the default 32 bytes would read them from the wrong place in the files aligned
+    // to 1 or 256 bytes (checked below: their data does not start where 32 would put it; the
+    // header, unpadded, is as long as the 1-byte file's).
+    let data_bytes = 3 * 32 * 64 * 4;
+    let mut header = None;
+    let x = Tensor::arange(0f32, 3.0 * 32.0, &Device::Cpu)
+        .and_then(|x| (x.reshape((3, 32))? * 0.01)?.sin())
+        .unwrap();
+    let mut outputs = Vec::new();
+    for align in [1u32, 8, 32, 256] {
+        // A key whose length makes the header end away from a multiple of 32.
+        let g = Gguf::llama(32, 64, craft::F32)
+            .meta("general.alignment", GgufValue::U32(align))
+            .meta("general.name", GgufValue::Str("a".into()));
+        let bytes = g.bytes();
+        let data_start = bytes.len() - data_bytes;
+        let header = *header.get_or_insert(data_start);
+        assert_eq!(data_start, header.next_multiple_of(align as usize));
+        if align == 1 || align == 256 {
+            assert_ne!(data_start, header.next_multiple_of(32), "{align}");
+        }
+        let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &bytes)).unwrap();
+        let cfg = ckpt.config().unwrap().clone();
+        let ffn = ckpt.load_layer(&cfg, 0, &opts(false)).unwrap();
+        let y: Vec<Vec<f32>> = x.apply(&ffn).unwrap().to_vec2().unwrap();
+        outputs.push((align, y));
+    }
+    for (align, y) in &outputs[1..] {
+        assert_eq!(y, &outputs[0].1, "alignment {align} against 1");
     }
     let g = Gguf::llama(32, 64, craft::Q4_0).meta("general.alignment", GgufValue::I32(-32));
     let err = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes()))

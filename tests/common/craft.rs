@@ -179,8 +179,19 @@ impl Gguf {
         self
     }
 
+    /// The file, its data aligned to `general.alignment` where that is a u32 power of two,
+    /// else to the spec's default, 32 bytes.
     pub fn bytes(&self) -> Vec<u8> {
-        const ALIGN: usize = 32;
+        let align = self
+            .metadata
+            .iter()
+            .find_map(|(k, v)| match (k.as_str(), v) {
+                ("general.alignment", GgufValue::U32(a)) if a.is_power_of_two() => {
+                    Some(*a as usize)
+                }
+                _ => None,
+            });
+        let align = align.unwrap_or(32);
         let mut out = b"GGUF".to_vec();
         out.extend(self.version.to_le_bytes());
         out.extend((self.tensors.len() as u64).to_le_bytes());
@@ -200,9 +211,9 @@ impl Gguf {
             out.extend(ty.to_le_bytes());
             out.extend((data.len() as u64).to_le_bytes());
             data.extend(raw);
-            data.resize(data.len().next_multiple_of(ALIGN), 0);
+            data.resize(data.len().next_multiple_of(align), 0);
         }
-        out.resize(out.len().next_multiple_of(ALIGN), 0);
+        out.resize(out.len().next_multiple_of(align), 0);
         out.extend(data);
         out
     }
