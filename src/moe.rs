@@ -107,6 +107,11 @@ impl MoeConfig {
     /// # Errors
     /// [`Error::InvalidConfig`] naming the first inconsistency.
     pub fn validate(&self) -> error::Result<()> {
+        self.check(&ConfigKeys::HF)
+    }
+
+    /// [`validate`](Self::validate), its messages naming the sizes by `keys`.
+    pub(crate) fn check(&self, keys: &ConfigKeys<'_>) -> error::Result<()> {
         self.expert.validate()?;
         let fail = |message: String| {
             Err(Error::InvalidConfig {
@@ -122,13 +127,14 @@ impl MoeConfig {
         }
         if e == 0 || k == 0 || k > e {
             return fail(format!(
-                "num_experts_per_tok = {k} must be between 1 and the number of experts, {e}"
+                "{} = {k} must be between 1 and the number of experts, {e}",
+                keys.top_k
             ));
         }
         if self.n_group == 0 || e % self.n_group != 0 {
             return fail(format!(
-                "n_group = {} must divide the number of experts, {e}",
-                self.n_group
+                "{} = {} must divide the number of experts, {e}",
+                keys.n_group, self.n_group
             ));
         }
         if self.n_group > 1 {
@@ -140,20 +146,19 @@ impl MoeConfig {
             }
             if self.topk_group == 0 || self.topk_group > self.n_group {
                 return fail(format!(
-                    "topk_group = {} must be between 1 and n_group = {}",
-                    self.topk_group, self.n_group
+                    "{} = {} must be between 1 and {} = {}",
+                    keys.topk_group, self.topk_group, keys.n_group, self.n_group
                 ));
             }
             if self.topk_group * per_group < k {
                 return fail(format!(
-                    "topk_group = {} groups of {per_group} experts hold fewer than \
-                     num_experts_per_tok = {k}",
-                    self.topk_group
+                    "{} = {} groups of {per_group} experts hold fewer than {} = {k}",
+                    keys.topk_group, self.topk_group, keys.top_k
                 ));
             }
         }
         if !self.routed_scaling_factor.is_finite() {
-            return fail("routed_scaling_factor must be finite".into());
+            return fail(format!("{} must be finite", keys.scaling));
         }
         match self.shared_intermediate_size {
             Some(0) => return fail("the shared expert's intermediate size is 0".into()),
@@ -806,6 +811,25 @@ impl GluExperts {
         }
         y.to_dtype(xs.dtype())?.reshape(xs.shape())
     }
+}
+
+/// What a configuration's source calls the routing fields [`MoeConfig::check`] names in its
+/// messages: transformers' `config.json` keys, or a GGUF file's metadata keys.
+pub(crate) struct ConfigKeys<'a> {
+    pub(crate) top_k: &'a str,
+    pub(crate) n_group: &'a str,
+    pub(crate) topk_group: &'a str,
+    pub(crate) scaling: &'a str,
+}
+
+impl ConfigKeys<'static> {
+    /// transformers' names.
+    pub(crate) const HF: Self = Self {
+        top_k: "num_experts_per_tok",
+        n_group: "n_group",
+        topk_group: "topk_group",
+        scaling: "routed_scaling_factor",
+    };
 }
 
 /// Up to this many tokens per expert on average, the threads are shared across experts

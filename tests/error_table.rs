@@ -768,6 +768,12 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let g = Gguf::llama(32, 64, craft::F32).meta("llama.expert_count", GgufValue::I32(-8));
         err(Checkpoint::open(gguf_file(d, &g)).unwrap().moe_config())
     });
+    c.insert("moe-gguf-top-k", |d| {
+        let g = Gguf::llama(32, 64, craft::F32)
+            .meta("llama.expert_count", GgufValue::U32(8))
+            .meta("llama.expert_used_count", GgufValue::U32(9));
+        err(Checkpoint::open(gguf_file(d, &g)).unwrap().moe_config())
+    });
     c.insert("moe-router-rows", |_| {
         moe_layer("mixtral", "nothing", |cfg| cfg.num_experts = 10)
     });

@@ -378,8 +378,46 @@ fn metadata_that_llama_cpp_would_default_or_refuse() {
             "shared-expert tensors (`ffn_up_shexp`), but its metadata gives them no size \
              (`deepseek2.expert_shared_count` is 0)",
         ),
+        // The sizes' checks, naming the file's own keys (not transformers').
+        (
+            "qwen3moe",
+            &|m: &mut HashMap<String, Value>| {
+                m.insert("qwen3moe.expert_used_count".into(), Value::U32(1000));
+            },
+            "`qwen3moe.expert_used_count` = 1000 must be between 1 and the number of experts",
+        ),
+        (
+            "qwen3moe",
+            &|m: &mut HashMap<String, Value>| {
+                m.insert("qwen3moe.expert_group_count".into(), Value::U32(7));
+                m.insert("qwen3moe.expert_group_used_count".into(), Value::U32(1));
+            },
+            "`qwen3moe.expert_group_count` = 7 must divide the number of experts",
+        ),
+        (
+            "deepseek2",
+            &|m: &mut HashMap<String, Value>| {
+                m.insert("deepseek2.expert_group_used_count".into(), Value::U32(0));
+            },
+            "`deepseek2.expert_group_used_count` = 0 must be between 1 and \
+             `deepseek2.expert_group_count` = 4",
+        ),
+        (
+            "deepseek2",
+            &|m: &mut HashMap<String, Value>| {
+                m.insert(
+                    "deepseek2.expert_weights_scale".into(),
+                    Value::F32(f32::INFINITY),
+                );
+            },
+            "`deepseek2.expert_weights_scale` must be finite",
+        ),
     ] {
         let e = config(case, edit).unwrap_err().to_string();
         assert!(!e.contains('\n') && e.contains(want), "{case}: {e}");
+        assert!(
+            !e.contains("num_experts_per_tok") && !e.contains("n_group ="),
+            "{e}"
+        );
     }
 }

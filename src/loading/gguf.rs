@@ -392,7 +392,16 @@ impl GgufStore {
             }));
         }
         cfg.selection_bias = has_tensor(".exp_probs_b.bias");
-        cfg.validate().map_err(|e| match e {
+        let key = |name: &str| format!("`{arch}.{name}`");
+        let (top_k, n_group) = (key("expert_used_count"), key("expert_group_count"));
+        let (topk_group, scaling) = (key("expert_group_used_count"), key("expert_weights_scale"));
+        let keys = crate::moe::ConfigKeys {
+            top_k: &top_k,
+            n_group: &n_group,
+            topk_group: &topk_group,
+            scaling: &scaling,
+        };
+        cfg.check(&keys).map_err(|e| match e {
             Error::InvalidConfig { message, .. } => fail(message),
             e => e,
         })?;
