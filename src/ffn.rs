@@ -379,7 +379,7 @@ impl GluFeedForward {
             down,
         } = q;
         let hidden = if gate_up {
-            x.apply_op1_no_bwd(&QuantGateUpOp {
+            x.apply_op1(QuantGateUpOp {
                 wg,
                 wu,
                 act,
@@ -390,7 +390,7 @@ impl GluFeedForward {
             kernels::gated(&gate, &self.up_proj.forward_candle(&x)?, act)?
         };
         if down {
-            hidden.apply_op1_no_bwd(&QuantLinearOp {
+            hidden.apply_op1(QuantLinearOp {
                 w: wd,
                 exact_q4_1: self.down_proj.exact_q4_1(),
             })

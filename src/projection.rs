@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 
 use crate::config::MAX_ACTIVATION_BYTES;
-use crate::kernels::{self, LinearOp, QuantLinearOp};
+use crate::kernels::{self, LinearOp, QMatMulOp, QuantLinearOp};
 use crate::{Error, MicroKernel};
 
 /// A linear layer, `y = x·Wᵀ + b`, with `W` stored as PyTorch's `[out, in]`: one projection of
@@ -46,7 +46,9 @@ use crate::{Error, MicroKernel};
 ///
 /// Training works through dense weights: the kernels' backward pass gives the input's and the
 /// weight's gradients, and a bias that is a variable is added by candle's ops. Quantized weights
-/// are inference only.
+/// are constants: the gradient reaches the input (as QLoRA-style training needs), over the
+/// weight dequantized for each backward pass, but not the weight. (candle's own `QMatMul`
+/// gives no gradient at all.)
 ///
 /// Where a model holds candle's `Linear` (or `QMatMul`), a `Projection` takes its place; here
 /// attention's projections, loaded as `candle_nn::linear_b` would load them:
@@ -324,6 +326,12 @@ impl Projection {
         let x = x.reshape(((), self.in_features()))?;
         let y = match self {
             Projection::Dense(linear) => linear.forward(&x)?,
+            // candle's quantized product, with the input's gradient (candle's has none).
+            Projection::Quantized {
+                weight: QMatMul::QTensor(q),
+                bias,
+                ..
+            } => add_bias(x.apply_op1(QMatMulOp(Arc::clone(q)))?, bias.as_ref())?,
             Projection::Quantized { weight, bias, .. } => {
                 add_bias(weight.forward(&x)?, bias.as_ref())?
             }
@@ -427,7 +435,7 @@ impl Module for Projection {
                     w: Arc::clone(q),
                     exact_q4_1: self.exact_q4_1(),
                 };
-                add_bias(x.apply_op1_no_bwd(&op)?, bias)?
+                add_bias(x.apply_op1(op)?, bias)?
             }
         };
         y.reshape(dims)?.to_dtype(xs.dtype())

@@ -204,6 +204,34 @@ fn quantized_and_dequantized_route_alike() {
     }
 }
 
+/// The gradient reaches the input through quantized experts (their weights are constants), as
+/// through the same experts dequantized, whose backward pass `tests/moe.rs` checks against
+/// finite differences; the routing weights' part of it differs by the experts' outputs, which
+/// the quantized kernels compute over 8-bit activations.
+#[test]
+fn quantized_experts_pass_the_gradient_to_the_input() {
+    for case in CASES {
+        let (ckpt, cfg) = open(case);
+        let q = ckpt.load_experts(&cfg, 0, &opts()).unwrap();
+        let d = ckpt
+            .load_experts(&cfg, 0, &opts().with_quantized(false))
+            .unwrap();
+        let x = &io(case)["x_18"];
+        let r = common::randn(3, x.shape(), 1.0, &Device::Cpu);
+        let x_grad = |moe: &GluExperts| {
+            let x = candle_core::Var::from_tensor(x).unwrap();
+            let loss = (moe.forward(x.as_tensor()).unwrap() * &r).unwrap();
+            let grads = loss.sum_all().unwrap().backward().unwrap();
+            let g = grads.get(x.as_tensor()).cloned();
+            g.unwrap_or_else(|| panic!("{case}: no gradient reached x"))
+        };
+        let (gq, gd) = (x_grad(&q), x_grad(&d));
+        let err = rel(&gq, &gd);
+        println!("{case}: x's gradient, quantized against dequantized experts: {err:.1e}");
+        assert!(err < 3e-2, "{case}: {err:e}");
+    }
+}
+
 #[test]
 fn bad_requests_are_one_line_errors() {
     let (ckpt, cfg) = open("qwen3moe");

@@ -12,7 +12,9 @@
 //!   repacked copy of each weight), Q4_1 too up to 20 tokens, past them (or when asked to stay
 //!   exact) decoded exactly to f32 (candle's own Q4_1 matmul has no SIMD path on x86); on AMX,
 //!   prefill decodes the blocks to bf16 for the tiles (Q4_1 from 4 tokens unless asked to stay
-//!   exact, q8_0 from 28, q4k from 44); inference only.
+//!   exact, q8_0 from 28, q4k from 44). Their backward passes give the input's gradient only,
+//!   over the weights dequantized (the weights are constants); [`QMatMulOp`] gives candle's own
+//!   quantized product the same backward pass.
 //!
 //! | file | holds |
 //! |---|---|
@@ -50,7 +52,7 @@ pub(crate) mod strided;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor};
 
-pub(crate) use self::ops::{GateUpOp, GatedOp, LinearOp, QuantGateUpOp, QuantLinearOp};
+pub(crate) use self::ops::{GateUpOp, GatedOp, LinearOp, QMatMulOp, QuantGateUpOp, QuantLinearOp};
 use crate::Activation;
 
 /// Whether the quantized ops can take these weights: all read in place, of one type.

@@ -1,6 +1,7 @@
 //! The crate's candle custom ops: each forward dispatches to the CPU kernels (`cpu/`), CUDA
-//! (`cuda.rs`) or Metal (`metal.rs`); each backward, where the op has one, is written with
-//! candle's ops from [`Activation::gated_backward`].
+//! (`cuda.rs`) or Metal (`metal.rs`); each backward is written with candle's ops from
+//! [`Activation::gated_backward`]. Quantized weights are constants: their ops give the input's
+//! gradient only, through the weights dequantized for the backward pass.
 
 use std::sync::Arc;
 
@@ -165,6 +166,17 @@ impl CustomOp1 for QuantGateUpOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu::quant_gate_up(self, s, l)
     }
+
+    /// The input's gradient, as [`GateUpOp`]'s, over the weights dequantized (the forward's
+    /// 8-bit activations, where they apply, pass the gradient straight through).
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let wg = dequantized(&self.wg, x)?;
+        let wu = dequantized(&self.wu, x)?;
+        let gate = x.matmul(&wg.t()?)?;
+        let up = x.matmul(&wu.t()?)?;
+        let (d_gate, d_up) = self.act.gated_backward(&gate, &up, grad)?;
+        Ok(Some((d_gate.matmul(&wg)? + d_up.matmul(&wu)?)?))
+    }
 }
 
 /// [`LinearOp`] for GGUF weights read in place (Q4_1, q8_0, q4k); f32 activations.
@@ -183,4 +195,53 @@ impl CustomOp1 for QuantLinearOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         cpu::quant_linear(self, s, l)
     }
+
+    /// The input's gradient over the weight dequantized, as [`QuantGateUpOp`]'s.
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&dequantized(&self.w, x)?)?))
+    }
+}
+
+/// candle's own quantized product `x·Wᵀ` (its `QMatMul` forward, on every device), with the
+/// input's gradient that candle's leaves out (its op has no backward pass).
+#[derive(Debug, Clone)]
+pub(crate) struct QMatMulOp(pub(crate) Arc<QTensor>);
+
+impl CustomOp1 for QMatMulOp {
+    fn name(&self) -> &'static str {
+        "glu-qmatmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.0.cpu_fwd(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.cuda_fwd(s, l)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        s: &candle_core::MetalStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.0.metal_fwd(s, l)
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = dequantized(&self.0, x)?;
+        Ok(Some(grad.broadcast_matmul(&w)?.to_dtype(x.dtype())?))
+    }
+}
+
+/// `w` as a dense tensor on `x`'s device, in `x`'s dtype, for a backward pass (made per pass,
+/// not kept: training through quantized weights holds one dense copy at a time).
+fn dequantized(w: &QTensor, x: &Tensor) -> Result<Tensor> {
+    w.dequantize(x.device())?.to_dtype(x.dtype())
 }

@@ -56,6 +56,8 @@ pub struct LoadOptions {
     /// reading the blocks in place (see [`crate::Projection`]). Default `true`. A Q4_1, Q5_0 or Q5_1
     /// weight whose rows hold an odd number of 32-value blocks is dequantized to f32 all the same:
     /// candle 0.11.1's kernels for them assert an even number (a panic in debug builds).
+    /// Quantized weights are constants: a backward pass gives the input's gradient (over the
+    /// weights dequantized for that pass), not theirs.
     pub quantized: bool,
 }
 
