@@ -188,14 +188,20 @@ fn through_qmatmul(moe: &GluExperts, ckpt: &Checkpoint, x: &Tensor) -> Tensor {
     Tensor::cat(&rows, 0).unwrap()
 }
 
+/// Layer 0 of `case` with its experts quantized as stored, then dequantized to f32.
+fn quantized_and_dequantized(case: &str) -> (GluExperts, GluExperts, MoeConfig) {
+    let (ckpt, cfg) = open(case);
+    let q = ckpt.load_experts(&cfg, 0, &opts()).unwrap();
+    let d = ckpt
+        .load_experts(&cfg, 0, &opts().with_quantized(false))
+        .unwrap();
+    (q, d, cfg)
+}
+
 #[test]
 fn quantized_and_dequantized_route_alike() {
     for case in CASES {
-        let (ckpt, cfg) = open(case);
-        let q = ckpt.load_experts(&cfg, 0, &opts()).unwrap();
-        let d = ckpt
-            .load_experts(&cfg, 0, &opts().with_quantized(false))
-            .unwrap();
+        let (q, d, cfg) = quantized_and_dequantized(case);
         let x = &io(case)["x_160"];
         let (rq, rd) = (q.route(x).unwrap(), d.route(x).unwrap());
         assert_eq!(rq.experts, rd.experts, "{case}");
@@ -211,11 +217,7 @@ fn quantized_and_dequantized_route_alike() {
 #[test]
 fn quantized_experts_pass_the_gradient_to_the_input() {
     for case in CASES {
-        let (ckpt, cfg) = open(case);
-        let q = ckpt.load_experts(&cfg, 0, &opts()).unwrap();
-        let d = ckpt
-            .load_experts(&cfg, 0, &opts().with_quantized(false))
-            .unwrap();
+        let (q, d, _) = quantized_and_dequantized(case);
         let x = &io(case)["x_18"];
         let r = common::randn(3, x.shape(), 1.0, &Device::Cpu);
         let x_grad = |moe: &GluExperts| {
