@@ -228,7 +228,7 @@ pub enum Error {
     ///
     /// The message says what failed and what to do; the client's own error, when there is one
     /// (a refused connection, an HTTP status), is the [`source`](std::error::Error::source).
-    #[error("hub repo `{repo}`: {message}")]
+    #[error("hub repo `{}`: {message}", .repo.escape_debug())]
     Hub {
         /// The repository id, as given.
         repo: String,

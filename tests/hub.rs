@@ -65,7 +65,9 @@ fn named_revision_uses_its_ref() {
 fn commit_hash_revision_maps_directly_to_its_snapshot() {
     // No ref points at HASH_V1: a hash needs none.
     let cache = FakeCache::new().with_main();
-    cache.add_file(HASH_V1, "model.safetensors", &tiny_safetensors("w", 3.0));
+    cache
+        .add_file(HASH_V1, "model.safetensors", &tiny_safetensors("w", 3.0))
+        .add_file(HASH_V1, "config.json", CONFIG.as_bytes());
     let dir = fetch_model(REPO, &cache.opts().with_revision(HASH_V1)).unwrap();
     assert_eq!(dir, cache.snapshot(HASH_V1));
 
@@ -80,14 +82,26 @@ fn commit_hash_revision_maps_directly_to_its_snapshot() {
 #[test]
 fn config_is_optional() {
     let cache = FakeCache::new();
-    cache.set_ref("main", HASH_MAIN).add_blob(
-        HASH_MAIN,
-        "model.safetensors",
-        &tiny_safetensors("w", 1.0),
-    );
+    cache
+        .set_ref("main", HASH_MAIN)
+        .add_blob(HASH_MAIN, "model.safetensors", &tiny_safetensors("w", 1.0))
+        .add_no_exist(HASH_MAIN, "config.json");
     let dir = fetch_model(REPO, &cache.opts()).unwrap();
     assert_eq!(dir, cache.snapshot(HASH_MAIN));
     assert!(!dir.join("config.json").exists());
+
+    // Only where the cache records that the repository has none: a cache that merely lacks it
+    // (a partial copy) is an error, not a block of the default activation.
+    std::fs::remove_dir_all(cache.repo_dir().join(".no_exist")).unwrap();
+    let msg = err_msg(cache.opts());
+    assert!(
+        msg.contains("`config.json` (revision `main`) is not in the cache"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("the block's activation and sizes come from it"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -227,7 +241,19 @@ fn offline_misses_say_what_is_missing_and_where() {
         "{msg}"
     );
     assert!(
-        msg.contains("`model.safetensors.index.json` (sharded weights) is missing too"),
+        msg.contains("`model.safetensors.index.json` (sharded weights) is not in the cache either"),
+        "{msg}"
+    );
+
+    // Each file described as the cache has it: the weights not cached, the index known absent.
+    cache.add_no_exist(HASH_MAIN, "model.safetensors.index.json");
+    let msg = err_msg(cache.opts());
+    assert!(
+        msg.contains("`model.safetensors` (revision `main`) is not in the cache"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("`model.safetensors.index.json` (sharded weights) does not exist either"),
         "{msg}"
     );
 }
@@ -265,6 +291,32 @@ fn bad_repo_ids_are_refused_before_anything_else() {
     // A bare name is a valid id; it just is not cached.
     let msg = fetch_model("gpt2", &cache.opts()).unwrap_err().to_string();
     assert!(msg.contains("models--gpt2"), "{msg}");
+    // A line break in the id stays on the message's one line, escaped.
+    let msg = fetch_model("org/na\nme", &cache.opts())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("hub repo `org/na\\nme`: invalid repo id"),
+        "{msg}"
+    );
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+}
+
+#[test]
+fn tokens_are_trimmed_and_checked() {
+    let cache = FakeCache::new().with_main();
+    // A token read from a file with its newline works (offline, it is not sent anyway).
+    fetch_model(REPO, &cache.opts().with_token("hf_abc\n")).unwrap();
+    for (bad, want) in [
+        (" \n", "the token is empty"),
+        ("hf_a b", "at position 5"),
+        ("hf_\u{1}x", "at position 4"),
+        ("hf_é", "at position 4"),
+    ] {
+        let msg = err_msg(cache.opts().with_token(bad));
+        assert!(msg.contains(want), "{bad:?}: {msg}");
+        assert!(!msg.contains("hf_"), "the token is shown: {msg}");
+    }
 }
 
 #[test]

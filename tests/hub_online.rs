@@ -200,6 +200,38 @@ fn unreachable_endpoint_falls_back_to_the_cache() {
     );
 }
 
+/// With the Hub out of reach, the cache stands in for it where it records that a file does not
+/// exist, too: a repository without `config.json`, sharded weights (no `model.safetensors`).
+/// (hf-hub's own fallback returned the network's error for those.)
+#[test]
+fn unreachable_endpoint_falls_back_to_what_the_cache_knows_is_absent() {
+    let endpoint = refusing_endpoint();
+    let _env = EnvGuard::set(&[
+        ("HF_HUB_OFFLINE", None),
+        ("HF_ENDPOINT", Some(&endpoint)),
+        NO_TOKEN,
+    ]);
+    let shard = "model-00001-of-00001.safetensors";
+    let cache = FakeCache::new();
+    cache
+        .set_ref("main", HASH_MAIN)
+        .add_no_exist(HASH_MAIN, "config.json")
+        .add_no_exist(HASH_MAIN, "model.safetensors")
+        .add_blob(
+            HASH_MAIN,
+            "model.safetensors.index.json",
+            &index(&[("w", shard)]),
+        )
+        .add_blob(HASH_MAIN, shard, &tiny_safetensors("w", 1.0));
+    let dir = fetch_model(REPO, &online(&cache)).unwrap();
+    assert_eq!(dir, cache.snapshot(HASH_MAIN));
+    // Without the cache's record, the network's error stands.
+    std::fs::remove_dir_all(cache.repo_dir().join(".no_exist")).unwrap();
+    let msg = fetch_model(REPO, &online(&cache)).unwrap_err().to_string();
+    assert!(msg.contains("could not fetch `config.json`"), "{msg}");
+    assert!(msg.contains("is the network up?"), "{msg}");
+}
+
 /// Online options on `cache`.
 fn online(cache: &FakeCache) -> HubOptions {
     cache.opts().with_offline(false)
@@ -372,7 +404,7 @@ fn repository_without_weights() {
         "{msg}"
     );
     assert!(
-        msg.contains("`model.safetensors.index.json` (sharded weights) is missing too"),
+        msg.contains("`model.safetensors.index.json` (sharded weights) does not exist either"),
         "{msg}"
     );
 }

@@ -164,7 +164,9 @@ impl HubOptions {
 /// `repo_id` is `org/name` (e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`) or a bare `name`.
 /// The files fetched are:
 ///
-/// - `config.json`, if the repository has one (a repository without it is fine);
+/// - `config.json`, if the repository has one (a repository without it is fine; offline, the
+///   cache must record that it has none, as hf-hub and Python's `huggingface_hub` record the
+///   Hub's answer, else it is an error: the block's activation comes from it);
 /// - `model.safetensors`, or else `model.safetensors.index.json` and every shard its
 ///   `weight_map` lists.
 ///
@@ -204,11 +206,13 @@ pub fn fetch_model(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
     let mut fetcher = Fetcher::new(repo_id, revision, opts)?;
 
     // config.json first: small, and it pins the commit for the weights.
-    fetcher.fetch(CONFIG_FILE)?;
+    let config = fetcher.fetch(CONFIG_FILE)?;
 
     match fetcher.fetch(WEIGHTS_FILE)? {
         Lookup::Found(_) => {}
-        Lookup::Missing { .. } => match fetcher.fetch(INDEX_FILE)? {
+        Lookup::Missing {
+            not_cached: weights_not_cached,
+        } => match fetcher.fetch(INDEX_FILE)? {
             Lookup::Found(index) => {
                 for shard in shard_names(repo_id, revision, &index)? {
                     if let Lookup::Missing { not_cached } = fetcher.fetch(&shard)? {
@@ -221,15 +225,30 @@ pub fn fetch_model(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
                 }
             }
             Lookup::Missing { not_cached } => {
+                let index = if not_cached {
+                    "is not in the cache either"
+                } else {
+                    "does not exist either"
+                };
                 return Err(fetcher.missing(
                     WEIGHTS_FILE,
-                    not_cached,
-                    &format!("and `{INDEX_FILE}` (sharded weights) is missing too"),
+                    weights_not_cached,
+                    &format!("and `{INDEX_FILE}` (sharded weights) {index}"),
                 ));
             }
         },
     }
 
+    // The config may be absent, but only where the Hub (or the cache's record of its answer)
+    // says so: a cache that merely lacks it would give a block of the wrong activation, silently.
+    if let Lookup::Missing { not_cached: true } = config {
+        return Err(fetcher.missing(
+            CONFIG_FILE,
+            true,
+            "and the block's activation and sizes come from it (to open the weights without \
+             it, pass their directory to Checkpoint::open)",
+        ));
+    }
     fetcher.snapshot.ok_or_else(|| {
         // Unreachable: the weights were found, so a snapshot directory was recorded.
         hub_error(repo_id, "no snapshot directory was resolved".to_string())
@@ -282,7 +301,7 @@ impl<'a> Fetcher<'a> {
             builder = builder.cache_dir(dir.clone());
         }
         if let Some(token) = &opts.token {
-            builder = builder.token(token.clone());
+            builder = builder.token(checked_token(repo_id, token)?);
         }
         let client = builder
             .build()
@@ -330,10 +349,31 @@ impl<'a> Fetcher<'a> {
                 return Ok(Lookup::Missing { not_cached: true })
             }
             Err(HFError::EntryNotFound { .. }) => return Ok(Lookup::Missing { not_cached: false }),
+            // hf-hub falls back to the cache for a file it holds, but returns the network's
+            // error where the cache records that the file does not exist (a repository without
+            // `config.json`, sharded weights without `model.safetensors`): asked again, the
+            // cache answers.
+            Err(e) if is_transient(&e) => match self.cached(file) {
+                Ok(path) => path,
+                Err(HFError::EntryNotFound { .. }) => {
+                    return Ok(Lookup::Missing { not_cached: false })
+                }
+                Err(_) => return Err(self.download_error(file, e)),
+            },
             Err(e) => return Err(self.download_error(file, e)),
         };
         self.record(file, &path)?;
         Ok(Lookup::Found(path))
+    }
+
+    /// `file` from the cache alone.
+    fn cached(&self, file: &str) -> std::result::Result<PathBuf, HFError> {
+        self.repo
+            .download_file()
+            .filename(file)
+            .revision(self.effective_revision().to_string())
+            .local_files_only(true)
+            .send()
     }
 
     /// Pins the commit and snapshot directory on the first file found, and checks later ones
@@ -460,6 +500,38 @@ impl<'a> Fetcher<'a> {
             ),
             e,
         )
+    }
+}
+
+/// The token without the white space around it (a line read from a file keeps its newline; Python's
+/// `huggingface_hub` strips it too); refused, without being shown, if empty or if it holds a
+/// character no token has (hf-hub would drop such a header silently, and a gated repository
+/// would then ask for the token that was given).
+fn checked_token(repo_id: &str, token: &str) -> Result<String> {
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(hub_error(repo_id, "the token is empty".into()));
+    }
+    if let Some(at) = token.chars().position(|c| !c.is_ascii_graphic()) {
+        return Err(hub_error(
+            repo_id,
+            format!(
+                "the token has a character no token has (a space, control or non-ASCII \
+                 character) at position {}",
+                at + 1
+            ),
+        ));
+    }
+    Ok(token.to_string())
+}
+
+/// Whether a failed request says the Hub could not be reached (a connection refused or timed
+/// out, a 5xx answer), where the cache may stand in for it; as hf-hub's own fallback decides.
+fn is_transient(e: &HFError) -> bool {
+    match e {
+        HFError::Request { source, .. } => source.is_timeout() || source.is_connect(),
+        HFError::Http { context } => matches!(context.status.as_u16(), 500 | 502 | 503 | 504),
+        _ => false,
     }
 }
 

@@ -73,6 +73,15 @@ impl FakeCache {
         self
     }
 
+    /// The cache's record that the Hub has no `name` at commit `hash` (`.no_exist/<hash>/<name>`,
+    /// an empty file, as hf-hub and Python's `huggingface_hub` write it on a 404).
+    pub fn add_no_exist(&self, hash: &str, name: &str) -> &Self {
+        let path = self.repo_dir().join(".no_exist").join(hash).join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, b"").unwrap();
+        self
+    }
+
     /// Offline options on this cache.
     pub fn opts(&self) -> HubOptions {
         HubOptions::new()
