@@ -142,7 +142,7 @@ fn run(args: &Args) -> Result<()> {
     let mut sampler = Sampler::new(args.temperature, args.top_k, args.top_p, args.seed)
         .map_err(anyhow::Error::msg)?;
     // Sampling where the sampler samples (a temperature below 1e-7 is greedy).
-    let sampling = matches!(sampler, Sampler::Sample(_));
+    let sampling = matches!(sampler, Sampler::Sample { .. });
     for (given, flag) in [
         (args.top_k.is_some(), "--top-k"),
         (args.top_p.is_some(), "--top-p"),
@@ -229,7 +229,7 @@ fn run(args: &Args) -> Result<()> {
         }
         let next = sampler.sample(&last)?;
         context.push(next);
-        if next == tokenizer.eos_token_id() && !args.ignore_eos {
+        if tokenizer.ends_generation(next) && !args.ignore_eos {
             break;
         }
         generated += 1;

@@ -24,7 +24,7 @@ use candle_glu::{ForwardPath, GluFeedForward};
 use common::{assert_close, Tol};
 use serde::Deserialize;
 use smollm2::tokenizer::Tokenizer;
-use smollm2::{argmax, Decoder, FfnKind, Model};
+use smollm2::{argmax, Decoder, FfnKind, LlamaConfig, Model};
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -198,6 +198,61 @@ fn tokenizer_ids_match_both_references() {
         assert_eq!(tok.decode(&p.greedy.ids).unwrap(), p.greedy.text);
         assert_eq!(tok.decode(&q.greedy.ids).unwrap(), q.greedy.text);
     }
+}
+
+#[test]
+fn generation_ends_on_the_tokens_llama_cpp_ends_on() {
+    // SmolLM2's eos is `<|im_end|>`; llama.cpp's vocabulary ends generations on
+    // `<|endoftext|>` too (by its text), but not on `<|im_start|>` or on text.
+    let tok = tokenizer();
+    let id = |t: &str| match tok.encode(t).unwrap()[..] {
+        [id] => id,
+        ref ids => panic!("{t}: {ids:?}"),
+    };
+    assert_eq!(id("<|im_end|>"), tok.eos_token_id());
+    assert!(tok.ends_generation(id("<|im_end|>")));
+    assert!(tok.ends_generation(id("<|endoftext|>")));
+    assert!(!tok.ends_generation(id("<|im_start|>")));
+    assert!(!tok.ends_generation(id("Hello")));
+}
+
+/// A crafted header's sizes are errors before anything is made from them: no KV heads (a
+/// division by zero), an embedding without rows (an index out of bounds), a context of 2^40
+/// positions (RoPE tables that would abort on memory).
+#[test]
+fn crafted_llama_metadata_is_refused() {
+    use candle_core::quantized::gguf_file::Value;
+    let (content, _) = smollm2::read_gguf(&gguf()).unwrap();
+    assert_eq!(
+        LlamaConfig::from_gguf(&content).unwrap().max_positions,
+        8192
+    );
+    let edited = |edit: &dyn Fn(&mut candle_core::quantized::gguf_file::Content)| {
+        let mut c = smollm2::read_gguf(&gguf()).unwrap().0;
+        edit(&mut c);
+        LlamaConfig::from_gguf(&c).unwrap_err().to_string()
+    };
+    let msg = edited(&|c| {
+        c.metadata
+            .insert("llama.attention.head_count_kv".into(), Value::U32(0));
+    });
+    assert!(
+        msg.contains("bad head counts: 9 heads, 0 KV heads"),
+        "{msg}"
+    );
+    let msg = edited(&|c| {
+        c.metadata
+            .insert("llama.context_length".into(), Value::U64(1 << 40));
+    });
+    assert!(
+        msg.contains("`llama.context_length` is 1099511627776"),
+        "{msg}"
+    );
+    let msg = edited(&|c| {
+        let info = c.tensor_infos.get_mut("token_embd.weight").unwrap();
+        info.shape = candle_core::Shape::from(());
+    });
+    assert!(msg.contains("`token_embd.weight` has no rows"), "{msg}");
 }
 
 #[test]

@@ -188,7 +188,11 @@ impl LlamaConfig {
         let hidden_size = uint("llama.embedding_length")?;
         let num_heads = uint("llama.attention.head_count")?;
         let num_kv_heads = uint("llama.attention.head_count_kv")?;
-        if num_heads == 0 || hidden_size % num_heads != 0 || num_heads % num_kv_heads.max(1) != 0 {
+        if num_heads == 0
+            || num_kv_heads == 0
+            || hidden_size % num_heads != 0
+            || num_heads % num_kv_heads != 0
+        {
             bail!(
                 "bad head counts: {num_heads} heads, {num_kv_heads} KV heads, hidden {hidden_size}"
             );
@@ -203,7 +207,19 @@ impl LlamaConfig {
             .get("token_embd.weight")
             .context("the GGUF has no `token_embd.weight`")?
             .shape
-            .dims()[0];
+            .dims()
+            .first()
+            .copied()
+            .filter(|&n| n > 0)
+            .context("`token_embd.weight` has no rows")?;
+        // The RoPE tables hold every position up front: a bound before they are made.
+        let max_positions = uint("llama.context_length").unwrap_or(4096);
+        if max_positions > MAX_POSITIONS {
+            bail!(
+                "`llama.context_length` is {max_positions}, more than the {MAX_POSITIONS} \
+                 positions this example's RoPE tables hold"
+            );
+        }
         Ok(Self {
             hidden_size,
             intermediate_size: uint("llama.feed_forward_length")?,
@@ -217,12 +233,16 @@ impl LlamaConfig {
                     .unwrap_or(10_000.),
             ),
             rms_norm_eps: f64::from(get("llama.attention.layer_norm_rms_epsilon")?.to_f32()?),
-            max_positions: uint("llama.context_length").unwrap_or(4096),
+            max_positions,
             vocab_size,
             eos_token_id: get("tokenizer.ggml.eos_token_id")?.to_u32()?,
         })
     }
 }
+
+/// The most positions [`LlamaConfig::max_positions`] may be (its RoPE tables are made for all of
+/// them: 2 × 2^20 × 64 f32, 512 MiB, at a head size of 128).
+const MAX_POSITIONS: usize = 1 << 20;
 
 /// Reads a GGUF's header, metadata and tensor table.
 pub fn read_gguf(path: &Path) -> anyhow::Result<(Content, BufReader<File>)> {

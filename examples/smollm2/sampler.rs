@@ -29,8 +29,15 @@ pub fn argmax(values: &[f32]) -> u32 {
 pub enum Sampler {
     /// Always the most likely token.
     Greedy,
-    /// Sampled by candle-transformers' processor.
-    Sample(Box<LogitsProcessor>),
+    /// Sampled by candle-transformers' processor, from the `top_k` most likely tokens first
+    /// where top-k is asked for with top-p (their logits kept, the others −∞): the nucleus is
+    /// then taken of the k tokens' renormalised probabilities, as transformers' warpers and
+    /// llama.cpp's samplers take it (candle's `TopKThenTopP` compares p with the k tokens'
+    /// share of the whole distribution instead).
+    Sample {
+        processor: Box<LogitsProcessor>,
+        top_k: Option<usize>,
+    },
 }
 
 impl Sampler {
@@ -64,25 +71,46 @@ impl Sampler {
             Some(t) if t < 1e-7 => return Ok(Self::Greedy),
             Some(t) => t,
         };
-        let sampling = match (top_k, top_p) {
-            (None, None) => Sampling::TopP {
-                p: 0.9,
-                temperature,
-            },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+        let (sampling, top_k) = match (top_k, top_p) {
+            (None, None) => (
+                Sampling::TopP {
+                    p: 0.9,
+                    temperature,
+                },
+                None,
+            ),
+            (Some(k), None) => (Sampling::TopK { k, temperature }, None),
+            (k, Some(p)) => (Sampling::TopP { p, temperature }, k),
         };
-        Ok(Self::Sample(Box::new(LogitsProcessor::from_sampling(
-            seed, sampling,
-        ))))
+        Ok(Self::Sample {
+            processor: Box::new(LogitsProcessor::from_sampling(seed, sampling)),
+            top_k,
+        })
     }
 
     /// The next token, given the logits over the vocabulary (`[vocab]`, f32).
     pub fn sample(&mut self, logits: &Tensor) -> candle_core::Result<u32> {
         match self {
             Self::Greedy => Ok(argmax(&logits.to_vec1::<f32>()?)),
-            Self::Sample(processor) => processor.sample(logits),
+            Self::Sample {
+                processor,
+                top_k: None,
+            } => processor.sample(logits),
+            Self::Sample {
+                processor,
+                top_k: Some(k),
+            } => {
+                let mut values = logits.to_vec1::<f32>()?;
+                // The k-th largest logit; ties with it are kept, as transformers keeps them.
+                let mut sorted = values.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if let Some(&kth) = sorted.get(*k - 1) {
+                    for v in values.iter_mut().filter(|v| **v < kth) {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+                processor.sample(&Tensor::new(values, logits.device())?)
+            }
         }
     }
 }
@@ -128,6 +156,20 @@ mod tests {
             let mut s = Sampler::new(Some(1.), k, p, 7).unwrap();
             assert!((0..200).all(|_| s.sample(&l).unwrap() == 1));
         }
+        // Top-k then top-p renormalises the k tokens before the nucleus: of p = 0.5, 0.3, 0.2,
+        // the top 2 have 0.625 and 0.375, and a nucleus of 0.6 holds the first alone
+        // (candle's TopKThenTopP kept both, and drew the second 37.5% of the time).
+        let l3 = logits(&[0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()]);
+        let mut s = Sampler::new(Some(1.), Some(2), Some(0.6), 7).unwrap();
+        assert!((0..500).all(|_| s.sample(&l3).unwrap() == 0));
+        // A wider nucleus keeps both, in their renormalised shares, and never the third.
+        let mut s = Sampler::new(Some(1.), Some(2), Some(0.95), 7).unwrap();
+        let draws: Vec<u32> = (0..20_000).map(|_| s.sample(&l3).unwrap()).collect();
+        let share = draws.iter().filter(|&&t| t == 1).count() as f64 / 20_000.;
+        assert!(
+            draws.iter().all(|&t| t < 2) && (share - 0.375).abs() < 0.015,
+            "{share}"
+        );
         let draw = |seed| {
             let mut s = Sampler::new(Some(1.), None, Some(1.), seed).unwrap();
             (0..64).map(|_| s.sample(&l).unwrap()).collect::<Vec<_>>()

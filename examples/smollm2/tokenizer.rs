@@ -20,6 +20,20 @@ use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper};
 /// GGUF's `tokenizer.ggml.token_type` for control tokens (`<|im_end|>`, ...).
 const CONTROL: i32 = 3;
 
+/// Tokens that end a generation besides `eos` whatever the metadata says, by their text, as
+/// llama.cpp's vocabulary loader takes them (its `special_eog_ids`).
+const END_OF_GENERATION: [&str; 9] = [
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+];
+
 /// A byte-level BPE tokenizer from a GGUF, and each token's bytes.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -27,6 +41,8 @@ pub struct Tokenizer {
     /// The bytes each token stands for; empty for control tokens, which decode to nothing.
     token_bytes: Vec<Vec<u8>>,
     eos_token_id: u32,
+    /// `eos`, `eot` and `eom` where the metadata names them, and [`END_OF_GENERATION`]'s tokens.
+    end_of_generation: Vec<u32>,
 }
 
 fn strings(content: &Content, key: &str) -> anyhow::Result<Vec<String>> {
@@ -81,6 +97,20 @@ impl Tokenizer {
             .get("tokenizer.ggml.eos_token_id")
             .context("the GGUF has no `tokenizer.ggml.eos_token_id`")?
             .to_u32()?;
+        let mut end_of_generation = vec![eos_token_id];
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(v) = content.metadata.get(key) {
+                end_of_generation.push(v.to_u32().with_context(|| format!("`{key}`"))?);
+            }
+        }
+        end_of_generation.extend(
+            (0u32..)
+                .zip(&tokens)
+                .filter(|(_, t)| END_OF_GENERATION.contains(&t.as_str()))
+                .map(|(id, _)| id),
+        );
+        end_of_generation.sort_unstable();
+        end_of_generation.dedup();
 
         let vocab: Vocab = tokens
             .iter()
@@ -129,6 +159,7 @@ impl Tokenizer {
             inner,
             token_bytes,
             eos_token_id,
+            end_of_generation,
         })
     }
 
@@ -156,6 +187,13 @@ impl Tokenizer {
     /// The end-of-sequence token (`<|im_end|>`, 2, for SmolLM2-Instruct).
     pub fn eos_token_id(&self) -> u32 {
         self.eos_token_id
+    }
+
+    /// Whether token `id` ends a generation: `eos`, the metadata's `eot` and `eom`, and the
+    /// tokens llama.cpp ends on by their text (SmolLM2's `<|endoftext|>` as well as its
+    /// `<|im_end|>`).
+    pub fn ends_generation(&self, id: u32) -> bool {
+        self.end_of_generation.binary_search(&id).is_ok()
     }
 
     /// The number of tokens.
