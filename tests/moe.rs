@@ -106,6 +106,11 @@ fn f32_matches_float64_for_every_family_and_storage() {
     }
 }
 
+/// bf16 within twice torch's own bf16 error, token by token apart: a token whose bf16
+/// routing differs from float64's (torch's and ours alike: OLMoE's token 17 here) is off by
+/// its other experts' outputs (a quarter of the largest output), which would make the whole
+/// layer's bound too loose to catch anything. Those tokens are held to torch's bf16 output
+/// instead, which routes them the same way; the others to twice torch's error over them.
 #[test]
 fn bf16_within_twice_torchs_own_error() {
     for case in CASES {
@@ -114,12 +119,49 @@ fn bf16_within_twice_torchs_own_error() {
         let x = io["x"].to_dtype(DType::BF16).unwrap();
         let y = moe.forward(&x).unwrap();
         assert_eq!(y.dtype(), DType::BF16);
-        let torch = rel(&io["y_torch_bf16"], &io["y_f64"]);
-        let ours = rel(&y, &io["y_f64"]);
+        let flat = |t: &Tensor| {
+            let t = t.to_dtype(DType::F64).unwrap();
+            let h = t.dim(t.rank() - 1).unwrap();
+            t.reshape(((), h)).unwrap().to_vec2::<f64>().unwrap()
+        };
+        let (ours, torch, truth) = (flat(&y), flat(&io["y_torch_bf16"]), flat(&io["y_f64"]));
+        let scale = truth.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+        let row_err = |a: &[f64], b: &[f64]| {
+            a.iter().zip(b).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale
+        };
+        // Tokens bf16 routes otherwise than f32 (which routes as float64: the test above).
+        let f32_routes = layer(case, "model.safetensors", DType::F32)
+            .route(&io["x"])
+            .unwrap()
+            .experts;
+        let bf16_routes = moe.route(&x).unwrap().experts;
+        let rerouted: Vec<usize> = (0..truth.len())
+            .filter(|&t| {
+                let set = |r: &Vec<usize>| {
+                    let mut r = r.clone();
+                    r.sort_unstable();
+                    r
+                };
+                set(&f32_routes[t]) != set(&bf16_routes[t])
+            })
+            .collect();
+        let (mut ours_err, mut torch_err) = (0f64, 0f64);
+        for t in (0..truth.len()).filter(|t| !rerouted.contains(t)) {
+            ours_err = ours_err.max(row_err(&ours[t], &truth[t]));
+            torch_err = torch_err.max(row_err(&torch[t], &truth[t]));
+        }
+        println!("{case}: bf16 {ours_err:.1e}, torch {torch_err:.1e}, rerouted {rerouted:?}");
         assert!(
-            ours <= 2.0 * torch,
-            "{case}: bf16 {ours:e} against torch's {torch:e}"
+            ours_err <= 2.0 * torch_err,
+            "{case}: bf16 {ours_err:e} against torch's {torch_err:e} (tokens {rerouted:?} apart)"
         );
+        for &t in &rerouted {
+            let err = row_err(&ours[t], &torch[t]);
+            assert!(
+                err <= 2.0 * torch_err,
+                "{case}: rerouted token {t} is {err:e} from torch's bf16 output"
+            );
+        }
     }
 }
 
