@@ -283,17 +283,22 @@ fn f16_weights_through_qmatmul_compute_in_f16() {
 #[test]
 fn any_leading_shape_and_dtype_in() {
     let (p, ..) = projection(Weight::Gguf(GgmlDType::Q4_1), (40, 64), true, 3);
-    let x = randn(4, (2, 3, 5, 64), 1.0, &Device::Cpu);
+    // 20 tokens: as many as the 8-bit decode kernel takes (`int8::MAX_DOT_TOKENS`), so that on
+    // CPUs with VNNI and without AMX the whole and each row run the same kernel, and must agree
+    // to the bit (30 tokens took the packed kernel: the exact branch below never ran there).
+    let x = randn(4, (2, 2, 5, 64), 1.0, &Device::Cpu);
     let y = p.forward(&x).unwrap();
-    assert_eq!(y.dims(), [2, 3, 5, 40]);
+    assert_eq!(y.dims(), [2, 2, 5, 40]);
     // Row by row, the same numbers as the whole (one token at a time: the decode kernel).
-    let rows = x.reshape((30, 1, 64)).unwrap();
-    for t in [0, 17, 29] {
+    let rows = x.reshape((20, 1, 64)).unwrap();
+    let mut same_kernel = false;
+    for t in [0, 11, 19] {
         let one = p.forward(&rows.get(t).unwrap()).unwrap();
-        let whole = y.reshape((30, 40)).unwrap().get(t).unwrap();
+        let whole = y.reshape((20, 40)).unwrap().get(t).unwrap();
         let w = Weight::Gguf(GgmlDType::Q4_1);
         let (k1, kn) = (p.micro_kernel(&one), p.micro_kernel(&x));
         // One kernel: the same per-token arithmetic; two: each within its bound of float64.
+        same_kernel |= k1 == kn;
         let tol = if k1 == kn {
             0.0
         } else {
@@ -305,6 +310,10 @@ fn any_leading_shape_and_dtype_in() {
             Tol::Rel(tol),
             format!("token {t}"),
         );
+    }
+    // Where the 20 tokens take the 8-bit decode kernel, the bitwise comparison ran.
+    if p.micro_kernel(&x) == Some(candle_glu::MicroKernel::VnniRows) {
+        assert!(same_kernel, "the whole and its rows took different kernels");
     }
     // bf16 in, bf16 out (within bf16's rounding of the input and of the output); no tokens,
     // no work.
