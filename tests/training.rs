@@ -1,5 +1,7 @@
 //! The block trains: built over a `VarMap` it creates its parameters, and its gradients match
-//! central finite differences of the loss in float64. Parameters and inputs are seeded.
+//! central finite differences of the loss in float64 (candle's own in f64 blocks, the crate's
+//! backward passes on the f32 kernels) or candle's autograd in float64 (quantized weights'
+//! input gradient). Parameters and inputs are seeded.
 
 mod common;
 
@@ -98,6 +100,122 @@ fn gradients_match_finite_differences() {
             }
         }
         assert_eq!(checked, 7 * 3);
+    }
+}
+
+/// The crate's own backward passes (the fused gate-up op and the down projection's, without
+/// biases; the gated product's, with trained biases) on f32 blocks that take the kernels,
+/// against central finite differences of the same loss in float64 through candle's ops: the
+/// test above builds f64 blocks, which never take the crate's ops.
+#[test]
+fn the_kernels_backward_passes_match_finite_differences() {
+    use candle_glu::ForwardPath;
+    if !common::kernels_or_skip("the kernels' backward passes") {
+        return;
+    }
+    let dev = Device::Cpu;
+    let (h, i) = (6, 9);
+    for (k, act) in Activation::ALL.into_iter().enumerate() {
+        for bias in [false, true] {
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let cfg = GluConfig::new(h, i).with_activation(act).with_bias(bias);
+            let ffn = GluFeedForward::new(&cfg, vb).unwrap();
+            let seed = 200 + 10 * k as u64;
+            common::seed_vars(&map, seed);
+            let x = Var::from_tensor(&common::randn(seed + 9, (4, h), 1.0, &dev)).unwrap();
+            // Without biases the fused ops run; with trained biases candle's matmuls and the
+            // crate's gated product.
+            let want_path = if bias {
+                ForwardPath::Candle
+            } else {
+                ForwardPath::Fused
+            };
+            assert_eq!(ffn.forward_path(x.as_tensor()), want_path, "{act}");
+            let loss = ffn
+                .forward(x.as_tensor())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+
+            // The same parameters in float64, as candle's ops compute the block.
+            let mut params: Vec<(String, Tensor)> = map
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            params.push(("x".into(), x.as_tensor().clone()));
+            let f64_loss = |params: &[(String, Tensor)]| -> f64 {
+                let ws: std::collections::HashMap<String, Tensor> = params
+                    .iter()
+                    .filter(|(n, _)| n != "x")
+                    .map(|(n, t)| (n.clone(), t.to_dtype(DType::F64).unwrap()))
+                    .collect();
+                let vb = VarBuilder::from_tensors(ws, DType::F64, &dev);
+                let ffn64 = GluFeedForward::new(&cfg, vb).unwrap();
+                let x64 = params
+                    .iter()
+                    .find(|(n, _)| n == "x")
+                    .unwrap()
+                    .1
+                    .to_dtype(DType::F64);
+                let y = common::plain_forward(&ffn64, &x64.unwrap()).unwrap();
+                y.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let mut checked = 0;
+            for j in 0..params.len() {
+                let (name, t) = params[j].clone();
+                let var = if name == "x" {
+                    x.clone()
+                } else {
+                    map.data().lock().unwrap()[&name].clone()
+                };
+                let grad: Vec<f32> = grads
+                    .get(&var)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let orig: Vec<f64> = t
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for c in [0, orig.len() / 2, orig.len() - 1] {
+                    let eps = 1e-6;
+                    let at = |d: f64| {
+                        let mut v = orig.clone();
+                        v[c] += d;
+                        let mut p = params.clone();
+                        p[j].1 = Tensor::new(v, &dev).unwrap().reshape(t.shape()).unwrap();
+                        f64_loss(&p)
+                    };
+                    let numeric = (at(eps) - at(-eps)) / (2. * eps);
+                    // The kernels' f32 arithmetic, against a wrong formula's O(1).
+                    let tol = 1e-3 * numeric.abs().max(1.);
+                    let analytic = f64::from(grad[c]);
+                    assert!(
+                        (analytic - numeric).abs() <= tol,
+                        "{act}, bias {bias}: d/d{name}[{c}]: {analytic} vs {numeric}"
+                    );
+                    checked += 1;
+                }
+            }
+            assert_eq!(checked, 3 * if bias { 7 } else { 4 }, "{act}");
+        }
     }
 }
 
