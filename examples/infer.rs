@@ -252,28 +252,33 @@ fn check_flags(args: &Args) -> Result<()> {
                 dir.display()
             );
         }
-        // Never onto an existing file in the checkpoint's directory (the weights' own, or the
-        // one they are in). The output is resolved through its directory only: the rename that
-        // writes it replaces a symlink (a Hub snapshot's file) rather than its target.
-        let weights = Path::new(args.weights.as_deref().unwrap_or(EMBEDDED));
-        let weights_dir = if weights.is_dir() {
-            weights
-        } else {
-            output_dir(weights)
-        };
-        let out = std::fs::canonicalize(dir)
-            .ok()
-            .zip(path.file_name())
-            .map(|(dir, name)| dir.join(name));
-        if let (Some(out), Ok(weights_dir)) = (out, std::fs::canonicalize(weights_dir)) {
-            if out.starts_with(&weights_dir) && std::fs::symlink_metadata(&out).is_ok() {
-                bail!(
-                    "--output {}: an existing file in the checkpoint's directory {}; write y \
-                     elsewhere",
-                    path.display(),
-                    weights_dir.display()
-                );
-            }
+        // A local checkpoint's directory now; a Hub repo's snapshot once it is resolved.
+        refuse_output_in(path, Path::new(args.weights.as_deref().unwrap_or(EMBEDDED)))?;
+    }
+    Ok(())
+}
+
+/// Refuses `--output` onto an existing file in the checkpoint's directory (`weights` itself, or
+/// the one it is in). The output is resolved through its directory only: the rename that writes
+/// it replaces a symlink (a Hub snapshot's file) rather than its target.
+fn refuse_output_in(path: &Path, weights: &Path) -> Result<()> {
+    let weights_dir = if weights.is_dir() {
+        weights
+    } else {
+        output_dir(weights)
+    };
+    let out = std::fs::canonicalize(output_dir(path))
+        .ok()
+        .zip(path.file_name())
+        .map(|(dir, name)| dir.join(name));
+    if let (Some(out), Ok(weights_dir)) = (out, std::fs::canonicalize(weights_dir)) {
+        if out.starts_with(&weights_dir) && std::fs::symlink_metadata(&out).is_ok() {
+            bail!(
+                "--output {}: an existing file in the checkpoint's directory {}; write y \
+                 elsewhere",
+                path.display(),
+                weights_dir.display()
+            );
         }
     }
     Ok(())
@@ -283,6 +288,10 @@ fn run(args: &Args) -> Result<()> {
     check_flags(args)?;
     let device = args.device.device()?;
     let (ckpt, model) = open_weights(args)?;
+    if let Some(path) = &args.output {
+        // A Hub repo's snapshot directory is known only now.
+        refuse_output_in(path, ckpt.path())?;
+    }
     let gguf = ckpt.format() == FileFormat::Gguf;
     let quantized = gguf && !args.dequantize;
     if args.dequantize && !gguf {
@@ -392,6 +401,12 @@ fn run(args: &Args) -> Result<()> {
                 .clone()
                 .unwrap_or_else(|| layout.layer_prefix(args.layer));
             let cfg = match ckpt.config() {
+                // One expert's (or a shared expert's) block of a mixture: its sizes from its
+                // tensors, as the config's `intermediate_size` is the dense layers' in Qwen's
+                // and DeepSeek's configs (`moe_intermediate_size` the experts').
+                Some(_) if args.prefix.is_some() && ckpt.moe_config()?.is_some() => {
+                    ckpt.infer_config(&prefix, layout, activation)?
+                }
                 Some(cfg) => cfg.clone().with_layout(layout).with_activation(activation),
                 None => ckpt.infer_config(&prefix, layout, activation)?,
             };

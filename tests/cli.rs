@@ -598,6 +598,25 @@ fn hub_repo_from_the_local_cache() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("v9") && err.contains("offline"), "{err}");
+
+    // --output onto a file of the repo's snapshot is refused as onto a local checkpoint's,
+    // the snapshot being known only once the repo is resolved; the file is left as it was.
+    let config = cache.snapshot(hub_cache::HASH_MAIN).join("config.json");
+    let before = std::fs::read(&config).unwrap();
+    let out = infer()
+        .env("HF_HUB_CACHE", cache.root())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["--weights", hub_cache::REPO, "--layer", "15"])
+        .args(["--output", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("an existing file in the checkpoint's directory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&config).unwrap(), before);
 }
 
 #[test]
@@ -713,6 +732,48 @@ fn mixture_of_experts_layer_at_layer() {
         text.contains("experts     16 routed, top-4, shared expert 56 wide"),
         "{text}"
     );
+}
+
+/// `--prefix` loads one expert's (or the shared expert's) block of a mixture at its own size,
+/// read off its tensors: Qwen's and DeepSeek's `intermediate_size` is the dense layers' (56
+/// here), `moe_intermediate_size` the experts' (40), and the block failed to load at 56.
+#[test]
+fn one_experts_block_by_prefix() {
+    for (case, prefix, width) in [
+        ("qwen3_moe", "model.layers.0.mlp.experts.3", 40),
+        ("qwen2_moe", "model.layers.0.mlp.shared_expert", 56),
+        ("mixtral", "model.layers.0.block_sparse_moe.experts.1", 40),
+    ] {
+        let weights = common::fixtures().join("moe").join(case);
+        let io = weights.join("io.safetensors");
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("y.safetensors");
+        let mut args = layer_io(&weights, "0", &io, &out);
+        args.extend(["--prefix", prefix, "--json"]);
+        let json: serde_json::Value = serde_json::from_str(&stdout(&run(&args))).unwrap();
+        assert_eq!(json["intermediate_size"], width, "{case}");
+        assert_eq!(json["moe"], serde_json::Value::Null, "{case}");
+        // The reference: the expert's gated FFN in float64 with candle's ops.
+        let ws = candle_core::safetensors::load(weights.join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+        let names = if case == "mixtral" {
+            ["w1", "w3", "w2"]
+        } else {
+            ["gate_proj", "up_proj", "down_proj"]
+        };
+        let w = |n: &str| {
+            let t = &ws[&format!("{prefix}.{n}.weight")];
+            t.to_dtype(DType::F64).unwrap().t().unwrap()
+        };
+        let x = candle_core::safetensors::load(&io, &Device::Cpu).unwrap()["x"]
+            .to_dtype(DType::F64)
+            .unwrap();
+        let h = candle_nn::ops::silu(&x.broadcast_matmul(&w(names[0])).unwrap()).unwrap()
+            * x.broadcast_matmul(&w(names[1])).unwrap();
+        let want = h.unwrap().broadcast_matmul(&w(names[2])).unwrap();
+        let y = candle_core::safetensors::load(&out, &Device::Cpu).unwrap()["y"].clone();
+        assert_close(&y, &want, Tol::Rel(1e-5), case);
+    }
 }
 
 #[test]

@@ -12,8 +12,7 @@
 //! the same model on candle's ops instead, as candle-transformers' `quantized_llama` does.
 //!
 //! The decoder block takes its FFN through candle's [`Module`] trait (`DecoderLayer<F: Module>`,
-//! `Model<F = GluFeedForward>`), so any module can go in every layer (this snippet is compiled as
-//! part of the README's doctests):
+//! `Model<F = GluFeedForward>`), so any module can go in every layer:
 //!
 //! ```no_run
 //! # #[path = "../examples/smollm2/mod.rs"]
