@@ -29,6 +29,11 @@ fn hand_written_gguf_is_read_exactly() {
     );
     let cfg = ckpt.config().unwrap().clone();
     let ffn = ckpt.load_layer(&cfg, 0, &opts(false)).unwrap();
+    assert_weights_are_the_files(&ffn, &g);
+}
+
+/// The block's gate, up and down weights are `g`'s f32 tensors, value for value.
+fn assert_weights_are_the_files(ffn: &candle_glu::GluFeedForward, g: &Gguf) {
     for (proj, (_, dims, _, raw)) in [ffn.gate_proj(), ffn.up_proj(), ffn.down_proj()]
         .into_iter()
         .zip(&g.tensors)
@@ -78,7 +83,13 @@ fn gguf_without_sizes_in_its_metadata_is_still_usable() {
         .infer_config("blk.0", WeightLayout::Gguf, "silu".parse().unwrap())
         .unwrap();
     assert_eq!((cfg.hidden_size, cfg.intermediate_size), (32, 64));
-    ckpt.load_layer(&cfg, 0, &opts(true)).unwrap();
+    let dense = ckpt.load_layer(&cfg, 0, &opts(false)).unwrap();
+    assert_weights_are_the_files(&dense, &g);
+    // Kept as stored (f32 GGUF tensors in candle's `QMatMul`), the same block.
+    let stored = ckpt.load_layer(&cfg, 0, &opts(true)).unwrap();
+    let x = common::randn(2, (3, 32), 1.0, &Device::Cpu);
+    let (ys, yd) = (stored.forward(&x).unwrap(), dense.forward(&x).unwrap());
+    assert_close(&ys, &yd, Tol::Rel(1e-6), "as stored vs dense");
 }
 
 #[test]
