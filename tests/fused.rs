@@ -3,7 +3,9 @@
 //! gradients through candle's autograd. Sizes are not multiples of the vector width (16), the
 //! tile (12 × 32) or the block. Every test asserts the path `forward` took: the fused kernels
 //! where they run (`CANDLE_GLU_REQUIRE_KERNELS` makes their absence an error), else candle's
-//! ops (`CANDLE_GLU_KERNELS=candle`), which must pass the same bounds.
+//! ops (`CANDLE_GLU_KERNELS=candle`). In that run both sides are candle's ops, and what the
+//! tests check is the path (and the mixed-dtype block's float64 oracle): `tests/parity.rs`
+//! holds candle's path to PyTorch there.
 
 mod common;
 
@@ -100,7 +102,8 @@ fn fused_gradients_match_candle_autograd() {
                 let x = common::randn(seed + 9, (tokens, 40), 1.0, &dev);
                 let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
                 // The kernels treat biases as constants: with biases, training takes candle's
-                // ops (so this case holds candle's ops to themselves, and says so).
+                // matmuls and the crate's gated product, whose backward pass is held here to
+                // candle's autograd through `Activation::gated`.
                 let path = if bias { ForwardPath::Candle } else { fused };
                 assert_eq!(
                     ffn.forward_path(x.as_tensor()),
