@@ -93,11 +93,19 @@ fn forward_allocates_activations_not_weights() {
         .unwrap();
         let x = common::randn(4, (m, h), 1.0, &dev).to_dtype(dtype).unwrap();
         assert_eq!(ffn.forward_path(&x), ForwardPath::Fused, "{dtype:?}");
-        ffn.forward(&x).unwrap(); // warm up per-thread scratch
+        // The first call grows the per-thread scratch (kept between calls): it may hold packed
+        // panels, never a weight; a weight-sized scratch would show here and nowhere after.
+        let (y, first) = peak_of(|| ffn.forward(&x).unwrap());
+        drop(y);
         let (y, peak) = peak_of(|| ffn.forward(&x).unwrap());
         drop(y);
         let size = dtype.size_in_bytes();
         let weights = 3 * h * i * size;
+        eprintln!("{dtype:?}: first call's peak {:.2} MB", first as f64 / 1e6);
+        assert!(
+            first < weights / 4,
+            "{dtype:?}: a first forward allocated {first} B of {weights} B weights"
+        );
         // One intermediate activation [m, i], plus its f32 copy for the micro-kernel, the input's
         // f32 copy, the output, and the worker pool's bookkeeping.
         let activations = m * i * (size + 4) + m * h * (4 + size);
