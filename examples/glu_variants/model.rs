@@ -396,6 +396,19 @@ pub fn parameter_counts(map: &VarMap) -> (usize, usize) {
     (total, ffn)
 }
 
+/// Every FFN parameter's values (those named `.ffn.`), in name order, widened to f64.
+pub fn ffn_weights(map: &VarMap) -> Result<Vec<f64>> {
+    let vars = map.data().lock().map(|d| d.clone()).unwrap_or_default();
+    let mut names: Vec<&String> = vars.keys().filter(|n| n.contains(".ffn.")).collect();
+    names.sort();
+    let mut values = Vec::new();
+    for name in names {
+        let v = vars[name].as_tensor().flatten_all()?.to_dtype(DType::F64)?;
+        values.extend(v.to_vec1::<f64>()?);
+    }
+    Ok(values)
+}
+
 /// A model over a fresh `VarMap` with seeded parameters, in f32 on `device`.
 pub fn build(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<(VarMap, Transformer)> {
     let map = VarMap::new();

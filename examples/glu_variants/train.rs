@@ -56,6 +56,11 @@ pub struct RunResult {
     /// without AVX-512, or another device). Absent from runs recorded before it was.
     #[serde(default)]
     pub ffn_on_crate_kernels: Option<bool>,
+    /// How far training moved the FFNs' weights: ‖W_end − W_start‖ / ‖W_start‖ over all of
+    /// them (weight decay alone moves them by about steps × lr × decay). Absent from runs
+    /// recorded before it was.
+    #[serde(default)]
+    pub ffn_update: Option<f64>,
     /// Mean cross-entropy on the final held-out windows, in nats per byte.
     pub held_out_loss: f64,
     /// The same in bits per byte.
@@ -82,6 +87,7 @@ pub fn run(
     let (map, model) = model::build(model_cfg, seed, device)?;
     let (parameters, ffn_parameters) = model::parameter_counts(&map);
     let ffn_on_crate_kernels = model.ffn_on_crate_kernels()?;
+    let ffn_start = model::ffn_weights(&map)?;
     let mut opt = AdamW::new(
         map.all_vars(),
         ParamsAdamW {
@@ -127,6 +133,14 @@ pub fn run(
     }
     let final_set = corpus.held_out_windows(cfg.final_windows, context, device)?;
     let held_out_loss = evaluate(&model, &final_set, cfg.batch)?;
+    let ffn_end = model::ffn_weights(&map)?;
+    let moved: f64 = ffn_start
+        .iter()
+        .zip(&ffn_end)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum();
+    let norm: f64 = ffn_start.iter().map(|a| a * a).sum();
+    let ffn_update = (norm > 0.0).then(|| (moved / norm).sqrt());
     Ok(RunResult {
         variant: model_cfg.variant.name().to_string(),
         seed,
@@ -134,6 +148,7 @@ pub fn run(
         ffn_parameters,
         d_ff: model_cfg.variant.d_ff(model_cfg.d_model),
         ffn_on_crate_kernels: Some(ffn_on_crate_kernels),
+        ffn_update,
         held_out_loss,
         bits_per_byte: held_out_loss / std::f64::consts::LN_2,
         train_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
