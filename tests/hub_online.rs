@@ -326,12 +326,14 @@ fn downloads_into_an_empty_cache_at_one_commit() {
     );
 
     // Again: the blobs are cached, so nothing is downloaded (hf-hub still checks with HEAD).
-    let gets = |log: &[String]| log.iter().filter(|l| l.starts_with("GET")).count();
-    let before = gets(&hub.log());
+    let count = |log: &[String], verb: &str| log.iter().filter(|l| l.starts_with(verb)).count();
+    let (before, heads) = (count(&hub.log(), "GET"), count(&hub.log(), "HEAD"));
     let progress = Progress::default();
     let opts = online(&cache).with_progress(progress.clone());
     assert_eq!(fetch_model(REPO, &opts).unwrap(), dir);
-    assert_eq!(gets(&hub.log()), before, "{:?}", hub.log());
+    assert_eq!(count(&hub.log(), "GET"), before, "{:?}", hub.log());
+    // Online, the hub was asked (a cache that answered alone could miss a moved `main`).
+    assert!(count(&hub.log(), "HEAD") > heads, "{:?}", hub.log());
     assert!(progress.events().is_empty(), "cache hits report nothing");
 
     // And offline, the same cache answers without the hub.
@@ -343,6 +345,17 @@ fn downloads_into_an_empty_cache_at_one_commit() {
     let dir = fetch_model(REPO, &online(&cache).with_revision("v1.0")).unwrap();
     assert_eq!(dir, cache.snapshot(HASH_V1));
     assert!(!dir.join("config.json").exists());
+
+    // When `main` moves on the hub, an online fetch follows it; offline, the cache's ref does.
+    hub.set_ref("main", HASH_V1);
+    assert_eq!(
+        fetch_model(REPO, &online(&cache)).unwrap(),
+        cache.snapshot(HASH_V1)
+    );
+    assert_eq!(
+        fetch_model(REPO, &cache.opts()).unwrap(),
+        cache.snapshot(HASH_V1)
+    );
 }
 
 #[test]
