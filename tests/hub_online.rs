@@ -454,3 +454,23 @@ fn unknown_repositories_are_named() {
         "{msg}"
     );
 }
+
+/// A commit the hub names that is not a commit hash (`X-Repo-Commit: ../../evil`, from a hostile
+/// mirror) is refused: hf-hub 1.0 builds the snapshot path from it as it is, outside the
+/// cache's snapshots (here, inside the cache's root still), and the files there are not used.
+#[test]
+fn a_commit_that_is_not_a_hash_is_refused() {
+    let hub = FakeHub::start(REPO);
+    let evil = "../../evil";
+    hub.set_ref("main", evil)
+        .add_file(evil, "config.json", CONFIG.as_bytes())
+        .add_file(evil, "model.safetensors", &tiny_safetensors("w", 1.0));
+    let _env = hub_env(&hub);
+    let cache = FakeCache::new();
+    let msg = fetch_model(REPO, &online(&cache)).unwrap_err().to_string();
+    assert!(
+        msg.contains("not a snapshot named by a commit hash"),
+        "{msg}"
+    );
+    assert_eq!(msg.lines().count(), 1, "{msg}");
+}

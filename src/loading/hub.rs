@@ -388,13 +388,30 @@ impl<'a> Fetcher<'a> {
                 ),
             ));
         };
+        // `snapshots/<commit hash>` of this repository's cache folder, and nothing else: hf-hub
+        // builds the path from the hub's `X-Repo-Commit` header as it is (`../../x` included).
+        let snapshots = self
+            .cache_dir
+            .join(repo_folder(self.repo_id))
+            .join("snapshots");
+        let hash = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| is_commit_hash(n));
+        let Some(hash) = hash.filter(|_| dir.parent() == Some(snapshots.as_path())) else {
+            return Err(hub_error(
+                self.repo_id,
+                format!(
+                    "`{file}` resolved to {}, not a snapshot named by a commit hash in {} (the \
+                     hub's commit header was not a commit hash); not used",
+                    path.display(),
+                    snapshots.display()
+                ),
+            ));
+        };
         match &self.snapshot {
             None => {
-                let hash = dir
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .filter(|n| is_commit_hash(n));
-                self.pinned = hash.map(str::to_string);
+                self.pinned = Some(hash.to_string());
                 self.snapshot = Some(dir.to_path_buf());
             }
             Some(snapshot) if snapshot != dir => {
