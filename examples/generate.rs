@@ -151,7 +151,7 @@ fn run(args: &Args) -> Result<()> {
     ] {
         if given && !sampling {
             eprintln!(
-                "warning: {flag} does nothing without a --temperature above 0 (decoding is greedy)"
+                "warning: {flag} does nothing without a --temperature of at least 1e-7 (decoding is greedy)"
             );
         }
     }

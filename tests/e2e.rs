@@ -907,7 +907,7 @@ fn generate_flags_ignore_case_and_say_what_does_nothing() {
     assert!(stderr.contains("FFN f32"), "{stderr}");
     assert!(
         stderr.starts_with(
-            "warning: --top-p does nothing without a --temperature above 0 (decoding is greedy)\n"
+            "warning: --top-p does nothing without a --temperature of at least 1e-7 (decoding is greedy)\n"
         ),
         "{stderr}"
     );
@@ -927,7 +927,7 @@ fn generate_flags_ignore_case_and_say_what_does_nothing() {
     assert_eq!(
         stderr.lines().take(2).collect::<Vec<_>>(),
         [
-            "warning: --seed does nothing without a --temperature above 0 (decoding is greedy)",
+            "warning: --seed does nothing without a --temperature of at least 1e-7 (decoding is greedy)",
             "warning: --repeat-last-n does nothing without a --repeat-penalty other than 1",
         ],
         "{stderr}"
