@@ -786,17 +786,19 @@ fn write_output(path: &Path, y: &Tensor) -> Result<()> {
     result
 }
 
+/// The output's statistics, summed in f64 over one f32 copy of it (every dtype `y` may have is
+/// exact in f32; an f64 copy, and a second one as a `Vec`, came near the input limit's memory).
 fn stats(y: &Tensor) -> Result<Stats> {
-    let v: Vec<f64> = y.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let n = v.len().max(1) as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
     Ok(Stats {
         mean,
         std: var.sqrt(),
-        min: v.iter().copied().fold(f64::INFINITY, f64::min),
-        max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        abs_sum: v.iter().map(|x| x.abs()).sum(),
+        min: v.iter().map(|&x| f64::from(x)).fold(f64::INFINITY, f64::min),
+        max: v.iter().map(|&x| f64::from(x)).fold(f64::NEG_INFINITY, f64::max),
+        abs_sum: v.iter().map(|&x| f64::from(x).abs()).sum(),
     })
 }
 
