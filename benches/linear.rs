@@ -1,6 +1,7 @@
 //! `Projection` (the crate's linear layer) against candle's own `Linear` / `QMatMul` on the same
-//! weights, in one process, alternating the two every run so that the machine's drifts hit
-//! both alike; reports each side's median and the median of the per-round ratios.
+//! weights, in one process, alternating the two (each first in every other round) so that the
+//! machine's drifts hit both alike; reports each side's median and the median of the
+//! per-round ratios.
 //!
 //! ```text
 //! cargo bench --bench linear
@@ -114,13 +115,24 @@ fn main() -> Result<()> {
             };
             for &m in &args.tokens {
                 let x = Tensor::randn(0f32, 1.0, (1, m, inp), &dev)?.to_dtype(xdtype)?;
-                // About 20 ms a timing from the first call's time (at least one call).
-                let first = time(1, &|| theirs.forward(&x))?.max(time(1, &|| ours.forward(&x))?);
-                let calls = ((20.0 / first) as usize).clamp(1, 10_000);
+                // Warm (first calls pack, repack or fault pages in), then about 20 ms a timing
+                // from a warm call's time (at least one call).
+                for _ in 0..3 {
+                    theirs.forward(&x)?;
+                    ours.forward(&x)?;
+                }
+                let warm = time(1, &|| theirs.forward(&x))?.max(time(1, &|| ours.forward(&x))?);
+                let calls = ((20.0 / warm) as usize).clamp(1, 10_000);
                 let (mut a, mut b, mut r) = (Vec::new(), Vec::new(), Vec::new());
-                for _ in 0..args.rounds {
-                    let tc = time(calls, &|| theirs.forward(&x))?;
-                    let to = time(calls, &|| ours.forward(&x))?;
+                for round in 0..args.rounds {
+                    // Each side goes first in every other round.
+                    let (tc, to) = if round % 2 == 0 {
+                        let tc = time(calls, &|| theirs.forward(&x))?;
+                        (tc, time(calls, &|| ours.forward(&x))?)
+                    } else {
+                        let to = time(calls, &|| ours.forward(&x))?;
+                        (time(calls, &|| theirs.forward(&x))?, to)
+                    };
                     a.push(tc);
                     b.push(to);
                     r.push(tc / to);

@@ -792,12 +792,22 @@ fn stats(y: &Tensor) -> Result<Stats> {
     let v: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let n = v.len().max(1) as f64;
     let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-    let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n;
     Ok(Stats {
         mean,
         std: var.sqrt(),
-        min: v.iter().map(|&x| f64::from(x)).fold(f64::INFINITY, f64::min),
-        max: v.iter().map(|&x| f64::from(x)).fold(f64::NEG_INFINITY, f64::max),
+        min: v
+            .iter()
+            .map(|&x| f64::from(x))
+            .fold(f64::INFINITY, f64::min),
+        max: v
+            .iter()
+            .map(|&x| f64::from(x))
+            .fold(f64::NEG_INFINITY, f64::max),
         abs_sum: v.iter().map(|&x| f64::from(x).abs()).sum(),
     })
 }

@@ -66,8 +66,9 @@ def time_one(h, i, dtype, tokens, runs, copies):
     return ms, 6 * tokens * h * i / (ms / 1e3) / 1e9
 
 
-def time_ours(shape, dname, tokens, runs, copies):
-    """candle-glu's median ms for one configuration, from the repository's compare bench."""
+def time_ours(shape, dname, tokens, runs, copies, threads):
+    """candle-glu's median ms for one configuration, from the repository's compare bench, on
+    `threads` threads as torch runs (candle's pool otherwise takes every CPU)."""
     # A built compare binary (CANDLE_GLU_COMPARE_BIN), or cargo's.
     bench = os.environ.get("CANDLE_GLU_COMPARE_BIN")
     command = [bench] if bench else ["cargo", "bench", "-q", "--bench", "compare", "--"]
@@ -77,7 +78,8 @@ def time_ours(shape, dname, tokens, runs, copies):
             command + ["--no-naive", "--shape", shape,
              "--copies", str(copies),
              "--dtype", dname, "--tokens", str(tokens), "--rounds", str(runs), "--json", path],
-            check=True, capture_output=True)
+            check=True, capture_output=True,
+            env={**os.environ, "RAYON_NUM_THREADS": str(threads)})
         with open(path) as f:
             (row,) = json.load(f)
     return row["ours_ms"]
@@ -110,7 +112,7 @@ def main():
                     theirs, ours = [], []
                     for _ in range(args.vs_ours):
                         theirs.append(time_one(h, i, DTYPES[dname], tokens, runs, copies)[0])
-                        ours.append(time_ours(shape, dname, tokens, runs, copies))
+                        ours.append(time_ours(shape, dname, tokens, runs, copies, args.threads))
                     ratio = statistics.median(t / o for t, o in zip(theirs, ours))
                     ms, o_ms = statistics.median(theirs), statistics.median(ours)
                     gflops = 6 * tokens * h * i / (ms / 1e3) / 1e9

@@ -32,15 +32,19 @@ cuda_env_setup() {
     # Without it candle-kernels asks nvidia-smi, which a machine without a GPU lacks.
     export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
     # candle-kernels links `-lcudart`; the wheel has only the versioned name.
-    ln -sfn libcudart.so.13 "$CUDA_HOME/lib/libcudart.so"
+    ln -sfn "libcudart.so.$major" "$CUDA_HOME/lib/libcudart.so"
 
     # 2. Link-time stand-ins for libcuda, cuBLAS, cuBLASLt, cuRAND and NVRTC, generated from the
     #    declarations of the cudarc that Cargo.lock picks, under the real sonames: a binary linked
     #    against them loads the real libraries on a GPU machine.
-    local cudarc
-    cudarc="$(cd "$repo" && cargo metadata --format-version 1 --features cuda 2>/dev/null \
+    # (In an `if`, so that a failing cargo or an empty grep reaches the message below rather
+    # than ending the script silently under `set -e -o pipefail`; cargo's own errors are kept.)
+    local cudarc=""
+    if ! cudarc="$(cd "$repo" && cargo metadata --format-version 1 --features cuda \
         | grep -o '"manifest_path":"[^"]*/cudarc-[0-9][^"/]*/Cargo.toml"' | head -n 1 \
-        | sed -e 's/^"manifest_path":"//' -e 's#/Cargo.toml"$##')"
+        | sed -e 's/^"manifest_path":"//' -e 's#/Cargo.toml"$##')"; then
+        cudarc=""
+    fi
     if [ -z "$cudarc" ] || [ ! -d "$cudarc/src" ]; then
         echo "cuda_env: cannot find cudarc's sources through cargo metadata" >&2
         return 1

@@ -12,7 +12,6 @@ Writes tests/fixtures/smollm2/chat.json.
 """
 import json
 from importlib.metadata import version
-import os
 import sys
 from pathlib import Path
 
@@ -20,9 +19,11 @@ import gguf
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from smollm2_gguf import checked_gguf, default_gguf_path
+
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = Path(os.environ.get("CANDLE_GLU_CACHE", Path.home() / ".cache/candle-glu"))
-GGUF = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = Path(sys.argv[1]) if len(sys.argv) > 1 else default_gguf_path()
+checked_gguf(GGUF)
 
 reader = gguf.GGUFReader(GGUF)
 field = reader.fields["tokenizer.chat_template"]

@@ -14,26 +14,21 @@ Used once to make the fixture; not needed by the tests or CI.
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from llama_cpp import Llama, __version__ as llama_cpp_version
 
+from smollm2_gguf import checked_gguf, default_gguf_path
+
 ROOT = Path(__file__).resolve().parent.parent
-NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_gguf() -> Path:
-    cache = os.environ.get("CANDLE_GLU_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "candle-glu")
-    return Path(cache) / NAME
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", type=Path, default=default_gguf())
+    ap.add_argument("--gguf", type=Path, default=default_gguf_path())
     args = ap.parse_args()
+    checked_gguf(args.gguf)
     ref = json.loads((ROOT / "tests/fixtures/smollm2/reference.json").read_text())
     llm = Llama(model_path=str(args.gguf), n_ctx=128, logits_all=True, n_threads=2,
                 n_batch=128, seed=0, verbose=False)

@@ -47,6 +47,7 @@ Deterministic: running it twice writes byte-identical files.
 
 import json
 import pathlib
+from importlib.metadata import version
 
 import gguf
 import numpy as np
@@ -254,7 +255,7 @@ def write(c, raw, path):
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    manifest = {"gguf": gguf.__version__ if hasattr(gguf, "__version__") else "0.19.0",
+    manifest = {"gguf": version("gguf"),
                 "numpy": np.__version__, "cases": []}
     for c in CASES:
         path = OUT / f"{c['case']}.gguf"

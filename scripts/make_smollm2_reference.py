@@ -68,7 +68,6 @@ math goes through BLAS, so another machine/BLAS may differ in the last ulp or so
 """
 
 import argparse
-import hashlib
 import json
 import os
 import struct
@@ -83,11 +82,11 @@ from gguf import GGMLQuantizationType as QT
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from smollm2_gguf import GGUF_NAME, checked_gguf, default_gguf_path
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "smollm2"
 BF16_WEIGHTS = ROOT / "weights" / "model.safetensors"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 HIDDEN = 576
 INTER = 1536
@@ -110,22 +109,6 @@ PROMPTS = [
 ]
 TOP_K = 5
 GREEDY_STEPS = 12
-
-
-def default_gguf_path() -> Path:
-    cache = os.environ.get("CANDLE_GLU_CACHE")
-    if not cache:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        cache = os.path.join(xdg, "candle-glu")
-    return Path(cache) / GGUF_NAME
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -397,10 +380,7 @@ def main():
     ap.add_argument("--gguf", type=Path, default=default_gguf_path(),
                     help="path to SmolLM2-135M-Instruct.Q4_1.gguf (default: %(default)s)")
     args = ap.parse_args()
-    if not args.gguf.is_file():
-        sys.exit(f"error: {args.gguf} not found; run scripts/fetch_smollm2.sh first")
-    digest = sha256_of(args.gguf)
-    assert digest == GGUF_SHA256, f"unexpected sha256 {digest}"
+    digest = checked_gguf(args.gguf)
 
     checks = {}
     reader, meta, w = load_model(args.gguf, checks)
