@@ -404,7 +404,8 @@ fn run(args: &Args) -> Result<()> {
                 // One expert's (or a shared expert's) block of a mixture: its sizes from its
                 // tensors, as the config's `intermediate_size` is the dense layers' in Qwen's
                 // and DeepSeek's configs (`moe_intermediate_size` the experts').
-                Some(_) if args.prefix.is_some() && ckpt.moe_config()?.is_some() => {
+                // (A mixture config this crate would refuse still has blocks to load by prefix.)
+                Some(_) if args.prefix.is_some() && ckpt.moe_config().ok().flatten().is_some() => {
                     ckpt.infer_config(&prefix, layout, activation)?
                 }
                 Some(cfg) => cfg.clone().with_layout(layout).with_activation(activation),

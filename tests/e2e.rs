@@ -245,9 +245,22 @@ fn crafted_llama_metadata_is_refused() {
             .insert("llama.context_length".into(), Value::U64(1 << 40));
     });
     assert!(
-        msg.contains("`llama.context_length` is 1099511627776"),
+        msg.contains("`llama.context_length` 1099511627776 × a head size of 64"),
         "{msg}"
     );
+    // A small context with a huge head size: the tables' size is what is bounded.
+    let msg = edited(&|c| {
+        for (key, n) in [
+            ("llama.embedding_length", 1 << 16),
+            ("llama.attention.head_count", 1),
+            ("llama.attention.head_count_kv", 1),
+            ("llama.context_length", 1 << 12),
+            ("llama.rope.dimension_count", 1 << 16),
+        ] {
+            c.metadata.insert(key.into(), Value::U32(n));
+        }
+    });
+    assert!(msg.contains("× a head size of 65536"), "{msg}");
     let msg = edited(&|c| {
         let info = c.tensor_infos.get_mut("token_embd.weight").unwrap();
         info.shape = candle_core::Shape::from(());

@@ -225,6 +225,31 @@ fn unreachable_endpoint_falls_back_to_what_the_cache_knows_is_absent() {
         .add_blob(HASH_MAIN, shard, &tiny_safetensors("w", 1.0));
     let dir = fetch_model(REPO, &online(&cache)).unwrap();
     assert_eq!(dir, cache.snapshot(HASH_MAIN));
+    // A file the cache records as absent is said so, not blamed on the hub it could not reach.
+    let index_file = cache
+        .snapshot(HASH_MAIN)
+        .join("model.safetensors.index.json");
+    std::fs::remove_file(&index_file).unwrap();
+    cache.add_no_exist(HASH_MAIN, "model.safetensors.index.json");
+    let msg = fetch_model(REPO, &online(&cache)).unwrap_err().to_string();
+    assert!(
+        msg.contains("the cache records that the hub has no such file; http://127.0.0.1:"),
+        "{msg}"
+    );
+    assert!(msg.contains("could not be reached"), "{msg}");
+    cache.add_blob(
+        HASH_MAIN,
+        "model.safetensors.index.json",
+        &index(&[("w", shard)]),
+    );
+    std::fs::remove_file(
+        cache
+            .repo_dir()
+            .join(".no_exist")
+            .join(HASH_MAIN)
+            .join("model.safetensors.index.json"),
+    )
+    .unwrap();
     // Without the cache's record, the network's error stands.
     std::fs::remove_dir_all(cache.repo_dir().join(".no_exist")).unwrap();
     let msg = fetch_model(REPO, &online(&cache)).unwrap_err().to_string();
@@ -441,6 +466,24 @@ fn gated_repositories_need_the_token() {
 
     let dir = fetch_model(REPO, &online(&cache).with_token("hf_test_token")).unwrap();
     assert_eq!(dir, cache.snapshot(HASH_MAIN));
+
+    // HF_TOKEN is checked and trimmed alike (hf-hub takes it as it is, and dropped this one, a
+    // CRLF env file's, without a word); not with implicit tokens off.
+    let cache = FakeCache::new();
+    let _token = EnvGuard::set_locked(&[
+        ("HF_TOKEN", Some("hf_test_token\r")),
+        ("HF_HUB_DISABLE_IMPLICIT_TOKEN", None),
+    ]);
+    let dir = fetch_model(REPO, &online(&cache)).unwrap();
+    assert_eq!(dir, cache.snapshot(HASH_MAIN));
+    let _bad = EnvGuard::set_locked(&[("HF_TOKEN", Some("hf_te st"))]);
+    let msg = fetch_model(REPO, &online(&cache)).unwrap_err().to_string();
+    assert!(msg.contains("at position 6"), "{msg}");
+    let _off = EnvGuard::set_locked(&[("HF_HUB_DISABLE_IMPLICIT_TOKEN", Some("1"))]);
+    let msg = fetch_model(REPO, &online(&FakeCache::new()))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("gated or private"), "{msg}");
 }
 
 #[test]

@@ -283,7 +283,7 @@ fn f16_weights_through_qmatmul_compute_in_f16() {
 #[test]
 fn any_leading_shape_and_dtype_in() {
     let (p, ..) = projection(Weight::Gguf(GgmlDType::Q4_1), (40, 64), true, 3);
-    // 20 tokens: as many as the 8-bit decode kernel takes (`int8::MAX_DOT_TOKENS`), so that on
+    // 20 tokens: as many as the 8-bit decode kernel takes (`int8::Q4_1_DOT_MAX_TOKENS`), so that on
     // CPUs with VNNI and without AMX the whole and each row run the same kernel, and must agree
     // to the bit (30 tokens took the packed kernel: the exact branch below never ran there).
     let x = randn(4, (2, 2, 5, 64), 1.0, &Device::Cpu);

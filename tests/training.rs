@@ -272,10 +272,15 @@ fn quantized_weights_pass_the_gradient_to_the_input() {
             let grads64 = (y64 * r64).unwrap().sum_all().unwrap().backward().unwrap();
             let want = grads64.get(x64.as_tensor()).unwrap();
             // The kernels' backward pass recomputes gate and up in f32 from the dequantized
-            // weights; candle's Q6K product (the forward's) rounds the activations to 8 bits,
-            // and the gated product's backward pass uses the gate and up it computed: their
-            // rounding (about 0.6% here), where a missing or wrong gradient is off by O(1).
-            let tol = if dtype == GgmlDType::Q6K { 2e-2 } else { 1e-4 };
+            // weights; candle's quantized product (Q6K's, or every type's on a CPU without the
+            // kernels) rounds the activations to 8 bits, and the gated product's backward pass
+            // uses the gate and up it computed: their rounding (about 0.6% here), where a
+            // missing or wrong gradient is off by O(1).
+            let on_kernels = ffn.forward_path(&x) == candle_glu::ForwardPath::Quantized;
+            if dtype != GgmlDType::Q6K && candle_glu::cpu_kernels().is_some_and(|k| k.int8()) {
+                assert!(on_kernels, "{what}: not on the crate's kernels");
+            }
+            let tol = if on_kernels { 1e-4 } else { 2e-2 };
             common::assert_close(got, want, common::Tol::Rel(tol), &what);
         }
     }

@@ -211,12 +211,14 @@ impl LlamaConfig {
             .copied()
             .filter(|&n| n > 0)
             .context("`token_embd.weight` has no rows")?;
-        // The RoPE tables hold every position up front: a bound before they are made.
+        // The RoPE tables hold every position up front (cos and sin, head_dim / 2 each): a
+        // bound on their size before they are made.
         let max_positions = uint("llama.context_length").unwrap_or(4096);
-        if max_positions > MAX_POSITIONS {
+        if max_positions.saturating_mul(head_dim) > MAX_ROPE_VALUES {
             bail!(
-                "`llama.context_length` is {max_positions}, more than the {MAX_POSITIONS} \
-                 positions this example's RoPE tables hold"
+                "`llama.context_length` {max_positions} × a head size of {head_dim} \
+                 (`llama.embedding_length` / `llama.attention.head_count`) is more than the \
+                 {MAX_ROPE_VALUES} values this example's RoPE tables may hold"
             );
         }
         Ok(Self {
@@ -239,9 +241,9 @@ impl LlamaConfig {
     }
 }
 
-/// The most positions [`LlamaConfig::max_positions`] may be (its RoPE tables are made for all of
-/// them: 2 × 2^20 × 64 f32, 512 MiB, at a head size of 128).
-const MAX_POSITIONS: usize = 1 << 20;
+/// The most values the RoPE tables may hold, positions × head size (cos and sin, half the head
+/// size each): 2^27 f32, 512 MiB; 2^20 positions at a head size of 128.
+const MAX_ROPE_VALUES: usize = 1 << 27;
 
 /// Reads a GGUF's header, metadata and tensor table.
 pub fn read_gguf(path: &Path) -> anyhow::Result<(Content, BufReader<File>)> {

@@ -30,8 +30,8 @@ pub enum Sampler {
     /// Always the most likely token.
     Greedy,
     /// Sampled by candle-transformers' processor, from the `top_k` most likely tokens first
-    /// where top-k is asked for with top-p (their logits kept, the others −∞): the nucleus is
-    /// then taken of the k tokens' renormalised probabilities, as transformers' warpers and
+    /// where top-k is asked for (their logits kept with those tied with the k-th, the others
+    /// −∞): with top-p, the nucleus is then taken of the k tokens' renormalised probabilities, as transformers' warpers and
     /// llama.cpp's samplers take it (candle's `TopKThenTopP` compares p with the k tokens'
     /// share of the whole distribution instead).
     Sample {
@@ -79,7 +79,9 @@ impl Sampler {
                 },
                 None,
             ),
-            (Some(k), None) => (Sampling::TopK { k, temperature }, None),
+            // Top-k as a mask (ties with the k-th kept, as transformers keeps them), then the
+            // whole of what is left.
+            (Some(k), None) => (Sampling::All { temperature }, Some(k)),
             (k, Some(p)) => (Sampling::TopP { p, temperature }, k),
         };
         Ok(Self::Sample {
@@ -156,6 +158,15 @@ mod tests {
             let mut s = Sampler::new(Some(1.), k, p, 7).unwrap();
             assert!((0..200).all(|_| s.sample(&l).unwrap() == 1));
         }
+        // Top-k keeps the ties with the k-th: of two equal best logits, top-1 draws both.
+        let tied = logits(&[1., 1., 0.]);
+        let mut s = Sampler::new(Some(1.), Some(1), None, 7).unwrap();
+        let draws: Vec<u32> = (0..2_000).map(|_| s.sample(&tied).unwrap()).collect();
+        let ones = draws.iter().filter(|&&t| t == 1).count();
+        assert!(
+            draws.iter().all(|&t| t < 2) && (800..1200).contains(&ones),
+            "{ones}"
+        );
         // Top-k then top-p renormalises the k tokens before the nucleus: of p = 0.5, 0.3, 0.2,
         // the top 2 have 0.625 and 0.375, and a nucleus of 0.6 holds the first alone
         // (candle's TopKThenTopP kept both, and drew the second 37.5% of the time).

@@ -20,9 +20,10 @@ use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper};
 /// GGUF's `tokenizer.ggml.token_type` for control tokens (`<|im_end|>`, ...).
 const CONTROL: i32 = 3;
 
-/// Tokens that end a generation besides `eos` whatever the metadata says, by their text, as
-/// llama.cpp's vocabulary loader takes them (its `special_eog_ids`).
-const END_OF_GENERATION: [&str; 9] = [
+/// Tokens that end a generation besides the metadata's, by their text, as llama.cpp's vocabulary
+/// loader matches them into its `special_eog_ids` (the list of llama-cpp-python 0.3's
+/// llama.cpp; later versions may add more).
+const END_OF_GENERATION: [&str; 12] = [
     "<|eot_id|>",
     "<|im_end|>",
     "<|end|>",
@@ -32,6 +33,9 @@ const END_OF_GENERATION: [&str; 9] = [
     "<EOT>",
     "_<EOT>",
     "<|end_of_text|>",
+    "<|return|>",
+    "<|call|>",
+    "<end_of_utterance>",
 ];
 
 /// A byte-level BPE tokenizer from a GGUF, and each token's bytes.
@@ -41,7 +45,8 @@ pub struct Tokenizer {
     /// The bytes each token stands for; empty for control tokens, which decode to nothing.
     token_bytes: Vec<Vec<u8>>,
     eos_token_id: u32,
-    /// `eos`, `eot` and `eom` where the metadata names them, and [`END_OF_GENERATION`]'s tokens.
+    /// `eos`, and `eot`, `eom` and the FIM pad, rep and sep tokens where the metadata names them,
+    /// and [`END_OF_GENERATION`]'s tokens.
     end_of_generation: Vec<u32>,
 }
 
@@ -98,7 +103,13 @@ impl Tokenizer {
             .context("the GGUF has no `tokenizer.ggml.eos_token_id`")?
             .to_u32()?;
         let mut end_of_generation = vec![eos_token_id];
-        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        for key in [
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+            "tokenizer.ggml.fim_pad_token_id",
+            "tokenizer.ggml.fim_rep_token_id",
+            "tokenizer.ggml.fim_sep_token_id",
+        ] {
             if let Some(v) = content.metadata.get(key) {
                 end_of_generation.push(v.to_u32().with_context(|| format!("`{key}`"))?);
             }
@@ -189,8 +200,8 @@ impl Tokenizer {
         self.eos_token_id
     }
 
-    /// Whether token `id` ends a generation: `eos`, the metadata's `eot` and `eom`, and the
-    /// tokens llama.cpp ends on by their text (SmolLM2's `<|endoftext|>` as well as its
+    /// Whether token `id` ends a generation: `eos`, the metadata's `eot`, `eom` and FIM pad, rep
+    /// and sep, and the tokens llama.cpp ends on by their text (SmolLM2's `<|endoftext|>` as well as its
     /// `<|im_end|>`).
     pub fn ends_generation(&self, id: u32) -> bool {
         self.end_of_generation.binary_search(&id).is_ok()

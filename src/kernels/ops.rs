@@ -240,8 +240,9 @@ impl CustomOp1 for QMatMulOp {
     }
 }
 
-/// `w` as a dense tensor on `x`'s device, in `x`'s dtype, for a backward pass (made per pass,
-/// not kept: training through quantized weights holds one dense copy at a time).
+/// `w` as a dense tensor on `x`'s device, in `x`'s dtype, for a backward pass: made per pass
+/// and dropped with it (an op's dense weights, two for the gate-up op, and its recomputed gate
+/// and up live for the duration of its backward pass; no copy is kept).
 fn dequantized(w: &QTensor, x: &Tensor) -> Result<Tensor> {
     w.dequantize(x.device())?.to_dtype(x.dtype())
 }

@@ -291,6 +291,8 @@ struct Fetcher<'a> {
     cache_dir: PathBuf,
     endpoint: String,
     offline: bool,
+    /// Online, the hub could not be reached and the cache answered for it.
+    unreachable: bool,
     progress: Option<Arc<dyn DownloadProgress>>,
 }
 
@@ -300,8 +302,17 @@ impl<'a> Fetcher<'a> {
         if let Some(dir) = &opts.cache_dir {
             builder = builder.cache_dir(dir.clone());
         }
-        if let Some(token) = &opts.token {
-            builder = builder.token(checked_token(repo_id, token)?);
+        // The token given, else `HF_TOKEN` as hf-hub would take it (unless implicit tokens are
+        // off), checked alike: hf-hub takes the variable untrimmed, and drops a token that is
+        // not a valid header without a word. (Token files it trims itself.)
+        let implicit = || {
+            let off =
+                std::env::var_os("HF_HUB_DISABLE_IMPLICIT_TOKEN").is_some_and(|v| !v.is_empty());
+            let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+            token.filter(|_| !off)
+        };
+        if let Some(token) = opts.token.clone().or_else(implicit) {
+            builder = builder.token(checked_token(repo_id, &token)?);
         }
         let client = builder
             .build()
@@ -320,6 +331,7 @@ impl<'a> Fetcher<'a> {
             cache_dir,
             endpoint,
             offline: opts.is_offline(),
+            unreachable: false,
             progress: opts.progress.clone(),
         })
     }
@@ -354,9 +366,13 @@ impl<'a> Fetcher<'a> {
             // `config.json`, sharded weights without `model.safetensors`): asked again, the
             // cache answers.
             Err(e) if is_transient(&e) => match self.cached(file) {
-                Ok(path) => path,
+                Ok(path) => {
+                    self.unreachable = true;
+                    path
+                }
                 Err(HFError::EntryNotFound { .. }) => {
-                    return Ok(Lookup::Missing { not_cached: false })
+                    self.unreachable = true;
+                    return Ok(Lookup::Missing { not_cached: false });
                 }
                 Err(_) => return Err(self.download_error(file, e)),
             },
@@ -446,6 +462,11 @@ impl<'a> Fetcher<'a> {
         }
         let source = if self.offline {
             "the cache records that the hub has no such file".to_string()
+        } else if self.unreachable {
+            format!(
+                "the cache records that the hub has no such file; {} could not be reached",
+                self.endpoint
+            )
         } else {
             format!("{} has no such file", self.endpoint)
         };
