@@ -74,7 +74,7 @@ struct Args {
     #[arg(long, default_value_t = 32, value_parser = cli::at_least(1))]
     batch: usize,
     /// Peak learning rate (AdamW, betas 0.9/0.95; linear warm-up over the first 5% of steps,
-    /// then cosine decay to a tenth of the peak).
+    /// then cosine decay towards a tenth of the peak).
     #[arg(long, default_value_t = 3e-3, value_parser = cli::positive)]
     lr: f64,
     /// AdamW's decoupled weight decay.
@@ -189,6 +189,17 @@ fn check_args(args: &Args) -> Result<()> {
             );
         }
     }
+    // AdamW's decay multiplies every parameter by 1 − lr·wd each step: at 1 or more it flips
+    // or zeroes them all.
+    if args.lr * args.weight_decay >= 1.0 {
+        bail!(
+            "--lr {} × --weight-decay {} is {}, at least 1: AdamW's decay would flip or zero \
+             every parameter at each step",
+            args.lr,
+            args.weight_decay,
+            args.lr * args.weight_decay
+        );
+    }
     let names: Vec<&str> = args.variants.iter().map(|v| v.name()).collect();
     if let Some(dup) = repeated(&names) {
         bail!("--variants names {dup} twice");
@@ -208,7 +219,7 @@ fn check_args(args: &Args) -> Result<()> {
     let counts: Vec<(Variant, usize)> = args
         .variants
         .iter()
-        .map(|&v| (v, model_config(args, v).parameters()))
+        .map(|&v| (v, model_config(args, v).ffn_parameters()))
         .collect();
     check_equal_parameters(&counts)
 }
@@ -296,12 +307,17 @@ fn run(args: &Args) -> Result<()> {
             results.push(result);
         }
     }
-    // The plot first: it cannot be lost to a stdout closed under the table.
-    if let Some(path) = &args.plot {
-        plot::write(path, &args.variants, &results)?;
+    // The plot first: it cannot be lost to a stdout closed under the table. Nor can the table
+    // be lost to a plot that fails (a full disk after an hour of runs): its error comes after.
+    let plotted = match &args.plot {
+        Some(path) => plot::write(path, &args.variants, &results).map(|()| Some(path)),
+        None => Ok(None),
+    };
+    if let Ok(Some(path)) = &plotted {
         eprintln!("plot: {}", path.display());
     }
-    report(args, &train_cfg, &corpus, &results)
+    report(args, &train_cfg, &corpus, &results)?;
+    plotted.map(|_| ())
 }
 
 /// `--replot`: the table and the plot from the runs of an earlier `--json`, in its variants'
@@ -419,16 +435,17 @@ fn progress_bar(steps: usize, prefix: &str) -> ProgressBar {
     bar
 }
 
-/// The variants' parameter counts are within 1% of each other (the experiment's premise; the
-/// rounding of the gated width breaks it for tiny widths).
+/// The variants' feed-forward parameter counts are within 1% of each other (the experiment's
+/// premise; the rounding of the gated width breaks it for tiny widths). The FFNs', not the
+/// whole model's: the embeddings and the head, alike in every variant, would hide the gap.
 fn check_equal_parameters(counts: &[(Variant, usize)]) -> Result<()> {
     let min = counts.iter().min_by_key(|c| c.1);
     let max = counts.iter().max_by_key(|c| c.1);
     if let (Some(&(small, lo)), Some(&(large, hi))) = (min, max) {
         if hi as f64 > 1.01 * lo as f64 {
             bail!(
-                "at this --d-model the variants' parameter counts differ by more than 1% ({} has \
-                 {lo}, {} {hi}): the comparison would not be at equal parameters",
+                "at this --d-model the variants' feed-forward parameter counts differ by more than \
+                 1% ({} has {lo}, {} {hi}): the comparison would not be at equal parameters",
                 small.name(),
                 large.name()
             );

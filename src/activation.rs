@@ -190,7 +190,8 @@ impl Activation {
                 // u = c(g + a·g³), σ = ½g(1 + tanh u), σ' = ½(1 + tanh u) + ½g(1 - tanh²u)·c(1 + 3a·g²)
                 let c = (2.0 / std::f64::consts::PI).sqrt();
                 let a = 0.044715;
-                let t = ((g + (g.powf(3.0)? * a)?)? * c)?.tanh()?;
+                // g³ as g²·g: a `powf` of a negative base is undefined under fast math (Metal).
+                let t = ((g + ((g.sqr()? * g)? * a)?)? * c)?.tanh()?;
                 let left = ((&t + 1.0)? * 0.5)?;
                 let inner = ((g.sqr()? * (3.0 * a))? + 1.0)? * c;
                 let right = ((g * 0.5)? * (1.0 - t.sqr()?)?)? * inner?;
@@ -225,7 +226,9 @@ impl Module for Activation {
         match *self {
             Activation::Sigmoid => candle_nn::ops::sigmoid(xs),
             Activation::Identity => Ok(xs.clone()),
-            Activation::Relu => xs.relu(),
+            // NaN kept, as the kernels and PyTorch keep it (candle's `relu` is a max with 0,
+            // which gives 0 for NaN on the CPU and CUDA).
+            Activation::Relu => xs.lt(0.0)?.where_cond(&xs.zeros_like()?, xs),
             Activation::Gelu => xs.gelu_erf(),
             Activation::GeluTanh => xs.gelu(),
             Activation::Silu => xs.silu(),
@@ -282,7 +285,8 @@ fn parse_swish_beta(name: &str) -> Option<Activation> {
         .trim()
         .parse()
         .ok()?;
-    beta.is_finite().then_some(Activation::Swish { beta })
+    // β is applied in f32: it must be finite there too.
+    (beta.is_finite() && (beta as f32).is_finite()).then_some(Activation::Swish { beta })
 }
 
 impl serde::Serialize for Activation {

@@ -119,7 +119,8 @@ impl GluConfig {
     pub fn validate(&self) -> Result<()> {
         validate_sizes(self.hidden_size, self.intermediate_size, None, None)?;
         if let Activation::Swish { beta } = self.activation {
-            if !beta.is_finite() {
+            // Applied in f32 by every kernel: finite there too (1e39 made σ(0) NaN).
+            if !beta.is_finite() || !(beta as f32).is_finite() {
                 return Err(Error::InvalidConfig {
                     path: None,
                     message: format!("swish's beta must be finite, found {beta}"),

@@ -260,4 +260,41 @@ fn gated_refuses_mixed_dtypes_and_swish_needs_a_finite_beta() {
         candle_glu::GluConfig::new(8, 16).with_activation(Activation::Swish { beta: f64::NAN });
     let e = nan.validate().unwrap_err().to_string();
     assert!(e.contains("beta must be finite"), "{e}");
+    // Finite in f64 but not in f32, where every kernel applies it (σ(0) was 0·∞ = NaN).
+    let huge = candle_glu::GluConfig::new(8, 16).with_activation(Activation::Swish { beta: 1e39 });
+    let e = huge.validate().unwrap_err().to_string();
+    assert!(e.contains("beta must be finite"), "{e}");
+    assert!("swish(1e39)".parse::<Activation>().is_err());
+}
+
+/// ReLU keeps NaN, as PyTorch's `relu` does and as the crate's kernels do, on candle's path too
+/// (a CPU without AVX-512, f64, training with biases): candle's `relu`, a max with 0, made it 0
+/// there, so the same input gave NaN on one machine and 0 on another.
+#[test]
+fn relu_keeps_nan_on_every_path() {
+    let dev = Device::Cpu;
+    for dtype in [DType::F64, DType::F32, DType::BF16] {
+        let x = Tensor::new(&[f64::NAN, -1.0, 2.0], &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let y: Vec<f64> = Activation::Relu
+            .forward(&x)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            y[0].is_nan() && y[1] == 0.0 && y[2] == 2.0,
+            "{dtype:?}: {y:?}"
+        );
+        // And in the gated product, on f64 (candle's ops) as on the f32 kernels.
+        let g = Activation::Relu.gated(&x, &x).unwrap();
+        let g: Vec<f64> = g.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+        assert!(
+            g[0].is_nan() && g[1] == 0.0 && g[2] == 4.0,
+            "{dtype:?} gated: {g:?}"
+        );
+    }
 }

@@ -702,16 +702,7 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         glu_variants(d, &["--data", "text", "--held-out", "hamlet_gut"])
     });
     c.insert("gv-unequal", |d| {
-        let args = [
-            "--data",
-            "text",
-            "--d-model",
-            "1",
-            "--heads",
-            "1",
-            "--layers",
-            "100",
-        ];
+        let args = ["--data", "text", "--d-model", "1", "--heads", "1"];
         glu_variants(d, &args)
     });
     c.insert("gv-context", |d| {
@@ -734,6 +725,9 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     });
     c.insert("gv-lr", |d| glu_variants(d, &["--lr", "-1"]));
     c.insert("gv-steps", |d| glu_variants(d, &["--steps", "0"]));
+    c.insert("gv-decay", |d| {
+        glu_variants(d, &["--lr", "0.5", "--weight-decay", "4"])
+    });
     // --- mixtures of experts
     c.insert("moe-top-k", |d| {
         moe_config(d, "mixtral", "num_experts_per_tok", 9.into())

@@ -375,12 +375,21 @@ impl ModelConfig {
     /// [`parameter_counts`] of the built model).
     pub fn parameters(&self) -> usize {
         let d = self.d_model;
-        let matrices = if self.variant.is_gated() { 3 } else { 2 };
-        let ffn = matrices * d * self.variant.d_ff(d);
         // q/k/v, out; two norms.
-        let block = 4 * d * d + 2 * d + ffn;
+        let block = 4 * d * d + 2 * d + self.ffn_per_layer();
         // Tokens, positions, blocks, the final norm, the head.
         self.vocab * d + self.context * d + self.layers * block + d + d * self.vocab
+    }
+
+    /// The feed-forward layers' parameters, every layer's: what the variants are compared at.
+    pub fn ffn_parameters(&self) -> usize {
+        self.layers * self.ffn_per_layer()
+    }
+
+    fn ffn_per_layer(&self) -> usize {
+        let d = self.d_model;
+        let matrices = if self.variant.is_gated() { 3 } else { 2 };
+        matrices * d * self.variant.d_ff(d)
     }
 }
 

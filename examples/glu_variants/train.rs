@@ -84,6 +84,18 @@ pub fn run(
     bar: &ProgressBar,
 ) -> Result<RunResult> {
     let start = Instant::now();
+    // A loss that is not a number means the parameters are not either: the run is lost (and
+    // JSON would write it as null, which `--replot` cannot read back).
+    let finite = |loss: f64, what: &str, step: usize| {
+        if loss.is_finite() {
+            Ok(loss)
+        } else {
+            anyhow::bail!(
+                "{} seed {seed}: the {what} loss is {loss} after step {step}",
+                model_cfg.variant.name()
+            )
+        }
+    };
     let (map, model) = model::build(model_cfg, seed, device)?;
     let (parameters, ffn_parameters) = model::parameter_counts(&map);
     let ffn_on_crate_kernels = model.ffn_on_crate_kernels()?;
@@ -120,7 +132,7 @@ pub fn run(
             recent.push(loss);
         }
         if (step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps {
-            let held_out = evaluate(&model, &curve_set, cfg.batch)?;
+            let held_out = finite(evaluate(&model, &curve_set, cfg.batch)?, "held-out", step)?;
             curve.push((step + 1, held_out));
             bar.set_message(format!("loss {loss:.3}, held-out {held_out:.3}"));
         } else if step % 10 == 0 {
@@ -132,7 +144,11 @@ pub fn run(
         bar.inc(1);
     }
     let final_set = corpus.held_out_windows(cfg.final_windows, context, device)?;
-    let held_out_loss = evaluate(&model, &final_set, cfg.batch)?;
+    let held_out_loss = finite(
+        evaluate(&model, &final_set, cfg.batch)?,
+        "final held-out",
+        cfg.steps,
+    )?;
     let ffn_end = model::ffn_weights(&map)?;
     let moved: f64 = ffn_start
         .iter()

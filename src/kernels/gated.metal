@@ -14,8 +14,9 @@ struct Strides {
     uint pad;
 };
 
-// erfc(z) for z >= 0, Numerical Recipes' Chebyshev fit (relative error below 1.2e-7); MSL has
-// no erf. The same formula as the CPU kernels (src/kernels/avx512.rs).
+// erfc(z) for z >= 0, Numerical Recipes' Chebyshev fit (relative error below 1.2e-7 in exact
+// arithmetic; f32 rounding adds about z^2 * 2^-23); MSL has no erf. The same formula as the CPU
+// kernels (src/kernels/avx512.rs).
 static float erfc_nonneg(float z) {
     float t = 1.0f / (1.0f + 0.5f * z);
     float p = -1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f +
