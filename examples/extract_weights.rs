@@ -55,10 +55,18 @@ fn main() -> Result<()> {
             tensors.insert(hf, tensor);
         }
     }
-    // Write beside the target and rename, so a failure leaves no half-written file.
+    // Write beside the target and rename, so a failure leaves no half-written file (and the
+    // temporary one is removed).
     let tmp = args.out.with_extension("safetensors.partial");
-    candle_core::safetensors::save(&tensors, &tmp).context("writing safetensors")?;
-    std::fs::rename(&tmp, &args.out).with_context(|| format!("renaming to {:?}", args.out))?;
+    let written = candle_core::safetensors::save(&tensors, &tmp)
+        .context("writing safetensors")
+        .and_then(|()| {
+            std::fs::rename(&tmp, &args.out).with_context(|| format!("renaming to {:?}", args.out))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     println!("wrote {}", args.out.display());
     Ok(())
 }

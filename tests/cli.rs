@@ -776,6 +776,80 @@ fn one_experts_block_by_prefix() {
     }
 }
 
+/// `extract_weights` made `weights/model.safetensors` from the SmolLM2 GGUF: run again, it gives
+/// the same tensors, bit for bit; a write that fails half-way leaves nothing behind.
+#[test]
+fn extract_weights_remakes_the_embedded_weights() {
+    let gguf = common::smollm2_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model.safetensors");
+    let run = |out: &Path| {
+        common::example_command("extract_weights")
+            .args([
+                "--gguf",
+                gguf.to_str().unwrap(),
+                "--layers",
+                "0,15",
+                "--dtype",
+                "bf16",
+            ])
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    stdout(&run(&out));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(
+        common::embedded_weights().join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut names: Vec<&String> = want.keys().collect();
+    names.sort();
+    assert_eq!(got.len(), want.len());
+    for name in names {
+        assert_eq!(got[name].dtype(), want[name].dtype(), "{name}");
+        let (g, w) = (
+            got[name]
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap(),
+            want[name]
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap(),
+        );
+        assert_eq!(
+            g.to_vec1::<f32>().unwrap(),
+            w.to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+    }
+    #[cfg(unix)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model.safetensors");
+        let cmd = common::example_command("extract_weights");
+        let failed = Command::new("sh")
+            .args(["-c", r#"ulimit -f 64 && trap '' XFSZ && exec "$0" "$@""#])
+            .arg(cmd.get_program())
+            .args([
+                "--gguf",
+                gguf.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(failed.status.code(), Some(1));
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
 #[test]
 #[cfg(target_os = "linux")]
 fn a_full_stdout_is_an_error_not_a_panic() {
