@@ -16,7 +16,10 @@
 #
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu_h200.log and $OUT/bench.json. With
 # the device tool: run `prepare` here, then `run` with carry [".gpu"] and the command
-# `scripts/gpu_h200.sh` (about 2 minutes of device time once the machine is up).
+# `scripts/gpu_h200.sh` (about 2 minutes of device time once the machine is up). `run` refuses
+# binaries built from other sources than the ones beside them (.gpu/SOURCE), and keeps every
+# stage inside one budget, CANDLE_GLU_GPU_BUDGET_S (default 540 s: give the device call a
+# timeout_s of about 580, under its 600 s limit).
 #
 # Why prepare with CUDA 13.0: candle compiles its own kernels to PTX at build time, and a driver
 # refuses PTX from a newer toolkit than its own (CUDA_ERROR_UNSUPPORTED_PTX_VERSION). The H200s
@@ -61,6 +64,9 @@ if [ "$mode" = prepare ]; then
     done
     rm -f "$json"
     nvcc --version | grep -o 'release [0-9.]*' >"$carry/TOOLKIT"
+    # The sources the binaries were built from, for `run` to check against the copy beside them.
+    git ls-files -z src tests benches examples weights Cargo.toml Cargo.lock |
+        xargs -0 sha256sum >"$carry/SOURCE"
     echo "$CUDA_COMPUTE_CAP" >"$carry/COMPUTE_CAP"
     du -ch "$carry"/* | tail -n 1 >&2
     echo "prepare: done; carry .gpu to the GPU machine and run scripts/gpu_h200.sh there" >&2
@@ -77,9 +83,18 @@ if [ -n "${OUT:-}" ]; then
 fi
 start=$(date +%s)
 section() { echo; echo "== $* ($(($(date +%s) - start)) s)"; }
+# Every stage's timeout is its own or what is left of the budget, whichever is less.
+deadline=$((start + ${CANDLE_GLU_GPU_BUDGET_S:-540}))
+budget() {
+    local left=$((deadline - $(date +%s)))
+    if [ "$left" -lt 10 ]; then left=1; fi
+    echo $(($1 < left ? $1 : left))
+}
 
 section "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+# The driver's CUDA version: our kernel's PTX (the machine's NVRTC's) must not be newer.
+nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' || true
 command -v nvcc >/dev/null && nvcc --version | grep -o 'release [0-9.]*' || echo "no nvcc"
 command -v cargo >/dev/null && cargo --version || echo "no cargo"
 nproc
@@ -116,7 +131,8 @@ for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvr
             if [ -e "$d/$lib" ]; then found="$d/$lib"; break; fi
         done
     fi
-    printf '%-20s %s\n' "$lib" "${found:-MISSING}"
+    # Resolved, so that the versions show (libnvrtc.so.13 -> libnvrtc.so.13.0.88).
+    printf '%-20s %s\n' "$lib" "$(if [ -n "$found" ]; then readlink -f "$found"; else echo MISSING; fi)"
     [ -n "$found" ] || missing="${missing:-} $lib"
 done
 if [ -n "${missing:-}" ]; then
@@ -129,6 +145,12 @@ export LD_LIBRARY_PATH
 section "binaries"
 if [ -f "$carry/gpu_tests.xz" ]; then
     echo "prebuilt in .gpu/ ($(cat "$carry/TOOLKIT" 2>/dev/null), compute cap $(cat "$carry/COMPUTE_CAP" 2>/dev/null))"
+    if ! sha256sum --quiet -c "$carry/SOURCE" >/dev/null 2>&1; then
+        echo ".gpu/ was built from other sources than these (.gpu/SOURCE): run" \
+            "'scripts/gpu_h200.sh prepare' again and carry the new .gpu" >&2
+        sha256sum --quiet -c "$carry/SOURCE" 2>&1 | head -n 5 >&2 || true
+        exit 1
+    fi
     bin="$(mktemp -d)"
     for name in lib_tests gpu_tests compare moe infer; do
         if command -v xz >/dev/null; then
@@ -167,25 +189,25 @@ export CARGO_MANIFEST_DIR="$repo"
 export CANDLE_GLU_REQUIRE_GPU=1
 
 section "unit tests (NVRTC compiles gated.cu, strided walks)"
-timeout 300 "$bin/lib_tests" --test-threads 4 nvrtc strided 2>&1 || status=1
+timeout "$(budget 300)" "$bin/lib_tests" --test-threads 4 nvrtc strided 2>&1 || status=1
 
 section "GPU tests (tests/gpu.rs)"
-timeout 300 "$bin/gpu_tests" --nocapture --test-threads 1 2>&1 || status=1
+timeout "$(budget 300)" "$bin/gpu_tests" --nocapture --test-threads 1 2>&1 || status=1
 
 section "the CLI on the GPU"
-timeout 120 "$bin/infer" --weights "$repo/weights" --device cuda --dtype bf16 --tokens 128 \
+timeout "$(budget 120)" "$bin/infer" --weights "$repo/weights" --device cuda --dtype bf16 --tokens 128 \
     --bench 20 || status=1
-timeout 60 "$bin/infer" --weights "$repo/weights" --device auto --json || status=1
+timeout "$(budget 60)" "$bin/infer" --weights "$repo/weights" --device auto --json || status=1
 
 section "7B FFN (hidden 4096, intermediate 11008), bf16, ours vs naive candle MLP"
 json_out="${OUT:-/tmp}/bench.json"
-timeout 300 "$bin/compare" --device cuda --shape 7b --dtype bf16 --tokens 1,128,2048 \
+timeout "$(budget 300)" "$bin/compare" --device cuda --shape 7b --dtype bf16 --tokens 1,128,2048 \
     --rounds 30 --json "$json_out" || status=1
 
 section "mixtures of experts: Qwen3-30B-A3B's and Mixtral-8x7B's layers, ours vs candle-transformers' loop"
-timeout 300 "$bin/moe" --device cuda --shape qwen3,mixtral --dtype bf16 --tokens 1,16,128,512 \
+timeout "$(budget 300)" "$bin/moe" --device cuda --shape qwen3,mixtral --dtype bf16 --tokens 1,16,128,512 \
     --rounds 3 || status=1
-timeout 200 "$bin/moe" --device cuda --shape qwen3 --dtype q4k --tokens 1,16,128 --rounds 3 ||
+timeout "$(budget 200)" "$bin/moe" --device cuda --shape qwen3 --dtype q4k --tokens 1,16,128 --rounds 3 ||
     status=1
 
 section "done, status $status"

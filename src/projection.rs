@@ -359,6 +359,7 @@ impl Projection {
         if !xs.dtype().is_float() {
             return Err(Error::InputDtype { dtype: xs.dtype() }.into());
         }
+        same_device(xs, &self.device(), "projection")?;
         let Some((&last, lead)) = xs.dims().split_last() else {
             return Err(input_shape(xs, k));
         };
@@ -439,6 +440,20 @@ impl Module for Projection {
             }
         };
         y.reshape(dims)?.to_dtype(xs.dtype())
+    }
+}
+
+/// An error where the input is not on the weights' device: candle's quantized product would
+/// panic there (it asks the input's device only), and the kernels would name no device.
+pub(crate) fn same_device(xs: &Tensor, weights: &Device, op: &'static str) -> Result<()> {
+    if xs.device().same_device(weights) {
+        Ok(())
+    } else {
+        Err(candle_core::Error::DeviceMismatchBinaryOp {
+            lhs: xs.device().location(),
+            rhs: weights.location(),
+            op,
+        })
     }
 }
 

@@ -345,6 +345,40 @@ fn cuda_device_choice() {
     }
 }
 
+/// Weights on the CPU and an input on the GPU (or the other way round): an error naming both
+/// devices, from the projection, the block and the mixture alike. candle's quantized product
+/// asks the input's device only, and panicked on a CPU `QTensor`.
+#[test]
+fn cuda_input_for_weights_elsewhere_is_an_error() {
+    let Some(dev) = cuda("an input on another device than the weights") else {
+        return;
+    };
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    let (h, i) = (256, 512);
+    let w = |seed: u64, r, c| common::randn(seed, (r, c), 0.05, &Device::Cpu);
+    let q = |seed, r, c| {
+        let qt = QTensor::quantize(&w(seed, r, c), GgmlDType::Q6K).unwrap();
+        Projection::quantized(QMatMul::from_arc(std::sync::Arc::new(qt)).unwrap(), None)
+    };
+    let ffn =
+        GluFeedForward::from_projections(&GluConfig::new(h, i), q(1, i, h), q(2, i, h), q(3, h, i))
+            .unwrap();
+    let x = common::randn(4, (3, h), 1.0, &Device::Cpu);
+    let on_gpu = x.to_device(&dev).unwrap();
+    for err in [
+        ffn.gate_proj().forward(&on_gpu).unwrap_err(),
+        ffn.gate_proj().forward_candle(&on_gpu).unwrap_err(),
+        ffn.forward(&on_gpu).unwrap_err(),
+    ] {
+        let msg = err.to_string();
+        assert!(msg.contains("device mismatch"), "{msg}");
+    }
+    // And dense weights on the GPU with a CPU input.
+    let dense = Projection::Dense(Linear::new(w(5, i, h).to_device(&dev).unwrap(), None));
+    let msg = dense.forward(&x).unwrap_err().to_string();
+    assert!(msg.contains("device mismatch"), "{msg}");
+}
+
 // --- GluExperts: candle's ops on the GPU (gather, matmuls, index_add), the CPU's results ---
 
 /// max |y - truth| ÷ max |truth|, in f64 on the host.

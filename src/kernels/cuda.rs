@@ -2,9 +2,9 @@
 //! cudarc) into PTX once per process, loaded once per device as a candle custom module, and
 //! launched on candle's stream.
 //!
-//! Run-time compilation keeps the default build free of any CUDA compiler, and makes PTX that
-//! the running driver always accepts: NVRTC is part of the toolkit whose libraries the program
-//! already loads, while PTX made at build time by a newer `nvcc` is refused by older drivers.
+//! Run-time compilation keeps the default build free of any CUDA compiler, and makes PTX of the
+//! machine's own NVRTC: the driver accepts it as long as that NVRTC is not newer than the
+//! driver's CUDA (PTX from a newer toolkit is refused, minor versions included).
 
 use std::sync::OnceLock;
 
