@@ -69,6 +69,14 @@ pub(crate) fn gated(
         _ => candle_core::bail!("glu-gated: gate and up must share an f32/bf16/f16 dtype"),
     };
     let n = l1.shape().elem_count();
+    // The kernel's thread index is 32 bits (the block's own size limit stays below this; a
+    // direct `gated_product` call need not).
+    if n > u32::MAX as usize {
+        candle_core::bail!(
+            "glu-gated: {n} elements, more than the {} one Metal dispatch indexes",
+            u32::MAX
+        )
+    }
     let device = gate.device();
     let output = device
         .new_buffer_builder()
