@@ -6,8 +6,9 @@
 #                            knows no CUDA newer than 13.4)
 #   CUDA_COMPUTE_CAP         the GPU generation candle-kernels compiles for (default 90, Hopper)
 #
-# Exports CUDA_HOME, PATH, CUDA_COMPUTE_CAP and CANDLE_GLU_CUDA_LIBS (the folders a program built
-# here needs on LD_LIBRARY_PATH to start without a driver: the toolkit's libs and the stubs).
+# Exports CUDA_HOME, PATH, CUDA_COMPUTE_CAP, CANDLE_GLU_CUDA_LIBS (the folders a program built
+# here needs on LD_LIBRARY_PATH to start without a driver: the toolkit's libs and the stubs) and
+# CANDLE_GLU_CUDA_ROOT (the toolkit's folder, named by its version).
 
 cuda_env_setup() {
     local version="${CANDLE_GLU_CUDA_TOOLKIT:-13.4.3}"
@@ -82,4 +83,5 @@ cuda_env_setup() {
         ln -sfn "$soname" "$stubs/lib$lib.so"
     done
     export CANDLE_GLU_CUDA_LIBS="$CUDA_HOME/lib:$stubs"
+    export CANDLE_GLU_CUDA_ROOT="$root"
 }
