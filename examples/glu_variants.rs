@@ -285,9 +285,17 @@ fn run(args: &Args) -> Result<()> {
             let result = match train::run(&cfg, &train_cfg, &corpus, seed, &device, &bar) {
                 Ok(result) => result,
                 Err(e) => {
-                    // The finished runs are reported before the error.
+                    // The finished runs are reported (and plotted) before the error, which
+                    // stands whatever becomes of them.
                     bar.finish_and_clear();
-                    report(args, &train_cfg, &corpus, &results)?;
+                    if let Some(path) = args.plot.as_ref().filter(|_| !results.is_empty()) {
+                        if let Err(pe) = plot::write(path, &args.variants, &results) {
+                            eprintln!("warning: --plot {}: {pe:#}", path.display());
+                        }
+                    }
+                    if let Err(re) = report(args, &train_cfg, &corpus, &results, Some(&e)) {
+                        eprintln!("warning: the finished runs' report: {re:#}");
+                    }
                     return Err(e);
                 }
             };
@@ -316,7 +324,7 @@ fn run(args: &Args) -> Result<()> {
     if let Ok(Some(path)) = &plotted {
         eprintln!("plot: {}", path.display());
     }
-    report(args, &train_cfg, &corpus, &results)?;
+    report(args, &train_cfg, &corpus, &results, None)?;
     plotted.map(|_| ())
 }
 
@@ -326,6 +334,11 @@ fn replot(path: &std::path::Path, plot_path: Option<&std::path::Path>) -> Result
     #[derive(serde::Deserialize)]
     struct Recorded {
         runs: Vec<RunResult>,
+        /// Absent from files written before it was (they were complete).
+        #[serde(default)]
+        complete: Option<bool>,
+        #[serde(default)]
+        error: Option<String>,
     }
     if let Some(plot_path) = plot_path {
         plot::check_path(plot_path)?;
@@ -338,6 +351,13 @@ fn replot(path: &std::path::Path, plot_path: Option<&std::path::Path>) -> Result
             path.display()
         )
     })?;
+    if recorded.complete == Some(false) {
+        eprintln!(
+            "warning: --replot {}: the runs stopped early ({}); these are the finished ones",
+            path.display(),
+            recorded.error.as_deref().unwrap_or("no error recorded")
+        );
+    }
     let mut variants = Vec::new();
     for run in &recorded.runs {
         let values = std::iter::once(run.held_out_loss).chain(run.curve.iter().map(|p| p.1));
@@ -374,11 +394,14 @@ fn replot(path: &std::path::Path, plot_path: Option<&std::path::Path>) -> Result
 }
 
 /// The table on stdout, or with `--json` the configuration, every run and the summary.
+/// `failed`: the error that ended the runs early, which the JSON records (`complete: false`)
+/// so that a partial file does not pass for the whole experiment.
 fn report(
     args: &Args,
     train_cfg: &TrainConfig,
     corpus: &data::Corpus,
     results: &[RunResult],
+    failed: Option<&anyhow::Error>,
 ) -> Result<()> {
     let summary = summarize(&args.variants, results);
     if !args.json {
@@ -400,6 +423,8 @@ fn report(
             "kernels": candle_glu::cpu_kernels().map(|k| k.to_string()),
         },
         "uniform_loss": 256f64.ln(),
+        "complete": failed.is_none(),
+        "error": failed.map(|e| format!("{e:#}")),
         "runs": results,
         "summary": summary,
     });

@@ -438,3 +438,38 @@ fn the_data_script_fails_clearly() {
     assert!(stderr.contains("Connection refused"), "{stderr}");
     assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
 }
+
+/// `--replot` on the recorded results draws the table again; on a file whose runs stopped early
+/// (`complete: false`, as `--json` writes it when a run fails), it says so.
+#[test]
+fn replot_reads_the_recorded_results_and_says_when_they_are_partial() {
+    let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/glu-variants/results.json");
+    let out = glu_variants()
+        .arg("--replot")
+        .arg(&recorded)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("stopped early"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FFN-SwiGLU"));
+
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&recorded).unwrap()).unwrap();
+    json["complete"] = false.into();
+    json["error"] = "relu seed 1: the training loss is NaN at step 18".into();
+    let dir = tempfile::tempdir().unwrap();
+    let partial = dir.path().join("partial.json");
+    std::fs::write(&partial, json.to_string()).unwrap();
+    let out = glu_variants()
+        .arg("--replot")
+        .arg(&partial)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("the runs stopped early (relu seed 1: the training loss is NaN at step 18)"),
+        "{err}"
+    );
+}
