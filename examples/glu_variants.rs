@@ -123,6 +123,8 @@ const MAX_SCORE_BYTES: usize = 1 << 33;
 /// Bytes of parameters and AdamW's state (f32 weights, gradients and two moments: 16 bytes a
 /// parameter), and of one batch's activations kept for the backward pass.
 const MAX_MODEL_BYTES: usize = 1 << 34;
+/// Bytes of held-out windows (ids and targets) a set may hold.
+const MAX_WINDOW_BYTES: usize = 1 << 32;
 
 /// Checks every flag that needs no data: sizes, repeats, the plot's path, the parameter budget.
 fn check_args(args: &Args) -> Result<()> {
@@ -157,9 +159,24 @@ fn check_args(args: &Args) -> Result<()> {
             MAX_SCORE_BYTES >> 30
         );
     }
+    // The held-out windows, made whole before evaluation (ids and targets, u32 each): the final
+    // set's, beside the curve's.
+    let windows = args
+        .eval_windows
+        .checked_mul(args.context)
+        .and_then(|n| n.checked_mul(8));
+    if windows.is_none_or(|bytes| bytes > MAX_WINDOW_BYTES) {
+        bail!(
+            "--eval-windows {} × --context {} needs more than {} GiB of held-out windows",
+            args.eval_windows,
+            args.context,
+            MAX_WINDOW_BYTES >> 30
+        );
+    }
     // The widest variant's parameters (16 bytes each with AdamW), and a rough count of the
     // activations a step keeps for its backward pass: per layer and byte of the batch, about
-    // 16 values of width d_model plus the FFN's hidden widths.
+    // 16 values of width d_model plus the FFN's hidden widths, and attention's scores and
+    // probabilities (about 4 values per head and position of the context).
     let gib = |bytes: usize| bytes >> 30;
     for variant in &args.variants {
         let cfg = model_config(args, *variant);
@@ -173,7 +190,9 @@ fn check_args(args: &Args) -> Result<()> {
                 gib(MAX_MODEL_BYTES)
             );
         }
-        let per_byte = 16 * args.d_model + 4 * variant.d_ff(args.d_model) + 256;
+        let attention = args.heads.saturating_mul(args.context).saturating_mul(4);
+        let per_byte =
+            (16 * args.d_model + 4 * variant.d_ff(args.d_model) + 256).saturating_add(attention);
         let activations = [args.batch, args.context, args.layers, per_byte, 4]
             .into_iter()
             .try_fold(1usize, |acc, n| acc.checked_mul(n));

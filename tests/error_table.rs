@@ -725,6 +725,21 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     });
     c.insert("gv-lr", |d| glu_variants(d, &["--lr", "-1"]));
     c.insert("gv-steps", |d| glu_variants(d, &["--steps", "0"]));
+    c.insert("gv-windows", |d| {
+        glu_variants(
+            d,
+            &[
+                "--eval-windows",
+                "1048576",
+                "--context",
+                "8192",
+                "--batch",
+                "1",
+                "--heads",
+                "1",
+            ],
+        )
+    });
     c.insert("gv-decay", |d| {
         glu_variants(d, &["--lr", "0.5", "--weight-decay", "4"])
     });
