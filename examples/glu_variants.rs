@@ -354,9 +354,7 @@ fn replot(path: &std::path::Path, plot_path: Option<&std::path::Path>) -> Result
     struct Recorded {
         runs: Vec<RunResult>,
         /// Absent from files written before it was (they were complete).
-        #[serde(default)]
         complete: Option<bool>,
-        #[serde(default)]
         error: Option<String>,
     }
     if let Some(plot_path) = plot_path {

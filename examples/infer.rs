@@ -288,8 +288,12 @@ fn run(args: &Args) -> Result<()> {
     check_flags(args)?;
     let device = args.device.device()?;
     let (ckpt, model) = open_weights(args)?;
-    if let Some(path) = &args.output {
-        // A Hub repo's snapshot directory is known only now.
+    let from_hub = args
+        .weights
+        .as_deref()
+        .is_some_and(|w| !Path::new(w).exists());
+    if let Some(path) = args.output.as_ref().filter(|_| from_hub) {
+        // A Hub repo's snapshot directory is known only now (a local one was checked before).
         refuse_output_in(path, ckpt.path())?;
     }
     let gguf = ckpt.format() == FileFormat::Gguf;

@@ -228,7 +228,10 @@ impl Module for Activation {
             Activation::Identity => Ok(xs.clone()),
             // NaN kept, as the kernels and PyTorch keep it (candle's `relu` is a max with 0,
             // which gives 0 for NaN on the CPU and CUDA).
-            Activation::Relu => xs.lt(0.0)?.where_cond(&xs.zeros_like()?, xs),
+            Activation::Relu => {
+                let zero = Tensor::zeros((), xs.dtype(), xs.device())?.broadcast_as(xs.shape())?;
+                xs.lt(0.0)?.where_cond(&zero, xs)
+            }
             Activation::Gelu => xs.gelu_erf(),
             Activation::GeluTanh => xs.gelu(),
             Activation::Silu => xs.silu(),
@@ -278,6 +281,12 @@ impl FromStr for Activation {
 }
 
 /// `swish(<beta>)` with a finite β.
+/// Whether `beta` can be a Swish β: finite in f32, where every kernel applies it (1e39, finite in
+/// f64, made σ(0) = 0·∞ = NaN).
+pub(crate) fn valid_swish_beta(beta: f64) -> bool {
+    (beta as f32).is_finite()
+}
+
 fn parse_swish_beta(name: &str) -> Option<Activation> {
     let beta: f64 = name
         .strip_prefix("swish(")?
@@ -285,8 +294,7 @@ fn parse_swish_beta(name: &str) -> Option<Activation> {
         .trim()
         .parse()
         .ok()?;
-    // β is applied in f32: it must be finite there too.
-    (beta.is_finite() && (beta as f32).is_finite()).then_some(Activation::Swish { beta })
+    valid_swish_beta(beta).then_some(Activation::Swish { beta })
 }
 
 impl serde::Serialize for Activation {

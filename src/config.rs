@@ -119,8 +119,7 @@ impl GluConfig {
     pub fn validate(&self) -> Result<()> {
         validate_sizes(self.hidden_size, self.intermediate_size, None, None)?;
         if let Activation::Swish { beta } = self.activation {
-            // Applied in f32 by every kernel: finite there too (1e39 made σ(0) NaN).
-            if !beta.is_finite() || !(beta as f32).is_finite() {
+            if !crate::activation::valid_swish_beta(beta) {
                 return Err(Error::InvalidConfig {
                     path: None,
                     message: format!("swish's beta must be finite, found {beta}"),

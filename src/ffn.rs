@@ -414,7 +414,6 @@ impl GluFeedForward {
         if !xs.dtype().is_float() {
             return Err(Error::InputDtype { dtype: xs.dtype() }.into());
         }
-        crate::projection::same_device(xs, &self.gate_proj.device(), "gated feed-forward")?;
         if xs.dims().last() != Some(&h) {
             return Err(Error::InputShape {
                 shape: xs.dims().to_vec(),

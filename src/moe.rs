@@ -605,7 +605,6 @@ impl GluExperts {
     /// `xs` (`[.., H]`) as `[tokens, H]`, in its dtype and in the scores' (f32, or f64).
     fn tokens(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         let h = self.config.expert.hidden_size;
-        crate::projection::same_device(xs, self.router.device(), "mixture of experts")?;
         if xs.dims().last() != Some(&h) {
             return Err(Error::InputShape {
                 shape: xs.dims().to_vec(),

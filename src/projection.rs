@@ -309,8 +309,9 @@ impl Projection {
         }
     }
 
-    /// The same product through candle's own ops: `Linear::forward`, or `QMatMul::forward` plus
-    /// the bias. The plain twin the kernels are tested against, and the path of every case the
+    /// The same product through candle's own ops: `Linear::forward`, or `QMatMul`'s forward plus
+    /// the bias (for a `QTensor`, through an op of this crate that adds the input's gradient,
+    /// which candle's lacks). The plain twin the kernels are tested against, and the path of every case the
     /// kernels do not take. Same dtypes in and out as [`forward`](Module::forward).
     ///
     /// # Errors
@@ -326,12 +327,16 @@ impl Projection {
         let x = x.reshape(((), self.in_features()))?;
         let y = match self {
             Projection::Dense(linear) => linear.forward(&x)?,
-            // candle's quantized product, with the input's gradient (candle's has none).
+            // candle's quantized product, with the input's gradient (candle's has none). It asks
+            // the input's device only, and panics on weights elsewhere: an error here instead.
             Projection::Quantized {
                 weight: QMatMul::QTensor(q),
                 bias,
                 ..
-            } => add_bias(x.apply_op1(QMatMulOp(Arc::clone(q)))?, bias.as_ref())?,
+            } => {
+                same_device(&x, &q.device(), "quantized projection")?;
+                add_bias(x.apply_op1(QMatMulOp(Arc::clone(q)))?, bias.as_ref())?
+            }
             Projection::Quantized { weight, bias, .. } => {
                 add_bias(weight.forward(&x)?, bias.as_ref())?
             }
@@ -359,7 +364,6 @@ impl Projection {
         if !xs.dtype().is_float() {
             return Err(Error::InputDtype { dtype: xs.dtype() }.into());
         }
-        same_device(xs, &self.device(), "projection")?;
         let Some((&last, lead)) = xs.dims().split_last() else {
             return Err(input_shape(xs, k));
         };
@@ -443,9 +447,9 @@ impl Module for Projection {
     }
 }
 
-/// An error where the input is not on the weights' device: candle's quantized product would
-/// panic there (it asks the input's device only), and the kernels would name no device.
-pub(crate) fn same_device(xs: &Tensor, weights: &Device, op: &'static str) -> Result<()> {
+/// An error where the input is not on the weights' device (candle's quantized product would
+/// panic there: it asks the input's device only).
+fn same_device(xs: &Tensor, weights: &Device, op: &'static str) -> Result<()> {
     if xs.device().same_device(weights) {
         Ok(())
     } else {

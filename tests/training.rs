@@ -42,6 +42,57 @@ fn varmap_creates_parameters_and_sgd_lowers_the_loss() {
     }
 }
 
+/// Asserts each parameter's gradient in `grads` (three coordinates of each) against central
+/// differences of `loss_with(j, value)`: the loss in float64 with parameter `j` set to `value`.
+/// A wrong formula is off by O(1); `rtol` allows the arithmetic's own error. Returns how many
+/// coordinates it checked.
+fn assert_finite_differences(
+    what: &str,
+    grads: &candle_core::backprop::GradStore,
+    params: &[(String, Var)],
+    rtol: f64,
+    loss_with: impl Fn(usize, &Tensor) -> f64,
+) -> usize {
+    let flat = |t: &Tensor| -> Vec<f64> {
+        let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+        t.to_vec1().unwrap()
+    };
+    let mut checked = 0;
+    for (j, (name, var)) in params.iter().enumerate() {
+        let grad = flat(grads.get(var).unwrap());
+        let orig = flat(var.as_tensor());
+        for c in [0, orig.len() / 2, orig.len() - 1] {
+            let eps = 1e-6;
+            let at = |d: f64| {
+                let mut v = orig.clone();
+                v[c] += d;
+                loss_with(
+                    j,
+                    &Tensor::new(v, &Device::Cpu)
+                        .unwrap()
+                        .reshape(var.shape())
+                        .unwrap(),
+                )
+            };
+            let numeric = (at(eps) - at(-eps)) / (2. * eps);
+            assert!(
+                (grad[c] - numeric).abs() <= rtol * numeric.abs().max(1.),
+                "{what}: d/d{name}[{c}]: {} vs {numeric}",
+                grad[c]
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// The block's variables, by name, then the input's.
+fn params_and_input(map: &VarMap, x: &Var) -> Vec<(String, Var)> {
+    let mut params: Vec<(String, Var)> = map.data().lock().unwrap().clone().into_iter().collect();
+    params.push(("x".into(), x.clone()));
+    params
+}
+
 #[test]
 fn gradients_match_finite_differences() {
     let dev = Device::Cpu;
@@ -55,50 +106,27 @@ fn gradients_match_finite_differences() {
         common::seed_vars(&map, seed);
         let x = common::randn(seed + 9, (3, h), 1.0, &dev);
         let x = Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
-        let loss = |ffn: &GluFeedForward, x: &Tensor| {
-            ffn.forward(x).unwrap().sqr().unwrap().sum_all().unwrap()
+        let loss = || {
+            ffn.forward(x.as_tensor())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
         };
-        let grads = loss(&ffn, x.as_tensor()).backward().unwrap();
-        let mut checked = 0;
-        let mut params: Vec<(String, Var)> =
-            map.data().lock().unwrap().clone().into_iter().collect();
-        params.push(("x".into(), x.clone()));
-        for (name, var) in params {
-            let grad: Vec<f64> = grads
-                .get(&var)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let orig = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            // A few coordinates of each parameter.
-            for k in [0, orig.len() / 2, orig.len() - 1] {
-                let eps = 1e-6;
-                let at = |d: f64| {
-                    let mut v = orig.clone();
-                    v[k] += d;
-                    var.set(&Tensor::new(v, &dev).unwrap().reshape(var.shape()).unwrap())
-                        .unwrap();
-                    loss(&ffn, x.as_tensor()).to_scalar::<f64>().unwrap()
-                };
-                let numeric = (at(eps) - at(-eps)) / (2. * eps);
-                at(0.);
-                // 1e-5: candle's f64 GELU-erf gradient is good to about 1e-6; a wrong formula is off by O(1).
-                let tol = 1e-5 * numeric.abs().max(1.);
-                assert!(
-                    (grad[k] - numeric).abs() <= tol,
-                    "{act} d/d{name}[{k}]: {} vs {numeric}",
-                    grad[k]
-                );
-                checked += 1;
-            }
-        }
+        let grads = loss().backward().unwrap();
+        let params = params_and_input(&map, &x);
+        // The block's own variables moved, and put back.
+        let loss_with = |j: usize, value: &Tensor| {
+            let var = &params[j].1;
+            let orig = var.as_tensor().copy().unwrap();
+            var.set(value).unwrap();
+            let l = loss().to_scalar::<f64>().unwrap();
+            var.set(&orig).unwrap();
+            l
+        };
+        // 1e-5: candle's f64 GELU-erf gradient is good to about 1e-6.
+        let checked = assert_finite_differences(&act.to_string(), &grads, &params, 1e-5, loss_with);
         assert_eq!(checked, 7 * 3);
     }
 }
@@ -132,88 +160,29 @@ fn the_kernels_backward_passes_match_finite_differences() {
                 ForwardPath::Fused
             };
             assert_eq!(ffn.forward_path(x.as_tensor()), want_path, "{act}");
-            let loss = ffn
-                .forward(x.as_tensor())
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap();
-            let grads = loss.backward().unwrap();
-
-            // The same parameters in float64, as candle's ops compute the block.
-            let mut params: Vec<(String, Tensor)> = map
-                .data()
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect();
-            params.push(("x".into(), x.as_tensor().clone()));
-            let f64_loss = |params: &[(String, Tensor)]| -> f64 {
-                let ws: std::collections::HashMap<String, Tensor> = params
-                    .iter()
-                    .filter(|(n, _)| n != "x")
-                    .map(|(n, t)| (n.clone(), t.to_dtype(DType::F64).unwrap()))
-                    .collect();
-                let vb = VarBuilder::from_tensors(ws, DType::F64, &dev);
-                let ffn64 = GluFeedForward::new(&cfg, vb).unwrap();
-                let x64 = params
-                    .iter()
-                    .find(|(n, _)| n == "x")
-                    .unwrap()
-                    .1
-                    .to_dtype(DType::F64);
-                let y = common::plain_forward(&ffn64, &x64.unwrap()).unwrap();
-                y.sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            let mut checked = 0;
-            for j in 0..params.len() {
-                let (name, t) = params[j].clone();
-                let var = if name == "x" {
-                    x.clone()
-                } else {
-                    map.data().lock().unwrap()[&name].clone()
-                };
-                let grad: Vec<f32> = grads
-                    .get(&var)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let orig: Vec<f64> = t
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                for c in [0, orig.len() / 2, orig.len() - 1] {
-                    let eps = 1e-6;
-                    let at = |d: f64| {
-                        let mut v = orig.clone();
-                        v[c] += d;
-                        let mut p = params.clone();
-                        p[j].1 = Tensor::new(v, &dev).unwrap().reshape(t.shape()).unwrap();
-                        f64_loss(&p)
+            let y = ffn.forward(x.as_tensor()).unwrap();
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let params = params_and_input(&map, &x);
+            // The same values in float64, parameter j moved, through candle's ops.
+            let loss_with = |j: usize, value: &Tensor| {
+                let f64_of = |i: usize| {
+                    let t = if i == j {
+                        value
+                    } else {
+                        params[i].1.as_tensor()
                     };
-                    let numeric = (at(eps) - at(-eps)) / (2. * eps);
-                    // The kernels' f32 arithmetic, against a wrong formula's O(1).
-                    let tol = 1e-3 * numeric.abs().max(1.);
-                    let analytic = f64::from(grad[c]);
-                    assert!(
-                        (analytic - numeric).abs() <= tol,
-                        "{act}, bias {bias}: d/d{name}[{c}]: {analytic} vs {numeric}"
-                    );
-                    checked += 1;
-                }
-            }
+                    t.to_dtype(DType::F64).unwrap()
+                };
+                let ws = (0..params.len() - 1).map(|i| (params[i].0.clone(), f64_of(i)));
+                let vb = VarBuilder::from_tensors(ws.collect(), DType::F64, &dev);
+                let ffn64 = GluFeedForward::new(&cfg, vb).unwrap();
+                let y = common::plain_forward(&ffn64, &f64_of(params.len() - 1)).unwrap();
+                let l = y.sqr().unwrap().sum_all().unwrap();
+                l.to_scalar::<f64>().unwrap()
+            };
+            // 1e-3: the kernels' f32 arithmetic.
+            let what = format!("{act}, bias {bias}");
+            let checked = assert_finite_differences(&what, &grads, &params, 1e-3, loss_with);
             assert_eq!(checked, 3 * if bias { 7 } else { 4 }, "{act}");
         }
     }

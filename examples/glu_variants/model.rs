@@ -399,23 +399,29 @@ pub fn parameter_counts(map: &VarMap) -> (usize, usize) {
     let total = vars.values().map(|v| v.elem_count()).sum();
     let ffn = vars
         .iter()
-        .filter(|(name, _)| name.contains(".ffn."))
+        .filter(|(name, _)| is_ffn(name))
         .map(|(_, v)| v.elem_count())
         .sum();
     (total, ffn)
 }
 
-/// Every FFN parameter's values (those named `.ffn.`), in name order, widened to f64.
-pub fn ffn_weights(map: &VarMap) -> Result<Vec<f64>> {
-    let vars = map.data().lock().map(|d| d.clone()).unwrap_or_default();
-    let mut names: Vec<&String> = vars.keys().filter(|n| n.contains(".ffn.")).collect();
+/// Whether a parameter belongs to a feed-forward layer.
+fn is_ffn(name: &str) -> bool {
+    name.contains(".ffn.")
+}
+
+/// A copy of every FFN parameter (as stored, f32), in name order.
+pub fn ffn_weights(map: &VarMap) -> Result<Vec<Tensor>> {
+    let vars = map
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("the parameters' lock is poisoned".into()))?;
+    let mut names: Vec<&String> = vars.keys().filter(|n| is_ffn(n)).collect();
     names.sort();
-    let mut values = Vec::new();
-    for name in names {
-        let v = vars[name].as_tensor().flatten_all()?.to_dtype(DType::F64)?;
-        values.extend(v.to_vec1::<f64>()?);
-    }
-    Ok(values)
+    names
+        .into_iter()
+        .map(|n| vars[n].as_tensor().copy())
+        .collect()
 }
 
 /// A model over a fresh `VarMap` with seeded parameters, in f32 on `device`.

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::ProgressBar;
 
@@ -150,12 +150,14 @@ pub fn run(
         cfg.steps,
     )?;
     let ffn_end = model::ffn_weights(&map)?;
-    let moved: f64 = ffn_start
-        .iter()
-        .zip(&ffn_end)
-        .map(|(a, b)| (a - b).powi(2))
-        .sum();
-    let norm: f64 = ffn_start.iter().map(|a| a * a).sum();
+    // Σ in f64 over the tensors' squares.
+    let sum_sq =
+        |t: Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar()?) };
+    let (mut moved, mut norm) = (0.0, 0.0);
+    for (start, end) in ffn_start.iter().zip(&ffn_end) {
+        moved += sum_sq((end - start)?)?;
+        norm += sum_sq(start.clone())?;
+    }
     let ffn_update = (norm > 0.0).then(|| (moved / norm).sqrt());
     Ok(RunResult {
         variant: model_cfg.variant.name().to_string(),

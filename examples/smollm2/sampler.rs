@@ -103,10 +103,12 @@ impl Sampler {
                 top_k: Some(k),
             } => {
                 let mut values = logits.to_vec1::<f32>()?;
-                // The k-th largest logit; ties with it are kept, as transformers keeps them.
-                let mut sorted = values.clone();
-                sorted.sort_by(|a, b| b.total_cmp(a));
-                if let Some(&kth) = sorted.get(*k - 1) {
+                // The k-th largest logit (a selection, not a sort of the vocabulary every
+                // token); ties with it are kept, as transformers keeps them.
+                if *k <= values.len() {
+                    let mut rest = values.clone();
+                    let (_, &mut kth, _) =
+                        rest.select_nth_unstable_by(*k - 1, |a, b| b.total_cmp(a));
                     for v in values.iter_mut().filter(|v| **v < kth) {
                         *v = f32::NEG_INFINITY;
                     }

@@ -45,15 +45,7 @@ impl CustomOp3 for GateUpOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut gate = x.matmul(&wg.t()?)?;
-        let mut up = x.matmul(&wu.t()?)?;
-        if let Some((bg, bu)) = &self.bias {
-            let b = |v: &[f32]| Tensor::new(v, x.device())?.to_dtype(x.dtype());
-            gate = gate.broadcast_add(&b(bg)?)?;
-            up = up.broadcast_add(&b(bu)?)?;
-        }
-        let (d_gate, d_up) = self.act.gated_backward(&gate, &up, grad)?;
-        let dx = (d_gate.matmul(wg)? + d_up.matmul(wu)?)?;
+        let (dx, d_gate, d_up) = gate_up_backward(self.act, x, wg, wu, self.bias.as_ref(), grad)?;
         let dwg = d_gate.t()?.matmul(x)?;
         let dwu = d_up.t()?.matmul(x)?;
         Ok((Some(dx), Some(dwg), Some(dwu)))
@@ -170,12 +162,8 @@ impl CustomOp1 for QuantGateUpOp {
     /// The input's gradient, as [`GateUpOp`]'s, over the weights dequantized (the forward's
     /// 8-bit activations, where they apply, pass the gradient straight through).
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let wg = dequantized(&self.wg, x)?;
-        let wu = dequantized(&self.wu, x)?;
-        let gate = x.matmul(&wg.t()?)?;
-        let up = x.matmul(&wu.t()?)?;
-        let (d_gate, d_up) = self.act.gated_backward(&gate, &up, grad)?;
-        Ok(Some((d_gate.matmul(&wg)? + d_up.matmul(&wu)?)?))
+        let (wg, wu) = (dequantized(&self.wg, x)?, dequantized(&self.wu, x)?);
+        Ok(Some(gate_up_backward(self.act, x, &wg, &wu, None, grad)?.0))
     }
 }
 
@@ -198,7 +186,7 @@ impl CustomOp1 for QuantLinearOp {
 
     /// The input's gradient over the weight dequantized, as [`QuantGateUpOp`]'s.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&dequantized(&self.w, x)?)?))
+        quantized_input_grad(&self.w, x, grad)
     }
 }
 
@@ -235,9 +223,36 @@ impl CustomOp1 for QMatMulOp {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = dequantized(&self.0, x)?;
-        Ok(Some(grad.broadcast_matmul(&w)?.to_dtype(x.dtype())?))
+        quantized_input_grad(&self.0, x, grad)
     }
+}
+
+/// The gate-up op's backward pass up to the weights' gradients: with `gate = x·Wgᵀ + bg` and
+/// `up = x·Wuᵀ + bu` recomputed, the input's gradient and those of gate and up.
+fn gate_up_backward(
+    act: Activation,
+    x: &Tensor,
+    wg: &Tensor,
+    wu: &Tensor,
+    bias: Option<&(Vec<f32>, Vec<f32>)>,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let mut gate = x.matmul(&wg.t()?)?;
+    let mut up = x.matmul(&wu.t()?)?;
+    if let Some((bg, bu)) = bias {
+        let b = |v: &[f32]| Tensor::new(v, x.device())?.to_dtype(x.dtype());
+        gate = gate.broadcast_add(&b(bg)?)?;
+        up = up.broadcast_add(&b(bu)?)?;
+    }
+    let (d_gate, d_up) = act.gated_backward(&gate, &up, grad)?;
+    let dx = (d_gate.matmul(wg)? + d_up.matmul(wu)?)?;
+    Ok((dx, d_gate, d_up))
+}
+
+/// `x·Wᵀ`'s input gradient, `grad·W`, over a quantized `W` dequantized (`x` is `[tokens, in]`
+/// in f32 for every quantized op).
+fn quantized_input_grad(w: &QTensor, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    Ok(Some(grad.matmul(&dequantized(w, x)?)?))
 }
 
 /// `w` as a dense tensor on `x`'s device, in `x`'s dtype, for a backward pass: made per pass

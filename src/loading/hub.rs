@@ -347,14 +347,7 @@ impl<'a> Fetcher<'a> {
             Some(sink) if !self.offline => Some(Progress::new(Relay::new(file, sink.clone()))),
             _ => None,
         };
-        let result = self
-            .repo
-            .download_file()
-            .filename(file)
-            .revision(self.effective_revision().to_string())
-            .local_files_only(self.offline)
-            .maybe_progress(progress)
-            .send();
+        let result = self.request(file, self.offline, progress);
         let path = match result {
             Ok(path) => path,
             Err(HFError::LocalEntryNotFound { .. }) => {
@@ -365,7 +358,7 @@ impl<'a> Fetcher<'a> {
             // error where the cache records that the file does not exist (a repository without
             // `config.json`, sharded weights without `model.safetensors`): asked again, the
             // cache answers.
-            Err(e) if is_transient(&e) => match self.cached(file) {
+            Err(e) if is_transient(&e) => match self.request(file, true, None) {
                 Ok(path) => {
                     self.unreachable = true;
                     path
@@ -382,13 +375,19 @@ impl<'a> Fetcher<'a> {
         Ok(Lookup::Found(path))
     }
 
-    /// `file` from the cache alone.
-    fn cached(&self, file: &str) -> std::result::Result<PathBuf, HFError> {
+    /// `file` at the effective revision, from the cache alone if `local_only`.
+    fn request(
+        &self,
+        file: &str,
+        local_only: bool,
+        progress: Option<Progress>,
+    ) -> std::result::Result<PathBuf, HFError> {
         self.repo
             .download_file()
             .filename(file)
             .revision(self.effective_revision().to_string())
-            .local_files_only(true)
+            .local_files_only(local_only)
+            .maybe_progress(progress)
             .send()
     }
 
