@@ -11,9 +11,11 @@
 //! expert's weights are its own contiguous tensors, as it loads them. Ours reads the same values
 //! from stacked `[E, 2I, H]` and `[E, H, I]` tensors, each expert a view. Both route alike
 //! (Mixtral's routing: softmax, top-k, renormalised).
-//! Quantized (`q8_0`, `q4k`, `q4_1`): each expert's weights quantized once and shared by both
-//! sides; naive runs each expert through three `QMatMul` (f32 activations), ours the crate's
-//! kernels over the same blocks, in place.
+//! Quantized (`q8_0`, `q4k`, `q4_1`): each expert's weights quantized once, written as a GGUF
+//! file's stacked tensors and loaded by `Checkpoint::load_experts`, as a user loads them (one
+//! buffer per stacked tensor, the experts in the file's order), then shared by both sides;
+//! naive runs each expert through three `QMatMul` (f32 activations), ours the crate's kernels
+//! over the same blocks, in place.
 //! Each timed run takes the next of 16 random inputs, so that the experts chosen change from
 //! run to run and their weights come from memory, as a model's layers would; naive's runs take
 //! the inputs half a turn on from ours, so that the side timed second does not find the experts
@@ -34,12 +36,13 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_glu::device::{device_name, DeviceChoice};
-use candle_glu::{GluConfig, GluExperts, GluFeedForward, MoeConfig, Projection};
+use candle_glu::loading::{Checkpoint, LoadOptions};
+use candle_glu::{GluConfig, GluExperts, MoeConfig, Projection};
 use clap::Parser;
 
 #[path = "common/bandwidth.rs"]
@@ -198,30 +201,68 @@ fn quantized_layer(
     dtype: GgmlDType,
     dev: &Device,
 ) -> Result<Layer> {
-    let router = Tensor::randn(0f32, 1.0, (e, h), dev)?;
-    let mut ours = Vec::with_capacity(e);
-    let mut naive: Vec<[Box<dyn Module>; 3]> = Vec::with_capacity(e);
-    for _ in 0..e {
-        let q = |rows: usize, cols: usize| -> Result<Arc<QTensor>> {
-            let std = 1.0 / (cols as f64).sqrt();
-            let w = Tensor::randn(0f32, std as f32, (rows, cols), dev)?;
-            Ok(Arc::new(QTensor::quantize(&w, dtype)?))
-        };
-        let (g, u, d) = (q(i, h)?, q(i, h)?, q(h, i)?);
-        let mm = |w: &Arc<QTensor>| QMatMul::from_arc(w.clone());
-        let proj =
-            |w: &Arc<QTensor>| -> Result<Projection> { Ok(Projection::quantized(mm(w)?, None)) };
-        ours.push(GluFeedForward::from_projections(
-            &GluConfig::new(h, i),
-            proj(&g)?,
-            proj(&u)?,
-            proj(&d)?,
-        )?);
-        naive.push([Box::new(mm(&g)?), Box::new(mm(&u)?), Box::new(mm(&d)?)]);
+    // Stacked `[e, out, in]` as a GGUF file holds them, each expert quantized on its own (the
+    // f32 values of one expert at a time).
+    let stacked = |rows: usize, cols: usize| -> Result<QTensor> {
+        let std = 1.0 / (cols as f64).sqrt();
+        let mut bytes = Vec::new();
+        for _ in 0..e {
+            let w = Tensor::randn(0f32, std as f32, (rows, cols), &Device::Cpu)?;
+            bytes.extend_from_slice(&QTensor::quantize(&w, dtype)?.data()?);
+        }
+        Ok(qtensor_from_ggml(
+            dtype,
+            &bytes,
+            vec![e, rows, cols],
+            &Device::Cpu,
+        )?)
+    };
+    let router = Tensor::randn(0f32, 1.0, (e, h), &Device::Cpu)?;
+    // Loaded as a user loads them: written to a GGUF file and read back by the crate's loader,
+    // so that the experts lie in memory as it puts them.
+    let path =
+        std::env::temp_dir().join(format!("candle-glu-bench-moe-{}.gguf", std::process::id()));
+    {
+        let tensors = [
+            (
+                "blk.0.ffn_gate_inp.weight",
+                QTensor::quantize(&router, GgmlDType::F32)?,
+            ),
+            ("blk.0.ffn_gate_exps.weight", stacked(i, h)?),
+            ("blk.0.ffn_up_exps.weight", stacked(i, h)?),
+            ("blk.0.ffn_down_exps.weight", stacked(h, i)?),
+        ];
+        let named: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        gguf_file::write(&mut file, &[], &named)?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
     let cfg = MoeConfig::new(GluConfig::new(h, i), e, k);
+    let opts = LoadOptions::new(DType::F32, dev.clone()).with_quantized(true);
+    let loaded = Checkpoint::open(&path).and_then(|c| c.load_experts(&cfg, 0, &opts));
+    std::fs::remove_file(&path)?;
+    let ours = loaded?;
+    let qmatmul = |p: &Projection| -> Result<Box<dyn Module>> {
+        match p {
+            Projection::Quantized { weight, .. } => Ok(Box::new(weight.clone())),
+            _ => bail!("the loader gave a dense expert for {dtype:?}"),
+        }
+    };
+    let naive = (0..e)
+        .map(|x| {
+            let ffn = ours
+                .expert(x)
+                .ok_or_else(|| anyhow::anyhow!("no expert {x}"))?;
+            Ok([
+                qmatmul(ffn.gate_proj())?,
+                qmatmul(ffn.up_proj())?,
+                qmatmul(ffn.down_proj())?,
+            ])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let router = router.to_device(dev)?;
     Ok(Layer {
-        ours: GluExperts::from_parts(&cfg, router.clone(), None, ours, None, None)?,
+        ours,
         naive: Naive {
             router,
             experts: naive,

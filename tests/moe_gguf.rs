@@ -270,31 +270,46 @@ fn bad_requests_are_one_line_errors() {
 #[test]
 fn stacked_slices_hold_the_stored_blocks() {
     use candle_glu::loading::GgufStore;
-    // Each expert's slice is the stored tensor's rows, byte for byte.
-    let store = GgufStore::open(&path("deepseek2")).unwrap();
+    // Each expert's slice is the stored tensor's rows, byte for byte, as candle's own reader
+    // reads the whole tensor.
+    let file = path("deepseek2");
+    let mut reader = std::fs::File::open(&file).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
     let name = "blk.0.ffn_gate_up_exps.weight";
-    let whole = store.qtensor(name, &Device::Cpu).unwrap();
+    let whole = content.tensor(&mut reader, name, &Device::Cpu).unwrap();
     let bytes = whole.data().unwrap();
-    let up = store
-        .stacked_qtensors(name, Some(64..128), &Device::Cpu)
-        .unwrap();
-    assert_eq!(up.len(), 8);
+    let store = GgufStore::open(&file).unwrap();
+    let halves = store.stacked_qtensors(name, 2, &Device::Cpu).unwrap();
+    assert_eq!(halves.len(), 2);
     let per_row = bytes.len() / (8 * 128);
-    for (e, q) in up.iter().enumerate() {
-        assert_eq!(q.shape().dims(), &[64, 192]);
-        let start = (e * 128 + 64) * per_row;
-        assert_eq!(
-            &*q.data().unwrap(),
-            &bytes[start..start + 64 * per_row],
-            "expert {e}"
-        );
+    for (half, tensors) in halves.iter().enumerate() {
+        assert_eq!(tensors.len(), 8);
+        for (e, q) in tensors.iter().enumerate() {
+            assert_eq!(q.shape().dims(), &[64, 192]);
+            let start = (e * 128 + 64 * half) * per_row;
+            assert_eq!(
+                &*q.data().unwrap(),
+                &bytes[start..start + 64 * per_row],
+                "expert {e}, half {half}"
+            );
+        }
+    }
+    // On the CPU the slices view one buffer, in the file's order: an expert's up rows follow
+    // its gate rows, and the next expert follows.
+    let at = |q: &candle_core::quantized::QTensor| q.data().unwrap().as_ptr() as usize;
+    for (e, (gate, up)) in halves[0].iter().zip(&halves[1]).enumerate() {
+        assert_eq!(at(up), at(gate) + 64 * per_row, "expert {e}");
+    }
+    assert_eq!(at(&halves[0][1]), at(&halves[0][0]) + 128 * per_row);
+    for parts in [0, 3] {
+        let e = store
+            .stacked_qtensors(name, parts, &Device::Cpu)
+            .unwrap_err();
+        let want = format!("rows do not split into {parts} equal parts");
+        assert!(e.to_string().contains(&want), "{e}");
     }
     let e = store
-        .stacked_qtensors(name, Some(100..200), &Device::Cpu)
-        .unwrap_err();
-    assert!(e.to_string().contains("has no rows 100..200"), "{e}");
-    let e = store
-        .stacked_qtensors("blk.0.ffn_gate_inp.weight", None, &Device::Cpu)
+        .stacked_qtensors("blk.0.ffn_gate_inp.weight", 1, &Device::Cpu)
         .unwrap_err();
     assert!(e.to_string().contains("a stack of matrices"), "{e}");
 }

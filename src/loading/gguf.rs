@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +23,7 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMag
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
 
+use super::host::{self, HostBuffer};
 use crate::{Activation, Error, GluConfig, Result, WeightLayout};
 
 /// The most values all metadata arrays may hold together. Each costs about 32 bytes in memory
@@ -414,7 +415,17 @@ impl GgufStore {
     /// A missing tensor (with the closest names that exist), a type candle cannot read
     /// ([`Error::UnsupportedTensorType`]), or an I/O error.
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
-        self.readable(name)?;
+        let (entry, dtype) = self.readable(name)?;
+        if device.is_cpu() {
+            let buffer = self.read_host(name, dtype)?;
+            let len = buffer.len();
+            let mut tensors =
+                host::views(buffer, dtype, &[(0..len, Shape::from(&entry.shape[..]))])
+                    .map_err(|e| self.tensor_error(name, e))?;
+            return tensors
+                .pop()
+                .ok_or_else(|| self.invalid(format!("tensor `{name}` has no view")));
+        }
         let file = self.open_data()?;
         self.content
             .tensor(&mut BufReader::new(file), name, device)
@@ -422,20 +433,25 @@ impl GgufStore {
     }
 
     /// Reads a stacked tensor `[n, out, in]`, such as a mixture of experts' `ffn_up_exps`
-    /// (`[experts, intermediate, hidden]`), as `n` tensors of rows `rows` of each slice
-    /// (`[rows.len(), in]`; all `out` rows for `None`). Each is read from the file on its own,
-    /// so the stacked tensor is never in memory twice, and no value is decoded or moved within
-    /// its blocks: each slice holds the stored bytes of its rows.
+    /// (`[experts, intermediate, hidden]`), with each slice's rows split into `parts` equal
+    /// runs: one result per run, each `n` tensors `[out / parts, in]`. A fused
+    /// `ffn_gate_up_exps` is read with `parts = 2` (gate rows, then up), once. No value is
+    /// decoded or moved within its blocks: each tensor holds the stored bytes of its rows.
+    ///
+    /// On the CPU the whole tensor is read once into one buffer (huge pages where the system
+    /// has them), and the slices view it in place: the experts lie one after the other, as in
+    /// the file, and nothing is copied. On a GPU each slice is read and sent on its own, so
+    /// that the host never holds the whole stack.
     ///
     /// # Errors
     /// As [`qtensor`](Self::qtensor); [`Error::InvalidFile`] for a tensor that is not of rank
-    /// 3, or rows past `out`.
+    /// 3, or whose `out` rows do not split into `parts`.
     pub fn stacked_qtensors(
         &self,
         name: &str,
-        rows: Option<Range<usize>>,
+        parts: usize,
         device: &Device,
-    ) -> Result<Vec<QTensor>> {
+    ) -> Result<Vec<Vec<QTensor>>> {
         let (entry, dtype) = self.readable(name)?;
         let &[n, out, k] = entry.shape.as_slice() else {
             return Err(self.invalid(format!(
@@ -443,31 +459,85 @@ impl GgufStore {
                 entry.shape
             )));
         };
-        let rows = rows.unwrap_or(0..out);
-        if rows.is_empty() || rows.end > out {
+        if parts == 0 || out % parts != 0 {
             return Err(self.invalid(format!(
-                "tensor `{name}` [{n}, {out}, {k}] has no rows {rows:?} in each slice"
+                "tensor `{name}` [{n}, {out}, {k}]: its slices' {out} rows do not split into \
+                 {parts} equal parts"
             )));
+        }
+        let run = out / parts;
+        let rows: Vec<Range<usize>> = (0..parts).map(|p| p * run..(p + 1) * run).collect();
+        // Rows hold whole blocks: the shape was checked when the table was read.
+        let row_bytes = k / dtype.block_size() * dtype.type_size();
+        let slice = |i: usize, r: &Range<usize>| {
+            let start = (i * out + r.start) * row_bytes;
+            (
+                start..start + r.len() * row_bytes,
+                Shape::from((r.len(), k)),
+            )
+        };
+        if device.is_cpu() {
+            let slices: Vec<_> = rows
+                .iter()
+                .flat_map(|r| (0..n).map(move |i| slice(i, r)))
+                .collect();
+            let mut tensors = host::views(self.read_host(name, dtype)?, dtype, &slices)
+                .map_err(|e| self.tensor_error(name, e))?
+                .into_iter();
+            return Ok(rows
+                .iter()
+                .map(|_| tensors.by_ref().take(n).collect())
+                .collect());
         }
         let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(self.invalid(format!("tensor `{name}` is not in the table")));
         };
-        // Rows hold whole blocks: the shape was checked when the table was read.
-        let row_bytes = (k / dtype.block_size() * dtype.type_size()) as u64;
         let mut reader = BufReader::new(self.open_data()?);
-        (0..n)
-            .map(|i| {
-                let first_row = (i * out + rows.start) as u64;
-                let slice = TensorInfo {
-                    ggml_dtype: dtype,
-                    shape: Shape::from((rows.len(), k)),
-                    offset: info.offset + first_row * row_bytes,
-                };
-                slice
-                    .read(&mut reader, self.content.tensor_data_offset, device)
-                    .map_err(|e| self.tensor_error(name, e))
+        rows.iter()
+            .map(|r| {
+                (0..n)
+                    .map(|i| {
+                        let (bytes, shape) = slice(i, r);
+                        TensorInfo {
+                            ggml_dtype: dtype,
+                            shape,
+                            offset: info.offset + bytes.start as u64,
+                        }
+                        .read(&mut reader, self.content.tensor_data_offset, device)
+                        .map_err(|e| self.tensor_error(name, e))
+                    })
+                    .collect()
             })
             .collect()
+    }
+
+    /// Reads tensor `name`'s bytes, as stored, into one host buffer.
+    fn read_host(&self, name: &str, dtype: GgmlDType) -> Result<HostBuffer> {
+        let (Some(entry), Some(info)) =
+            (self.tensors.get(name), self.content.tensor_infos.get(name))
+        else {
+            return Err(self.invalid(format!("tensor `{name}` is not in the table")));
+        };
+        let len = data_size(&entry.shape, dtype)
+            .map_err(|m| self.invalid(format!("tensor `{name}` {m}")))?;
+        let io = |source: std::io::Error| Error::Io {
+            path: self.path.clone(),
+            source: std::io::Error::new(source.kind(), format!("tensor `{name}`: {source}")),
+        };
+        let len = usize::try_from(len).map_err(|_| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("{len} bytes do not fit this machine's address space"),
+            ))
+        })?;
+        let mut buffer = HostBuffer::zeroed(len).map_err(io)?;
+        let mut file = self.open_data()?;
+        file.seek(SeekFrom::Start(
+            self.content.tensor_data_offset + info.offset,
+        ))
+        .map_err(io)?;
+        file.read_exact(buffer.as_mut_slice()).map_err(io)?;
+        Ok(buffer)
     }
 
     /// The entry of a tensor candle can read and that holds values.

@@ -13,9 +13,11 @@
 //! # Ok(()) }
 //! ```
 
-#![forbid(unsafe_code)]
+// Unsafe code lives in `host` alone (the views of a buffer as candle's blocks).
+#![deny(unsafe_code)]
 
 mod gguf;
+mod host;
 #[cfg(feature = "hub")]
 pub mod hub;
 mod safetensors;
@@ -576,14 +578,13 @@ impl Checkpoint {
         let router = checked("ffn_gate_inp", &[e, h])?;
         let fused = self.contains(&name("ffn_gate_up_exps"));
         // Gate and up: each its own stack, or the rows of the fused one (gate rows first).
-        let [gate, up] = if fused {
-            let n = checked("ffn_gate_up_exps", &[e, 2 * i, h])?;
-            [(n.clone(), Some(0..i)), (n, Some(i..2 * i))]
+        let gate_up = if fused {
+            Err(checked("ffn_gate_up_exps", &[e, 2 * i, h])?)
         } else {
-            [
-                (checked("ffn_gate_exps", &[e, i, h])?, None),
-                (checked("ffn_up_exps", &[e, i, h])?, None),
-            ]
+            Ok([
+                checked("ffn_gate_exps", &[e, i, h])?,
+                checked("ffn_up_exps", &[e, i, h])?,
+            ])
         };
         let down = checked("ffn_down_exps", &[e, h, i])?;
         let bias = format!("blk.{layer}.exp_probs_b.bias");
@@ -608,9 +609,18 @@ impl Checkpoint {
         };
 
         let dev = &opts.device;
-        let gates = g.stacked_qtensors(&gate.0, gate.1, dev)?;
-        let ups = g.stacked_qtensors(&up.0, up.1, dev)?;
-        let downs = g.stacked_qtensors(&down, None, dev)?;
+        // One stack per part asked (`stacked_qtensors` gives exactly that many).
+        let stacks =
+            |n: &str, parts| -> Result<_> { Ok(g.stacked_qtensors(n, parts, dev)?.into_iter()) };
+        let (gates, ups) = match &gate_up {
+            Ok([gate, up]) => (stacks(gate, 1)?.next(), stacks(up, 1)?.next()),
+            Err(fused) => {
+                let mut halves = stacks(fused, 2)?;
+                (halves.next(), halves.next())
+            }
+        };
+        let (gates, ups) = (gates.unwrap_or_default(), ups.unwrap_or_default());
+        let downs = stacks(&down, 1)?.next().unwrap_or_default();
         let expert_cfg = cfg.expert.clone().with_bias(false);
         let experts = gates
             .into_iter()
