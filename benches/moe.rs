@@ -220,8 +220,11 @@ fn quantized_layer(
     let router = Tensor::randn(0f32, 1.0, (e, h), &Device::Cpu)?;
     // Loaded as a user loads them: written to a GGUF file and read back by the crate's loader,
     // so that the experts lie in memory as it puts them.
-    let path =
-        std::env::temp_dir().join(format!("candle-glu-bench-moe-{}.gguf", std::process::id()));
+    // (A named temporary file: removed when dropped, on every path.)
+    let mut file = tempfile::Builder::new()
+        .prefix("candle-glu-bench-moe-")
+        .suffix(".gguf")
+        .tempfile()?;
     {
         let tensors = [
             (
@@ -233,15 +236,16 @@ fn quantized_layer(
             ("blk.0.ffn_down_exps.weight", stacked(h, i)?),
         ];
         let named: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
-        gguf_file::write(&mut file, &[], &named)?;
-        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let mut writer = std::io::BufWriter::new(file.as_file_mut());
+        gguf_file::write(&mut writer, &[], &named)?;
+        writer
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
     }
     let cfg = MoeConfig::new(GluConfig::new(h, i), e, k);
     let opts = LoadOptions::new(DType::F32, dev.clone()).with_quantized(true);
-    let loaded = Checkpoint::open(&path).and_then(|c| c.load_experts(&cfg, 0, &opts));
-    std::fs::remove_file(&path)?;
-    let ours = loaded?;
+    let ours = Checkpoint::open(file.path())?.load_experts(&cfg, 0, &opts)?;
     let qmatmul = |p: &Projection| -> Result<Box<dyn Module>> {
         match p {
             Projection::Quantized { weight, .. } => Ok(Box::new(weight.clone())),

@@ -29,7 +29,8 @@
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
-// Only the kernels need `unsafe`; every other module says `#![forbid(unsafe_code)]`.
+// Only the kernels and `loading::host` (candle's blocks viewed in one buffer) need `unsafe`;
+// every other module says `#![forbid(unsafe_code)]` (`loading` denies it, for `host`).
 
 pub mod activation;
 pub mod config;
