@@ -16,8 +16,10 @@
 //! Ties in a top-k go to the lowest index, as PyTorch's `topk` breaks them. A NaN score is never
 //! chosen while a number is left (`topk` would rank it highest; a NaN router row makes every
 //! score NaN, and its token's output NaN, either way). DeepSeek's experts outside the chosen
-//! groups are masked with −∞, as transformers 5 and DeepSeek's own inference code mask them
-//! (transformers 4 filled 0.0, which chooses differently only where a biased score is below 0).
+//! groups are not candidates: transformers 5 and DeepSeek's own inference code mask them with
+//! −∞, which chooses the same wherever no allowed score is NaN (transformers 4 filled 0.0, which
+//! chooses differently where a biased score is below 0). The selection bias is read in f32, as
+//! transformers keeps it, whatever the dtype the layer is loaded in.
 //!
 //! Execution is grouped: the tokens routed to each expert are gathered once, the expert runs
 //! once over them, and its outputs are added back with their weights; an expert without tokens
@@ -36,7 +38,7 @@ use candle_core::Result;
 
 use crate::config::{bool_field, kind_of, size_field, MAX_CONFIG_BYTES, MAX_DIM};
 use crate::error;
-use crate::projection::load;
+use crate::projection::{load, load_as};
 use crate::{Error, GluConfig, GluFeedForward, Projection, WeightLayout};
 
 /// How the router turns its logits into scores.
@@ -222,10 +224,15 @@ impl MoeConfig {
         // The experts' count: each family's own key, which transformers 5 may write under
         // another (Qwen3-MoE's `num_experts` as `num_local_experts`).
         let experts = |field: &str| {
-            ["num_experts", "num_local_experts", "n_routed_experts"]
-                .into_iter()
-                .find(|f| obj.get(*f).is_some_and(|v| !v.is_null()))
-                .map_or_else(|| size(field), size)
+            [
+                field,
+                "num_experts",
+                "num_local_experts",
+                "n_routed_experts",
+            ]
+            .into_iter()
+            .find(|f| obj.get(*f).is_some_and(|v| !v.is_null()))
+            .map_or_else(|| size(field), size)
         };
         let flag = |field: &str, default: bool| bool_field(&obj, field, default).map_err(&fail);
         let mut expert = dense.with_layout(WeightLayout::Llama);
@@ -369,12 +376,20 @@ pub struct GluExperts {
     /// copy where it is stored in another dtype (converting it on every call cost 15% of a
     /// Qwen3-MoE layer's decode), the same storage where it is f32.
     router_projection: Option<Projection>,
-    /// DeepSeek-V3's selection bias, `[E]`, f32.
-    selection_bias: Option<Vec<f32>>,
+    /// DeepSeek-V3's selection bias, `[E]`, as given (f32 from [`GluExperts::new`]): read on
+    /// every call where it is a variable, so that updates to it are seen; else copied once.
+    selection_bias: Option<SelectionBias>,
     experts: Vec<GluFeedForward>,
     shared: Option<GluFeedForward>,
     /// Qwen2-MoE's shared expert gate, `[1, H]`, as stored.
     shared_gate: Option<Tensor>,
+}
+
+/// DeepSeek-V3's selection bias: a copy, or the variable being trained.
+#[derive(Debug, Clone)]
+enum SelectionBias {
+    Fixed(Vec<f32>),
+    Variable(Tensor),
 }
 
 impl GluExperts {
@@ -400,8 +415,11 @@ impl GluExperts {
         let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
         let router = load(&vb, "gate.weight", &[e, h], kaiming)?;
         let selection_bias = if cfg.selection_bias {
+            // In f32 whatever the load dtype, as transformers keeps it: bf16's spacing near 1
+            // (2^-7) is wider than the gaps between the scores it separates.
             let zero = candle_nn::Init::Const(0.0);
-            Some(load(&vb, "gate.e_score_correction_bias", &[e], zero)?)
+            let name = "gate.e_score_correction_bias";
+            Some(load_as(&vb, name, &[e], zero, DType::F32)?)
         } else {
             None
         };
@@ -568,7 +586,8 @@ impl GluExperts {
             ));
         }
         let selection_bias = match selection_bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            Some(b) if b.is_variable() => Some(SelectionBias::Variable(b)),
+            Some(b) => Some(SelectionBias::Fixed(b.to_dtype(DType::F32)?.to_vec1()?)),
             None => None,
         };
         let router_projection = if router.is_variable() {
@@ -652,7 +671,18 @@ impl GluExperts {
             Scoring::Sigmoid => candle_nn::ops::sigmoid(logits)?,
         };
         let host = scores.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let chosen: Vec<Vec<usize>> = host.iter().map(|s| self.top_k(s)).collect();
+        let bias = match &self.selection_bias {
+            Some(SelectionBias::Fixed(b)) => Some(std::borrow::Cow::Borrowed(b.as_slice())),
+            Some(SelectionBias::Variable(b)) => {
+                Some(std::borrow::Cow::Owned(b.to_dtype(DType::F32)?.to_vec1()?))
+            }
+            None => None,
+        };
+        let chosen: Vec<Vec<usize>> = host
+            .iter()
+            .map(|s| self.top_k(s, bias.as_deref()))
+            .collect();
+        // (Expert indices are below `E`, which `validate` bounds.)
         let index: Vec<u32> = chosen.iter().flatten().map(|&e| e as u32).collect();
         let index = Tensor::from_vec(index, (chosen.len(), cfg.top_k), logits.device())?;
         let mut weights = scores.gather(&index, D::Minus1)?;
@@ -670,10 +700,11 @@ impl GluExperts {
         Ok((chosen, weights))
     }
 
-    /// One token's experts from its scores, best first (ties: the lower index).
-    fn top_k(&self, scores: &[f32]) -> Vec<usize> {
+    /// One token's experts from its scores (plus `bias` to choose them), best first (ties: the
+    /// lower index).
+    fn top_k(&self, scores: &[f32], bias: Option<&[f32]>) -> Vec<usize> {
         let cfg = &self.config;
-        let choice: Vec<f32> = match &self.selection_bias {
+        let choice: Vec<f32> = match bias {
             Some(bias) => scores.iter().zip(bias).map(|(s, b)| s + b).collect(),
             None => scores.to_vec(),
         };
@@ -689,12 +720,14 @@ impl GluExperts {
                 *a = groups.contains(&(j / per));
             }
         }
-        let masked: Vec<f32> = choice
-            .iter()
-            .zip(&allowed)
-            .map(|(&c, &a)| if a { c } else { f32::NEG_INFINITY })
-            .collect();
-        best(&masked, cfg.top_k)
+        // Only the allowed experts are candidates (a −∞ mask would let a masked expert win over
+        // an allowed one whose score is NaN).
+        let candidates: Vec<usize> = (0..choice.len()).filter(|&j| allowed[j]).collect();
+        let values: Vec<f32> = candidates.iter().map(|&j| choice[j]).collect();
+        best(&values, cfg.top_k)
+            .into_iter()
+            .map(|j| candidates[j])
+            .collect()
     }
 
     /// Each job's expert over its tokens, then the shared expert over all tokens `x` (its
@@ -749,6 +782,12 @@ impl GluExperts {
         let (chosen, weights) = self.choose(&self.logits(&scored)?)?;
         let tokens = x.dim(0)?;
         let dev = x.device();
+        if u32::try_from(tokens.saturating_mul(self.config.top_k)).is_err() {
+            candle_core::bail!(
+                "{tokens} tokens × {} experts each: more routing slots than 2^32",
+                self.config.top_k
+            )
+        }
         // Per expert: its tokens, and the positions of their weights in `weights` (flattened).
         let mut per_expert: Vec<(Vec<u32>, Vec<u32>)> =
             vec![Default::default(); self.experts.len()];

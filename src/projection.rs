@@ -517,7 +517,18 @@ pub(crate) fn load_linear(vb: &VarBuilder, [out, inp]: [usize; 2], bias: bool) -
 
 /// `vb.get_with_hints`, with errors that say what exists instead.
 pub(crate) fn load(vb: &VarBuilder, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-    let err = match vb.get_with_hints(shape, name, init) {
+    load_as(vb, name, shape, init, vb.dtype())
+}
+
+/// [`load`] in `dtype` rather than the `VarBuilder`'s.
+pub(crate) fn load_as(
+    vb: &VarBuilder,
+    name: &str,
+    shape: &[usize],
+    init: Init,
+    dtype: DType,
+) -> Result<Tensor> {
+    let err = match vb.get_with_hints_dtype(shape, name, init, dtype) {
         Ok(t) => return Ok(t),
         Err(err) => err,
     };

@@ -187,6 +187,15 @@ fn config_with(case: &str, key: &str, value: serde_json::Value) -> String {
 }
 
 #[test]
+fn each_family_reads_its_own_expert_count_first() {
+    // Another family's key beside the family's own does not replace it.
+    let json = config_with("mixtral", "num_experts", 3.into());
+    assert_eq!(MoeConfig::from_hf_json(&json).unwrap().num_experts, 8);
+    let json = config_with("deepseek_v3", "num_local_experts", 3.into());
+    assert_eq!(MoeConfig::from_hf_json(&json).unwrap().num_experts, 16);
+}
+
+#[test]
 fn bad_configs_are_one_line_errors() {
     let err = |json: String| {
         let e = MoeConfig::from_hf_json(&json).unwrap_err().to_string();
@@ -687,4 +696,112 @@ fn dense_layers_of_a_mixture_are_told_apart() {
     let io = io("deepseek_v3");
     let y = moe.forward(&io["x"]).unwrap();
     assert_close(&y, &io["y_f64"], Tol::Rel(1e-5), "layer 1");
+}
+
+/// A DeepSeek-style router of `e` experts over hidden size 8 (experts of 4), sigmoid scores
+/// and a selection bias; `groups` groups, one of which a token may use where `groups > 1`.
+fn sigmoid_config(e: usize, k: usize, groups: usize) -> MoeConfig {
+    let mut cfg = MoeConfig::new(candle_glu::GluConfig::new(8, 4), e, k);
+    cfg.scoring = Scoring::Sigmoid;
+    cfg.selection_bias = true;
+    cfg.n_group = groups;
+    cfg.topk_group = 1;
+    cfg
+}
+
+#[test]
+fn the_selection_bias_is_read_in_f32_whatever_the_load_dtype() {
+    // Every score is sigmoid(0) = 0.5; the bias alone chooses. 1.001 and 1.0 are one value in
+    // bf16 (its spacing near 1 is 2^-7), where the tie would go to expert 0; transformers keeps
+    // the bias in f32 (`_keep_in_fp32_modules_strict`) and chooses expert 1.
+    let dev = Device::Cpu;
+    let (h, i, e) = (8, 4, 4);
+    let mut ws = HashMap::new();
+    ws.insert(
+        "gate.weight".to_string(),
+        Tensor::zeros((e, h), DType::F32, &dev).unwrap(),
+    );
+    let bias = Tensor::new(&[1.0f32, 1.001, 0.5, 0.5], &dev).unwrap();
+    ws.insert("gate.e_score_correction_bias".to_string(), bias);
+    for x in 0..e {
+        for (n, shape) in [
+            ("gate_proj", (i, h)),
+            ("up_proj", (i, h)),
+            ("down_proj", (h, i)),
+        ] {
+            let w = common::randn(x as u64, shape, 0.1, &dev);
+            ws.insert(format!("experts.{x}.{n}.weight"), w);
+        }
+    }
+    let vb = VarBuilder::from_tensors(ws, DType::BF16, &dev);
+    let moe = GluExperts::new(&sigmoid_config(e, 1, 1), vb).unwrap();
+    let x = Tensor::ones((1, h), DType::BF16, &dev).unwrap();
+    assert_eq!(moe.route(&x).unwrap().experts, vec![vec![1]]);
+}
+
+#[test]
+fn a_selection_bias_being_trained_is_read_on_every_call() {
+    // From a `VarMap` the bias is a variable (zeros at first): the router sees its updates.
+    let dev = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let moe = GluExperts::new(&sigmoid_config(4, 1, 1), vb).unwrap();
+    let x = Tensor::ones((1, 8), DType::F32, &dev).unwrap();
+    let before = moe.route(&x).unwrap().experts[0][0];
+    let favoured = (before + 1) % 4;
+    let mut bias = [0f32; 4];
+    bias[favoured] = 10.0;
+    let data = varmap.data().lock().unwrap();
+    data["gate.e_score_correction_bias"]
+        .set(&Tensor::new(&bias, &dev).unwrap())
+        .unwrap();
+    drop(data);
+    assert_eq!(moe.route(&x).unwrap().experts, vec![vec![favoured]]);
+}
+
+#[test]
+fn experts_outside_the_chosen_groups_never_win_over_a_nan_score() {
+    // Two groups of three. Group 0's experts 0 and 1 score high and expert 2 is NaN, so group 0
+    // is the one allowed (its two best sum highest), and its three experts are the token's three,
+    // the NaN among them: the token's output is NaN, as in transformers, where NaN ranks first.
+    // A −∞ mask on group 1 ranked its experts above the NaN and gave a finite output.
+    let dev = Device::Cpu;
+    let cfg = sigmoid_config(6, 3, 2);
+    let (h, e) = (8, 6);
+    let mut rows = vec![vec![0.5f32; h], vec![0.4; h], vec![f32::NAN; h]];
+    rows.extend([vec![-0.5f32; h], vec![-0.5; h], vec![-0.5; h]]);
+    let router = Tensor::new(rows, &dev).unwrap();
+    let bias = Tensor::zeros(e, DType::F32, &dev).unwrap();
+    let expert_cfg = cfg.expert.clone();
+    let experts = (0..e)
+        .map(|_| {
+            let vb = VarBuilder::from_tensors(
+                [
+                    ("gate_proj.weight", (4, h)),
+                    ("up_proj.weight", (4, h)),
+                    ("down_proj.weight", (h, 4)),
+                ]
+                .into_iter()
+                .enumerate()
+                .map(|(j, (n, s))| (n.to_string(), common::randn(j as u64, s, 0.1, &dev)))
+                .collect(),
+                DType::F32,
+                &dev,
+            );
+            candle_glu::GluFeedForward::new(&expert_cfg, vb).unwrap()
+        })
+        .collect();
+    let moe = GluExperts::from_parts(&cfg, router, Some(bias), experts, None, None).unwrap();
+    let x = Tensor::ones((1, h), DType::F32, &dev).unwrap();
+    let mut chosen = moe.route(&x).unwrap().experts[0].clone();
+    chosen.sort();
+    assert_eq!(chosen, vec![0, 1, 2]);
+    let y: Vec<f32> = moe
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
 }
