@@ -162,10 +162,12 @@ impl GluConfig {
     ///
     /// Understood: `hidden_size` / `intermediate_size` / `hidden_act` / `mlp_bias` (Llama,
     /// Mistral, Qwen2, SmolLM, Phi-3, Mixtral), Gemma's `hidden_activation` (Gemma 2 and 3 read
-    /// nothing else; Gemma's legacy `hidden_act = "gelu"` is the tanh GELU, as transformers reads
-    /// it), T5's `d_model` / `d_ff` / `feed_forward_proj = "gated-<act>"` (where `gated-gelu`
-    /// means `gelu_new`; absent: `relu`, not gated, for T5 and `gated-gelu` for mT5 and UMT5, as
-    /// transformers' defaults), a nested `text_config` for multimodal models and T5Gemma's
+    /// nothing else; Gemma's legacy `hidden_act = "gelu"` is taken as the tanh GELU it was
+    /// trained with), T5's `d_model` / `d_ff` / `feed_forward_proj = "gated-<act>"` (where
+    /// `gated-gelu` means `gelu_new`; absent: `relu`, not gated, for T5 and `gated-gelu` for mT5
+    /// and UMT5, as transformers' defaults) with `dense_act_fn` and `is_gated_act` taking
+    /// precedence where given (transformers sets them after deriving its own), a nested
+    /// `text_config` for multimodal models and T5Gemma's
     /// `encoder`. The layout follows `model_type`: `phi3` → Phi-3, `mixtral` → Mixtral, T5
     /// family → T5, otherwise Llama (T5Gemma's blocks have Llama's names under
     /// `encoder.layers.N.mlp`: load them with that prefix). A missing
@@ -237,21 +239,34 @@ impl GluConfig {
                 "relu"
             };
             let proj = given.unwrap_or(default);
-            let Some(act) = proj.strip_prefix("gated-") else {
-                let whence = if given.is_none() {
-                    " (transformers' default for T5, where the config does not say)"
-                } else {
-                    ""
+            // transformers' T5Config derives `is_gated_act` and `dense_act_fn` from
+            // `feed_forward_proj`; where config.json gives them, its values are the ones used.
+            let gated =
+                bool_field(obj, "is_gated_act", proj.starts_with("gated-")).map_err(&fail)?;
+            if !gated {
+                let whence = match (obj.contains_key("is_gated_act"), given) {
+                    (true, _) => "`is_gated_act` is false".to_string(),
+                    (false, Some(_)) => format!("`feed_forward_proj` is `{proj}`"),
+                    (false, None) => format!(
+                        "`feed_forward_proj` is `{proj}` (transformers' default for T5, where the \
+                         config does not say)"
+                    ),
                 };
                 return Err(fail(format!(
-                    "`feed_forward_proj` is `{proj}`{whence}, which is not gated: expected \
-                     `gated-<act>` such as `gated-gelu`"
+                    "{whence}, which is not gated: expected `gated-<act>` such as `gated-gelu`"
                 )));
+            }
+            let activation = match str_field(obj, "dense_act_fn").map_err(&fail)? {
+                Some(name) => parse_act(name, "dense_act_fn").map_err(&fail)?,
+                None => {
+                    let act = proj.strip_prefix("gated-").unwrap_or(proj);
+                    // T5Config turns `gated-gelu` into `gelu_new`, the tanh form.
+                    let act = if act == "gelu" { "gelu_new" } else { act };
+                    parse_act(act, "feed_forward_proj").map_err(&fail)?
+                }
             };
-            // transformers' T5Config turns `gated-gelu` into `gelu_new`, the tanh form.
-            let act = if act == "gelu" { "gelu_new" } else { act };
             GluConfig::new(hidden, intermediate)
-                .with_activation(parse_act(act, "feed_forward_proj").map_err(&fail)?)
+                .with_activation(activation)
                 .with_layout(WeightLayout::T5)
         } else {
             let hidden = size_field(obj, "hidden_size").map_err(&fail)?;
@@ -261,8 +276,8 @@ impl GluConfig {
                 // Gemma 2 and 3 (and T5Gemma) never read `hidden_act`.
                 None if later_gemma => Activation::GeluTanh,
                 None => match str_field(obj, "hidden_act").map_err(&fail)? {
-                    // Gemma's first checkpoints say `gelu` but were trained with the tanh form;
-                    // transformers reads it so.
+                    // Gemma's first checkpoints say `gelu` but were trained with the tanh form
+                    // (transformers 4.38–4.47 ignored `hidden_act` and used it).
                     Some("gelu") if model_type == "gemma" => Activation::GeluTanh,
                     Some(name) => parse_act(name, "hidden_act").map_err(&fail)?,
                     None if gemma => Activation::GeluTanh,
@@ -496,6 +511,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not gated"), "{err}");
+    }
+
+    #[test]
+    fn t5_explicit_act_fields_win_as_in_transformers() {
+        // flan-T5's config.json repeats what `feed_forward_proj` implies.
+        let flan = r#"{"model_type":"t5","d_model":8,"d_ff":16,"feed_forward_proj":"gated-gelu",
+                       "dense_act_fn":"gelu_new","is_gated_act":true}"#;
+        assert_eq!(parse(flan).unwrap().activation, Activation::GeluTanh);
+        // Where they differ, transformers sets the config's own values after deriving its own.
+        let exact = r#"{"model_type":"t5","d_model":8,"d_ff":16,"feed_forward_proj":"gated-gelu",
+                        "dense_act_fn":"gelu"}"#;
+        assert_eq!(parse(exact).unwrap().activation, Activation::Gelu);
+        let ungated = r#"{"model_type":"t5","d_model":8,"d_ff":16,"feed_forward_proj":"gated-gelu",
+                          "is_gated_act":false}"#;
+        let err = parse(ungated).unwrap_err().to_string();
+        assert!(err.contains("`is_gated_act` is false"), "{err}");
+        let gated_relu = r#"{"model_type":"t5","d_model":8,"d_ff":16,"feed_forward_proj":"relu",
+                             "is_gated_act":true}"#;
+        assert_eq!(parse(gated_relu).unwrap().activation, Activation::Relu);
     }
 
     #[test]

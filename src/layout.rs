@@ -31,6 +31,10 @@ pub enum WeightLayout {
     /// Phi-3's fused `gate_up_proj` of shape `[2·I, H]`, gate first, and `down_proj`.
     Phi3,
     /// T5 v1.1's gated `DenseReluDense`: `wi_0` (activated), `wi_1`, `wo`.
+    ///
+    /// Load these blocks in f32 or bf16, not f16: T5's activations overflow f16's range, which
+    /// is why transformers keeps `wo` in f32 (`_keep_in_fp32_modules`) even in an f16 model;
+    /// this crate loads a block's three weights in one dtype.
     T5,
     /// One Mixtral expert: `w1` (gate), `w3` (up), `w2` (down).
     Mixtral,

@@ -255,6 +255,17 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
             &craft::safetensors_raw(h, &[0; 4]),
         ))
     });
+    c.insert("st-fp8-scaled", |d| {
+        let scale = format!("{G}_scale_inv");
+        let t: [(&str, &str, &[u64]); 4] = [
+            (G, "F8_E4M3", &[8, 4]),
+            (&scale, "F32", &[1, 1]),
+            (U, "F8_E4M3", &[8, 4]),
+            (D, "F8_E4M3", &[4, 8]),
+        ];
+        write(d, "model.safetensors", &craft::safetensors_typed(&t));
+        load(d, Some(GluConfig::new(4, 8)))
+    });
     c.insert("st-int-load-ffn", |d| {
         let t: [(&str, &str, &[u64]); 3] = [
             (G, "I32", &[8, 4]),
@@ -378,6 +389,14 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         index_dir(
             d,
             &format!(r#"{{"weight_map":{{"{G}":"a.safetensors","x":"a.safetensors"}}}}"#),
+        )
+    });
+    c.insert("index-duplicate-tensor", |d| {
+        write(d, "a.safetensors", &craft::llama_block(4, 8));
+        write(d, "b.safetensors", &craft::llama_block(4, 8));
+        index_dir(
+            d,
+            &format!(r#"{{"weight_map":{{"{G}":"a.safetensors","{U}":"b.safetensors"}}}}"#),
         )
     });
     // --- config.json
@@ -508,6 +527,13 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let ckpt = Checkpoint::open(path).unwrap();
         let cfg = ckpt.config().unwrap().clone().with_bias(true);
         err(ckpt.load_layer(&cfg, 0, &f32_opts()))
+    });
+    c.insert("gguf-file-bias", |d| {
+        let mut g = Gguf::llama(32, 64, craft::Q4_0);
+        let bias = craft::tensor_bytes(craft::F32, 64);
+        g.tensors
+            .push(("blk.0.ffn_up.bias".into(), vec![64], craft::F32, bias));
+        gguf_load(d, &g, true)
     });
     // --- forward
     c.insert("input-last-dim", |_| {

@@ -398,6 +398,25 @@ impl Checkpoint {
                     });
                 }
                 let down = cfg.layout.names().down;
+                // Biases in the file would be left out: refused, rather than dropped.
+                let biases: Vec<String> = [gate, up, down]
+                    .iter()
+                    .map(|n| join(prefix, &format!("{n}.bias")))
+                    .filter(|n| self.contains(n))
+                    .collect();
+                if !biases.is_empty() {
+                    return Err(Error::Bias {
+                        message: format!(
+                            "the file has biases ({}), which quantized GGUF blocks do not load; \
+                             load the block dequantized (`with_quantized(false)`) with bias = true",
+                            biases
+                                .iter()
+                                .map(|b| format!("`{b}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
                 Ok(GluFeedForward::from_projections(
                     cfg,
                     load(gate)?,
@@ -743,8 +762,8 @@ fn find_weights(dir: &Path) -> Result<PathBuf> {
         1 => Ok(candidates.remove(0)),
         0 => Err(Error::InvalidFile {
             path: dir.to_path_buf(),
-            message: "the directory holds no model.safetensors, model.safetensors.index.json \
-                      or .gguf file"
+            message: "the directory holds no model.safetensors, model.safetensors.index.json, \
+                      other .safetensors or .gguf file"
                 .into(),
         }),
         _ => Err(Error::InvalidFile {

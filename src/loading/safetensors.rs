@@ -51,7 +51,11 @@ impl SafetensorsStore {
     pub(crate) fn open_index(index: &Path) -> Result<Self> {
         let fail = |message: String| invalid(index, message);
         let weight_map = read_index(index)?;
-        let dir = index.parent().unwrap_or(Path::new("."));
+        // (A bare file name's parent is "": the current directory.)
+        let dir = match index.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
         let mut store = Self::default();
         for shard in shards(&weight_map) {
             let path = dir.join(shard);
@@ -122,10 +126,11 @@ impl SafetensorsStore {
             }
             let entry = parse_entry(name, info, data_len).map_err(&fail)?;
             ranges.push((entry.0, entry.1, name.as_str()));
-            if self.tensors.contains_key(name) {
+            if let Some(first) = self.tensors.get(name) {
                 return Err(fail(format!(
-                    "tensor `{}` is also in another shard",
-                    name.escape_debug()
+                    "tensor `{}` is also in shard `{}`",
+                    name.escape_debug(),
+                    self.files[first.file].display()
                 )));
             }
             let (start, end, dtype, shape) = entry;
@@ -194,6 +199,20 @@ impl SafetensorsStore {
                     name: name.to_string(),
                     dtype: entry.dtype,
                 });
+            }
+            // FP8 checkpoints (DeepSeek-V3, Qwen3 FP8, compressed-tensors) store a scale beside
+            // each weight: the values alone are not the weights.
+            if entry.dtype == DType::F8E4M3 {
+                let scales = [format!("{name}_scale_inv"), format!("{name}_scale")];
+                if let Some(scale) = scales.iter().find(|s| self.tensors.contains_key(*s)) {
+                    return Err(invalid(
+                        &self.files[entry.file],
+                        format!(
+                            "tensor `{name}` is FP8 (F8_E4M3) scaled by `{scale}`, which this \
+                             crate does not apply; use a bf16 or f16 copy of the checkpoint"
+                        ),
+                    ));
+                }
             }
         }
         Ok(self.tensor(name, device)?.to_dtype(dtype)?)
