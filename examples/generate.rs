@@ -155,6 +155,9 @@ fn run(args: &Args) -> Result<()> {
             );
         }
     }
+    if args.repeat_last_n == 0 && args.repeat_penalty != 1.0 {
+        eprintln!("warning: --repeat-penalty does nothing with --repeat-last-n 0");
+    }
     if args.repeat_last_n != DEFAULT_REPEAT_LAST_N && args.repeat_penalty == 1.0 {
         eprintln!("warning: --repeat-last-n does nothing without a --repeat-penalty other than 1");
     }

@@ -106,6 +106,7 @@ struct Args {
 struct LayoutArg(Option<WeightLayout>);
 
 fn parse_layout(s: &str) -> std::result::Result<LayoutArg, String> {
+    let s = s.trim();
     if s.eq_ignore_ascii_case("auto") {
         return Ok(LayoutArg(None));
     }
@@ -216,6 +217,8 @@ struct Stats {
     min: f64,
     max: f64,
     abs_sum: f64,
+    /// Values that are NaN or ±inf (min and max skip NaN; mean and std are then not numbers).
+    non_finite: usize,
 }
 
 struct Bench {
@@ -300,6 +303,9 @@ fn run(args: &Args) -> Result<()> {
     let quantized = gguf && !args.dequantize;
     if args.dequantize && !gguf {
         eprintln!("warning: --dequantize does nothing: only GGUF weights are quantized");
+    }
+    if args.prefix.is_some() && args.layer != 0 {
+        eprintln!("warning: --layer does nothing with --prefix (the prefix names the block)");
     }
     // The random input's flags, where the input is a file (counted as given where they differ
     // from their defaults).
@@ -726,7 +732,7 @@ fn bench(
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    let median = times[runs / 2];
+    let median = (times[(runs - 1) / 2] + times[runs / 2]) / 2.0;
     let tokens = x.elem_count() / cfg.hidden_size;
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
     // Three [H, I] matmuls per token and expert, two flops per multiply-add; for a mixture,
@@ -814,6 +820,7 @@ fn stats(y: &Tensor) -> Result<Stats> {
             .map(|&x| f64::from(x))
             .fold(f64::NEG_INFINITY, f64::max),
         abs_sum: v.iter().map(|&x| f64::from(x).abs()).sum(),
+        non_finite: v.iter().filter(|x| !x.is_finite()).count(),
     })
 }
 
@@ -887,6 +894,9 @@ fn print_summary(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
         "y stats     mean {:+.6}, std {:.6}, min {:+.6}, max {:+.6}, sum|y| {:.4}",
         s.mean, s.std, s.min, s.max, s.abs_sum
     )?;
+    if s.non_finite > 0 {
+        writeln!(out, "            {} values are NaN or ±inf", s.non_finite)?;
+    }
     writeln!(out, "time        {:.3} ms (first call)", r.first_ms)?;
     if let Some(b) = &r.bench {
         writeln!(
@@ -916,13 +926,17 @@ fn to_json(r: &Report) -> serde_json::Value {
         "device": r.device,
         "dtype": r.dtype.as_str(),
         "path": r.path.to_string(),
-        "cpu_kernels": candle_glu::cpu_kernels().map(|k| k.name()),
+        // The crate's kernels where they run (as the summary's `kernels` line says).
+        "cpu_kernels": match r.path {
+            candle_glu::ForwardPath::Candle => None,
+            _ => candle_glu::cpu_kernels().map(|k| k.name()),
+        },
         "micro_kernel": r.micro_kernel.map(|k| k.to_string()),
         "input_shape": r.input_shape,
         "output_shape": r.output_shape,
         "stats": {
             "mean": r.stats.mean, "std": r.stats.std, "min": r.stats.min,
-            "max": r.stats.max, "abs_sum": r.stats.abs_sum,
+            "max": r.stats.max, "abs_sum": r.stats.abs_sum, "non_finite": r.stats.non_finite,
         },
         "first_ms": r.first_ms,
         "bench": r.bench.as_ref().map(|b| serde_json::json!({

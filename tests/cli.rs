@@ -521,6 +521,47 @@ fn flags_that_do_nothing_are_warned_about() {
 }
 
 #[test]
+fn layer_with_prefix_warns() {
+    let out = run(&[
+        "--prefix",
+        "model.layers.15.mlp",
+        "--layer",
+        "2",
+        "--tokens",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.lines().collect::<Vec<_>>(),
+        ["warning: --layer does nothing with --prefix (the prefix names the block)"]
+    );
+}
+
+#[test]
+fn statistics_count_what_is_not_a_number() {
+    // One token of NaN: its output row is NaN (576 values), the other's are numbers; min and
+    // max are the numbers', mean and std not numbers (JSON null).
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.safetensors");
+    let mut values = vec![0.5f32; 2 * 576];
+    values[3] = f32::NAN;
+    let x = Tensor::from_vec(values, (1, 2, 576), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &input).unwrap();
+    let input = input.to_str().unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&run(&["--input", input, "--json"]))).unwrap();
+    let stats = &json["stats"];
+    assert_eq!(stats["non_finite"], 576, "{json}");
+    assert!(stats["min"].is_f64() && stats["max"].is_f64(), "{json}");
+    assert!(stats["mean"].is_null(), "{json}");
+    let text = stdout(&run(&["--input", input]));
+    assert!(text.contains("576 values are NaN or ±inf"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&run(&["--json"]))).unwrap();
+    assert_eq!(json["stats"]["non_finite"], 0, "{json}");
+}
+
+#[test]
 fn unwritable_output_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("missing-dir").join("y.safetensors");

@@ -266,6 +266,68 @@ fn crafted_llama_metadata_is_refused() {
         info.shape = candle_core::Shape::from(());
     });
     assert!(msg.contains("`token_embd.weight` has no rows"), "{msg}");
+    // A block count that lies: an error naming the missing layer, not an allocation of 2^32.
+    let msg = edited(&|c| {
+        c.metadata
+            .insert("llama.block_count".into(), Value::U32(u32::MAX));
+    });
+    assert!(
+        msg.contains(
+            "`llama.block_count` is 4294967295, but the GGUF has no `blk.4294967294.attn_q.weight`"
+        ),
+        "{msg}"
+    );
+    // A key of another type is an error, not its default (it gave RoPE's base 10000).
+    let msg = edited(&|c| {
+        c.metadata
+            .insert("llama.rope.freq_base".into(), Value::String("1e5".into()));
+    });
+    assert!(msg.contains("`llama.rope.freq_base`"), "{msg}");
+    // What the example does not implement is refused, not ignored.
+    let msg = edited(&|c| {
+        c.metadata.insert(
+            "llama.rope.scaling.type".into(),
+            Value::String("linear".into()),
+        );
+    });
+    assert!(msg.contains("RoPE scaling (`linear`)"), "{msg}");
+    let msg = edited(&|c| {
+        c.metadata
+            .insert("llama.attention.key_length".into(), Value::U32(128));
+    });
+    assert!(msg.contains("keys of 128 values for heads of 64"), "{msg}");
+    let msg = edited(&|c| {
+        let Some(Value::Array(tokens)) = c.metadata.get_mut("tokenizer.ggml.tokens") else {
+            panic!("tokens");
+        };
+        tokens.push(Value::String("<extra>".into()));
+    });
+    assert!(
+        msg.contains("the tokenizer has 49153 tokens but `token_embd.weight` only 49152 rows"),
+        "{msg}"
+    );
+}
+
+/// Another model's tokenizer settings are refused: this example builds SmolLM2's.
+#[test]
+fn tokenizers_other_than_smollm2s_are_refused() {
+    use candle_core::quantized::gguf_file::Value;
+    let edited = |key: &str, value: Value| {
+        let mut c = smollm2::read_gguf(&gguf()).unwrap().0;
+        c.metadata.insert(key.into(), value);
+        match smollm2::tokenizer::Tokenizer::from_gguf(&c) {
+            Ok(_) => "no error".to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let msg = edited("tokenizer.ggml.pre", Value::String("llama-bpe".into()));
+    assert!(msg.contains("pre-tokenizer is `llama-bpe`"), "{msg}");
+    let msg = edited("tokenizer.ggml.add_bos_token", Value::Bool(true));
+    assert!(msg.contains("sets `tokenizer.ggml.add_bos_token`"), "{msg}");
+    assert_eq!(
+        edited("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+        "no error"
+    );
 }
 
 #[test]
@@ -943,6 +1005,22 @@ fn generate_flags_ignore_case_and_say_what_does_nothing() {
             "warning: --seed does nothing without a --temperature of at least 1e-7 (decoding is greedy)",
             "warning: --repeat-last-n does nothing without a --repeat-penalty other than 1",
         ],
+        "{stderr}"
+    );
+    // A penalty over a window of no tokens.
+    let (_, stderr) = generate_ok(&[
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "1",
+        "--repeat-penalty",
+        "1.2",
+        "--repeat-last-n",
+        "0",
+    ]);
+    assert_eq!(
+        stderr.lines().next(),
+        Some("warning: --repeat-penalty does nothing with --repeat-last-n 0"),
         "{stderr}"
     );
 }

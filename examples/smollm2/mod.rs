@@ -177,9 +177,30 @@ impl LlamaConfig {
         };
         let uint = |key: &str| -> anyhow::Result<usize> {
             let v = get(key)?;
-            let n = v.to_u32().map(u64::from).or_else(|_| v.to_u64())?;
+            let n = v
+                .to_u32()
+                .map(u64::from)
+                .or_else(|_| v.to_u64())
+                .with_context(|| format!("`{key}`"))?;
             Ok(usize::try_from(n)?)
         };
+        // A default only where the key is absent: one of another type is an error, not the
+        // default.
+        let present = |key: &str| content.metadata.contains_key(key);
+        let uint_or = |key: &str, default: usize| match present(key) {
+            true => uint(key),
+            false => Ok(default),
+        };
+        // RoPE as SmolLM2 has it: no scaling, no per-frequency factors, keys of the heads' size.
+        if let Some(kind) = content.metadata.get("llama.rope.scaling.type") {
+            let kind = kind.to_string().context("`llama.rope.scaling.type`")?;
+            if kind != "none" {
+                bail!("RoPE scaling (`{kind}`) is not supported by this example");
+            }
+        }
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            bail!("per-frequency RoPE factors (`rope_freqs.weight`) are not supported");
+        }
         let arch = get("general.architecture")?.to_string()?;
         if arch != "llama" {
             bail!("expected a `llama` GGUF, found architecture `{arch}`");
@@ -197,9 +218,13 @@ impl LlamaConfig {
             );
         }
         let head_dim = hidden_size / num_heads;
-        let rope_dim = uint("llama.rope.dimension_count").unwrap_or(head_dim);
+        let rope_dim = uint_or("llama.rope.dimension_count", head_dim)?;
         if rope_dim != head_dim {
             bail!("partial RoPE ({rope_dim} of {head_dim} dims) is not supported");
+        }
+        let key_dim = uint_or("llama.attention.key_length", head_dim)?;
+        if key_dim != head_dim {
+            bail!("keys of {key_dim} values for heads of {head_dim} are not supported");
         }
         let vocab_size = content
             .tensor_infos
@@ -211,9 +236,18 @@ impl LlamaConfig {
             .copied()
             .filter(|&n| n > 0)
             .context("`token_embd.weight` has no rows")?;
+        // A token id past the embedding's rows would fail in the middle of a prompt.
+        if let Some(Value::Array(tokens)) = content.metadata.get("tokenizer.ggml.tokens") {
+            if tokens.len() > vocab_size {
+                bail!(
+                    "the tokenizer has {} tokens but `token_embd.weight` only {vocab_size} rows",
+                    tokens.len()
+                );
+            }
+        }
         // The RoPE tables hold every position up front (cos and sin, head_dim / 2 each): a
         // bound on their size before they are made.
-        let max_positions = uint("llama.context_length").unwrap_or(4096);
+        let max_positions = uint_or("llama.context_length", 4096)?;
         if max_positions.saturating_mul(head_dim) > MAX_ROPE_VALUES {
             bail!(
                 "`llama.context_length` {max_positions} × a head size of {head_dim} \
@@ -221,18 +255,25 @@ impl LlamaConfig {
                  {MAX_ROPE_VALUES} values this example's RoPE tables may hold"
             );
         }
+        // Every layer's tensors must be in the file: a block count that lies is an error here,
+        // not an allocation of its size.
+        let num_layers = uint("llama.block_count")?;
+        let last = format!("blk.{}.attn_q.weight", num_layers.saturating_sub(1));
+        if num_layers == 0 || !content.tensor_infos.contains_key(&last) {
+            bail!("`llama.block_count` is {num_layers}, but the GGUF has no `{last}`");
+        }
+        let rope_theta = match content.metadata.get("llama.rope.freq_base") {
+            Some(v) => v.to_f32().context("`llama.rope.freq_base`")?,
+            None => 10_000.,
+        };
         Ok(Self {
             hidden_size,
             intermediate_size: uint("llama.feed_forward_length")?,
-            num_layers: uint("llama.block_count")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            rope_theta: f64::from(
-                get("llama.rope.freq_base")
-                    .and_then(|v| Ok(v.to_f32()?))
-                    .unwrap_or(10_000.),
-            ),
+            rope_theta: f64::from(rope_theta),
             rms_norm_eps: f64::from(get("llama.attention.layer_norm_rms_epsilon")?.to_f32()?),
             max_positions,
             vocab_size,
@@ -532,7 +573,7 @@ impl<F: Module> Model<F> {
         let proj = |w: QTensor| -> anyhow::Result<Projection> {
             Ok(Projection::from_qtensor(std::sync::Arc::new(w), None)?)
         };
-        let mut layers = Vec::with_capacity(config.num_layers);
+        let mut layers = Vec::new();
         for i in 0..config.num_layers {
             let mut weight = |name: &str| qtensor(&format!("blk.{i}.{name}.weight"));
             let attn = Attention {

@@ -91,9 +91,20 @@ impl Sampler {
     }
 
     /// The next token, given the logits over the vocabulary (`[vocab]`, f32).
+    ///
+    /// # Errors
+    /// Logits with a NaN, or all −inf: no token can be chosen from them (greedy took token 0 or
+    /// the last, and sampling failed with "a weight is invalid in distribution").
     pub fn sample(&mut self, logits: &Tensor) -> candle_core::Result<u32> {
+        let values = logits.to_vec1::<f32>()?;
+        if values.iter().any(|v| v.is_nan()) {
+            candle_core::bail!("the model's logits are NaN")
+        }
+        if values.iter().all(|&v| v == f32::NEG_INFINITY) {
+            candle_core::bail!("every logit is −inf")
+        }
         match self {
-            Self::Greedy => Ok(argmax(&logits.to_vec1::<f32>()?)),
+            Self::Greedy => Ok(argmax(&values)),
             Self::Sample {
                 processor,
                 top_k: None,
@@ -102,7 +113,7 @@ impl Sampler {
                 processor,
                 top_k: Some(k),
             } => {
-                let mut values = logits.to_vec1::<f32>()?;
+                let mut values = values;
                 // The k-th largest logit (a selection, not a sort of the vocabulary every
                 // token); ties with it are kept, as transformers keeps them.
                 if *k <= values.len() {
@@ -189,6 +200,22 @@ mod tests {
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
+    }
+
+    #[test]
+    fn logits_without_a_choice_are_errors() {
+        for sampler in [
+            Sampler::new(None, None, None, 0).unwrap(),
+            Sampler::new(Some(1.), Some(2), None, 0).unwrap(),
+        ] {
+            let mut sampler = sampler;
+            let nan = logits(&[1., f32::NAN, 0.]);
+            let e = sampler.sample(&nan).unwrap_err().to_string();
+            assert!(e.contains("logits are NaN"), "{e}");
+            let none = logits(&[f32::NEG_INFINITY; 3]);
+            let e = sampler.sample(&none).unwrap_err().to_string();
+            assert!(e.contains("every logit is −inf"), "{e}");
+        }
     }
 
     #[test]

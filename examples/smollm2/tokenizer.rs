@@ -78,6 +78,25 @@ impl Tokenizer {
         if model != Some("gpt2") {
             bail!("expected a byte-level BPE (`gpt2`) tokenizer, found {model:?}");
         }
+        // What is built below is SmolLM2's splitting, and no BOS or space is added: another
+        // model's GGUF (Llama 3's `llama-bpe`, a `true` flag) would be tokenized otherwise than
+        // llama.cpp does, without a word.
+        let text = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok());
+        if let Some(pre) = text("tokenizer.ggml.pre").filter(|p| *p != "smollm") {
+            bail!(
+                "the GGUF's pre-tokenizer is `{pre}`; this example builds SmolLM2's (`smollm`) only"
+            );
+        }
+        for flag in [
+            "tokenizer.ggml.add_bos_token",
+            "tokenizer.ggml.add_space_prefix",
+        ] {
+            if let Some(v) = content.metadata.get(flag) {
+                if v.to_bool().with_context(|| format!("`{flag}`"))? {
+                    bail!("the GGUF sets `{flag}`, which this example's tokenizer does not do");
+                }
+            }
+        }
         let tokens = strings(content, "tokenizer.ggml.tokens")?;
         let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
             Some(v) => v
