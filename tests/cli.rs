@@ -18,6 +18,14 @@ fn run(args: &[&str]) -> Output {
     infer().args(args).output().unwrap()
 }
 
+/// The lines `infer` prints on stderr for `args`, which must succeed.
+fn warnings(args: &[&str]) -> Vec<String> {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    err.lines().map(str::to_string).collect()
+}
+
 /// `infer`'s flags to run layer `layer` of `weights` on the input file `input` into `output`.
 fn layer_io<'a>(
     weights: &'a Path,
@@ -474,7 +482,7 @@ fn output_is_checked_before_the_weights() {
 #[test]
 fn flags_that_do_nothing_are_warned_about() {
     // Case-insensitive values, and a warning per flag that does nothing for these weights.
-    let out = run(&[
+    let lines = warnings(&[
         "--dtype",
         "F32",
         "--layout",
@@ -490,10 +498,8 @@ fn flags_that_do_nothing_are_warned_about() {
         "--tokens",
         "2",
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     assert_eq!(
-        err.lines().collect::<Vec<_>>(),
+        lines,
         [
             "warning: --revision does nothing: the weights are not a Hub repo id",
             "warning: --offline does nothing: the weights are not a Hub repo id",
@@ -506,13 +512,8 @@ fn flags_that_do_nothing_are_warned_about() {
     let x = Tensor::zeros((1, 2, 576), DType::F32, &Device::Cpu).unwrap();
     candle_core::safetensors::save(&HashMap::from([("x".to_string(), x)]), &input).unwrap();
     let input = input.to_str().unwrap();
-    let out = run(&[
-        "--input", input, "--tokens", "3", "--batch", "1", "--seed", "5",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     assert_eq!(
-        err.lines().collect::<Vec<_>>(),
+        warnings(&["--input", input, "--tokens", "3", "--batch", "1", "--seed", "5",]),
         [
             "warning: --tokens does nothing with --input (it shapes the random input)",
             "warning: --seed does nothing with --input (it shapes the random input)",
@@ -522,18 +523,16 @@ fn flags_that_do_nothing_are_warned_about() {
 
 #[test]
 fn layer_with_prefix_warns() {
-    let out = run(&[
+    let args = [
         "--prefix",
         "model.layers.15.mlp",
         "--layer",
         "2",
         "--tokens",
         "2",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    ];
     assert_eq!(
-        err.lines().collect::<Vec<_>>(),
+        warnings(&args),
         ["warning: --layer does nothing with --prefix (the prefix names the block)"]
     );
 }
