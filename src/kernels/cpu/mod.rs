@@ -361,13 +361,24 @@ fn blocks(q: &QTensor) -> Option<(QuantType, Cow<'_, [u8]>, usize, usize)> {
     }
     let (n, k) = q.shape().dims2().ok()?;
     let qtype = QuantType::of(q.dtype())?;
-    let ok = k > 0 && k.is_multiple_of(qtype.block_values());
+    // Every type here takes at least 4 bits a value: past 2 × the row bound, `row_bytes`
+    // could wrap rather than exceed it.
+    let ok = k > 0 && k.is_multiple_of(qtype.block_values()) && k <= 2 * MAX_QUANT_ROW_BYTES;
     let row_bytes = qtype.row_bytes(k);
     if !ok || row_bytes > MAX_QUANT_ROW_BYTES {
         return None;
     }
     let data = q.data().ok()?;
     (n.checked_mul(row_bytes) == Some(data.len())).then_some((qtype, data, n, k))
+}
+
+/// That an output of `m × n` values has a size: the products that size the kernels' outputs
+/// are plain ones, and with `k = 0` the inputs' checked sizes bound neither `m` nor `n`.
+fn check_output(op: &str, m: usize, n: usize) -> Result<()> {
+    match m.checked_mul(n).and_then(|c| c.checked_mul(8)) {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
+        _ => candle_core::bail!("{op}: an output of {m} × {n} values is too large"),
+    }
 }
 
 /// The f32 activations `[m, k]` of a quantized op.
@@ -401,6 +412,7 @@ pub(super) fn gate_up(
     if k2 != k || l3.shape().dims() != [n, k] || !available() {
         candle_core::bail!("glu-gate-up: bad shapes or no AVX-512")
     }
+    check_output("glu-gate-up", m, n)?;
     fn go<T: Element + WithDType>(
         act: Activation,
         bias: Bias<'_>,
@@ -464,6 +476,7 @@ pub(super) fn linear(
     if k2 != k || !available() {
         candle_core::bail!("glu-linear: bad shapes or no AVX-512")
     }
+    check_output("glu-linear", m, n)?;
     fn go<T: Element + WithDType>(
         bias: Option<&[f32]>,
         (x, w): (&[T], &[T]),
@@ -553,6 +566,7 @@ pub(super) fn quant_gate_up(
     if (kg, ku, n2, fu) != (k, k, n, fg) {
         candle_core::bail!("glu-gate-up-quantized: weights of different shapes or types")
     }
+    check_output(op.name(), m, n)?;
     let row_bytes = fg.row_bytes(k);
     let w = Weights::GateUp(
         Mat::blocks(&wg, row_bytes),
@@ -578,6 +592,7 @@ pub(super) fn quant_linear(
     if kw != k {
         candle_core::bail!("glu-linear-quantized: the weight has {kw} inputs, x has {k}")
     }
+    check_output(op.name(), m, n)?;
     let w = Weights::Single(Mat::blocks(&w, qtype.row_bytes(k)));
     // SAFETY: as in `quant_gate_up`.
     let y = unsafe { quant_matmul(x, m, k, w, n, qtype, op.exact_q4_1) };

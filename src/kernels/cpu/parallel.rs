@@ -1,8 +1,11 @@
 //! Threads and memory shared by the schedules: candle's worker pool, disjoint output writes,
 //! and per-thread scratch buffers kept between calls.
 
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Mutex, PoisonError};
 
 /// The threads that [`parallel_for`] runs on from here: the pool's, the calling one included,
 /// or this one alone inside a task.
@@ -24,15 +27,29 @@ pub(crate) fn threads() -> usize {
 /// workers, but the calling thread, which takes part in every call, would wait on the pool's
 /// lock that it holds. So work can be shared at an outer level (a mixture's experts, one a
 /// task) with the kernels of each task on one thread.
+///
+/// A panic in a task is caught on its thread and raised again here once every task has ended:
+/// candle 0.11.1's pool raises it while it holds its call lock, which poisons the lock, and
+/// every later call of the pool (this crate's kernels, candle's quantized matmuls) would panic.
 pub(crate) fn parallel_for(n: usize, f: impl Fn(usize) + Sync) {
     if IN_TASK.with(Cell::get) {
         (0..n).for_each(f);
         return;
     }
+    let panicked: Mutex<Option<Box<dyn Any + Send>>> = Mutex::new(None);
     candle_core::utils::barrier_pool().execute_chunked(n, |range| {
         let _inside = InTask::enter();
-        range.for_each(&f)
+        if let Err(payload) = std::panic::catch_unwind(AssertUnwindSafe(|| range.for_each(&f))) {
+            let mut first = panicked.lock().unwrap_or_else(PoisonError::into_inner);
+            first.get_or_insert(payload);
+        }
     });
+    if let Some(payload) = panicked
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+    {
+        std::panic::resume_unwind(payload);
+    }
 }
 
 thread_local! {
@@ -105,10 +122,14 @@ thread_local! {
 /// than from an aligned one (each row split over two lines), and the tiled kernels 1.5× slower.
 pub(crate) const ALIGN: usize = 64;
 
+/// The most f32 a scratch buffer keeps between calls, 64 MiB: a larger one (a long prefill's
+/// packed tokens) is freed when its call ends, rather than held by its thread for good.
+const MAX_KEPT: usize = 16 << 20;
+
 /// Runs `f` on this thread's buffer in `key`, grown to at least `len` f32 and kept between
-/// calls (fresh pages would cost a fault every 4 KiB); on a fresh one should it be in use, as
-/// when a forward runs inside another's task on the same thread. The slice starts on an
-/// [`ALIGN`]-byte boundary.
+/// calls (fresh pages would cost a fault every 4 KiB) up to [`MAX_KEPT`]; on a fresh one should
+/// it be in use, as when a forward runs inside another's task on the same thread. The slice
+/// starts on an [`ALIGN`]-byte boundary.
 pub(crate) fn with_buffer<R>(
     key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
     len: usize,
@@ -123,7 +144,11 @@ pub(crate) fn with_buffer<R>(
         }
         // An f32 allocation is 4-byte aligned, so the offset is below PAD.
         let start = buf.as_ptr().align_offset(ALIGN).min(PAD);
-        f(&mut buf[start..start + len])
+        let r = f(&mut buf[start..start + len]);
+        if buf.capacity() > MAX_KEPT {
+            *buf = Vec::new();
+        }
+        r
     })
 }
 
@@ -142,4 +167,40 @@ pub(crate) fn with_scratch<R>(
     with_buffer(&SCRATCH_A, a, |sa| {
         with_buffer(&SCRATCH_B, b, |sb| f(sa, sb))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_panicking_task_leaves_the_pool_usable() {
+        // The panic reaches the caller, once every task has ended...
+        let ran = AtomicUsize::new(0);
+        let caught = std::panic::catch_unwind(|| {
+            parallel_for(64, |i| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                assert_ne!(i, 7, "task 7");
+            })
+        });
+        assert!(caught.is_err());
+        // ...and the pool runs the next call (candle's own lock was poisoned before).
+        let sum = AtomicUsize::new(0);
+        parallel_for(64, |i| {
+            sum.fetch_add(i, Ordering::Relaxed);
+        });
+        assert_eq!(sum.into_inner(), 64 * 63 / 2);
+    }
+
+    #[test]
+    fn large_scratch_is_not_kept() {
+        thread_local! {
+            static KEY: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        with_buffer(&KEY, 1000, |b| b.fill(1.0));
+        assert!(KEY.with(|k| k.borrow().capacity()) >= 1000);
+        with_buffer(&KEY, MAX_KEPT + 1, |b| b[MAX_KEPT] = 2.0);
+        assert_eq!(KEY.with(|k| k.borrow().capacity()), 0);
+    }
 }

@@ -956,3 +956,45 @@ fn tasks_balance_the_threads() {
         }
     }
 }
+
+#[test]
+fn tiny_activation_blocks_round_as_larger_ones() {
+    // A block whose largest value is below 127 / f32::MAX: its scale 127 / amax overflows f32.
+    // The codes must be those of the same block scaled up (round(127 · x / amax)), with its
+    // sign, and the block's d = amax / 127 (they were all −128: x · inf).
+    if !vnni() {
+        return;
+    }
+    for amax in [1e-37f32, 3e-38, 1e-40, 3.7e-37, 1.0] {
+        let x: Vec<f32> = (0..32).map(|i| amax * ((i as f32 - 15.5) / 15.5)).collect();
+        let mut q = [0i8; 32];
+        // SAFETY: VNNI (and with it AVX-512 BW/VL) detected; 32 values and 32 codes.
+        let (d, sum) = unsafe { vnni::quantize_block(x.as_ptr(), q.as_mut_ptr()) };
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert_eq!(d, amax / 127.0, "amax {amax:e}");
+        let want: Vec<i8> = x
+            .iter()
+            .map(|&v| (127.0 * v as f64 / amax as f64).round_ties_even() as i8)
+            .collect();
+        assert_eq!(q.to_vec(), want, "amax {amax:e}");
+        assert_eq!(sum, want.iter().map(|&v| i32::from(v)).sum::<i32>());
+    }
+}
+
+#[test]
+fn outputs_too_large_to_size_are_errors() {
+    // k = 0: the inputs hold no values whatever m and n are, so only the output's own size
+    // bounds them (its `m · n` wrapped in release builds).
+    use candle_core::{CpuStorage, Layout, Shape};
+    if !super::available() {
+        return;
+    }
+    let big = 1usize << 40;
+    let (s, l) = (
+        CpuStorage::F32(Vec::new()),
+        Layout::contiguous(Shape::from((big, 0))),
+    );
+    let op = crate::kernels::ops::LinearOp { bias: None };
+    let e = super::linear(&op, &s, &l, &s, &l).unwrap_err().to_string();
+    assert!(e.contains("too large"), "{e}");
+}

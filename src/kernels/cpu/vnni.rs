@@ -106,10 +106,18 @@ pub(crate) unsafe fn quantize_shared(x: *const f32, nb: usize, q: *mut i8, sums:
             std::ptr::write_bytes(sums, 0, nb);
             return if bad != 0 { f32::NAN } else { 0.0 };
         }
-        let id = _mm512_set1_ps(127.0 / amax);
+        // Below 127 / f32::MAX (about 3.7e-37), 127 / amax is +inf, and x·inf is NaN or ±inf:
+        // such a block is first scaled by 2^64, exactly (a power of two), so that the scale
+        // stays finite; elsewhere `pre` is 1 and changes nothing.
+        let (pre, id) = match 127.0 / amax {
+            id if id.is_finite() => (1.0, id),
+            _ => (TINY_PRE, 127.0 / (amax * TINY_PRE)),
+        };
+        let (pre, id) = (_mm512_set1_ps(pre), _mm512_set1_ps(id));
+        let scaled = |p: *const f32| _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p), pre), id);
         for b in 0..nb {
-            let qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.add(32 * b)), id));
-            let qb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.add(32 * b + 16)), id));
+            let qa = _mm512_cvtps_epi32(scaled(x.add(32 * b)));
+            let qb = _mm512_cvtps_epi32(scaled(x.add(32 * b + 16)));
             _mm_storeu_si128(q.add(32 * b) as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
             _mm_storeu_si128(
                 q.add(32 * b + 16) as *mut __m128i,
@@ -120,6 +128,9 @@ pub(crate) unsafe fn quantize_shared(x: *const f32, nb: usize, q: *mut i8, sums:
         amax / 127.0
     }
 }
+
+/// The exact factor (2^64) a block too small for its scale is multiplied by first.
+const TINY_PRE: f32 = 18_446_744_073_709_551_616.0;
 
 /// [`quantize_shared`] for one block: returns `(d, Σq)`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
