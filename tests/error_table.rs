@@ -248,12 +248,14 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         ))
     });
     c.insert("st-unsupported-dtype", |d| {
-        let h = r#"{"w":{"dtype":"BOOL","shape":[4],"data_offsets":[0,4]}}"#;
-        open(&write(
-            d,
-            "model.safetensors",
-            &craft::safetensors_raw(h, &[0; 4]),
-        ))
+        // The file opens, and its other tensors load; `w` is an error when it is read.
+        let h = r#"{"w":{"dtype":"BOOL","shape":[4],"data_offsets":[0,4]},
+                    "v":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        let path = write(d, "model.safetensors", &craft::safetensors_raw(h, &[0; 8]));
+        let ckpt = Checkpoint::open(path).unwrap();
+        let vb = ckpt.var_builder(DType::F32, &Device::Cpu);
+        assert!(vb.get(1, "v").is_ok());
+        err(vb.get(4, "w"))
     });
     c.insert("st-fp8-scaled", |d| {
         let scale = format!("{G}_scale_inv");

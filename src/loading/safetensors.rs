@@ -24,7 +24,9 @@ const MAX_INDEX_BYTES: u64 = 1 << 26;
 #[derive(Debug, Clone)]
 struct Entry {
     file: usize,
-    dtype: DType,
+    /// The stored dtype, `Err(name)` where candle has no type for it (`BOOL`, `U16`, ...):
+    /// such a tensor is an error only when it is read.
+    dtype: std::result::Result<DType, String>,
     shape: Vec<usize>,
     /// Absolute byte range in the file.
     start: u64,
@@ -179,30 +181,42 @@ impl SafetensorsStore {
             path: path.clone(),
             source,
         };
+        let dtype = self.readable(name, entry)?;
         let mut file = File::open(path).map_err(io)?;
         file.seek(SeekFrom::Start(entry.start)).map_err(io)?;
         let mut bytes = vec![0u8; (entry.end - entry.start) as usize];
         file.read_exact(&mut bytes).map_err(io)?;
         Ok(Tensor::from_raw_buffer(
             &bytes,
-            entry.dtype,
+            dtype,
             &entry.shape,
             device,
         )?)
     }
 
+    /// The entry's dtype, or the error for one candle has no type for.
+    fn readable(&self, name: &str, entry: &Entry) -> Result<DType> {
+        entry.dtype.clone().map_err(|stored| {
+            invalid(
+                &self.files[entry.file],
+                format!("tensor `{name}`: unsupported dtype `{stored}`"),
+            )
+        })
+    }
+
     /// Reads a float tensor converted to `dtype`; an integer tensor is an error.
     pub(crate) fn float_tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         if let Some(entry) = self.tensors.get(name) {
-            if !entry.dtype.is_float() {
+            let stored = self.readable(name, entry)?;
+            if !stored.is_float() {
                 return Err(Error::TensorDtype {
                     name: name.to_string(),
-                    dtype: entry.dtype,
+                    dtype: stored,
                 });
             }
             // FP8 checkpoints (DeepSeek-V3, Qwen3 FP8, compressed-tensors) store a scale beside
             // each weight: the values alone are not the weights.
-            if entry.dtype == DType::F8E4M3 {
+            if stored == DType::F8E4M3 {
                 let scales = [format!("{name}_scale_inv"), format!("{name}_scale")];
                 if let Some(scale) = scales.iter().find(|s| self.tensors.contains_key(*s)) {
                     return Err(invalid(
@@ -219,29 +233,41 @@ impl SafetensorsStore {
     }
 }
 
-/// `(start, end, dtype, shape)` of one header entry, checked against the data section's length.
+/// `(start, end, dtype, shape)` of one header entry, checked against the data section's length;
+/// the dtype is `Err(name)` where candle has no type for it.
+#[allow(clippy::type_complexity)]
 fn parse_entry(
     name: &str,
     info: &Value,
     data_len: u64,
-) -> std::result::Result<(u64, u64, DType, Vec<usize>), String> {
+) -> std::result::Result<(u64, u64, std::result::Result<DType, String>, Vec<usize>), String> {
     let bad = |what: &str| format!("tensor `{name}`: {what}");
     let dtype_name = info
         .get("dtype")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("no `dtype`"))?;
     let dtype = match dtype_name {
-        "F64" => DType::F64,
-        "F32" => DType::F32,
-        "F16" => DType::F16,
-        "BF16" => DType::BF16,
-        "I64" => DType::I64,
-        "I32" => DType::I32,
-        "I16" => DType::I16,
-        "U32" => DType::U32,
-        "U8" => DType::U8,
-        "F8_E4M3" => DType::F8E4M3,
-        other => return Err(bad(&format!("unsupported dtype `{other}`"))),
+        "F64" => Ok(DType::F64),
+        "F32" => Ok(DType::F32),
+        "F16" => Ok(DType::F16),
+        "BF16" => Ok(DType::BF16),
+        "I64" => Ok(DType::I64),
+        "I32" => Ok(DType::I32),
+        "I16" => Ok(DType::I16),
+        "U32" => Ok(DType::U32),
+        "U8" => Ok(DType::U8),
+        "F8_E4M3" => Ok(DType::F8E4M3),
+        other => Err(other.to_string()),
+    };
+    // The element size, where the format says it (sub-byte and unknown types: not checked).
+    let size = match &dtype {
+        Ok(d) => Some(d.size_in_bytes()),
+        Err(other) => match other.as_str() {
+            "BOOL" | "I8" | "F8_E5M2" | "F8_E8M0" => Some(1),
+            "U16" => Some(2),
+            "U64" => Some(8),
+            _ => None,
+        },
     };
     let shape: Vec<usize> = info
         .get("shape")
@@ -259,14 +285,21 @@ fn parse_entry(
     let [start, end] = offsets[..] else {
         return Err(bad("`data_offsets` is not two byte offsets"));
     };
-    let bytes = shape
-        .iter()
-        .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| bad(&format!("shape {shape:?} overflows")))?;
-    if start > end || end - start != bytes as u64 {
+    if start > end {
         return Err(bad(&format!(
-            "data_offsets [{start}, {end}] do not hold {bytes} bytes of {dtype_name} {shape:?}"
+            "data_offsets [{start}, {end}] end before they start"
         )));
+    }
+    if let Some(size) = size {
+        let bytes = shape
+            .iter()
+            .try_fold(size, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad(&format!("shape {shape:?} overflows")))?;
+        if end - start != bytes as u64 {
+            return Err(bad(&format!(
+                "data_offsets [{start}, {end}] do not hold {bytes} bytes of {dtype_name} {shape:?}"
+            )));
+        }
     }
     if end > data_len {
         return Err(bad(&format!(
