@@ -654,7 +654,8 @@ fn detect_layout(ckpt: &Checkpoint, args: &Args) -> Result<WeightLayout> {
 /// The first layout in which the checkpoint holds some layer's FFN.
 fn layout_with_layers(ckpt: &Checkpoint) -> Option<WeightLayout> {
     WeightLayout::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .find(|l| !ckpt.layers(*l).is_empty())
 }
 

@@ -26,7 +26,8 @@ use crate::error::{ConversionError, ParseError};
 /// The gate activation σ, named as Hugging Face's `hidden_act`.
 ///
 /// `Display` writes the canonical name and `FromStr` reads it back, so
-/// `a.to_string().parse() == Ok(a)` for every variant. Aliases parse to their canonical variant:
+/// `a.to_string().parse() == Ok(a)` for every variant (for `Swish`, every β finite in f32, the
+/// ones a block accepts). Aliases parse to their canonical variant:
 /// `swish` → [`Silu`](Self::Silu), `identity` → [`Identity`](Self::Identity) (`linear`),
 /// `gelu_new` and `gelu_fast` → [`GeluTanh`](Self::GeluTanh) (`gelu_pytorch_tanh`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -51,7 +52,8 @@ pub enum Activation {
     Silu,
     /// Swish with a chosen β, `x · sigmoid(β·x)`. Name `swish(<beta>)`, e.g. `swish(1.5)`.
     Swish {
-        /// The slope β; finite.
+        /// The slope β: finite in f32 (`|β| ≤ f32::MAX`), where every kernel applies it;
+        /// [`GluConfig::validate`](crate::GluConfig::validate) refuses others.
         beta: f64,
     },
     /// `x · sigmoid(1.702·x)`, the GELU approximation of CLIP. Name `quick_gelu`.
@@ -77,7 +79,7 @@ impl Activation {
     ];
 
     /// One value of every variant, with β = 1.5 for [`Swish`](Self::Swish).
-    pub const ALL: [Activation; 8] = [
+    pub const ALL: &'static [Activation] = &[
         Activation::Sigmoid,
         Activation::Identity,
         Activation::Relu,
@@ -132,9 +134,13 @@ impl Activation {
     /// ```
     ///
     /// # Errors
-    /// `gate` and `up` of different shapes or dtypes, or on different devices.
+    /// `gate` and `up` of different shapes or dtypes, or on different devices, or of a dtype
+    /// other than f32, f16, bf16 and f64 ([`Error::InputDtype`](crate::Error::InputDtype)).
     pub fn gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let dtype = gate.dtype();
+        if !crate::projection::computes_in(dtype) {
+            return Err(crate::Error::InputDtype { dtype }.into());
+        }
         if up.dtype() != dtype {
             return Err(candle_core::Error::Msg(format!(
                 "gated: gate is {dtype:?} and up {:?}; they must share a dtype",
@@ -280,13 +286,13 @@ impl FromStr for Activation {
     }
 }
 
-/// `swish(<beta>)` with a finite β.
 /// Whether `beta` can be a Swish β: finite in f32, where every kernel applies it (1e39, finite in
 /// f64, made σ(0) = 0·∞ = NaN).
 pub(crate) fn valid_swish_beta(beta: f64) -> bool {
     (beta as f32).is_finite()
 }
 
+/// `swish(<beta>)` with a β [`valid_swish_beta`] accepts.
 fn parse_swish_beta(name: &str) -> Option<Activation> {
     let beta: f64 = name
         .strip_prefix("swish(")?
@@ -373,7 +379,7 @@ mod tests {
 
     #[test]
     fn every_variant_round_trips_through_its_name() {
-        for act in Activation::ALL {
+        for &act in Activation::ALL {
             let name = act.to_string();
             assert_eq!(name.parse::<Activation>().unwrap(), act, "{name}");
         }

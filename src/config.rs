@@ -122,7 +122,7 @@ impl GluConfig {
             if !crate::activation::valid_swish_beta(beta) {
                 return Err(Error::InvalidConfig {
                     path: None,
-                    message: format!("swish's beta must be finite, found {beta}"),
+                    message: format!("swish's beta must be finite in f32, found {beta}"),
                 });
             }
         }
@@ -184,8 +184,9 @@ impl GluConfig {
     /// Reads a Hugging Face `config.json` file; see [`from_hf_json`](Self::from_hf_json).
     ///
     /// # Errors
-    /// [`Error::Io`] if the file cannot be read, else as [`from_hf_json`](Self::from_hf_json),
-    /// with the path in the message.
+    /// [`Error::Io`] if the file cannot be read, [`Error::InvalidFile`] if it is not a regular
+    /// file or is over 16 MiB, else as [`from_hf_json`](Self::from_hf_json), with the path in
+    /// the message.
     pub fn from_hf_config_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = crate::files::read_json_text(path, MAX_CONFIG_BYTES)?;

@@ -1,8 +1,11 @@
 //! The crate's error type.
 //!
-//! Tensor-level calls (`GluFeedForward::new`, `forward`) return [`candle_core::Result`] so that `?`
-//! works inside a candle model; they wrap an [`Error`] from this module, whose message is kept.
-//! Config and loading calls return [`Result`] directly.
+//! Tensor-level calls (`GluFeedForward::new`, `forward`, `Projection`'s) return
+//! [`candle_core::Result`] so that `?` works inside a candle model; they wrap an [`Error`] from
+//! this module, whose message is kept but whose variant is not: candle 0.11's error holds a
+//! wrapped error only as something to display, so it cannot be matched on or downcast. Config
+//! and loading calls (`GluConfig`, `MoeConfig`, `loading::Checkpoint`) return [`Result`]
+//! directly, with the variant; load through them where your code must tell failures apart.
 
 #![forbid(unsafe_code)]
 
@@ -284,7 +287,7 @@ impl ConversionError {
 /// assert!(err.to_string().starts_with("unknown activation `swiglu`, expected one of: silu"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {what} `{name}`, expected one of: {}", .expected.join(", "))]
+#[error("unknown {what} `{}`, expected one of: {}", shorten(&.name.escape_debug().to_string()), .expected.join(", "))]
 pub struct ParseError {
     what: &'static str,
     name: String,

@@ -41,7 +41,9 @@ use crate::{Activation, Error, GluConfig, MicroKernel, Projection};
 /// ```
 ///
 /// # Shapes
-/// - input `[..., H]`, any number of leading dimensions, any float dtype;
+/// - input `[..., H]`, any number of leading dimensions, f32, f16, bf16 or f64: converted to
+///   the weights' dtype first (an f32 input to bf16 weights is rounded to bf16, where candle's
+///   `Linear` would refuse the pair);
 /// - output `[..., H]`, in the input's dtype;
 /// - gate and up weights `[I, H]` (or fused `[2·I, H]`), down weight `[H, I]`.
 #[derive(Debug, Clone)]
@@ -411,7 +413,7 @@ impl GluFeedForward {
     /// Checks an input and returns it as `[tokens, H]` in the weights' dtype.
     fn flatten_input(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.config.hidden_size;
-        if !xs.dtype().is_float() {
+        if !crate::projection::computes_in(xs.dtype()) {
             return Err(Error::InputDtype { dtype: xs.dtype() }.into());
         }
         if xs.dims().last() != Some(&h) {

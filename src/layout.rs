@@ -84,7 +84,7 @@ impl ProjectionNames {
 
 impl WeightLayout {
     /// Every layout, in the order [`detect`](Self::detect) tries them.
-    pub const ALL: [WeightLayout; 5] = [
+    pub const ALL: &'static [WeightLayout] = &[
         WeightLayout::Llama,
         WeightLayout::Phi3,
         WeightLayout::T5,
@@ -181,7 +181,9 @@ impl WeightLayout {
     }
 
     /// The layer a tensor name belongs to in this layout's naming: `Some(3)` for
-    /// `model.layers.3.mlp.gate_proj.weight` in the Llama layout.
+    /// `model.layers.3.mlp.gate_proj.weight` in the Llama layout. For
+    /// [`Mixtral`](Self::Mixtral), whose blocks are experts, the layer of expert 0's tensors
+    /// (`None` for the other experts').
     pub fn layer_of(&self, name: &str) -> Option<usize> {
         // Split the template around a marker layer number.
         let template = self.layer_prefix(usize::MAX);
@@ -216,7 +218,7 @@ impl WeightLayout {
 
     /// [`detect`](Self::detect) given a test for names relative to the block's prefix.
     pub(crate) fn detect_by(contains: impl Fn(&str) -> bool) -> Option<WeightLayout> {
-        Self::ALL.into_iter().find(|layout| {
+        Self::ALL.iter().copied().find(|layout| {
             layout
                 .names()
                 .all()
@@ -247,7 +249,8 @@ impl FromStr for WeightLayout {
     fn from_str(s: &str) -> std::result::Result<Self, ParseError> {
         let name = s.trim().to_ascii_lowercase();
         Self::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|layout| layout.to_string() == name)
             .ok_or_else(|| ParseError::new("weight layout", s, Self::NAMES))
     }
@@ -342,7 +345,7 @@ pub(crate) fn nearby_names(missing: &str, contains: impl Fn(&str) -> bool) -> Ve
     }
     let mut found = Vec::new();
     for base in bases {
-        for layout in WeightLayout::ALL {
+        for &layout in WeightLayout::ALL {
             for proj in layout.names().all() {
                 for suffix in ["weight", "bias"] {
                     let name = join(&base, &format!("{proj}.{suffix}"));
@@ -363,7 +366,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for layout in WeightLayout::ALL {
+        for &layout in WeightLayout::ALL {
             assert_eq!(layout.to_string().parse::<WeightLayout>().unwrap(), layout);
             assert!(WeightLayout::NAMES.contains(&layout.to_string().as_str()));
         }

@@ -78,8 +78,8 @@ pub fn cpu_kernels() -> Option<CpuKernels> {
 
 /// `σ(gate) ⊙ up` in one pass: the crate's kernel where one exists for the device and dtype
 /// (f32, bf16, f16 on a CPU with the kernels, CUDA and Metal; any layout on the GPUs), else
-/// candle's ops ([`Activation::gated`], its plain twin). f32 math, rounded once to the inputs'
-/// dtype; differentiable.
+/// candle's ops ([`Activation::gated`], its plain twin). f32 math for f32, f16 and bf16 (rounded
+/// once to the inputs' dtype), f64 for f64; differentiable. Other dtypes are an error.
 ///
 /// ```rust
 /// use candle_core::{Device, Tensor};

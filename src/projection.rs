@@ -114,17 +114,17 @@ impl Projection {
     /// A weight that is not a float matrix; a bias of another length, dtype or device.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, _) = match *weight.dims() {
-            [out, inp] => (out, inp),
+            [out, inp] if out > 0 && inp > 0 => (out, inp),
             _ => {
                 return Err(invalid(format!(
-                    "weight of shape {:?} is not [out, in]",
+                    "weight of shape {:?} is not [out, in] with both at least 1",
                     weight.dims()
                 )))
             }
         };
-        if !weight.dtype().is_float() {
+        if !computes_in(weight.dtype()) {
             return Err(invalid(format!(
-                "weight has dtype {:?}, expected a float dtype",
+                "weight has dtype {:?}, expected f32, f16, bf16 or f64",
                 weight.dtype()
             )));
         }
@@ -150,10 +150,10 @@ impl Projection {
     /// A weight that is not a matrix; a bias of another length or device.
     pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
         let out = match *weight.shape().dims() {
-            [out, _] => out,
+            [out, inp] if out > 0 && inp > 0 => out,
             ref dims => {
                 return Err(invalid(format!(
-                    "weight of shape {dims:?} is not [out, in]"
+                    "weight of shape {dims:?} is not [out, in] with both at least 1"
                 )))
             }
         };
@@ -171,8 +171,11 @@ impl Projection {
         })
     }
 
-    /// A quantized projection from candle's `QMatMul`, as it is (see [`from_qtensor`](Self::from_qtensor)
-    /// for one that checks its arguments).
+    /// A quantized projection from candle's `QMatMul`, as it is: unlike
+    /// [`from_qtensor`](Self::from_qtensor), nothing is checked or converted, so the bias must
+    /// be f32 `[out]` on the weight's device, and a Q4_1, Q5_0 or Q5_1 weight whose rows hold an
+    /// odd number of blocks reaches candle's kernels, which assert an even number in debug
+    /// builds.
     pub fn quantized(weight: QMatMul, bias: Option<Tensor>) -> Self {
         Projection::Quantized {
             weight,
@@ -361,7 +364,7 @@ impl Projection {
     /// leading dimensions kept.
     fn check_input(&self, xs: &Tensor) -> Result<Tensor> {
         let (out, k) = (self.out_features(), self.in_features());
-        if !xs.dtype().is_float() {
+        if !computes_in(xs.dtype()) {
             return Err(Error::InputDtype { dtype: xs.dtype() }.into());
         }
         let Some((&last, lead)) = xs.dims().split_last() else {
@@ -513,6 +516,12 @@ pub(crate) fn load_linear(vb: &VarBuilder, [out, inp]: [usize; 2], bias: bool) -
         None
     };
     Ok(Linear::new(weight, bias))
+}
+
+/// Whether candle computes in `dtype`: f32, f16, bf16 and f64 (its FP8, FP6 and FP4 types are
+/// floats too, but storage only).
+pub(crate) fn computes_in(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
 }
 
 /// `vb.get_with_hints`, with errors that say what exists instead.

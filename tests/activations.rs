@@ -213,7 +213,7 @@ fn conversions_with_candle_nn_compute_the_same_function() {
 #[test]
 fn config_and_layout_round_trip_through_serde() {
     use candle_glu::{GluConfig, WeightLayout};
-    for layout in WeightLayout::ALL {
+    for &layout in WeightLayout::ALL {
         let json = serde_json::to_string(&layout).unwrap();
         assert_eq!(json, format!("\"{layout}\""));
         assert_eq!(serde_json::from_str::<WeightLayout>(&json).unwrap(), layout);
@@ -256,6 +256,18 @@ fn gated_refuses_mixed_dtypes_and_swish_needs_a_finite_beta() {
         let e = Activation::Silu.gated(g, u).unwrap_err().to_string();
         assert!(e.contains("must share a dtype"), "{e}");
     }
+    // Integers are refused (they were widened, activated and truncated back), through the
+    // plain twin and the crate's entry point alike.
+    let ints = Tensor::new(&[1u32, 2], &dev).unwrap();
+    let e = Activation::Silu
+        .gated(&ints, &ints)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("input has dtype U32"), "{e}");
+    let e = candle_glu::gated_product(&ints, &ints, Activation::Relu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("input has dtype U32"), "{e}");
     let nan =
         candle_glu::GluConfig::new(8, 16).with_activation(Activation::Swish { beta: f64::NAN });
     let e = nan.validate().unwrap_err().to_string();
@@ -263,7 +275,10 @@ fn gated_refuses_mixed_dtypes_and_swish_needs_a_finite_beta() {
     // Finite in f64 but not in f32, where every kernel applies it (σ(0) was 0·∞ = NaN).
     let huge = candle_glu::GluConfig::new(8, 16).with_activation(Activation::Swish { beta: 1e39 });
     let e = huge.validate().unwrap_err().to_string();
-    assert!(e.contains("beta must be finite"), "{e}");
+    assert!(
+        e.contains("beta must be finite in f32, found 1000000"),
+        "{e}"
+    );
     assert!("swish(1e39)".parse::<Activation>().is_err());
 }
 
@@ -297,4 +312,15 @@ fn relu_keeps_nan_on_every_path() {
             "{dtype:?} gated: {g:?}"
         );
     }
+}
+
+#[test]
+fn unknown_names_stay_one_short_line() {
+    // A hostile config.json's `hidden_act`: escaped and cut, so that the error stays one line.
+    let name = format!("evil\n{}", "x".repeat(10_000));
+    let e = name.parse::<Activation>().unwrap_err();
+    assert_eq!(e.name(), name, "the name itself is kept");
+    let m = e.to_string();
+    assert!(!m.contains('\n') && m.len() < 400, "{m}");
+    assert!(m.starts_with("unknown activation `evil\\nxxx"), "{m}");
 }

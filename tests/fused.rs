@@ -51,7 +51,7 @@ fn fused_forward_matches_candle_ops() {
             (17, 72, 184),
             (130, 96, 200),
         ] {
-            for act in Activation::ALL {
+            for &act in Activation::ALL {
                 seed += 10;
                 let bias = tokens % 2 == 1;
                 let ffn = block(h, i, act, bias, dtype, seed);
@@ -91,7 +91,7 @@ fn fused_gradients_match_candle_autograd() {
     let fused = common::dense_path("the fused kernels' backward passes against candle's autograd");
     let mut seed = 1000;
     for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
-        for act in Activation::ALL {
+        for &act in Activation::ALL {
             for (tokens, bias) in [(5, false), (20, false), (20, true)] {
                 seed += 10;
                 let map = VarMap::new();

@@ -165,7 +165,7 @@ fn cuda_gated_op_matches_cpu_reference() {
                 gate.to_device(&Device::Cpu).unwrap(),
                 up.to_device(&Device::Cpu).unwrap(),
             );
-            for act in Activation::ALL {
+            for &act in Activation::ALL {
                 let y = candle_glu::gated_product(&gate, &up, act).unwrap();
                 assert_eq!(y.device().location(), dev.location());
                 assert_eq!((y.dims(), y.dtype()), (gate.dims(), dtype));
@@ -184,7 +184,7 @@ fn cuda_gated_op_matches_cpu_reference() {
         .unwrap();
     assert!(relu[0].is_nan());
     assert_eq!(&relu[1..], &[0.0, 0.0, 1e30, 0.0, 1.5]);
-    for act in Activation::ALL {
+    for &act in Activation::ALL {
         let y: Vec<f32> = candle_glu::gated_product(&g, &u, act)
             .unwrap()
             .to_vec1()
@@ -235,7 +235,7 @@ fn cuda_gated_op_backward_matches_cpu_autograd() {
         let (gate, up, w) = (r(1), r(2), r(3));
         let (gate, up) = (gate.to_dtype(dtype).unwrap(), up.to_dtype(dtype).unwrap());
         let on_gpu = |t: &Tensor| t.to_device(&dev).unwrap();
-        for act in Activation::ALL {
+        for &act in Activation::ALL {
             // The crate's op on the GPU (its backward pass) against candle's autograd through
             // candle's ops on the CPU.
             let (dg, du) = gated_grads(&on_gpu(&gate), &on_gpu(&up), &on_gpu(&w), act, true);
@@ -314,7 +314,7 @@ fn cuda_block_backward_matches_cpu_autograd() {
     let Some(dev) = cuda("cuda_block_backward_matches_cpu_autograd") else {
         return;
     };
-    for act in Activation::ALL {
+    for &act in Activation::ALL {
         let gpu = block_grads(act, &dev, true);
         let cpu = block_grads(act, &Device::Cpu, false);
         for ((name, got), (_, want)) in gpu.iter().zip(&cpu) {

@@ -501,7 +501,7 @@ fn projection_shapes_are_what_checkpoints_hold() {
         let prefix = WeightLayout::Gguf.layer_prefix(layer);
         check(&gguf, WeightLayout::Gguf, &prefix, 576, 1536, false);
     }
-    for layout in WeightLayout::ALL {
+    for &layout in WeightLayout::ALL {
         assert!(seen.contains(&layout), "no checkpoint checked for {layout}");
     }
 }

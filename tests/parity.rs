@@ -64,7 +64,7 @@ fn forward(case: &Case, dtype: DType) -> Tensor {
 fn every_case_is_covered() {
     let m = manifest();
     let names: Vec<&str> = m.cases.iter().map(|c| c.name.as_str()).collect();
-    for act in Activation::ALL {
+    for &act in Activation::ALL {
         assert!(
             m.cases
                 .iter()

@@ -414,6 +414,25 @@ fn bad_weights_and_inputs_are_one_line_errors() {
         None,
     ));
     assert!(m.contains("dtype U32"), "{m}");
+    // candle's FP8 is a float dtype it only stores: refused, not left to fail in a matmul.
+    let f8 = Tensor::zeros((4, 8), DType::F32, &dev)
+        .unwrap()
+        .to_dtype(DType::F8E4M3)
+        .unwrap();
+    let m = message(Projection::new(f8, None));
+    assert!(
+        m.contains("dtype F8E4M3, expected f32, f16, bf16 or f64"),
+        "{m}"
+    );
+    // No input features: refused (its forward could not reshape).
+    let m = message(Projection::new(
+        Tensor::zeros((4, 0), DType::F32, &dev).unwrap(),
+        None,
+    ));
+    assert!(
+        m.contains("[4, 0] is not [out, in] with both at least 1"),
+        "{m}"
+    );
     let m = message(Projection::new(
         w.clone(),
         Some(Tensor::zeros(5, DType::F32, &dev).unwrap()),

@@ -274,7 +274,7 @@ fn an_empty_gguf_tensor_is_never_handed_to_candle() {
 /// at the root prefix).
 #[test]
 fn a_zeros_var_builder_builds_every_layout_with_and_without_bias() {
-    for layout in WeightLayout::ALL {
+    for &layout in WeightLayout::ALL {
         for bias in [false, true] {
             let cfg = candle_glu::GluConfig::new(4, 8)
                 .with_layout(layout)

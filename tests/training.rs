@@ -97,7 +97,7 @@ fn params_and_input(map: &VarMap, x: &Var) -> Vec<(String, Var)> {
 fn gradients_match_finite_differences() {
     let dev = Device::Cpu;
     let (h, i) = (5, 7);
-    for (k, act) in Activation::ALL.into_iter().enumerate() {
+    for (k, act) in Activation::ALL.iter().copied().enumerate() {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F64, &dev);
         let cfg = GluConfig::new(h, i).with_activation(act).with_bias(true);
@@ -143,7 +143,7 @@ fn the_kernels_backward_passes_match_finite_differences() {
     }
     let dev = Device::Cpu;
     let (h, i) = (6, 9);
-    for (k, act) in Activation::ALL.into_iter().enumerate() {
+    for (k, act) in Activation::ALL.iter().copied().enumerate() {
         for bias in [false, true] {
             let map = VarMap::new();
             let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);

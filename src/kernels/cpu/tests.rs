@@ -65,7 +65,7 @@ fn act64(act: Activation, x: f64) -> f64 {
 }
 
 fn all_acts() -> Vec<Activation> {
-    Activation::ALL.into_iter().collect()
+    Activation::ALL.to_vec()
 }
 
 /// A deterministic pseudo-random sequence in [-1, 1).
