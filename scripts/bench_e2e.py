@@ -10,7 +10,7 @@ the machine hits both sides of a round alike). Loading is never timed.
 
     pip install llama-cpp-python      # about 12 minutes: builds llama.cpp from source
     cargo build --release --example generate
-    python scripts/bench_e2e.py [--rounds 5] [--threads 2] [--json out.json]
+    python3 scripts/bench_e2e.py [--rounds 5] [--threads 2] [--json out.json]
 
 llama.cpp runs with its defaults (its repacked CPU buffers included), except on a CPU with AMX,
 where its AMX path crashes on Q4_1: there it loads with its extra buffer types off

@@ -2,8 +2,8 @@
 """Times PyTorch's Llama MLP on the shapes of candle-glu's benchmark, for side-by-side ratios.
 
     pip install torch
-    python scripts/bench_torch.py [--threads 2] [--runs 20] [--json results.json]
-    python scripts/bench_torch.py --vs-ours 3 --shapes small --dtypes bf16 [--tokens 1,16]
+    python3 scripts/bench_torch.py [--threads 2] [--runs 20] [--json results.json]
+    python3 scripts/bench_torch.py --vs-ours 3 --shapes small --dtypes bf16 [--tokens 1,16]
 
 For each shape (7B: hidden 4096, intermediate 11008; small: SmolLM2's 576 -> 1536), dtype (f32,
 bf16, f16) and token count (1, 16, 128, 512) it builds `down(silu(gate(x)) * up(x))` from

@@ -30,11 +30,18 @@ if [ ! -d "$nvrtc/nvidia" ]; then
     rm -rf "$nvrtc.tmp"
     python3 -m pip install --quiet --no-cache-dir --disable-pip-version-check \
         --root-user-action=ignore --no-warn-conflicts --target "$nvrtc.tmp" "cuda-toolkit[nvrtc]==$version"
+    rm -rf "$nvrtc" # a half-made one would take the new copy inside it
     mv "$nvrtc.tmp" "$nvrtc"
 fi
 lib_tests="$(cargo test --features cuda --lib --no-run --message-format=json |
     grep -o '"executable":"[^"]*/deps/candle_glu-[0-9a-f]*"' | tail -n 1 |
     sed -e 's/^"executable":"//' -e 's/"$//')"
 nvrtc_lib="$(dirname "$(find "$nvrtc/nvidia" -name 'libnvrtc.so.*' | head -n 1)")"
-LD_LIBRARY_PATH="$nvrtc_lib:$CANDLE_GLU_CUDA_LIBS" CANDLE_GLU_REQUIRE_NVRTC=1 \
-    "$lib_tests" nvrtc_compiles_the_gated_kernels
+# By its exact name, and it must have run: a filter that matches nothing passes.
+out="$(LD_LIBRARY_PATH="$nvrtc_lib:$CANDLE_GLU_CUDA_LIBS" CANDLE_GLU_REQUIRE_NVRTC=1 \
+    "$lib_tests" --exact kernels::cuda::tests::nvrtc_compiles_the_gated_kernels)"
+echo "$out"
+grep -q "test result: ok. 1 passed" <<<"$out" || {
+    echo "cuda_check: the NVRTC test did not run" >&2
+    exit 1
+}

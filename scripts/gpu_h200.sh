@@ -32,6 +32,15 @@ repo="$PWD"
 mode="${1:-run}"
 carry="$repo/.gpu"
 
+# Temporary files go on every exit.
+json="" bin=""
+cleanup() { rm -rf "${json:-}" "${bin:-}"; }
+trap cleanup EXIT
+# The executable for `$1` (a path pattern under the target directory) in cargo's JSON messages.
+pick() {
+    grep -o "\"executable\":\"[^\"]*/$1\"" "$json" | tail -n 1 | sed -e 's/^"executable":"//' -e 's/"$//'
+}
+
 if [ "$mode" = prepare ]; then
     export CANDLE_GLU_CUDA_TOOLKIT="${CANDLE_GLU_CUDA_TOOLKIT:-13.0.3.0}"
     # shellcheck source=scripts/cuda_env.sh
@@ -46,9 +55,6 @@ if [ "$mode" = prepare ]; then
     rm -rf "$carry"
     mkdir -p "$carry"
     # The executables of the lib's unit tests, tests/gpu.rs, the two benches and the infer CLI.
-    pick() {
-        grep -o "\"executable\":\"[^\"]*/$1\"" "$json" | tail -n 1 | sed -e 's/^"executable":"//' -e 's/"$//'
-    }
     for spec in "lib_tests deps/candle_glu-[0-9a-f]*" "gpu_tests deps/gpu-[0-9a-f]*" \
         "compare deps/compare-[0-9a-f]*" "moe deps/moe-[0-9a-f]*" "infer examples/infer"; do
         read -r name pattern <<<"$spec"
@@ -167,16 +173,19 @@ elif command -v cargo >/dev/null && command -v nvcc >/dev/null; then
     export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d .)}"
     export CARGO_TARGET_DIR=target/cuda-gpu
     echo "building with $(nvcc --version | grep -o 'release [0-9.]*'), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"
-    cargo test --release --features cuda --offline --no-run
-    cargo bench --features cuda --offline --bench compare --no-run
-    cargo bench --features cuda --offline --bench moe --no-run
+    json="$(mktemp)"
+    cargo test --release --features cuda --offline --no-run --message-format=json >"$json"
+    cargo bench --features cuda --offline --bench compare --no-run --message-format=json >>"$json"
+    cargo bench --features cuda --offline --bench moe --no-run --message-format=json >>"$json"
     bin="$(mktemp -d)"
-    for spec in "lib_tests candle_glu-" "gpu_tests gpu-" "compare compare-" "moe moe-"; do
-        read -r name prefix <<<"$spec"
-        ls -t "$CARGO_TARGET_DIR"/release/deps/"$prefix"* | grep -v '\.d$' | head -n 1 |
-            xargs -I{} cp {} "$bin/$name"
+    # By cargo's own account of what it built (a name prefix matched tests/moe.rs for the bench).
+    for spec in "lib_tests deps/candle_glu-[0-9a-f]*" "gpu_tests deps/gpu-[0-9a-f]*" \
+        "compare deps/compare-[0-9a-f]*" "moe deps/moe-[0-9a-f]*" "infer examples/infer"; do
+        read -r name pattern <<<"$spec"
+        exe="$(pick "$pattern")"
+        [ -n "$exe" ] || { echo "no executable for $name" >&2; exit 1; }
+        cp "$exe" "$bin/$name"
     done
-    cp "$CARGO_TARGET_DIR/release/examples/infer" "$bin/infer"
 else
     echo "no .gpu/ binaries and no cargo + nvcc to build them: run 'scripts/gpu_h200.sh prepare'" \
         "on a build machine and carry .gpu" >&2
@@ -189,7 +198,10 @@ export CARGO_MANIFEST_DIR="$repo"
 export CANDLE_GLU_REQUIRE_GPU=1
 
 section "unit tests (NVRTC compiles gated.cu, strided walks)"
-timeout "$(budget 300)" "$bin/lib_tests" --test-threads 4 nvrtc strided 2>&1 || status=1
+# (A filter that matches nothing passes: the count must not be 0.)
+out="$(timeout "$(budget 300)" "$bin/lib_tests" --test-threads 4 nvrtc strided 2>&1)" || status=1
+echo "$out"
+grep -q "test result: ok. [1-9][0-9]* passed" <<<"$out" || status=1
 
 section "GPU tests (tests/gpu.rs)"
 timeout "$(budget 300)" "$bin/gpu_tests" --nocapture --test-threads 1 2>&1 || status=1

@@ -35,7 +35,7 @@ running it twice produces byte-identical files.
 
 How to run (from the repository root)
 -------------------------------------
-    pip install torch transformers safetensors numpy && python scripts/make_fixtures.py
+    pip install torch transformers safetensors numpy && python3 scripts/make_fixtures.py
 
 Versions used to generate the committed fixtures: torch 2.15.0, transformers 5.24.0,
 safetensors 0.8.0, numpy 2.4.6 (CPU only). The torch and transformers versions are

@@ -20,7 +20,7 @@
 
 Run from the repository root, after scripts/fetch_shakespeare.sh:
 
-    pip install torch safetensors numpy && python scripts/make_glu_variants_fixtures.py
+    pip install torch safetensors numpy && python3 scripts/make_glu_variants_fixtures.py
 
 Deterministic: running it twice writes byte-identical files. Versions used for the committed
 fixtures: torch 2.15.0 (run on the CPU), safetensors 0.8.0, numpy 2.4.6.
@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-OUT = Path("tests/fixtures/glu_variants")
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "glu_variants"
 D_MODEL, D_FF = 37, 148
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}
 

@@ -7,7 +7,7 @@ tests/fixtures/smollm2/llamacpp.json: llama.cpp's own token ids for each prompt,
 and logits at every position, and a greedy continuation of 12 tokens.
 
     pip install llama-cpp-python      # about 12 minutes: builds llama.cpp
-    python scripts/make_llamacpp_reference.py [--gguf PATH]
+    python3 scripts/make_llamacpp_reference.py [--gguf PATH]
 
 Used once to make the fixture; not needed by the tests or CI.
 """

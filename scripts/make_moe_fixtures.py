@@ -36,7 +36,7 @@ DeepSeek-V3 16 top-3 in 4 groups of which 2 compete.
 
 How to run (from the repository root)
 -------------------------------------
-    pip install torch transformers safetensors numpy && python scripts/make_moe_fixtures.py
+    pip install torch transformers safetensors numpy && python3 scripts/make_moe_fixtures.py
 
 Deterministic: running it twice writes byte-identical files.
 """
@@ -63,7 +63,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 H, I, SHARED_I = 72, 40, 56
-OUT = pathlib.Path("tests/fixtures/moe")
+OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "moe"
 PREFIX = "model.layers.0.mlp."
 # The cases also written under transformers 5's in-memory (stacked) names.
 FUSED = ("mixtral", "deepseek_v3")

@@ -40,7 +40,7 @@ the groups' scores, at least 2e-4 apart), so that f32 rounding cannot change a c
 
 How to run (from the repository root)
 -------------------------------------
-    pip install gguf numpy safetensors && python scripts/make_moe_gguf_fixtures.py
+    pip install gguf numpy safetensors && python3 scripts/make_moe_gguf_fixtures.py
 
 Deterministic: running it twice writes byte-identical files.
 """
@@ -55,7 +55,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 from safetensors.numpy import save_file
 
-OUT = pathlib.Path("tests/fixtures/moe_gguf")
+# Beside this script, wherever it is run from.
+OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "moe_gguf"
 TOKENS = (1, 18, 160)
 
 CASES = [

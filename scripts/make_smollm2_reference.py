@@ -58,7 +58,7 @@ Checks asserted while running
 How to run (from the repository root)
 -------------------------------------
     pip install numpy gguf safetensors tokenizers
-    python scripts/make_smollm2_reference.py [--gguf PATH]
+    python3 scripts/make_smollm2_reference.py [--gguf PATH]
 
 The default GGUF path is the one scripts/fetch_smollm2.sh downloads to:
 $CANDLE_GLU_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf, where CANDLE_GLU_CACHE defaults to

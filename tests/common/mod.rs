@@ -315,15 +315,17 @@ pub fn example_command(name: &str) -> std::process::Command {
 pub fn smollm2_gguf() -> PathBuf {
     let name = "SmolLM2-135M-Instruct.Q4_1.gguf";
     let mut tried = Vec::new();
-    if let Some(p) = std::env::var_os("CANDLE_GLU_GGUF") {
+    // An empty variable is unset, as the fetch script and the example take it.
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(p) = var("CANDLE_GLU_GGUF") {
         tried.push(PathBuf::from(p));
     }
-    if let Some(dir) = std::env::var_os("CANDLE_GLU_CACHE") {
+    if let Some(dir) = var("CANDLE_GLU_CACHE") {
         tried.push(PathBuf::from(dir).join(name));
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
+    let cache = var("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")));
     if let Some(cache) = cache {
         tried.push(cache.join("candle-glu").join(name));
     }
