@@ -46,15 +46,9 @@ fn open(case: &str) -> (Checkpoint, MoeConfig) {
     (ckpt, cfg)
 }
 
+/// NaN-aware ([`common::rel_err`]).
 fn rel(y: &Tensor, truth: &Tensor) -> f64 {
-    let (y, truth) = (
-        y.to_dtype(DType::F64).unwrap(),
-        truth.to_dtype(DType::F64).unwrap(),
-    );
-    let truth = &truth;
-    let d = (y - truth).unwrap().abs().unwrap().max_all().unwrap();
-    let m = truth.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f64>().unwrap() / m.to_scalar::<f64>().unwrap()
+    common::rel_err(y, truth)
 }
 
 fn opts() -> LoadOptions {

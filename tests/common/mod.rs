@@ -260,31 +260,41 @@ pub fn dense_path(what: &str) -> candle_glu::ForwardPath {
 /// max |a - b| in float64: a measurement (torch's own error, a bound's input); to assert a
 /// bound, use [`assert_close`].
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    let values = |t: &Tensor| -> Vec<f64> {
+        let t = t.to_device(&Device::Cpu).unwrap();
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, b) = (values(a), values(b));
+    assert_eq!(a.len(), b.len(), "shapes differ");
+    // NaN-aware, unlike a max reduction (which keeps its running value past a NaN): a NaN on
+    // one side only is an infinite difference; on both, none.
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| match (x.is_nan(), y.is_nan()) {
+            (true, true) => 0.0,
+            (false, false) if x == y => 0.0,
+            (false, false) => (x - y).abs(),
+            _ => f64::INFINITY,
+        })
+        .fold(0.0, f64::max)
 }
 
 /// max |t| in float64.
 pub fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
+    let t = t.to_device(&Device::Cpu).unwrap();
+    let v: Vec<f64> = t
+        .to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
         .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+        .to_vec1()
+        .unwrap();
+    v.iter().map(|x| x.abs()).fold(0.0, f64::max)
 }
 
 /// max |a - truth| / max |truth|: a measurement, as [`max_abs_diff`].
