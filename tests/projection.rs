@@ -31,14 +31,7 @@ fn projection(
     let dev = Device::Cpu;
     let wf = randn(seed, (out, inp), 0.05, &dev);
     let b = bias.then(|| randn(seed + 1, out, 0.5, &dev));
-    let f64s = |t: &Tensor| -> Vec<f64> {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
+    let f64s = common::f64_values;
     match w {
         Weight::Dense(dtype) => {
             let wd = wf.to_dtype(dtype).unwrap();

@@ -260,16 +260,7 @@ pub fn dense_path(what: &str) -> candle_glu::ForwardPath {
 /// max |a - b| in float64: a measurement (torch's own error, a bound's input); to assert a
 /// bound, use [`assert_close`].
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let values = |t: &Tensor| -> Vec<f64> {
-        let t = t.to_device(&Device::Cpu).unwrap();
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let (a, b) = (values(a), values(b));
+    let (a, b) = (f64_values(a), f64_values(b));
     assert_eq!(a.len(), b.len(), "shapes differ");
     // NaN-aware, unlike a max reduction (which keeps its running value past a NaN): a NaN on
     // one side only is an infinite difference; on both, none.
@@ -286,15 +277,16 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// max |t| in float64.
 pub fn max_abs(t: &Tensor) -> f64 {
-    let t = t.to_device(&Device::Cpu).unwrap();
-    let v: Vec<f64> = t
-        .to_dtype(DType::F64)
+    f64_values(t).iter().map(|x| x.abs()).fold(0.0, f64::max)
+}
+
+/// A tensor's values, flattened, in float64 on the host.
+pub fn f64_values(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    v.iter().map(|x| x.abs()).fold(0.0, f64::max)
 }
 
 /// max |a - truth| / max |truth|: a measurement, as [`max_abs_diff`].
