@@ -36,7 +36,7 @@ use clap::Parser;
 
 #[path = "common/bandwidth.rs"]
 mod bandwidth;
-use bandwidth::{read_bandwidth, read_once};
+use bandwidth::{read_bandwidth, read_once, ProbeBuffer};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -149,12 +149,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dev = args.device.device()?;
     // The weights' read floor is a CPU notion here; on a GPU the table has no floor.
-    let probe = if dev.is_cpu() {
-        vec![1f32; 256 << 20]
-    } else {
-        Vec::new()
-    };
-    let bw = dev.is_cpu().then(|| read_bandwidth(&probe));
+    // On 4 KiB pages, as candle's allocations of the weights here are.
+    let probe = dev.is_cpu().then(|| ProbeBuffer::new(false));
+    let bw = probe.as_ref().map(|p| read_bandwidth(p));
     match bw {
         Some(bw) => println!(
             "device cpu, threads {}, read bandwidth {bw:.1} GB/s",
@@ -272,7 +269,7 @@ fn main() -> Result<()> {
                     (Some(_), 1) => {
                         let mut ratios = Vec::new();
                         for _ in 0..rounds {
-                            let bw = read_once(&probe);
+                            let bw = read_once(probe.as_ref().expect("a CPU probe"));
                             let t = Instant::now();
                             std::hint::black_box(run_ours()?);
                             let ms = t.elapsed().as_secs_f64() * 1e3;

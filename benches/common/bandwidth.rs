@@ -2,6 +2,50 @@
 
 use std::time::Instant;
 
+/// The probe's buffer: 1 GiB of f32 ones, on 4 KiB pages or, with `huge`, aligned to 2 MiB and
+/// advised for transparent huge pages (Linux), as the crate's GGUF loader puts weights, so that
+/// a floor is measured on the pages the weights it is compared with lie on.
+pub struct ProbeBuffer {
+    ptr: std::ptr::NonNull<f32>,
+    layout: std::alloc::Layout,
+}
+
+impl ProbeBuffer {
+    pub fn new(huge: bool) -> Self {
+        let len = 256usize << 20;
+        let align = if huge { 2 << 20 } else { 64 };
+        let layout = std::alloc::Layout::from_size_align(len * 4, align).expect("a layout");
+        // SAFETY: the layout's size is not zero.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw.cast::<f32>()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        #[cfg(target_os = "linux")]
+        if huge {
+            // SAFETY: the range is the allocation; advice changes only how it is backed.
+            unsafe { libc::madvise(raw.cast(), len * 4, libc::MADV_HUGEPAGE) };
+        }
+        // SAFETY: `len` f32 fit in the allocation, written before they are read.
+        unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len).fill(1.0) };
+        Self { ptr, layout }
+    }
+}
+
+impl std::ops::Deref for ProbeBuffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: initialised in `new`, owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size() / 4) }
+    }
+}
+
+impl Drop for ProbeBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
+    }
+}
+
 /// Read bandwidth in GB/s: every thread sums its share of a 1 GiB buffer as 8 interleaved
 /// streams (as the decode kernel reads 8 weight rows at once), with 64-byte loads where the CPU
 /// has AVX-512; best of 3.
