@@ -133,6 +133,8 @@ struct Row {
     dtype: String,
     tokens: usize,
     naive_ms: Option<f64>,
+    /// Naive ÷ ours, the median of the rounds' ratios.
+    speedup: Option<f64>,
     ours_ms: f64,
     gflops: f64,
     floor_ms: Option<f64>,
@@ -140,9 +142,11 @@ struct Row {
     floor_ratio: Option<f64>,
 }
 
+/// The median; of an even count, the mean of the two middle values.
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    (v[(n - 1) / 2] + v[n / 2]) / 2.0
 }
 
 fn main() -> Result<()> {
@@ -261,6 +265,12 @@ fn main() -> Result<()> {
                         }
                     }
                 }
+                // The speed-up: the median of each round's naive ÷ ours (the two ran side by side
+                // then), not a ratio of two medians from different rounds.
+                let speedup = (!tn.is_empty()).then(|| {
+                    let mut per_round: Vec<f64> = tn.iter().zip(&to).map(|(n, o)| n / o).collect();
+                    median(&mut per_round)
+                });
                 let naive_ms = (!tn.is_empty()).then(|| median(&mut tn));
                 let ours_ms = median(&mut to);
                 let floor_ms = bw.map(|bw| weight_bytes as f64 / (bw * 1e9) * 1e3);
@@ -285,6 +295,7 @@ fn main() -> Result<()> {
                     dtype: dname.clone(),
                     tokens,
                     naive_ms,
+                    speedup,
                     ours_ms,
                     gflops: flops / (ours_ms / 1e3) / 1e9,
                     floor_ms,
@@ -310,8 +321,7 @@ fn main() -> Result<()> {
                     row.tokens,
                     row.naive_ms.map_or("-".into(), |v| format!("{v:.3}")),
                     row.ours_ms,
-                    row.naive_ms
-                        .map_or("-".into(), |v| format!("{:.2}x", v / row.ours_ms)),
+                    row.speedup.map_or("-".into(), |v| format!("{v:.2}x")),
                     last[0],
                     last[1],
                     last[2],
@@ -326,7 +336,8 @@ fn main() -> Result<()> {
             .map(|r| {
                 serde_json::json!({
                     "shape": r.shape, "dtype": r.dtype, "tokens": r.tokens,
-                    "naive_ms": r.naive_ms, "ours_ms": r.ours_ms, "gflops": r.gflops,
+                    "naive_ms": r.naive_ms, "speedup": r.speedup, "ours_ms": r.ours_ms,
+                    "gflops": r.gflops,
                     "floor_ms": r.floor_ms, "floor_ratio": r.floor_ratio, "read_gbps": bw,
                     "device": device_name(&dev),
                     "naive_tflops": r.naive_ms.map(|ms| r.gflops * r.ours_ms / ms / 1e3),

@@ -307,9 +307,11 @@ fn time(m: &dyn Module, xs: &[Tensor], start: usize, runs: usize) -> Result<f64>
     Ok(t[runs / 2])
 }
 
+/// The median; of an even count, the mean of the two middle values.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    (v[(n - 1) / 2] + v[n / 2]) / 2.0
 }
 
 fn main() -> Result<()> {
