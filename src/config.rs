@@ -248,9 +248,14 @@ impl GluConfig {
                 let whence = match (obj.contains_key("is_gated_act"), given) {
                     (true, _) => "`is_gated_act` is false".to_string(),
                     (false, Some(_)) => format!("`feed_forward_proj` is `{proj}`"),
-                    (false, None) => format!(
+                    (false, None) if matches!(model_type, "t5" | "") => format!(
                         "`feed_forward_proj` is `{proj}` (transformers' default for T5, where the \
                          config does not say)"
+                    ),
+                    // A `d_model` config of another family (BART, Whisper): no FFN kind at all.
+                    (false, None) => format!(
+                        "`model_type` `{model_type}` has no `hidden_size` and no \
+                         `feed_forward_proj`: not a gated feed-forward this crate reads"
                     ),
                 };
                 return Err(fail(format!(
@@ -493,6 +498,14 @@ mod tests {
         );
         let err = parse(r#"{"d_model":8,"d_ff":16}"#).unwrap_err().to_string();
         assert!(err.contains("not gated"), "{err}");
+        // Another family with a `d_model` (BART): not called T5.
+        let bart = r#"{"model_type":"bart","d_model":8,"d_ff":16}"#;
+        let err = parse(bart).unwrap_err().to_string();
+        assert!(
+            err.contains("`model_type` `bart` has no `hidden_size`"),
+            "{err}"
+        );
+        assert!(!err.contains("T5"), "{err}");
         for t in ["mt5", "umt5"] {
             let cfg = parse(&format!(r#"{{"model_type":"{t}","d_model":8,"d_ff":16}}"#)).unwrap();
             assert_eq!(cfg.activation, Activation::GeluTanh, "{t}");
