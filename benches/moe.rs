@@ -303,8 +303,7 @@ fn time(m: &dyn Module, xs: &[Tensor], start: usize, runs: usize) -> Result<f64>
         x.device().synchronize()?;
         t.push(begin.elapsed().as_secs_f64() * 1e3);
     }
-    t.sort_by(f64::total_cmp);
-    Ok(t[runs / 2])
+    Ok(median(t))
 }
 
 /// The median; of an even count, the mean of the two middle values.

@@ -39,7 +39,10 @@ lib_tests="$(cargo test --features cuda --lib --no-run --message-format=json |
 nvrtc_lib="$(dirname "$(find "$nvrtc/nvidia" -name 'libnvrtc.so.*' | head -n 1)")"
 # By its exact name, and it must have run: a filter that matches nothing passes.
 out="$(LD_LIBRARY_PATH="$nvrtc_lib:$CANDLE_GLU_CUDA_LIBS" CANDLE_GLU_REQUIRE_NVRTC=1 \
-    "$lib_tests" --exact kernels::cuda::tests::nvrtc_compiles_the_gated_kernels)"
+    "$lib_tests" --exact kernels::cuda::tests::nvrtc_compiles_the_gated_kernels 2>&1)" || {
+    echo "$out"
+    exit 1
+}
 echo "$out"
 grep -q "test result: ok. 1 passed" <<<"$out" || {
     echo "cuda_check: the NVRTC test did not run" >&2

@@ -708,21 +708,20 @@ impl GluExperts {
             Some(bias) => scores.iter().zip(bias).map(|(s, b)| s + b).collect(),
             None => scores.to_vec(),
         };
-        let mut allowed = vec![true; choice.len()];
-        if cfg.n_group > 1 {
-            let per = choice.len() / cfg.n_group;
-            let group_scores: Vec<f32> = choice
-                .chunks(per)
-                .map(|g| best(g, 2).iter().map(|&j| g[j]).sum())
-                .collect();
-            let groups = best(&group_scores, cfg.topk_group);
-            for (j, a) in allowed.iter_mut().enumerate() {
-                *a = groups.contains(&(j / per));
-            }
+        if cfg.n_group <= 1 {
+            return best(&choice, cfg.top_k);
         }
-        // Only the allowed experts are candidates (a −∞ mask would let a masked expert win over
-        // an allowed one whose score is NaN).
-        let candidates: Vec<usize> = (0..choice.len()).filter(|&j| allowed[j]).collect();
+        let per = choice.len() / cfg.n_group;
+        let group_scores: Vec<f32> = choice
+            .chunks(per)
+            .map(|g| best(g, 2).iter().map(|&j| g[j]).sum())
+            .collect();
+        let groups = best(&group_scores, cfg.topk_group);
+        // Only the chosen groups' experts are candidates (a −∞ mask would let a masked expert
+        // win over an allowed one whose score is NaN).
+        let candidates: Vec<usize> = (0..choice.len())
+            .filter(|&j| groups.contains(&(j / per)))
+            .collect();
         let values: Vec<f32> = candidates.iter().map(|&j| choice[j]).collect();
         best(&values, cfg.top_k)
             .into_iter()

@@ -315,11 +315,21 @@ fn rewritten(
     dir: &std::path::Path,
     edit: impl FnOnce(&mut HashMap<String, gguf_file::Value>),
 ) -> PathBuf {
+    rewritten_with(case, dir, edit, Vec::new())
+}
+
+/// [`rewritten`], with `extra` tensors added.
+fn rewritten_with(
+    case: &str,
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut HashMap<String, gguf_file::Value>),
+    extra: Vec<(String, candle_core::quantized::QTensor)>,
+) -> PathBuf {
     let mut file = std::fs::File::open(path(case)).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut metadata = content.metadata.clone();
     edit(&mut metadata);
-    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+    let mut tensors: Vec<(String, candle_core::quantized::QTensor)> = content
         .tensor_infos
         .keys()
         .map(|n| {
@@ -329,6 +339,7 @@ fn rewritten(
             )
         })
         .collect();
+    tensors.extend(extra);
     let out = dir.join(format!("{case}.gguf"));
     let metadata: Vec<(&str, &gguf_file::Value)> =
         metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -341,6 +352,29 @@ fn rewritten(
     )
     .unwrap();
     out
+}
+
+#[test]
+fn expert_biases_in_the_file_are_refused_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cfg) = open("mixtral");
+    let i = cfg.expert.intermediate_size;
+    let bias = candle_core::quantized::QTensor::quantize(
+        &Tensor::zeros((8, i), DType::F32, &Device::Cpu).unwrap(),
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
+    let name = "blk.0.ffn_up_exps.bias".to_string();
+    let path = rewritten_with("mixtral", dir.path(), |_| {}, vec![(name, bias)]);
+    let e = Checkpoint::open(path)
+        .unwrap()
+        .load_experts(&cfg, 0, &opts())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("the file has expert biases (`blk.0.ffn_up_exps.bias`)"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -81,11 +81,14 @@ impl Tokenizer {
         // What is built below is SmolLM2's splitting, and no BOS or space is added: another
         // model's GGUF (Llama 3's `llama-bpe`, a `true` flag) would be tokenized otherwise than
         // llama.cpp does, without a word.
-        let text = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok());
-        if let Some(pre) = text("tokenizer.ggml.pre").filter(|p| *p != "smollm") {
-            bail!(
-                "the GGUF's pre-tokenizer is `{pre}`; this example builds SmolLM2's (`smollm`) only"
-            );
+        if let Some(pre) = content.metadata.get("tokenizer.ggml.pre") {
+            let pre = pre.to_string().context("`tokenizer.ggml.pre`")?;
+            if pre != "smollm" {
+                bail!(
+                    "the GGUF's pre-tokenizer is `{pre}`; this example builds SmolLM2's \
+                     (`smollm`) only"
+                );
+            }
         }
         for flag in [
             "tokenizer.ggml.add_bos_token",

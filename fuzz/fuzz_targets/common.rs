@@ -56,7 +56,7 @@ fn forward(ffn: &GluFeedForward) {
 /// in each layout whose weights exist.
 fn configs(ckpt: &Checkpoint) -> Vec<GluConfig> {
     let mut cfgs: Vec<GluConfig> = ckpt.config().cloned().into_iter().collect();
-    for layout in WeightLayout::ALL {
+    for &layout in WeightLayout::ALL {
         let _ = ckpt.layers(layout);
         let prefix = layout.layer_prefix(0);
         if ckpt.detect_layout(&prefix).is_some() {

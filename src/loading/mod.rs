@@ -392,29 +392,22 @@ impl Checkpoint {
                         message: "a quantized GGUF block needs split gate and up tensors".into(),
                     });
                 };
-                if cfg.bias {
-                    return Err(Error::Bias {
-                        message: "quantized GGUF blocks have no biases; use bias = false".into(),
-                    });
-                }
                 let down = cfg.layout.names().down;
-                // Biases in the file would be left out: refused, rather than dropped.
-                let biases: Vec<String> = [gate, up, down]
-                    .iter()
-                    .map(|n| join(prefix, &format!("{n}.bias")))
-                    .filter(|n| self.contains(n))
-                    .collect();
+                // Biases in the file would be left out: refused, rather than dropped (and before
+                // `cfg.bias`, whose advice would otherwise lead here).
+                let biases = self.present(prefix, &[gate, up, down].map(|n| format!("{n}.bias")));
                 if !biases.is_empty() {
                     return Err(Error::Bias {
                         message: format!(
-                            "the file has biases ({}), which quantized GGUF blocks do not load; \
-                             load the block dequantized (`with_quantized(false)`) with bias = true",
-                            biases
-                                .iter()
-                                .map(|b| format!("`{b}`"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            "the file has biases ({biases}), which quantized GGUF blocks do not \
+                             load; load the block dequantized (`with_quantized(false)`) with \
+                             bias = true"
                         ),
+                    });
+                }
+                if cfg.bias {
+                    return Err(Error::Bias {
+                        message: "quantized GGUF blocks have no biases; use bias = false".into(),
                     });
                 }
                 Ok(GluFeedForward::from_projections(
@@ -429,6 +422,18 @@ impl Checkpoint {
                 Ok(GluFeedForward::new(cfg, vb.pp(prefix))?)
             }
         }
+    }
+
+    /// Those of `names` under `prefix` that the checkpoint holds, each quoted, comma-separated
+    /// (empty if none).
+    fn present(&self, prefix: &str, names: &[String]) -> String {
+        names
+            .iter()
+            .map(|n| join(prefix, n))
+            .filter(|n| self.contains(n))
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Every weight of the block exists with the shape `cfg` implies: checked on the tensor table
@@ -535,9 +540,12 @@ impl Checkpoint {
     /// [`GluExperts::new`] at [`MoeConfig::layer_prefix`], in `opts.dtype`. GGUF: the router
     /// (`blk.N.ffn_gate_inp`, and `exp_probs_b`), the experts stacked in `ffn_gate_exps`,
     /// `ffn_up_exps` and `ffn_down_exps` (or `ffn_gate_up_exps`), the shared expert
-    /// (`ffn_*_shexp`, and `ffn_gate_inp_shexp`); each expert is read from the file on its own
-    /// and kept quantized as stored (so the crate's kernels read its blocks in place), or
-    /// dequantized to `opts.dtype` when `opts.quantized` is false. The router is read as f32.
+    /// (`ffn_*_shexp`, and `ffn_gate_inp_shexp`); on the CPU each stacked tensor is read once
+    /// into one buffer and its experts are views of it (on a GPU each expert is read and sent
+    /// on its own), kept quantized as stored (so the crate's kernels read its blocks in place),
+    /// or dequantized to `opts.dtype` when `opts.quantized` is false. The router is read as
+    /// f32. Expert biases in the file (`ffn_*_exps.bias`, `ffn_*_shexp.bias`) are refused: the
+    /// experts have none.
     ///
     /// # Errors
     /// A layer without experts (the message lists those that have them, and says where the
@@ -606,6 +614,19 @@ impl Checkpoint {
             ])
         };
         let down = checked("ffn_down_exps", &[e, h, i])?;
+        // The experts have no biases: any in the file would be dropped, so they are refused.
+        let bias_names = ["gate_exps", "up_exps", "gate_up_exps", "down_exps"]
+            .into_iter()
+            .chain(["gate_shexp", "up_shexp", "down_shexp"])
+            .map(|n| format!("ffn_{n}.bias"));
+        let biases = self.present(&format!("blk.{layer}"), &bias_names.collect::<Vec<_>>());
+        if !biases.is_empty() {
+            return Err(Error::Bias {
+                message: format!(
+                    "the file has expert biases ({biases}), which this crate's experts do not have"
+                ),
+            });
+        }
         let bias = format!("blk.{layer}.exp_probs_b.bias");
         if cfg.selection_bias {
             self.require_shape(&bias, &[e])?;

@@ -199,7 +199,11 @@ impl SafetensorsStore {
         entry.dtype.clone().map_err(|stored| {
             invalid(
                 &self.files[entry.file],
-                format!("tensor `{name}`: unsupported dtype `{stored}`"),
+                format!(
+                    "tensor `{}`: unsupported dtype `{}`",
+                    name.escape_debug(),
+                    stored.escape_debug()
+                ),
             )
         })
     }
@@ -222,8 +226,10 @@ impl SafetensorsStore {
                     return Err(invalid(
                         &self.files[entry.file],
                         format!(
-                            "tensor `{name}` is FP8 (F8_E4M3) scaled by `{scale}`, which this \
-                             crate does not apply; use a bf16 or f16 copy of the checkpoint"
+                            "tensor `{}` is FP8 (F8_E4M3) scaled by `{}`, which this crate does \
+                             not apply; use a bf16 or f16 copy of the checkpoint",
+                            name.escape_debug(),
+                            scale.escape_debug()
                         ),
                     ));
                 }

@@ -277,7 +277,11 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// max |t| in float64.
 pub fn max_abs(t: &Tensor) -> f64 {
-    f64_values(t).iter().map(|x| x.abs()).fold(0.0, f64::max)
+    // NaN-aware: a NaN is infinite here (`f64::max` would pass over it).
+    f64_values(t)
+        .iter()
+        .map(|x| if x.is_nan() { f64::INFINITY } else { x.abs() })
+        .fold(0.0, f64::max)
 }
 
 /// A tensor's values, flattened, in float64 on the host.
