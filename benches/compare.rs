@@ -34,6 +34,9 @@ use candle_glu::{GluConfig, GluFeedForward, Projection};
 use candle_nn::Linear;
 use clap::Parser;
 
+#[path = "common/stats.rs"]
+mod stats;
+use stats::median;
 #[path = "common/bandwidth.rs"]
 mod bandwidth;
 use bandwidth::{read_bandwidth, read_once, ProbeBuffer};
@@ -140,13 +143,6 @@ struct Row {
     floor_ms: Option<f64>,
     /// Ours over the floor; for one token, the median of side-by-side rounds.
     floor_ratio: Option<f64>,
-}
-
-/// The median; of an even count, the mean of the two middle values.
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    (v[(n - 1) / 2] + v[n / 2]) / 2.0
 }
 
 fn main() -> Result<()> {
@@ -268,11 +264,11 @@ fn main() -> Result<()> {
                 // The speed-up: the median of each round's naive ÷ ours (the two ran side by side
                 // then), not a ratio of two medians from different rounds.
                 let speedup = (!tn.is_empty()).then(|| {
-                    let mut per_round: Vec<f64> = tn.iter().zip(&to).map(|(n, o)| n / o).collect();
-                    median(&mut per_round)
+                    let per_round: Vec<f64> = tn.iter().zip(&to).map(|(n, o)| n / o).collect();
+                    median(&per_round)
                 });
-                let naive_ms = (!tn.is_empty()).then(|| median(&mut tn));
-                let ours_ms = median(&mut to);
+                let naive_ms = (!tn.is_empty()).then(|| median(&tn));
+                let ours_ms = median(&to);
                 let floor_ms = bw.map(|bw| weight_bytes as f64 / (bw * 1e9) * 1e3);
                 // Decode against the floor: alternate our forward with the bandwidth probe.
                 let floor_ratio = match (bw, tokens) {
@@ -285,7 +281,7 @@ fn main() -> Result<()> {
                             let ms = t.elapsed().as_secs_f64() * 1e3;
                             ratios.push(ms / (weight_bytes as f64 / (bw * 1e9) * 1e3));
                         }
-                        Some(median(&mut ratios))
+                        Some(median(&ratios))
                     }
                     (Some(_), _) => floor_ms.map(|f| ours_ms / f),
                     (None, _) => None,

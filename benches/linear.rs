@@ -45,12 +45,9 @@ struct Args {
     bench: bool,
 }
 
-/// The median; of an even count, the mean of the two middle values.
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    (v[(n - 1) / 2] + v[n / 2]) / 2.0
-}
+#[path = "common/stats.rs"]
+mod stats;
+use stats::median;
 
 /// Milliseconds per call of `f`, over enough calls to take about 20 ms.
 fn time(calls: usize, f: &dyn Fn() -> candle_core::Result<Tensor>) -> Result<f64> {
@@ -141,9 +138,9 @@ fn main() -> Result<()> {
                 }
                 println!(
                     "| {inp} → {out} | {dtype} | {m} | {:.4} | {:.4} | {:.2} | {} |",
-                    median(&mut a),
-                    median(&mut b),
-                    median(&mut r),
+                    median(&a),
+                    median(&b),
+                    median(&r),
                     ours.micro_kernel(&x)
                         .map_or("candle".to_string(), |k| format!("{k:?}"))
                 );

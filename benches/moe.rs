@@ -47,6 +47,9 @@ use candle_glu::loading::{Checkpoint, LoadOptions};
 use candle_glu::{GluConfig, GluExperts, MoeConfig, Projection};
 use clap::Parser;
 
+#[path = "common/stats.rs"]
+mod stats;
+use stats::median;
 #[path = "common/bandwidth.rs"]
 mod bandwidth;
 use bandwidth::{read_bandwidth, read_once, ProbeBuffer};
@@ -303,14 +306,7 @@ fn time(m: &dyn Module, xs: &[Tensor], start: usize, runs: usize) -> Result<f64>
         x.device().synchronize()?;
         t.push(begin.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(median(t))
-}
-
-/// The median; of an even count, the mean of the two middle values.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    (v[(n - 1) / 2] + v[n / 2]) / 2.0
+    Ok(median(&t))
 }
 
 fn main() -> Result<()> {
@@ -448,11 +444,11 @@ fn main() -> Result<()> {
                     to.push(o);
                     ratio.push(n / o);
                 }
-                let ours_ms = median(to);
+                let ours_ms = median(&to);
                 let naive = if args.no_naive {
                     format!("{:>10} {:>8}", "-", "-")
                 } else {
-                    format!("{:>10.3} {:>7.2}x", median(tn), median(ratio))
+                    format!("{:>10.3} {:>7.2}x", median(&tn), median(&ratio))
                 };
                 let floor = match bw {
                     None => format!("{:>8} {:>6}", "-", "-"),
@@ -466,7 +462,7 @@ fn main() -> Result<()> {
                             floors.push(floor);
                             ratios.push(ms / floor);
                         }
-                        format!("{:>8.3} {:>6.2}", median(floors), median(ratios))
+                        format!("{:>8.3} {:>6.2}", median(&floors), median(&ratios))
                     }
                     Some(bw) => format!("{:>8.3} {:>6.2}", floor_ms(bw), ours_ms / floor_ms(bw)),
                 };

@@ -138,7 +138,7 @@ impl Activation {
     /// other than f32, f16, bf16 and f64 ([`Error::InputDtype`](crate::Error::InputDtype)).
     pub fn gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let dtype = gate.dtype();
-        if !crate::projection::computes_in(dtype) {
+        if !computes_in(dtype) {
             return Err(crate::Error::InputDtype { dtype }.into());
         }
         if up.dtype() != dtype {
@@ -284,6 +284,12 @@ impl FromStr for Activation {
         };
         Ok(act)
     }
+}
+
+/// Whether candle computes in `dtype`: f32, f16, bf16 and f64 (its FP8, FP6 and FP4 types are
+/// floats too, but storage only). The dtypes σ, the projections and the blocks take.
+pub(crate) fn computes_in(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
 }
 
 /// Whether `beta` can be a Swish β: finite in f32, where every kernel applies it (1e39, finite in

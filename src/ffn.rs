@@ -413,7 +413,7 @@ impl GluFeedForward {
     /// Checks an input and returns it as `[tokens, H]` in the weights' dtype.
     fn flatten_input(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.config.hidden_size;
-        if !crate::projection::computes_in(xs.dtype()) {
+        if !crate::activation::computes_in(xs.dtype()) {
             return Err(Error::InputDtype { dtype: xs.dtype() }.into());
         }
         if xs.dims().last() != Some(&h) {

@@ -111,7 +111,8 @@ impl Projection {
     /// same dtype, on the same device.
     ///
     /// # Errors
-    /// A weight that is not a float matrix; a bias of another length, dtype or device.
+    /// A weight that is not a matrix with rows and columns, or not in f32, f16, bf16 or f64; a
+    /// bias of another length, dtype or device.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out, _) = match *weight.dims() {
             [out, inp] if out > 0 && inp > 0 => (out, inp),
@@ -122,7 +123,7 @@ impl Projection {
                 )))
             }
         };
-        if !computes_in(weight.dtype()) {
+        if !crate::activation::computes_in(weight.dtype()) {
             return Err(invalid(format!(
                 "weight has dtype {:?}, expected f32, f16, bf16 or f64",
                 weight.dtype()
@@ -147,7 +148,7 @@ impl Projection {
     /// an even number), and so are GGUF's float types.
     ///
     /// # Errors
-    /// A weight that is not a matrix; a bias of another length or device.
+    /// A weight that is not a matrix with rows and columns; a bias of another length or device.
     pub fn from_qtensor(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
         let out = match *weight.shape().dims() {
             [out, inp] if out > 0 && inp > 0 => out,
@@ -364,7 +365,7 @@ impl Projection {
     /// leading dimensions kept.
     fn check_input(&self, xs: &Tensor) -> Result<Tensor> {
         let (out, k) = (self.out_features(), self.in_features());
-        if !computes_in(xs.dtype()) {
+        if !crate::activation::computes_in(xs.dtype()) {
             return Err(Error::InputDtype { dtype: xs.dtype() }.into());
         }
         let Some((&last, lead)) = xs.dims().split_last() else {
@@ -516,12 +517,6 @@ pub(crate) fn load_linear(vb: &VarBuilder, [out, inp]: [usize; 2], bias: bool) -
         None
     };
     Ok(Linear::new(weight, bias))
-}
-
-/// Whether candle computes in `dtype`: f32, f16, bf16 and f64 (its FP8, FP6 and FP4 types are
-/// floats too, but storage only).
-pub(crate) fn computes_in(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
 }
 
 /// `vb.get_with_hints`, with errors that say what exists instead.

@@ -443,16 +443,17 @@ fn the_data_script_fails_clearly() {
 /// (`complete: false`, as `--json` writes it when a run fails), it says so.
 #[test]
 fn replot_reads_the_recorded_results_and_says_when_they_are_partial() {
+    // `--replot FILE`, which must succeed: its stdout and stderr.
+    let replot = |file: &Path| {
+        let out = glu_variants().arg("--replot").arg(file).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), err)
+    };
     let recorded = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/glu-variants/results.json");
-    let out = glu_variants()
-        .arg("--replot")
-        .arg(&recorded)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let (table, err) = replot(&recorded);
     assert!(!err.contains("stopped early"), "{err}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("FFN-SwiGLU"));
+    assert!(table.contains("FFN-SwiGLU"));
 
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&recorded).unwrap()).unwrap();
@@ -461,13 +462,7 @@ fn replot_reads_the_recorded_results_and_says_when_they_are_partial() {
     let dir = tempfile::tempdir().unwrap();
     let partial = dir.path().join("partial.json");
     std::fs::write(&partial, json.to_string()).unwrap();
-    let out = glu_variants()
-        .arg("--replot")
-        .arg(&partial)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    let (_, err) = replot(&partial);
     assert!(
         err.contains("the runs stopped early (relu seed 1: the training loss is NaN at step 18)"),
         "{err}"

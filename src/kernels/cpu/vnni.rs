@@ -107,17 +107,18 @@ pub(crate) unsafe fn quantize_shared(x: *const f32, nb: usize, q: *mut i8, sums:
             return if bad != 0 { f32::NAN } else { 0.0 };
         }
         // Below 127 / f32::MAX (about 3.7e-37), 127 / amax is +inf, and x·inf is NaN or ±inf:
-        // such a block is first scaled by 2^64, exactly (a power of two), so that the scale
-        // stays finite; elsewhere `pre` is 1 and changes nothing.
-        let (pre, id) = match 127.0 / amax {
-            id if id.is_finite() => (1.0, id),
-            _ => (TINY_PRE, 127.0 / (amax * TINY_PRE)),
-        };
-        let (pre, id) = (_mm512_set1_ps(pre), _mm512_set1_ps(id));
-        let scaled = |p: *const f32| _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(p), pre), id);
+        // such a block is rounded as the same values scaled by 2^64 (exactly: a power of two),
+        // off the common path, which stays one multiply a vector.
+        let id = 127.0 / amax;
+        if !id.is_finite() {
+            let scaled: Vec<f32> = (0..32 * nb).map(|i| *x.add(i) * TINY_PRE).collect();
+            quantize_shared(scaled.as_ptr(), nb, q, sums);
+            return amax / 127.0;
+        }
+        let id = _mm512_set1_ps(id);
         for b in 0..nb {
-            let qa = _mm512_cvtps_epi32(scaled(x.add(32 * b)));
-            let qb = _mm512_cvtps_epi32(scaled(x.add(32 * b + 16)));
+            let qa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.add(32 * b)), id));
+            let qb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x.add(32 * b + 16)), id));
             _mm_storeu_si128(q.add(32 * b) as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
             _mm_storeu_si128(
                 q.add(32 * b + 16) as *mut __m128i,
