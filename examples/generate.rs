@@ -165,14 +165,15 @@ fn run(args: &Args) -> Result<()> {
     let device = Device::Cpu;
 
     let start = Instant::now();
-    let (content, _) = smollm2::read_gguf(&path)?;
-    let tokenizer = Tokenizer::from_gguf(&content)?;
-    let cfg = LlamaConfig::from_gguf(&content)?;
+    let gguf = smollm2::read_gguf(&path)?;
+    let content = gguf.content();
+    let tokenizer = Tokenizer::from_gguf(content)?;
+    let cfg = LlamaConfig::from_gguf(content)?;
     if args.system.is_some() && !args.chat {
         eprintln!("warning: --system does nothing without --chat");
     }
     let text = if args.chat {
-        smollm2::chat::ChatTemplate::from_gguf(&content, &tokenizer)?
+        smollm2::chat::ChatTemplate::from_gguf(content, &tokenizer)?
             .render(args.system.as_deref(), &args.prompt)?
     } else {
         args.prompt.clone()

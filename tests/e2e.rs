@@ -13,10 +13,13 @@ mod smollm2;
 
 mod common;
 
+use std::fs::File;
+use std::io::BufReader;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_glu::loading::{Checkpoint, LoadOptions};
@@ -121,10 +124,18 @@ fn kernels_take_the_ffns(what: &str) -> bool {
     true
 }
 
+/// The GGUF's header as candle's own reader gives it, and that reader: the references below read
+/// the file with candle, not with the crate's checked reader that the example uses.
+fn candle_gguf() -> (Content, BufReader<File>) {
+    let mut reader = BufReader::new(File::open(gguf()).unwrap());
+    let content = Content::read(&mut reader).unwrap();
+    (content, reader)
+}
+
 fn tokenizer() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
     T.get_or_init(|| {
-        let (content, _) = smollm2::read_gguf(&gguf()).unwrap();
+        let (content, _) = candle_gguf();
         Tokenizer::from_gguf(&content).unwrap()
     })
 }
@@ -222,13 +233,13 @@ fn generation_ends_on_the_tokens_llama_cpp_ends_on() {
 #[test]
 fn crafted_llama_metadata_is_refused() {
     use candle_core::quantized::gguf_file::Value;
-    let (content, _) = smollm2::read_gguf(&gguf()).unwrap();
+    let (content, _) = candle_gguf();
     assert_eq!(
         LlamaConfig::from_gguf(&content).unwrap().max_positions,
         8192
     );
     let edited = |edit: &dyn Fn(&mut candle_core::quantized::gguf_file::Content)| {
-        let mut c = smollm2::read_gguf(&gguf()).unwrap().0;
+        let mut c = candle_gguf().0;
         edit(&mut c);
         LlamaConfig::from_gguf(&c).unwrap_err().to_string()
     };
@@ -313,7 +324,7 @@ fn crafted_llama_metadata_is_refused() {
 fn tokenizers_other_than_smollm2s_are_refused() {
     use candle_core::quantized::gguf_file::Value;
     let edited = |key: &str, value: Value| {
-        let mut c = smollm2::read_gguf(&gguf()).unwrap().0;
+        let mut c = candle_gguf().0;
         c.metadata.insert(key.into(), value);
         match smollm2::tokenizer::Tokenizer::from_gguf(&c) {
             Ok(_) => "no error".to_string(),
@@ -490,7 +501,7 @@ fn candle_transformers_logits(ids: &[u32]) -> Tensor {
     use candle_transformers::models::quantized_llama::ModelWeights;
     static CT: OnceLock<std::sync::Mutex<ModelWeights>> = OnceLock::new();
     let ct = CT.get_or_init(|| {
-        let (content, mut reader) = smollm2::read_gguf(&gguf()).unwrap();
+        let (content, mut reader) = candle_gguf();
         let weights = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
         std::sync::Mutex::new(weights)
     });
@@ -526,7 +537,7 @@ impl Module for CandleTransformersMlp {
 fn candle_transformers_mlp_model() -> &'static Model<CandleTransformersMlp> {
     static M: OnceLock<Model<CandleTransformersMlp>> = OnceLock::new();
     M.get_or_init(|| {
-        let (content, mut reader) = smollm2::read_gguf(&gguf()).unwrap();
+        let (content, mut reader) = candle_gguf();
         Model::load_with(gguf(), &Device::Cpu, |layer| {
             let mut q = |name: &str| -> anyhow::Result<QMatMul> {
                 let t = content.tensor(
@@ -965,6 +976,11 @@ fn generate_repeat_penalty_and_top_k() {
         "1.3",
     ];
     assert_eq!(run(&sampled), run(&sampled));
+    // Top-k does something: sampling among the single most likely token is greedy decoding.
+    let top1 = ["--temperature", "1", "--top-k", "1", "--seed", "3"];
+    assert_eq!(run(&top1), plain);
+    let wide = ["--temperature", "1", "--top-k", "50", "--seed", "3"];
+    assert_ne!(run(&wide), plain);
 }
 
 #[test]
@@ -1098,6 +1114,28 @@ fn generate_errors_are_one_line() {
         &[&base[..], &[dir]].concat(),
         "a directory; pass the .gguf file",
     );
+    // A hostile GGUF, read by the crate's checked reader: candle's own divides by its
+    // `general.alignment` of 0, a panic.
+    let tmp = tempfile::tempdir().unwrap();
+    let hostile = tmp.path().join("alignment0.gguf");
+    {
+        use candle_core::quantized::gguf_file::{self, Value};
+        let t = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
+        let t =
+            candle_core::quantized::QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32)
+                .unwrap();
+        let (arch, align) = (Value::String("llama".into()), Value::U32(0));
+        let meta = [
+            ("general.architecture", &arch),
+            ("general.alignment", &align),
+        ];
+        let mut f = File::create(&hostile).unwrap();
+        gguf_file::write(&mut f, &meta, &[("token_embd.weight", &t)]).unwrap();
+    }
+    fails(
+        &[&base[..], &[hostile.to_str().unwrap()]].concat(),
+        "`general.alignment` is 0, expected a power of two",
+    );
     let gguf = gguf();
     let gguf = gguf.to_str().unwrap();
     fails(&[&base[..], &[gguf, "--ffn", "f16"]].concat(), "f16");
@@ -1191,7 +1229,7 @@ fn chat_template_renders_as_jinja2_does() {
     let path = common::fixtures().join("smollm2/chat.json");
     let fixture: ChatFixture =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let (content, _) = smollm2::read_gguf(&gguf()).unwrap();
+    let (content, _) = candle_gguf();
     let tokenizer = Tokenizer::from_gguf(&content).unwrap();
     let template = smollm2::chat::ChatTemplate::from_gguf(&content, &tokenizer).unwrap();
     let source = content.metadata["tokenizer.chat_template"]

@@ -18,7 +18,7 @@
 //! # #[path = "../examples/smollm2/mod.rs"]
 //! # mod smollm2;
 //! use candle_core::{DType, Device, Module, Tensor};
-//! use candle_glu::loading::{Checkpoint, LoadOptions};
+//! use candle_glu::loading::{Checkpoint, GgufStore, LoadOptions};
 //! use candle_glu::GluFeedForward;
 //! use smollm2::Model; // examples/smollm2/mod.rs
 //!
@@ -57,8 +57,6 @@ pub mod sampler;
 pub mod tokenizer;
 
 use std::fmt;
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -66,7 +64,7 @@ use anyhow::{bail, Context};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_glu::loading::{Checkpoint, LoadOptions};
+use candle_glu::loading::{Checkpoint, GgufStore, LoadOptions};
 use candle_glu::{GluFeedForward, Projection};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, RmsNorm};
@@ -286,13 +284,11 @@ impl LlamaConfig {
 /// size each): 2^27 f32, 512 MiB; 2^20 positions at a head size of 128.
 const MAX_ROPE_VALUES: usize = 1 << 27;
 
-/// Reads a GGUF's header, metadata and tensor table.
-pub fn read_gguf(path: &Path) -> anyhow::Result<(Content, BufReader<File>)> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
-    Ok((content, reader))
+/// Opens a GGUF through the crate's checked reader: its lengths, `general.alignment` and tensor
+/// table are checked before anything is read (candle's own `Content::read` panics on some
+/// malformed files, and reads a 64-bit `general.alignment` as the default).
+pub fn read_gguf(path: &Path) -> anyhow::Result<GgufStore> {
+    Ok(GgufStore::open(path)?)
 }
 
 /// RoPE tables for interleaved pairs: `cos`/`sin` of `pos · θ^(-2i/d)`, `[max_positions, d/2]`.
@@ -560,13 +556,11 @@ impl<F: Module> Model<F> {
         mut make_ffn: impl FnMut(usize) -> anyhow::Result<F>,
     ) -> anyhow::Result<Self> {
         let path = path.as_ref();
-        let (content, mut reader) = read_gguf(path)?;
-        let config = LlamaConfig::from_gguf(&content)?;
-        let mut qtensor = |name: &str| {
-            content
-                .tensor(&mut reader, name, device)
-                .with_context(|| format!("{}: tensor `{name}`", path.display()))
-        };
+        let gguf = read_gguf(path)?;
+        let content = gguf.content();
+        let config = LlamaConfig::from_gguf(content)?;
+        // (The store's errors name the file and the tensor.)
+        let qtensor = |name: &str| gguf.qtensor(name, device);
         let norm = |w: QTensor| -> anyhow::Result<RmsNorm> {
             Ok(RmsNorm::new(w.dequantize(device)?, config.rms_norm_eps))
         };
@@ -575,7 +569,7 @@ impl<F: Module> Model<F> {
         };
         let mut layers = Vec::new();
         for i in 0..config.num_layers {
-            let mut weight = |name: &str| qtensor(&format!("blk.{i}.{name}.weight"));
+            let weight = |name: &str| qtensor(&format!("blk.{i}.{name}.weight"));
             let attn = Attention {
                 q_proj: proj(weight("attn_q")?)?,
                 k_proj: proj(weight("attn_k")?)?,

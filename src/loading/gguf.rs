@@ -134,6 +134,14 @@ impl GgufStore {
         self.content.metadata.get(key)
     }
 
+    /// The checked header as candle's [`Content`], for code written against candle's GGUF API:
+    /// all the metadata, and the table of the tensors candle can read, every offset checked
+    /// against the file and `general.alignment` applied (read them with
+    /// [`qtensor`](Self::qtensor), or with [`Content::tensor`] on this file).
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
     /// `general.architecture`, e.g. `llama`.
     pub fn architecture(&self) -> Option<&str> {
         self.metadata("general.architecture")?
