@@ -311,18 +311,33 @@ impl GluConfig {
     }
 }
 
-/// `num_hidden_layers` (or T5's `num_layers`) from a `config.json`, if it has one.
-pub(crate) fn num_layers_in_file(path: &Path) -> Option<usize> {
-    let text = crate::files::read_json_text(path, MAX_CONFIG_BYTES).ok()?;
-    let root: Value = serde_json::from_str(&text).ok()?;
+/// `num_hidden_layers` (or T5's `num_layers`, GPT-2's `n_layer`) from a `config.json`: `None`
+/// where it has none (or null), an error naming the key where it is not a non-negative integer.
+pub(crate) fn num_layers_in_file(path: &Path) -> Result<Option<usize>> {
+    let text = crate::files::read_json_text(path, MAX_CONFIG_BYTES)?;
+    let root: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let obj = match root.get("text_config") {
         Some(text) if root.get("num_hidden_layers").is_none() => text,
         _ => &root,
     };
-    ["num_hidden_layers", "num_layers", "n_layer"]
-        .iter()
-        .find_map(|k| obj.get(*k)?.as_u64())
-        .and_then(|n| usize::try_from(n).ok())
+    let Some(obj) = obj.as_object() else {
+        return Ok(None);
+    };
+    for key in ["num_hidden_layers", "num_layers", "n_layer"] {
+        if matches!(obj.get(key), None | Some(Value::Null)) {
+            continue;
+        }
+        return size_field(obj, key)
+            .map(Some)
+            .map_err(|message| Error::InvalidConfig {
+                path: Some(path.to_path_buf()),
+                message,
+            });
+    }
+    Ok(None)
 }
 
 /// Checks the sizes; `fields` names where they came from (`hidden_size`, `d_ff`, a GGUF key).

@@ -430,6 +430,12 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     c.insert("config-wrong-type", |d| {
         config_dir(d, r#"{"hidden_size":"4","intermediate_size":8}"#)
     });
+    c.insert("config-layers-wrong-type", |d| {
+        config_dir(
+            d,
+            r#"{"hidden_size":4,"intermediate_size":8,"num_hidden_layers":-2}"#,
+        )
+    });
     c.insert("new-zeros-absurd", |_| {
         let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
         err(GluFeedForward::new(
@@ -517,6 +523,15 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     });
     c.insert("gguf-zero-size", |d| {
         let g = Gguf::llama(32, 64, craft::Q4_0).meta("llama.embedding_length", GgufValue::U32(0));
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-size-wrong-type", |d| {
+        let g = Gguf::llama(32, 64, craft::Q4_0).meta("llama.embedding_length", GgufValue::I32(-1));
+        open(&gguf_file(d, &g))
+    });
+    c.insert("gguf-layers-wrong-type", |d| {
+        let g =
+            Gguf::llama(32, 64, craft::Q4_0).meta("llama.block_count", GgufValue::Str("30".into()));
         open(&gguf_file(d, &g))
     });
     c.insert("gguf-wrong-shape", |d| {

@@ -83,7 +83,8 @@ impl GgufStore {
     /// # Errors
     /// [`Error::Io`] if the file cannot be read; [`Error::InvalidFile`] naming what is malformed
     /// (truncated, a bad magic or version, a corrupt table); [`Error::InvalidConfig`] for
-    /// implausible `<arch>.embedding_length` / `<arch>.feed_forward_length`.
+    /// implausible `<arch>.embedding_length` / `<arch>.feed_forward_length`, or for those or
+    /// `<arch>.block_count` stored as anything but a non-negative integer.
     pub fn open(path: &Path) -> Result<Self> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
@@ -106,6 +107,8 @@ impl GgufStore {
             config: None,
         };
         store.config = store.read_config()?;
+        // Checked here, so that `num_layers` never takes a malformed count for an absent one.
+        store.arch_count("block_count")?;
         Ok(store)
     }
 
@@ -154,12 +157,6 @@ impl GgufStore {
         Some(format!("{}.{key}", self.architecture()?))
     }
 
-    /// `<arch>.key` as a count where it is one ([`arch_count`](Self::arch_count)), else `None`:
-    /// for the dense FFN's sizes, whose absence (or a malformed value) leaves the config unread.
-    fn arch_u64(&self, key: &str) -> Option<usize> {
-        self.arch_count(key).ok().flatten()
-    }
-
     /// `<arch>.key` as a count: `None` where absent, an error naming the key where it is there
     /// but not a non-negative integer (of any width) that fits in `usize`.
     fn arch_count(&self, key: &str) -> Result<Option<usize>> {
@@ -198,7 +195,8 @@ impl GgufStore {
 
     /// The number of transformer blocks, `<arch>.block_count`.
     pub fn num_layers(&self) -> Option<usize> {
-        self.arch_u64("block_count")
+        // (A malformed count was refused when the file was opened.)
+        self.arch_count("block_count").ok().flatten()
     }
 
     /// The FFN's config from the metadata: `<arch>.embedding_length`,
@@ -219,8 +217,8 @@ impl GgufStore {
             _ => return Ok(None),
         };
         let (Some(hidden), Some(intermediate)) = (
-            self.arch_u64("embedding_length"),
-            self.arch_u64("feed_forward_length"),
+            self.arch_count("embedding_length")?,
+            self.arch_count("feed_forward_length")?,
         ) else {
             return Ok(None);
         };

@@ -152,7 +152,7 @@ impl Checkpoint {
                 let config_path = dir.join("config.json");
                 if config_path.is_file() {
                     let cfg = GluConfig::from_hf_config_file(&config_path)?;
-                    (Some(cfg), crate::config::num_layers_in_file(&config_path))
+                    (Some(cfg), crate::config::num_layers_in_file(&config_path)?)
                 } else {
                     (None, None)
                 }
