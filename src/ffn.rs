@@ -61,11 +61,12 @@ impl GluFeedForward {
     /// uniform biases, as `candle_nn::linear`), so the block can be trained from scratch.
     ///
     /// # Errors
-    /// An invalid config; a missing tensor (the message gives the full name and the names that
-    /// do exist nearby); a tensor of the wrong shape (which one, expected and found); biases that
+    /// An invalid config; a `vb` in a dtype other than f32, f16, bf16 or f64; a missing tensor
+    /// (the message gives the full name and the names that do exist nearby); a tensor of the wrong shape (which one, expected and found); biases that
     /// exist for only some projections or disagree with `cfg.bias`.
     pub fn new(cfg: &GluConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
+        crate::projection::check_load_dtype(&vb)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let shapes = cfg.layout.projection_shapes(h, i);
         let names: Vec<&str> = shapes.iter().map(|(name, _)| *name).collect();

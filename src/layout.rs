@@ -107,7 +107,8 @@ impl WeightLayout {
         let names = self.names();
         let mut shapes = match names.gate_up {
             GateUpNames::Split { gate, up } => vec![(gate, [i, h]), (up, [i, h])],
-            GateUpNames::Fused { gate_up } => vec![(gate_up, [2 * i, h])],
+            // (Saturating: no real size comes near, and a shape of usize::MAX matches nothing.)
+            GateUpNames::Fused { gate_up } => vec![(gate_up, [i.saturating_mul(2), h])],
         };
         shapes.push((names.down, [h, i]));
         shapes

@@ -402,11 +402,12 @@ impl GluExperts {
     /// (`shared_expert.*` with `shared_expert_gate`, or `shared_experts.*`).
     ///
     /// # Errors
-    /// An invalid config; a missing tensor (the message names it, in the checkpoint's own
-    /// layout, and what is present nearby), an expert none of whose weights is stored
+    /// An invalid config; a `vb` in a dtype other than f32, f16, bf16 or f64; a missing tensor
+    /// (the message names it, in the checkpoint's own layout, and what is present nearby), an expert none of whose weights is stored
     /// ([`Error::MissingExpert`], with the experts that are), or a tensor of the wrong shape.
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
+        crate::projection::check_load_dtype(&vb)?;
         let (h, i, e) = (
             cfg.expert.hidden_size,
             cfg.expert.intermediate_size,

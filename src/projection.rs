@@ -213,8 +213,17 @@ impl Projection {
     /// `VarMap`, missing tensors are created with `candle_nn::linear`'s initialisation.
     ///
     /// # Errors
-    /// A missing tensor (the message names what exists nearby), or one of another shape.
+    /// A size of 0, or a `vb` dtype other than f32, f16, bf16 or f64; a missing tensor (the
+    /// message names what exists nearby), or one of another shape.
     pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        if in_dim == 0 || out_dim == 0 {
+            return Err(invalid(format!(
+                "`{}`: a projection of {in_dim} inputs to {out_dim} outputs; both must be at \
+                 least 1",
+                vb.prefix()
+            )));
+        }
+        check_load_dtype(&vb)?;
         Ok(Projection::Dense(load_linear(
             &vb,
             [out_dim, in_dim],
@@ -470,6 +479,22 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
         None => Ok(y),
     }
+}
+
+/// Refuses a `VarBuilder` whose dtype the layers cannot compute in (an integer dtype would
+/// load the weights rounded to integers, and the forward would then blame its input's dtype).
+pub(crate) fn check_load_dtype(vb: &VarBuilder) -> Result<()> {
+    if crate::activation::computes_in(vb.dtype()) {
+        return Ok(());
+    }
+    let at = match vb.prefix() {
+        p if p.is_empty() => String::new(),
+        p => format!("`{p}`: "),
+    };
+    Err(invalid(format!(
+        "{at}weights requested in {:?}, expected f32, f16, bf16 or f64",
+        vb.dtype()
+    )))
 }
 
 fn invalid(message: String) -> candle_core::Error {

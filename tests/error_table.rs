@@ -607,6 +607,24 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let ckpt = Checkpoint::open(path).unwrap();
         err(ckpt.load_projection("model.norm", &f32_opts()))
     });
+    c.insert("projection-empty", |d| {
+        let path = llama_file(d, &[("model.out.weight", &[0, 8])]);
+        let ckpt = Checkpoint::open(path).unwrap();
+        err(ckpt.load_projection("model.out", &f32_opts()))
+    });
+    c.insert("projection-load-int", |_| {
+        let vb = VarBuilder::zeros(DType::U8, &Device::Cpu);
+        err(Projection::load(8, 4, false, vb.pp("out")))
+    });
+    c.insert("new-load-int", |_| {
+        let vb = VarBuilder::zeros(DType::U8, &Device::Cpu);
+        err(GluFeedForward::new(&GluConfig::new(8, 16), vb))
+    });
+    c.insert("load-options-int", |_| {
+        let ckpt = Checkpoint::open(embedded()).unwrap();
+        let cfg = ckpt.config().unwrap().clone();
+        err(ckpt.load_layer(&cfg, 0, &LoadOptions::new(DType::U8, Device::Cpu)))
+    });
     // --- the CLI
     c.insert("cli-unknown-flag", |d| infer(d, &["--frobnicate"]));
     c.insert("cli-bad-dtype", |d| infer(d, &["--dtype", "f8"]));

@@ -49,7 +49,8 @@ pub enum FileFormat {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct LoadOptions {
-    /// The dtype weights are computed in; they are converted from whatever is stored.
+    /// The dtype weights are computed in (f32, f16, bf16 or f64: the loaders refuse others);
+    /// they are converted from whatever is stored.
     pub dtype: DType,
     /// Where the weights go.
     pub device: Device,
@@ -77,6 +78,20 @@ impl LoadOptions {
     pub fn with_quantized(mut self, quantized: bool) -> Self {
         self.quantized = quantized;
         self
+    }
+
+    /// Refuses a dtype the layers cannot compute in (integers, FP8).
+    fn check(&self) -> Result<()> {
+        if crate::activation::computes_in(self.dtype) {
+            return Ok(());
+        }
+        Err(Error::InvalidConfig {
+            path: None,
+            message: format!(
+                "the load dtype is {:?}, expected f32, f16, bf16 or f64",
+                self.dtype
+            ),
+        })
     }
 }
 
@@ -329,6 +344,7 @@ impl Checkpoint {
     /// A missing weight (with the closest names that exist), one that is not a matrix, or a bias
     /// whose length is not its rows.
     pub fn load_projection(&self, name: &str, opts: &LoadOptions) -> Result<Projection> {
+        opts.check()?;
         let (weight, bias) = (join(name, "weight"), join(name, "bias"));
         let Some(shape) = self.tensor_shape(&weight) else {
             return Err(Error::MissingTensor {
@@ -379,6 +395,7 @@ impl Checkpoint {
         opts: &LoadOptions,
     ) -> Result<GluFeedForward> {
         cfg.validate()?;
+        opts.check()?;
         self.check_shapes(cfg, prefix)?;
         match &self.store {
             Store::Gguf(g) if opts.quantized => {
@@ -558,6 +575,7 @@ impl Checkpoint {
         opts: &LoadOptions,
     ) -> Result<GluExperts> {
         cfg.validate()?;
+        opts.check()?;
         let present = self.moe_layers(cfg);
         if !present.contains(&layer) && self.dense_layers_besides(cfg, &present).contains(&layer) {
             return Err(Error::DenseLayer {
