@@ -18,6 +18,9 @@ use candle_glu::loading::GgufStore;
 use candle_glu::WeightLayout;
 use clap::Parser;
 
+#[path = "common/output.rs"]
+mod output;
+
 #[derive(Parser)]
 #[command(about = "Extract FFN weights from a GGUF file into safetensors with Hugging Face names")]
 struct Args {
@@ -43,6 +46,15 @@ fn main() -> Result<()> {
         "bf16" => DType::BF16,
         other => bail!("unknown dtype `{other}`, expected f32, f16 or bf16"),
     };
+    // `--out` onto the GGUF itself would replace the source.
+    if let (Ok(a), Ok(b)) = (
+        std::fs::canonicalize(&args.out),
+        std::fs::canonicalize(&args.gguf),
+    ) {
+        if a == b {
+            bail!("--out {} is the GGUF being read", args.out.display());
+        }
+    }
     let gguf = GgufStore::open(&args.gguf)?;
     let (src, dst) = (WeightLayout::Gguf.names(), WeightLayout::Llama.names());
     let mut tensors = HashMap::new();
@@ -55,18 +67,12 @@ fn main() -> Result<()> {
             tensors.insert(hf, tensor);
         }
     }
-    // Write beside the target and rename, so a failure leaves no half-written file (and the
-    // temporary one is removed).
-    let tmp = args.out.with_extension("safetensors.partial");
-    let written = candle_core::safetensors::save(&tensors, &tmp)
-        .context("writing safetensors")
-        .and_then(|()| {
-            std::fs::rename(&tmp, &args.out).with_context(|| format!("renaming to {:?}", args.out))
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
+    // Through a temporary file beside the target, renamed into place once on disk: a failure or
+    // an interruption leaves neither a partial target nor the temporary file.
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .context("serializing safetensors")?;
+    output::install_interrupt_handler();
+    output::write_atomically(&args.out, "--out", &bytes)?;
     println!("wrote {}", args.out.display());
     Ok(())
 }

@@ -360,6 +360,19 @@ fn replot(path: &std::path::Path, plot_path: Option<&std::path::Path>) -> Result
     if let Some(plot_path) = plot_path {
         plot::check_path(plot_path)?;
     }
+    // A regular file of bounded size: a FIFO would block, and /dev/zero fill the memory.
+    const MAX_REPLOT_BYTES: u64 = 64 << 20;
+    let meta = std::fs::metadata(path).with_context(|| format!("--replot {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("--replot {}: not a regular file", path.display());
+    }
+    if meta.len() > MAX_REPLOT_BYTES {
+        bail!(
+            "--replot {}: {} bytes, more than the {MAX_REPLOT_BYTES} a --json file of runs takes",
+            path.display(),
+            meta.len()
+        );
+    }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("--replot {}", path.display()))?;
     let recorded: Recorded = serde_json::from_str(&text).with_context(|| {

@@ -24,6 +24,8 @@ use clap::Parser;
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/output.rs"]
+mod output;
 #[path = "common/rng.rs"]
 mod rng;
 
@@ -131,31 +133,10 @@ fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
     }
 }
 
-/// The temporary file `--output` is being written to, if any. The interrupt handler removes it,
-/// so that Ctrl-C, SIGTERM or SIGHUP leave neither a partial output nor a stray temporary file.
-static PARTIAL: Mutex<Option<PathBuf>> = Mutex::new(None);
-
-/// On SIGINT, SIGTERM or SIGHUP: remove the temporary output, say so on one line, exit 130.
-fn install_interrupt_handler() {
-    let installed = ctrlc::set_handler(|| {
-        // Holding the lock also keeps `write_output` from renaming the file meanwhile.
-        let partial = PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(path) = partial.as_ref() {
-            let _ = std::fs::remove_file(path);
-        }
-        eprintln!("error: interrupted");
-        std::process::exit(130);
-    });
-    // Without the handler a signal still ends the run, and the target is still never partial.
-    if let Err(e) = installed {
-        eprintln!("warning: no interrupt handler ({e}): Ctrl-C may leave a temporary file");
-    }
-}
-
 fn main() {
     let args: Args = cli::parse();
     if args.output.is_some() {
-        install_interrupt_handler();
+        output::install_interrupt_handler();
     }
     if let Err(e) = run(&args) {
         // candle appends a backtrace to some messages when RUST_BACKTRACE is set: one line only.
@@ -245,7 +226,7 @@ fn check_flags(args: &Args) -> Result<()> {
         if path.file_name().is_none() {
             bail!("--output {}: not a file name", path.display());
         }
-        let dir = output_dir(path);
+        let dir = output::output_dir(path);
         let meta =
             std::fs::metadata(dir).with_context(|| format!("--output {}", path.display()))?;
         if !meta.is_dir() {
@@ -268,9 +249,9 @@ fn refuse_output_in(path: &Path, weights: &Path) -> Result<()> {
     let weights_dir = if weights.is_dir() {
         weights
     } else {
-        output_dir(weights)
+        output::output_dir(weights)
     };
-    let out = std::fs::canonicalize(output_dir(path))
+    let out = std::fs::canonicalize(output::output_dir(path))
         .ok()
         .zip(path.file_name())
         .map(|(dir, name)| dir.join(name));
@@ -755,47 +736,14 @@ fn bench(
 }
 
 /// Writes `y` as f32 through a temporary file renamed into place, so that a failure or an
-/// interruption never leaves a partial output; the interrupt handler removes the temporary file.
-/// The directory `--output` writes into (its temporary file too).
-fn output_dir(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-}
-
+/// interruption never leaves a partial output ([`output::write_atomically`]).
 fn write_output(path: &Path, y: &Tensor) -> Result<()> {
     let y = y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    let dir = output_dir(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("--output {}: not a file name", path.display()))?;
-    // The process id keeps two runs writing the same target from sharing a temporary file.
-    let tmp = dir.join(format!(
-        ".{}.{}.partial",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
     // Serialized here rather than with `save_safetensors`, whose own temporary file has a random
     // name the interrupt handler could not know.
     let bytes = safetensors::serialize([("y", &y)], None)
         .with_context(|| format!("--output {}", path.display()))?;
-    let lock = || PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
-    *lock() = Some(tmp.clone());
-    let result = (|| -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?; // the data is on disk before the name points at it
-        let mut partial = lock();
-        std::fs::rename(&tmp, path)?;
-        *partial = None;
-        Ok(())
-    })()
-    .with_context(|| format!("--output {}", path.display()));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        *lock() = None;
-    }
-    result
+    output::write_atomically(path, "--output", &bytes)
 }
 
 /// The output's statistics, summed in f64 over one f32 copy of it (every dtype `y` may have is

@@ -888,6 +888,20 @@ fn extract_weights_remakes_the_embedded_weights() {
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
     }
+    // `--out` onto the GGUF being read is refused, before anything is read or written.
+    let same = dir.path().join("same.gguf");
+    std::fs::write(&same, b"not written over").unwrap();
+    let refused = common::example_command("extract_weights")
+        .arg("--gguf")
+        .arg(&same)
+        .arg("--out")
+        .arg(dir.path().join(".").join("same.gguf"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("is the GGUF being read"), "{err}");
+    assert_eq!(std::fs::read(&same).unwrap(), b"not written over");
 }
 
 #[test]

@@ -733,6 +733,10 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     c.insert("gv-replot-missing", |d| {
         glu_variants(d, &["--replot", "none.json"])
     });
+    c.insert("gv-replot-not-a-file", |d| {
+        std::fs::create_dir(d.join("r.json")).unwrap();
+        glu_variants(d, &["--replot", "r.json"])
+    });
     c.insert("gv-replot-not-results", |d| {
         std::fs::write(d.join("r.json"), r#"{"runs": [{"variant": "relu"}]}"#).unwrap();
         glu_variants(d, &["--replot", "r.json"])
