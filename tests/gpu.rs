@@ -10,7 +10,7 @@
 //!   bf16 (the bounds of `tests/moe.rs`, and the CPU's result), its gradients against the CPU's,
 //!   and the GGUF fixtures of `tests/moe_gguf.rs`, quantized and dequantized.
 //!
-//! Without a CUDA device every test but the last prints `SKIPPED: no CUDA device (...)` to
+//! Without a CUDA device every test but `cuda_device_choice` prints `SKIPPED: no CUDA device (...)` to
 //! stderr and returns having checked nothing (`cargo test --features cuda -- --nocapture` shows
 //! it). With `CANDLE_GLU_REQUIRE_GPU=1` they fail instead (scripts/gpu_h200.sh sets it).
 #![cfg(feature = "cuda")]
