@@ -1,6 +1,8 @@
 //! Literal values of every activation, from the closed forms evaluated in float64 by Python's
 //! `math` module. They tell exact GELU (`gelu`) and its tanh approximation apart.
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_glu::Activation;
 
@@ -308,14 +310,58 @@ fn relu_keeps_nan_on_every_path() {
             y[0].is_nan() && y[1] == 0.0 && y[2] == 2.0,
             "{dtype:?}: {y:?}"
         );
-        // And in the gated product, on f64 (candle's ops) as on the f32 kernels.
-        let g = Activation::Relu.gated(&x, &x).unwrap();
-        let g: Vec<f64> = g.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
-        assert!(
-            g[0].is_nan() && g[1] == 0.0 && g[2] == 4.0,
-            "{dtype:?} gated: {g:?}"
-        );
+        // And in the gated product: candle's ops (`Activation::gated`) and the crate's (its
+        // CPU kernels where they run, `gated_product`).
+        for (g, path) in [
+            (Activation::Relu.gated(&x, &x), "candle's ops"),
+            (
+                candle_glu::gated_product(&x, &x, Activation::Relu),
+                "gated_product",
+            ),
+        ] {
+            let g: Vec<f64> = g.unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            assert!(
+                g[0].is_nan() && g[1] == 0.0 && g[2] == 4.0,
+                "{dtype:?} gated, {path}: {g:?}"
+            );
+        }
     }
+    // A whole ReLU block on its fused kernels (or candle's ops without them): the NaN of token
+    // 0 reaches its output, and token 1's output stays finite.
+    let cfg = candle_glu::GluConfig::new(8, 16).with_activation(Activation::Relu);
+    let vb = candle_nn::VarBuilder::from_tensors(
+        [
+            ("gate_proj.weight", 0.1),
+            ("up_proj.weight", 0.2),
+            ("down_proj.weight", 0.3),
+        ]
+        .into_iter()
+        .map(|(name, v)| {
+            let (r, c) = if name.starts_with("down") {
+                (8, 16)
+            } else {
+                (16, 8)
+            };
+            (
+                name.to_string(),
+                Tensor::full(v as f32, (r, c), &dev).unwrap(),
+            )
+        })
+        .collect(),
+        DType::F32,
+        &dev,
+    );
+    let ffn = candle_glu::GluFeedForward::new(&cfg, vb).unwrap();
+    let mut x = vec![1f32; 16];
+    x[3] = f32::NAN;
+    let x = Tensor::from_vec(x, (2, 8), &dev).unwrap();
+    assert_eq!(
+        ffn.forward_path(&x),
+        common::dense_path("a ReLU block with a NaN")
+    );
+    let y = ffn.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+    assert!(y[0].iter().all(|v| v.is_nan()), "{y:?}");
+    assert!(y[1].iter().all(|v| v.is_finite() && *v > 0.0), "{y:?}");
 }
 
 #[test]

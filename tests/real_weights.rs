@@ -45,7 +45,9 @@ fn check(ckpt: &Checkpoint, opts: &LoadOptions, want: &str, tol: f64) {
 fn embedded_bf16_weights_in_f32() {
     let ckpt = Checkpoint::open(embedded_weights()).unwrap();
     let opts = LoadOptions::new(DType::F32, Device::Cpu);
-    check(&ckpt, &opts, "ffn_out_bf16w", 1e-4);
+    // As the parity tests' f32 bound (measured 0.8e-7 to 6.5e-7 on the kernels and on candle's
+    // ops, AMD Zen 4, 2026-12-07).
+    check(&ckpt, &opts, "ffn_out_bf16w", 1e-5);
 }
 
 #[test]
@@ -61,7 +63,7 @@ fn embedded_bf16_weights_in_bf16() {
 fn gguf_dequantized_in_f32() {
     let ckpt = Checkpoint::open(smollm2_gguf()).unwrap();
     let opts = LoadOptions::new(DType::F32, Device::Cpu).with_quantized(false);
-    check(&ckpt, &opts, "ffn_out_gguf", 1e-4);
+    check(&ckpt, &opts, "ffn_out_gguf", 1e-5);
 }
 
 #[test]

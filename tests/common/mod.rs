@@ -275,6 +275,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Panics unless every value of `t` is finite: for comparisons of two of the crate's own
+/// outputs, where a NaN in both at one place would count as agreement.
+pub fn assert_finite(t: &Tensor, what: &str) {
+    let bad = f64_values(t).iter().filter(|v| !v.is_finite()).count();
+    assert_eq!(bad, 0, "{what}: {bad} values are NaN or infinite");
+}
+
 /// max |t| in float64.
 pub fn max_abs(t: &Tensor) -> f64 {
     // NaN-aware: a NaN is infinite here (`f64::max` would pass over it).
@@ -293,9 +300,19 @@ pub fn f64_values(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
-/// max |a - truth| / max |truth|: a measurement, as [`max_abs_diff`].
+/// max |a - truth| / max |truth|: a measurement, as [`max_abs_diff`]. The scale is over the
+/// finite values of `truth`, as in [`assert_close`]: a NaN in both at one place counts as no
+/// error there and hides none elsewhere (over `max_abs`, an infinite scale, it made every error
+/// 0); a NaN or infinity in one of them only is an infinite error.
 pub fn rel_err(a: &Tensor, truth: &Tensor) -> f64 {
-    max_abs_diff(a, truth) / max_abs(truth)
+    let scale = f64_values(truth)
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f64, |m, v| m.max(v.abs()));
+    match max_abs_diff(a, truth) {
+        0.0 => 0.0,
+        d => d / scale,
+    }
 }
 
 /// The example `name` as a process: `target/<profile>/examples/<name>`, which `cargo test` builds
