@@ -187,6 +187,16 @@ pub enum Error {
         moe_layers: Vec<usize>,
     },
 
+    /// A layer whose FFN is a mixture of experts (it has a router), asked for as one block:
+    /// its first expert alone is not the layer's FFN.
+    #[error("layer {layer} is a mixture of experts (its router is `{router}`), not one FFN: load it with `Checkpoint::load_experts`, or one expert with `load_ffn` at its prefix")]
+    MoeLayer {
+        /// The layer asked for.
+        layer: usize,
+        /// The router's tensor.
+        router: String,
+    },
+
     /// A layer index the checkpoint has no FFN weights for.
     #[error("layer {layer} is not in this checkpoint{}: {}", model_layers(.num_layers), held_layers(.present, .looked_for))]
     LayerOutOfRange {

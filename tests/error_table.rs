@@ -838,6 +838,13 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let cfg = ckpt.moe_config().unwrap().unwrap();
         err(ckpt.load_experts(&cfg, 0, &LoadOptions::new(DType::F32, Device::Cpu)))
     });
+    c.insert("moe-layer-as-block", |_| {
+        // Mixtral's config gives the layout whose layer prefix is expert 0: that expert alone
+        // was returned as the layer's FFN.
+        let ckpt = Checkpoint::open(moe_fixture("mixtral")).unwrap();
+        let cfg = ckpt.config().unwrap().clone();
+        err(ckpt.load_layer(&cfg, 0, &f32_opts()))
+    });
     c.insert("moe-gguf-malformed-count", |d| {
         let g = Gguf::llama(32, 64, craft::F32).meta("llama.expert_count", GgufValue::I32(-8));
         err(Checkpoint::open(gguf_file(d, &g)).unwrap().moe_config())

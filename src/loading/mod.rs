@@ -733,7 +733,9 @@ impl Checkpoint {
     /// Loads layer `layer`'s block, at `cfg.layout`'s prefix for it.
     ///
     /// # Errors
-    /// A layer that is not in the checkpoint (the message lists those that are), else as
+    /// A layer that is not in the checkpoint (the message lists those that are); a layer whose
+    /// FFN is a mixture of experts, with a router ([`Error::MoeLayer`]: in the Mixtral layout
+    /// the layer's prefix is its expert 0, which alone is not the layer); else as
     /// [`load_ffn`](Self::load_ffn).
     pub fn load_layer(
         &self,
@@ -741,6 +743,13 @@ impl Checkpoint {
         layer: usize,
         opts: &LoadOptions,
     ) -> Result<GluFeedForward> {
+        // (A mixture config the crate refuses has no layers to find here.)
+        if let Ok(Some(moe)) = self.moe_config() {
+            let router = self.router_name(&moe, layer);
+            if self.contains(&router) {
+                return Err(Error::MoeLayer { layer, router });
+            }
+        }
         let present = self.layers(cfg.layout);
         if !present.contains(&layer) {
             return Err(Error::LayerOutOfRange {
