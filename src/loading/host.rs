@@ -296,12 +296,20 @@ fn typed<T: GgmlType + 'static>(
     slices
         .iter()
         .map(|(range, shape)| {
-            let blocks = shape.elem_count() / T::BLCK_SIZE;
+            // (A checked product: `elem_count` wraps, and a wrapped count could match the range.)
+            let values = shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d));
+            let Some(values) = values else {
+                return Err(bad(format!("{shape:?} has more values than a usize holds")));
+            };
+            let blocks = values / T::BLCK_SIZE;
             if range.start > range.end
                 || range.end > len
                 || range.start % size != 0
                 || Some(range.len()) != blocks.checked_mul(size)
-                || !shape.elem_count().is_multiple_of(T::BLCK_SIZE)
+                || !values.is_multiple_of(T::BLCK_SIZE)
             {
                 return Err(bad(format!("range {range:?} does not hold {shape:?}")));
             }
