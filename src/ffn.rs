@@ -65,6 +65,11 @@ impl GluFeedForward {
     /// (the message gives the full name and the names that do exist nearby); a tensor of the wrong shape (which one, expected and found); biases that
     /// exist for only some projections or disagree with `cfg.bias`.
     pub fn new(cfg: &GluConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::build(cfg, vb)?)
+    }
+
+    /// [`new`](Self::new) with the crate's errors, whose variants the loaders keep.
+    pub(crate) fn build(cfg: &GluConfig, vb: VarBuilder) -> crate::Result<Self> {
         cfg.validate()?;
         crate::projection::check_load_dtype(&vb)?;
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
@@ -74,7 +79,7 @@ impl GluFeedForward {
         let loaded = shapes
             .iter()
             .map(|(name, shape)| load_linear(&vb.pp(*name), *shape, cfg.bias))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<crate::Result<Vec<_>>>()?;
         let (gate_proj, up_proj, down_proj) = match loaded.as_slice() {
             [gate, up, down] => (gate.clone(), up.clone(), down.clone()),
             [gate_up, down] => {
@@ -86,7 +91,12 @@ impl GluFeedForward {
                 };
                 (half(0)?, half(i)?, down.clone())
             }
-            _ => candle_core::bail!("layout {} has no gated block", cfg.layout),
+            _ => {
+                return Err(Error::InvalidConfig {
+                    path: None,
+                    message: format!("layout {} has no gated block", cfg.layout),
+                })
+            }
         };
         Ok(Self {
             gate_proj: Projection::Dense(gate_proj),
@@ -116,7 +126,7 @@ impl GluFeedForward {
         let shapes = WeightLayout::Llama.projection_shapes(h, i);
         for ((name, expected), proj) in shapes.iter().zip(projections) {
             if proj.weight_dims() != expected {
-                return Err(shape_error(name, expected, proj.weight_dims()));
+                return Err(shape_error(name, expected, proj.weight_dims()).into());
             }
         }
         let with_bias: Vec<&str> = shapes
@@ -492,7 +502,7 @@ impl Module for GluFeedForward {
 }
 
 /// Biases must exist for every projection or for none, and agree with `cfg.bias`.
-fn check_biases(cfg: &GluConfig, vb: &VarBuilder, projections: &[&str]) -> Result<()> {
+fn check_biases(cfg: &GluConfig, vb: &VarBuilder, projections: &[&str]) -> crate::Result<()> {
     // A backend that has every name (`VarBuilder::zeros`) says nothing about biases.
     if vb.contains_tensor("\0") {
         return Ok(());
@@ -528,5 +538,5 @@ fn check_biases(cfg: &GluConfig, vb: &VarBuilder, projections: &[&str]) -> Resul
     } else {
         return Ok(());
     };
-    Err(Error::Bias { message }.into())
+    Err(Error::Bias { message })
 }

@@ -406,6 +406,11 @@ impl GluExperts {
     /// (the message names it, in the checkpoint's own layout, and what is present nearby), an expert none of whose weights is stored
     /// ([`Error::MissingExpert`], with the experts that are), or a tensor of the wrong shape.
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::build(cfg, vb)?)
+    }
+
+    /// [`new`](Self::new) with the crate's errors, whose variants the loaders keep.
+    pub(crate) fn build(cfg: &MoeConfig, vb: VarBuilder) -> error::Result<Self> {
         cfg.validate()?;
         crate::projection::check_load_dtype(&vb)?;
         let (h, i, e) = (
@@ -460,10 +465,10 @@ impl GluExperts {
             let expert_cfg = expert_cfg.with_layout(layout);
             (0..e)
                 .map(|x| {
-                    GluFeedForward::new(&expert_cfg, vb.pp(format!("experts.{x}")))
+                    GluFeedForward::build(&expert_cfg, vb.pp(format!("experts.{x}")))
                         .map_err(|err| missing_expert(&vb, layout, e, x).unwrap_or(err))
                 })
-                .collect::<Result<Vec<_>>>()?
+                .collect::<error::Result<Vec<_>>>()?
         };
         let (shared, shared_gate) = match cfg.shared_intermediate_size {
             None => (None, None),
@@ -479,7 +484,7 @@ impl GluExperts {
                     _ if cfg.shared_expert_gate => "shared_expert",
                     _ => "shared_experts",
                 };
-                let shared = GluFeedForward::new(&shared_cfg, vb.pp(prefix))?;
+                let shared = GluFeedForward::build(&shared_cfg, vb.pp(prefix))?;
                 let gate = if cfg.shared_expert_gate {
                     Some(load(&vb, "shared_expert_gate.weight", &[1, h], kaiming)?)
                 } else {
@@ -488,7 +493,14 @@ impl GluExperts {
                 (Some(shared), gate)
             }
         };
-        Self::from_parts(cfg, router, selection_bias, experts, shared, shared_gate)
+        Ok(Self::from_parts(
+            cfg,
+            router,
+            selection_bias,
+            experts,
+            shared,
+            shared_gate,
+        )?)
     }
 
     /// The layer from its parts, for weights that come from elsewhere (another file format, a
@@ -892,27 +904,19 @@ fn score_dtype(input: DType) -> DType {
 /// its gate weight and the experts the checkpoint does store (a router of more experts than
 /// stored, or a checkpoint cut short). `None` where some of its weights are there (their own
 /// error says which is missing).
-fn missing_expert(
-    vb: &VarBuilder,
-    layout: WeightLayout,
-    e: usize,
-    x: usize,
-) -> Option<candle_core::Error> {
+fn missing_expert(vb: &VarBuilder, layout: WeightLayout, e: usize, x: usize) -> Option<Error> {
     let names = layout.names().all();
     let weight = |j: usize, n: &str| format!("experts.{j}.{n}.weight");
     let stored = |j: usize| names.iter().any(|n| vb.contains_tensor(&weight(j, n)));
     if stored(x) {
         return None;
     }
-    Some(
-        Error::MissingExpert {
-            name: crate::layout::join(&vb.prefix(), &weight(x, names[0])),
-            expert: x,
-            num_experts: e,
-            stored: (0..e).filter(|&j| stored(j)).collect(),
-        }
-        .into(),
-    )
+    Some(Error::MissingExpert {
+        name: crate::layout::join(&vb.prefix(), &weight(x, names[0])),
+        expert: x,
+        num_experts: e,
+        stored: (0..e).filter(|&j| stored(j)).collect(),
+    })
 }
 
 /// The indices of the `k` largest values, largest first; ties to the lower index; NaN last.

@@ -483,7 +483,7 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 
 /// Refuses a `VarBuilder` whose dtype the layers cannot compute in (an integer dtype would
 /// load the weights rounded to integers, and the forward would then blame its input's dtype).
-pub(crate) fn check_load_dtype(vb: &VarBuilder) -> Result<()> {
+pub(crate) fn check_load_dtype(vb: &VarBuilder) -> crate::Result<()> {
     if crate::activation::computes_in(vb.dtype()) {
         return Ok(());
     }
@@ -491,10 +491,12 @@ pub(crate) fn check_load_dtype(vb: &VarBuilder) -> Result<()> {
         p if p.is_empty() => String::new(),
         p => format!("`{p}`: "),
     };
-    Err(invalid(format!(
-        "{at}weights requested in {:?}, expected f32, f16, bf16 or f64",
-        vb.dtype()
-    )))
+    Err(Error::InvalidProjection {
+        message: format!(
+            "{at}weights requested in {:?}, expected f32, f16, bf16 or f64",
+            vb.dtype()
+        ),
+    })
 }
 
 fn invalid(message: String) -> candle_core::Error {
@@ -524,7 +526,11 @@ fn check_bias(b: &Tensor, out: usize, device: &Device) -> Result<()> {
 
 /// Reads `weight` of shape `[out, in]` and, if `bias`, `bias` under `vb`'s prefix; over a
 /// `VarMap`, creates them as `candle_nn::linear` does (Kaiming-normal weight, uniform bias).
-pub(crate) fn load_linear(vb: &VarBuilder, [out, inp]: [usize; 2], bias: bool) -> Result<Linear> {
+pub(crate) fn load_linear(
+    vb: &VarBuilder,
+    [out, inp]: [usize; 2],
+    bias: bool,
+) -> crate::Result<Linear> {
     let weight = load(
         vb,
         "weight",
@@ -544,8 +550,14 @@ pub(crate) fn load_linear(vb: &VarBuilder, [out, inp]: [usize; 2], bias: bool) -
     Ok(Linear::new(weight, bias))
 }
 
-/// `vb.get_with_hints`, with errors that say what exists instead.
-pub(crate) fn load(vb: &VarBuilder, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+/// `vb.get_with_hints`, with errors that say what exists instead (the crate's own, so that the
+/// loaders keep their variants).
+pub(crate) fn load(
+    vb: &VarBuilder,
+    name: &str,
+    shape: &[usize],
+    init: Init,
+) -> crate::Result<Tensor> {
     load_as(vb, name, shape, init, vb.dtype())
 }
 
@@ -556,7 +568,7 @@ pub(crate) fn load_as(
     shape: &[usize],
     init: Init,
     dtype: DType,
-) -> Result<Tensor> {
+) -> crate::Result<Tensor> {
     let err = match vb.get_with_hints_dtype(shape, name, init, dtype) {
         Ok(t) => return Ok(t),
         Err(err) => err,
@@ -567,22 +579,20 @@ pub(crate) fn load_as(
         return Err(Error::MissingTensor {
             found: crate::layout::nearby_names(&full, |n| root.contains_tensor(n)),
             name: full,
-        }
-        .into());
+        });
     }
     match vb.get_unchecked(name) {
         Ok(t) if t.dims() != shape => Err(shape_error(&full, shape, t.dims())),
-        _ => Err(err),
+        _ => Err(err.into()),
     }
 }
 
-pub(crate) fn shape_error(name: &str, expected: &[usize], found: &[usize]) -> candle_core::Error {
+pub(crate) fn shape_error(name: &str, expected: &[usize], found: &[usize]) -> Error {
     Error::ShapeMismatch {
         name: name.to_string(),
         expected: expected.to_vec(),
         found: found.to_vec(),
     }
-    .into()
 }
 
 /// A quantized weight as candle's `QMatMul`, or dequantized to f32 where candle's quantized

@@ -885,3 +885,42 @@ fn experts_outside_the_chosen_groups_never_win_over_a_nan_score() {
         .unwrap();
     assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
 }
+
+/// Through `Checkpoint::load_experts` the errors keep their variants (through `GluExperts::new`,
+/// whose result is candle's, only their messages): a caller can tell a missing expert from a
+/// missing tensor or a wrong shape.
+#[test]
+fn the_loaders_errors_keep_their_variants() {
+    use candle_glu::loading::{Checkpoint, LoadOptions};
+    use candle_glu::Error;
+    let case = "mixtral";
+    let load = |edit: &dyn Fn(&mut HashMap<String, Tensor>)| -> Error {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            dir(case).join("config.json"),
+            tmp.path().join("config.json"),
+        )
+        .unwrap();
+        let mut ws = weights(case);
+        edit(&mut ws);
+        candle_core::safetensors::save(&ws, tmp.path().join("model.safetensors")).unwrap();
+        let ckpt = Checkpoint::open(tmp.path()).unwrap();
+        let cfg = ckpt.moe_config().unwrap().unwrap();
+        let opts = LoadOptions::new(DType::F32, Device::Cpu);
+        ckpt.load_experts(&cfg, 0, &opts).unwrap_err()
+    };
+    let expert = |x: usize| format!("{}.experts.{x}.", prefix(case));
+    let e = load(&|ws| ws.retain(|n, _| !n.starts_with(&expert(6))));
+    assert!(matches!(e, Error::MissingExpert { expert: 6, .. }), "{e:?}");
+    let e = load(&|ws| ws.retain(|n, _| !n.starts_with(&format!("{}w3", expert(5)))));
+    assert!(
+        matches!(&e, Error::MissingTensor { name, .. } if name.ends_with("experts.5.w3.weight")),
+        "{e:?}"
+    );
+    let e = load(&|ws| {
+        let name = format!("{}w2.weight", expert(1));
+        let w = ws[&name].narrow(1, 0, 8).unwrap().contiguous().unwrap();
+        ws.insert(name, w);
+    });
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
+}

@@ -436,7 +436,7 @@ impl Checkpoint {
             }
             _ => {
                 let vb = self.var_builder(opts.dtype, &opts.device);
-                Ok(GluFeedForward::new(cfg, vb.pp(prefix))?)
+                GluFeedForward::build(cfg, vb.pp(prefix))
             }
         }
     }
@@ -595,7 +595,7 @@ impl Checkpoint {
             Store::Gguf(g) => self.gguf_experts(g, cfg, layer, opts),
             Store::Safetensors(_) => {
                 let vb = self.var_builder(opts.dtype, &opts.device);
-                Ok(GluExperts::new(cfg, vb.pp(cfg.layer_prefix(layer)))?)
+                GluExperts::build(cfg, vb.pp(cfg.layer_prefix(layer)))
             }
         }
     }
