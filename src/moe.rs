@@ -634,6 +634,58 @@ impl GluExperts {
         self.shared.as_ref()
     }
 
+    /// Every expert, in the router's order.
+    pub fn experts(&self) -> &[GluFeedForward] {
+        &self.experts
+    }
+
+    /// The router, `[E, H]`, as stored (or as given to [`from_parts`](Self::from_parts)).
+    pub fn router(&self) -> &Tensor {
+        &self.router
+    }
+
+    /// Qwen2-MoE's shared expert gate, `[1, H]`, if the layer has one.
+    pub fn shared_expert_gate(&self) -> Option<&Tensor> {
+        self.shared_gate.as_ref()
+    }
+
+    /// DeepSeek-V3's selection bias, `[E]`, in f32 on the router's device, if the layer has
+    /// one (the variable itself where it is one).
+    ///
+    /// # Errors
+    /// candle's, copying it to the device.
+    pub fn selection_bias(&self) -> Result<Option<Tensor>> {
+        match &self.selection_bias {
+            None => Ok(None),
+            Some(SelectionBias::Variable(t)) => Ok(Some(t.clone())),
+            Some(SelectionBias::Fixed(v)) => {
+                Ok(Some(Tensor::new(v.as_slice(), self.router.device())?))
+            }
+        }
+    }
+
+    /// The layer with every expert's (and the shared expert's) Q4_1 weights decoded exactly at
+    /// every token count, or not: [`GluFeedForward::with_exact_q4_1`] on each. No effect on
+    /// other weights.
+    pub fn with_exact_q4_1(mut self, exact: bool) -> Self {
+        let set = |f: GluFeedForward| f.with_exact_q4_1(exact);
+        self.experts = self.experts.into_iter().map(set).collect();
+        self.shared = self.shared.map(set);
+        self
+    }
+
+    /// The router's logits for `xs` (`[.., H]`), `[tokens, E]` over its leading dimensions
+    /// flattened, in the scores' dtype (f32, or f64 for f64 inputs): the product
+    /// [`forward`](Module::forward) and [`route`](Self::route) take their scores from,
+    /// computed again. Gradients reach the input, and the router where it is a variable: for
+    /// an auxiliary load-balancing loss (transformers' `router_aux_loss_coef`).
+    ///
+    /// # Errors
+    /// An input whose last dimension is not the hidden size; candle's errors.
+    pub fn router_logits(&self, xs: &Tensor) -> Result<Tensor> {
+        self.logits(&self.tokens(xs)?.1)
+    }
+
     /// `xs` (`[.., H]`) as `[tokens, H]`, in its dtype and in the scores' (f32, or f64).
     fn tokens(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         let h = self.config.expert.hidden_size;

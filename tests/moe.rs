@@ -924,3 +924,69 @@ fn the_loaders_errors_keep_their_variants() {
     });
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
 }
+
+/// The parts a loaded layer is made of, read back: the same layer again through `from_parts`,
+/// and the router's logits as the scores come from them.
+#[test]
+fn a_layer_gives_back_its_parts_and_its_router_logits() {
+    for case in CASES {
+        let (cfg, ws) = (config(case), weights(case));
+        let moe = layer(case, "model.safetensors", DType::F32);
+        let x = io(case)["x"].to_dtype(DType::F32).unwrap();
+        assert_eq!(moe.experts().len(), cfg.num_experts);
+        let router = format!("{}.gate.weight", prefix(case));
+        assert_eq!(
+            common::max_abs_diff(moe.router(), &ws[&router].to_dtype(DType::F32).unwrap()),
+            0.0
+        );
+        assert_eq!(moe.shared_expert_gate().is_some(), cfg.shared_expert_gate);
+        let bias = moe.selection_bias().unwrap();
+        assert_eq!(bias.is_some(), cfg.selection_bias, "{case}");
+        let again = GluExperts::from_parts(
+            &cfg,
+            moe.router().clone(),
+            bias,
+            moe.experts().to_vec(),
+            moe.shared_expert().cloned(),
+            moe.shared_expert_gate().cloned(),
+        )
+        .unwrap();
+        let (y, y_again) = (moe.forward(&x).unwrap(), again.forward(&x).unwrap());
+        assert_eq!(common::max_abs_diff(&y, &y_again), 0.0, "{case}");
+        // The logits: [tokens, E], x·routerᵀ (candle's matmul in float64 as the reference).
+        let logits = moe.router_logits(&x).unwrap();
+        let tokens = x.elem_count() / cfg.expert.hidden_size;
+        assert_eq!(logits.dims(), &[tokens, cfg.num_experts]);
+        let x64 = x
+            .reshape((tokens, ()))
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let r64 = moe.router().to_dtype(DType::F64).unwrap();
+        let want = x64.matmul(&r64.t().unwrap()).unwrap();
+        let err = common::rel_err(&logits.to_dtype(DType::F64).unwrap(), &want);
+        assert!(err <= 1e-6, "{case}: logits {err:e}");
+    }
+    // Through a router being trained, the logits' gradient reaches it: d Σ logits / d W = Σ_t x_t
+    // in every row.
+    let case = "mixtral";
+    let mut ws = weights(case);
+    let router = format!("{}.gate.weight", prefix(case));
+    let w = candle_core::Var::from_tensor(&ws[&router]).unwrap();
+    ws.insert(router, w.as_tensor().clone());
+    let vb = VarBuilder::from_tensors(ws, DType::F32, &Device::Cpu);
+    let moe = GluExperts::new(&config(case), vb.pp(prefix(case))).unwrap();
+    let x = io(case)["x"].to_dtype(DType::F32).unwrap();
+    let grads = moe
+        .router_logits(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = grads.get(w.as_tensor()).expect("a gradient for the router");
+    let h = config(case).expert.hidden_size;
+    let sum = x.reshape(((), h)).unwrap().sum(0).unwrap();
+    let want = sum.unsqueeze(0).unwrap().broadcast_as(g.shape()).unwrap();
+    common::assert_close(g, &want, common::Tol::Rel(1e-5), "the router's gradient");
+}

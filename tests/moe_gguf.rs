@@ -140,49 +140,15 @@ fn quantized_experts_read_in_place_match_float64() {
             let err = rel(&y, &io[&format!("y_{n}")]);
             eprintln!("{case}, {n} tokens: {err:.2e} (candle's QMatMul {candle:.2e})");
             assert!(err <= tol, "{case}, {n} tokens: {err:e} > {tol:e}");
-            // Q4_1's exact kernel on every CPU with the kernels, whichever the layer took: each
-            // expert over its own tokens (up to 60 at 160: the packed schedule too).
+            // Q4_1's exact kernel on every CPU with the kernels, whichever the layer took
+            // (`with_exact_q4_1`: up to 60 tokens an expert at 160, the packed schedule too).
             if kernels && case == "olmoe" {
-                let err = rel(&through_exact_q4_1(&moe, x), &io[&format!("y_{n}")]);
+                let exact = moe.clone().with_exact_q4_1(true);
+                let err = rel(&exact.forward(x).unwrap(), &io[&format!("y_{n}")]);
                 assert!(err <= 1e-5, "{case}, {n} tokens, exact Q4_1: {err:e}");
             }
         }
     }
-}
-
-/// The layer with each expert's Q4_1 decoded exactly (`with_exact_q4_1`), over the tokens
-/// routed to it, added with their routing weights (a layer without shared experts).
-fn through_exact_q4_1(moe: &GluExperts, x: &Tensor) -> Tensor {
-    assert!(moe.shared_expert().is_none());
-    let routing = moe.route(x).unwrap();
-    let mut y = vec![vec![0f64; x.dim(1).unwrap()]; x.dim(0).unwrap()];
-    for e in 0..moe.config().num_experts {
-        let picks: Vec<(u32, f64)> = (0..x.dim(0).unwrap())
-            .filter_map(|t| {
-                let k = routing.experts[t].iter().position(|&x| x == e)?;
-                Some((t as u32, f64::from(routing.weights[t][k])))
-            })
-            .collect();
-        if picks.is_empty() {
-            continue;
-        }
-        let index = Tensor::new(picks.iter().map(|p| p.0).collect::<Vec<_>>(), &Device::Cpu);
-        let xs = x.index_select(&index.unwrap(), 0).unwrap();
-        let expert = moe.expert(e).unwrap().clone().with_exact_q4_1(true);
-        let ys: Vec<Vec<f64>> = expert
-            .forward(&xs)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        for ((t, w), row) in picks.iter().zip(ys) {
-            for (acc, v) in y[*t as usize].iter_mut().zip(row) {
-                *acc += w * v;
-            }
-        }
-    }
-    Tensor::new(y, &Device::Cpu).unwrap()
 }
 
 /// The layer with every projection through candle's own `QMatMul` (`Projection::forward_candle`) and
