@@ -180,7 +180,7 @@ struct MoeReport {
 /// The block `infer` runs: one gated FFN, or a whole mixture-of-experts layer.
 enum Block {
     Dense(GluFeedForward),
-    Moe(GluExperts),
+    Moe(Box<GluExperts>),
 }
 
 impl Module for Block {
@@ -384,7 +384,7 @@ fn run(args: &Args) -> Result<()> {
             moe_cfg.expert.activation = activation;
             let prefix = moe_cfg.layer_prefix(args.layer);
             let moe = ckpt.load_experts(&moe_cfg, args.layer, &opts)?;
-            (Block::Moe(moe), moe_cfg.expert, prefix)
+            (Block::Moe(Box::new(moe)), moe_cfg.expert, prefix)
         }
         None => {
             let prefix = args

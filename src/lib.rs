@@ -52,7 +52,7 @@ pub use kernels::detect::{CpuKernels, MicroKernel};
 pub use layout::WeightLayout;
 #[cfg(feature = "hub")]
 pub use loading::hub::{fetch_model, DownloadProgress, HubOptions};
-pub use moe::{GluExperts, MoeConfig, Routing, Scoring};
+pub use moe::{GluExperts, MoeConfig, Routing, Scoring, SparseLayers};
 pub use projection::Projection;
 
 /// The crate's CPU kernels that run in this process, or `None` where they do not (a CPU

@@ -79,6 +79,33 @@ pub struct MoeConfig {
     /// Whether the shared expert's output is scaled by `sigmoid(x·gᵀ)` (`shared_expert_gate`,
     /// Qwen2-MoE).
     pub shared_expert_gate: bool,
+    /// Which of the model's layers have experts; see [`is_moe_layer`](Self::is_moe_layer).
+    pub sparse_layers: SparseLayers,
+}
+
+/// Which layers of a mixture-of-experts model have experts, as transformers builds them: the
+/// others have a dense FFN of the model's `intermediate_size`. Every layer by default (Mixtral,
+/// OLMoE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SparseLayers {
+    /// The first layers, which are dense (DeepSeek-V3's `first_k_dense_replace`).
+    pub first_dense: usize,
+    /// Of the others, layer `l` has experts where `(l + 1) % step == 0` (Qwen-MoE's
+    /// `decoder_sparse_step`); 1: every one.
+    pub step: usize,
+    /// Layers that are dense whatever the above (Qwen-MoE's `mlp_only_layers`).
+    pub dense: Vec<usize>,
+}
+
+impl Default for SparseLayers {
+    fn default() -> Self {
+        Self {
+            first_dense: 0,
+            step: 1,
+            dense: Vec::new(),
+        }
+    }
 }
 
 impl MoeConfig {
@@ -101,7 +128,19 @@ impl MoeConfig {
             selection_bias: false,
             shared_intermediate_size: None,
             shared_expert_gate: false,
+            sparse_layers: SparseLayers::default(),
         }
+    }
+
+    /// Whether layer `layer` of the model has experts (else a dense FFN), from
+    /// [`sparse_layers`](Self::sparse_layers): for a model's own loop over its layers.
+    /// [`Checkpoint::moe_layers`](crate::loading::Checkpoint::moe_layers) instead looks at the
+    /// tensors a checkpoint holds.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        let s = &self.sparse_layers;
+        layer >= s.first_dense
+            && !s.dense.contains(&layer)
+            && (layer + 1).is_multiple_of(s.step.max(1))
     }
 
     /// Checks the sizes against each other.
@@ -122,6 +161,9 @@ impl MoeConfig {
             })
         };
         let (e, k) = (self.num_experts, self.top_k);
+        if self.sparse_layers.step == 0 {
+            return fail("`decoder_sparse_step` is 0, expected at least 1".into());
+        }
         if e > MAX_DIM {
             return fail(format!(
                 "{e} experts, more than the {MAX_DIM} any real model uses"
@@ -255,6 +297,14 @@ impl MoeConfig {
                     size("num_experts_per_tok")?,
                 );
                 cfg.norm_topk_prob = flag("norm_topk_prob", false)?;
+                if model_type != "olmoe" {
+                    // transformers' defaults: every layer.
+                    cfg.sparse_layers.step = match obj.get("decoder_sparse_step") {
+                        None | Some(Value::Null) => 1,
+                        Some(_) => size("decoder_sparse_step")?,
+                    };
+                    cfg.sparse_layers.dense = layer_list(&obj, "mlp_only_layers").map_err(&fail)?;
+                }
                 if model_type == "qwen2_moe" {
                     let shared = size("shared_expert_intermediate_size")?;
                     cfg.shared_intermediate_size = (shared > 0).then_some(shared);
@@ -271,6 +321,11 @@ impl MoeConfig {
                 );
                 cfg.scoring = Scoring::Sigmoid;
                 cfg.selection_bias = true;
+                // transformers' default is 3 (DeepSeek-V3's own).
+                cfg.sparse_layers.first_dense = match obj.get("first_k_dense_replace") {
+                    None | Some(Value::Null) => 3,
+                    Some(_) => size("first_k_dense_replace")?,
+                };
                 cfg.norm_topk_prob = flag("norm_topk_prob", true)?;
                 cfg.n_group = size("n_group")?;
                 cfg.topk_group = size("topk_group")?;
@@ -316,6 +371,30 @@ impl MoeConfig {
             e => e,
         })?;
         Ok(cfg)
+    }
+}
+
+/// A list of layer indices (`mlp_only_layers`): empty where absent or null.
+fn layer_list(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+) -> std::result::Result<Vec<usize>, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| {
+                        format!("`{field}` must list layer indices, found {}", kind_of(v))
+                    })
+            })
+            .collect(),
+        Some(v) => Err(format!(
+            "`{field}` must be a list of layer indices, found {}",
+            kind_of(v)
+        )),
     }
 }
 

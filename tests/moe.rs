@@ -191,6 +191,42 @@ fn config_with(case: &str, key: &str, value: serde_json::Value) -> String {
     json.to_string()
 }
 
+/// Which layers have experts, as transformers' decoder layers decide it.
+#[test]
+fn the_config_says_which_layers_have_experts() {
+    let layers = |cfg: &MoeConfig| (0..8).filter(|&l| cfg.is_moe_layer(l)).collect::<Vec<_>>();
+    assert_eq!(layers(&config("mixtral")), (0..8).collect::<Vec<_>>());
+    assert_eq!(layers(&config("olmoe")), (0..8).collect::<Vec<_>>());
+    // Qwen: `mlp_only_layers` dense, and of the others every `decoder_sparse_step`-th from 1.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&config_with("qwen2_moe", "decoder_sparse_step", 2.into())).unwrap();
+    json["mlp_only_layers"] = serde_json::json!([3]);
+    let q = MoeConfig::from_hf_json(&json.to_string()).unwrap();
+    assert_eq!(layers(&q), [1, 5, 7]);
+    // DeepSeek-V3: the first `first_k_dense_replace` dense, transformers' 3 where absent.
+    let d = |v: serde_json::Value| {
+        MoeConfig::from_hf_json(&config_with("deepseek_v3", "first_k_dense_replace", v)).unwrap()
+    };
+    assert_eq!(layers(&d(0.into())), (0..8).collect::<Vec<_>>());
+    assert_eq!(layers(&d(2.into())), (2..8).collect::<Vec<_>>());
+    assert_eq!(
+        layers(&d(serde_json::Value::Null)),
+        (3..8).collect::<Vec<_>>()
+    );
+    // Bad values are errors naming the key.
+    let e = MoeConfig::from_hf_json(&config_with("qwen3_moe", "decoder_sparse_step", 0.into()));
+    assert!(e
+        .unwrap_err()
+        .to_string()
+        .contains("`decoder_sparse_step` is 0"));
+    let e = MoeConfig::from_hf_json(&config_with("qwen3_moe", "mlp_only_layers", "1".into()));
+    let e = e.unwrap_err().to_string();
+    assert!(
+        e.contains("`mlp_only_layers` must be a list of layer indices"),
+        "{e}"
+    );
+}
+
 #[test]
 fn each_family_reads_its_own_expert_count_first() {
     // Another family's key beside the family's own does not replace it.
@@ -758,6 +794,8 @@ fn dense_layers_of_a_mixture_are_told_apart() {
     let cfg = ckpt.moe_config().unwrap().expect("a mixture of experts");
     assert_eq!(ckpt.moe_layers(&cfg), [1]);
     assert_eq!(ckpt.moe_dense_layers(&cfg), [0]);
+    // The config says the same, for a model's own loop over its layers.
+    assert!(!cfg.is_moe_layer(0) && cfg.is_moe_layer(1));
     let opts = LoadOptions::new(DType::F32, Device::Cpu);
     let e = ckpt.load_experts(&cfg, 0, &opts).unwrap_err();
     assert!(matches!(e, candle_glu::Error::DenseLayer { .. }), "{e}");

@@ -82,6 +82,16 @@ fn metadata_routes_as_llama_cpp() {
         (2.5, Some(64))
     );
     assert_eq!(d.layer_prefix(0), "blk.0");
+    // Which layers have experts: the config (llama.cpp's `leading_dense_block_count` for
+    // deepseek2) as the tensors say.
+    for case in CASES {
+        let (ckpt, cfg) = open(case);
+        let moe = ckpt.moe_layers(&cfg);
+        assert!(!moe.is_empty(), "{case}");
+        for l in 0..ckpt.num_layers().unwrap_or(1) {
+            assert_eq!(cfg.is_moe_layer(l), moe.contains(&l), "{case}: layer {l}");
+        }
+    }
     // A dense GGUF has no mixture.
     let dense = Checkpoint::open(common::embedded_weights()).unwrap();
     assert!(dense.moe_config().unwrap().is_none());

@@ -341,6 +341,9 @@ impl GgufStore {
             _ => false,
         };
         if arch == "deepseek2" {
+            // llama.cpp's `n_layer_dense_lead`: 0 where absent.
+            cfg.sparse_layers.first_dense =
+                self.arch_count("leading_dense_block_count")?.unwrap_or(0);
             if let Some(v) = metadata("expert_weights_scale") {
                 let scale = v
                     .to_f32()
