@@ -43,8 +43,13 @@ pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 24;
 /// as candle-transformers' configs do; the activation and the layout as their names, the
 /// activation, bias and layout optional (their defaults), and Llama's `hidden_act` and
 /// `mlp_bias` read as `activation` and `bias`. (To read any family's `config.json`, with its own
-/// keys and checks, use [`GluConfig::from_hf_json`].) Sizes are not checked here, nor by
-/// [`GluConfig::new`]: [`GluConfig::validate`] and every constructor of a block check them.
+/// keys and checks, use [`GluConfig::from_hf_json`]: serde knows no family, so Gemma's
+/// `hidden_activation`, which wins over its `hidden_act` in transformers, is not read here.)
+/// Sizes are not checked here, nor by [`GluConfig::new`]: [`GluConfig::validate`] and every
+/// constructor of a block check them. Flattened as below, it takes its keys from the model's
+/// config: serde gives each key to one field, so a model config that reads `hidden_size` (or
+/// `intermediate_size`, `hidden_act`) for itself too should read the `GluConfig` from the same
+/// JSON in a second pass, or through [`GluConfig::from_hf_json`].
 ///
 /// ```rust
 /// use candle_glu::{Activation, GluConfig, WeightLayout};

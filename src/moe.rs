@@ -492,6 +492,32 @@ impl GluExperts {
     pub(crate) fn build(cfg: &MoeConfig, vb: VarBuilder) -> error::Result<Self> {
         cfg.validate()?;
         crate::projection::check_load_dtype(&vb)?;
+        let refuse = |message: String| {
+            Err(Error::InvalidConfig {
+                path: None,
+                message,
+            })
+        };
+        match cfg.expert.layout {
+            WeightLayout::Llama | WeightLayout::Mixtral => {}
+            WeightLayout::Gguf => return refuse(
+                "a GGUF's experts (`blk.N.ffn_*_exps`) are read by `Checkpoint::load_experts`, \
+                     not through a VarBuilder"
+                    .into(),
+            ),
+            other => {
+                return refuse(format!(
+                    "experts in the {other} layout: GluExperts reads transformers' (`gate_proj`, \
+                     `up_proj`, `down_proj`) and Mixtral's (`w1`, `w3`, `w2`) names"
+                ))
+            }
+        }
+        if cfg.expert.bias {
+            return refuse(
+                "experts with biases: no family GluExperts reads has them, and it loads none"
+                    .into(),
+            );
+        }
         let (h, i, e) = (
             cfg.expert.hidden_size,
             cfg.expert.intermediate_size,
@@ -662,6 +688,22 @@ impl GluExperts {
             }
             (Some(_), None) => return fail("a shared expert given for a config without".into()),
             (None, Some(_)) => return fail("the config has a shared expert; none given".into()),
+        }
+        // Every block computes the config's σ (which `config()` reports for the layer).
+        let act = cfg.expert.activation;
+        let blocks = experts
+            .iter()
+            .enumerate()
+            .map(|(x, f)| (format!("expert {x}"), f));
+        let shared_block = shared.iter().map(|f| ("the shared expert".to_string(), f));
+        if let Some((which, f)) = blocks
+            .chain(shared_block)
+            .find(|(_, f)| f.config().activation != act)
+        {
+            return fail(format!(
+                "{which} computes σ = {}, the config's experts {act}",
+                f.config().activation
+            ));
         }
         if let Some(gate) = &shared_gate {
             shape("the shared expert's gate", gate, &[1, h])?;

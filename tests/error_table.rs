@@ -861,6 +861,23 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     c.insert("moe-shared-missing", |_| {
         moe_layer("qwen2_moe", "shared_expert.", |_| {})
     });
+    c.insert("moe-gguf-layout", |_| {
+        moe_layer("mixtral", "nothing", |cfg| cfg.expert.layout = WeightLayout::Gguf)
+    });
+    c.insert("moe-expert-bias", |_| {
+        moe_layer("mixtral", "nothing", |cfg| cfg.expert.bias = true)
+    });
+    c.insert("moe-parts-activation", |_| {
+        let (h, i) = (8, 16);
+        let expert = |act: Activation| {
+            let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+            GluFeedForward::new(&GluConfig::new(h, i).with_activation(act), vb).unwrap()
+        };
+        let cfg = MoeConfig::new(GluConfig::new(h, i), 2, 1);
+        let experts = vec![expert(Activation::Silu), expert(Activation::Relu)];
+        let router = Tensor::zeros((2, h), DType::F32, &Device::Cpu).unwrap();
+        err(GluExperts::from_parts(&cfg, router, None, experts, None, None))
+    });
     c.insert("moe-input-width", |_| {
         let dir = moe_fixture("qwen3_moe");
         let cfg = MoeConfig::from_hf_config_file(dir.join("config.json")).unwrap();
