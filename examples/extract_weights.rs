@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
 use candle_glu::loading::GgufStore;
 use candle_glu::WeightLayout;
 use clap::Parser;
@@ -69,10 +69,48 @@ fn main() -> Result<()> {
     }
     // Through a temporary file beside the target, renamed into place once on disk: a failure or
     // an interruption leaves neither a partial target nor the temporary file.
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
-        .context("serializing safetensors")?;
     output::install_interrupt_handler();
-    output::write_atomically(&args.out, "--out", &bytes)?;
+    output::write_atomically_with(&args.out, "--out", |file| write_safetensors(file, &tensors))?;
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// `tensors` as a safetensors file, one tensor's bytes at a time (`safetensors::serialize` would
+/// hold the whole file in memory beside them): the header, padded to 8 bytes, then the data in
+/// the header's order.
+fn write_safetensors(
+    file: &mut std::fs::File,
+    tensors: &HashMap<String, Tensor>,
+) -> std::io::Result<()> {
+    use safetensors::tensor::{Metadata, TensorInfo};
+    use safetensors::View;
+    use std::io::Write;
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut offset = 0;
+    let infos = names
+        .iter()
+        .map(|name| {
+            let t = &tensors[*name];
+            let end = offset + View::data_len(t);
+            let info = TensorInfo {
+                dtype: View::dtype(t),
+                shape: View::shape(t).to_vec(),
+                data_offsets: (offset, end),
+            };
+            offset = end;
+            (name.to_string(), info)
+        })
+        .collect();
+    let metadata = Metadata::new(None, infos).map_err(|e| invalid(e.to_string()))?;
+    let mut header = serde_json::to_string(&metadata).map_err(|e| invalid(e.to_string()))?;
+    header.push_str(&" ".repeat((8 - header.len() % 8) % 8));
+    let mut out = std::io::BufWriter::new(file);
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(header.as_bytes())?;
+    for name in names {
+        out.write_all(&View::data(&tensors[name]))?;
+    }
+    out.flush()
 }

@@ -481,7 +481,9 @@ impl GluExperts {
     /// (`shared_expert.*` with `shared_expert_gate`, or `shared_experts.*`).
     ///
     /// # Errors
-    /// An invalid config; a `vb` in a dtype other than f32, f16, bf16 or f64; a missing tensor
+    /// An invalid config, or one whose experts are in another layout than transformers' or
+    /// Mixtral's names (a GGUF's: [`Checkpoint::load_experts`](crate::loading::Checkpoint::load_experts))
+    /// or have biases; a `vb` in a dtype other than f32, f16, bf16 or f64; a missing tensor
     /// (the message names it, in the checkpoint's own layout, and what is present nearby), an expert none of whose weights is stored
     /// ([`Error::MissingExpert`], with the experts that are), or a tensor of the wrong shape.
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
@@ -598,14 +600,7 @@ impl GluExperts {
                 (Some(shared), gate)
             }
         };
-        Ok(Self::from_parts(
-            cfg,
-            router,
-            selection_bias,
-            experts,
-            shared,
-            shared_gate,
-        )?)
+        Self::assemble(cfg, router, selection_bias, experts, shared, shared_gate)
     }
 
     /// The layer from its parts, for weights that come from elsewhere (another file format, a
@@ -616,7 +611,8 @@ impl GluExperts {
     /// where it is stored in another dtype and is not a variable.
     ///
     /// # Errors
-    /// An invalid config, a part of the wrong shape, or one that is missing or not expected.
+    /// An invalid config, a part of the wrong shape, or one that is missing or not expected; an
+    /// expert (or shared expert) of another σ than the config's.
     pub fn from_parts(
         cfg: &MoeConfig,
         router: Tensor,
@@ -625,13 +621,32 @@ impl GluExperts {
         shared: Option<GluFeedForward>,
         shared_gate: Option<Tensor>,
     ) -> Result<Self> {
+        Ok(Self::assemble(
+            cfg,
+            router,
+            selection_bias,
+            experts,
+            shared,
+            shared_gate,
+        )?)
+    }
+
+    /// [`from_parts`](Self::from_parts) with the crate's errors, whose variants the loaders keep.
+    pub(crate) fn assemble(
+        cfg: &MoeConfig,
+        router: Tensor,
+        selection_bias: Option<Tensor>,
+        experts: Vec<GluFeedForward>,
+        shared: Option<GluFeedForward>,
+        shared_gate: Option<Tensor>,
+    ) -> error::Result<Self> {
         cfg.validate()?;
         let (h, i, e) = (
             cfg.expert.hidden_size,
             cfg.expert.intermediate_size,
             cfg.num_experts,
         );
-        let shape = |name: &str, t: &Tensor, expected: &[usize]| -> Result<()> {
+        let shape = |name: &str, t: &Tensor, expected: &[usize]| -> error::Result<()> {
             if t.dims() == expected {
                 return Ok(());
             }
@@ -639,15 +654,13 @@ impl GluExperts {
                 name: name.to_string(),
                 expected: expected.to_vec(),
                 found: t.dims().to_vec(),
-            }
-            .into())
+            })
         };
-        let fail = |message: String| -> Result<Self> {
+        let fail = |message: String| -> error::Result<Self> {
             Err(Error::InvalidConfig {
                 path: None,
                 message,
-            }
-            .into())
+            })
         };
         shape("the router", &router, &[e, h])?;
         if let Some(bias) = &selection_bias {

@@ -217,10 +217,12 @@ impl Projection {
     /// message names what exists nearby), or one of another shape.
     pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         if in_dim == 0 || out_dim == 0 {
+            let at = match vb.prefix() {
+                p if p.is_empty() => String::new(),
+                p => format!("`{p}`: "),
+            };
             return Err(invalid(format!(
-                "`{}`: a projection of {in_dim} inputs to {out_dim} outputs; both must be at \
-                 least 1",
-                vb.prefix()
+                "{at}a projection of {in_dim} inputs to {out_dim} outputs; both must be at least 1"
             )));
         }
         check_load_dtype(&vb)?;

@@ -612,6 +612,10 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let ckpt = Checkpoint::open(path).unwrap();
         err(ckpt.load_projection("model.out", &f32_opts()))
     });
+    c.insert("projection-load-empty", |_| {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        err(Projection::load(8, 0, false, vb.pp("out")))
+    });
     c.insert("projection-load-int", |_| {
         let vb = VarBuilder::zeros(DType::U8, &Device::Cpu);
         err(Projection::load(8, 4, false, vb.pp("out")))
@@ -862,7 +866,14 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         moe_layer("qwen2_moe", "shared_expert.", |_| {})
     });
     c.insert("moe-gguf-layout", |_| {
-        moe_layer("mixtral", "nothing", |cfg| cfg.expert.layout = WeightLayout::Gguf)
+        moe_layer("mixtral", "nothing", |cfg| {
+            cfg.expert.layout = WeightLayout::Gguf
+        })
+    });
+    c.insert("moe-other-layout", |_| {
+        moe_layer("mixtral", "nothing", |cfg| {
+            cfg.expert.layout = WeightLayout::T5
+        })
     });
     c.insert("moe-expert-bias", |_| {
         moe_layer("mixtral", "nothing", |cfg| cfg.expert.bias = true)
@@ -876,7 +887,9 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         let cfg = MoeConfig::new(GluConfig::new(h, i), 2, 1);
         let experts = vec![expert(Activation::Silu), expert(Activation::Relu)];
         let router = Tensor::zeros((2, h), DType::F32, &Device::Cpu).unwrap();
-        err(GluExperts::from_parts(&cfg, router, None, experts, None, None))
+        err(GluExperts::from_parts(
+            &cfg, router, None, experts, None, None,
+        ))
     });
     c.insert("moe-input-width", |_| {
         let dir = moe_fixture("qwen3_moe");

@@ -924,6 +924,28 @@ fn experts_outside_the_chosen_groups_never_win_over_a_nan_score() {
     assert!(y.iter().all(|v| v.is_nan()), "{y:?}");
 }
 
+/// `load_layer` on a mixture's layer is an error, from the router among the tensors, config or
+/// none: Mixtral's layout names expert 0 as the layer's block.
+#[test]
+fn a_mixtures_layer_is_not_loaded_as_one_block() {
+    use candle_glu::loading::{Checkpoint, LoadOptions};
+    use candle_glu::{Activation, Error, WeightLayout};
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("model.safetensors");
+    std::fs::copy(dir("mixtral").join("model.safetensors"), &file).unwrap();
+    let ckpt = Checkpoint::open(&file).unwrap();
+    assert!(ckpt.config().is_none());
+    let expert0 = "model.layers.0.block_sparse_moe.experts.0";
+    let cfg = ckpt
+        .infer_config(expert0, WeightLayout::Mixtral, Activation::Silu)
+        .unwrap();
+    let opts = LoadOptions::new(DType::F32, Device::Cpu);
+    let e = ckpt.load_layer(&cfg, 0, &opts).unwrap_err();
+    assert!(matches!(e, Error::MoeLayer { layer: 0, .. }), "{e}");
+    // One expert by its prefix is still a block.
+    assert!(ckpt.load_ffn(&cfg, expert0, &opts).is_ok());
+}
+
 /// Through `Checkpoint::load_experts` the errors keep their variants (through `GluExperts::new`,
 /// whose result is candle's, only their messages): a caller can tell a missing expert from a
 /// missing tensor or a wrong shape.

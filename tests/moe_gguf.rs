@@ -277,6 +277,11 @@ fn bad_requests_are_one_line_errors() {
     wide.expert.intermediate_size = 128;
     let e = ckpt.load_experts(&wide, 0, &opts()).unwrap_err();
     assert!(one_line(&e).contains("blk.0.ffn_gate_exps.weight"), "{e}");
+    // The layer as one block: a mixture, from its router (not "no such layer").
+    let dense_cfg = candle_glu::GluConfig::new(cfg.expert.hidden_size, 64)
+        .with_layout(candle_glu::WeightLayout::Gguf);
+    let e = ckpt.load_layer(&dense_cfg, 0, &opts()).unwrap_err();
+    assert!(matches!(e, Error::MoeLayer { layer: 0, .. }), "{e}");
 }
 
 #[test]

@@ -345,3 +345,62 @@ fn quantized_rows_of_an_odd_number_of_blocks_run() {
     assert!(common::max_abs(&yd) > 0.0);
     assert_close(&yq, &yd, Tol::Rel(0.05), "quantized vs dequantized");
 }
+
+/// A DeepSeek GGUF whose first layer is dense (llama.cpp's `leading_dense_block_count`): the
+/// config says so as the tensors do.
+#[test]
+fn gguf_leading_dense_layers_have_no_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, i, e) = (32u64, 64u64, 4u64);
+    let arch = "deepseek2";
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut g = Gguf::llama(h, i, craft::F32);
+    g.metadata = vec![("general.architecture".into(), GgufValue::Str(arch.into()))];
+    for (k, v) in [
+        ("embedding_length", h),
+        ("feed_forward_length", i),
+        ("expert_feed_forward_length", i),
+        ("block_count", 2),
+        ("leading_dense_block_count", 1),
+        ("expert_count", e),
+        ("expert_used_count", 2),
+    ] {
+        g = g.meta(&key(k), GgufValue::U32(v as u32));
+    }
+    for (name, dims) in [
+        ("blk.1.ffn_gate_inp.weight", vec![e, h]),
+        ("blk.1.ffn_gate_exps.weight", vec![e, i, h]),
+        ("blk.1.ffn_up_exps.weight", vec![e, i, h]),
+        ("blk.1.ffn_down_exps.weight", vec![e, h, i]),
+    ] {
+        let n = dims.iter().product();
+        g.tensors.push((
+            name.into(),
+            dims,
+            craft::F32,
+            craft::tensor_bytes(craft::F32, n),
+        ));
+    }
+    let ckpt = Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap();
+    let cfg = ckpt.moe_config().unwrap().expect("a mixture of experts");
+    assert_eq!(ckpt.moe_layers(&cfg), [1]);
+    assert!(!cfg.is_moe_layer(0) && cfg.is_moe_layer(1));
+}
+
+/// `feed_forward_length` per layer, as llama.cpp allows it (a pruned model): the file opens;
+/// its block is described where the layers agree, and not where they differ.
+#[test]
+fn gguf_feed_forward_length_per_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let per_layer = |sizes: &[u32]| {
+        let bytes = sizes.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let g = Gguf::llama(32, 64, craft::F32).meta(
+            "llama.feed_forward_length",
+            GgufValue::Array(4, sizes.len() as u64, bytes),
+        );
+        Checkpoint::open(write(dir.path(), "m.gguf", &g.bytes())).unwrap()
+    };
+    let same = per_layer(&[64, 64]);
+    assert_eq!(same.config().map(|c| c.intermediate_size), Some(64));
+    assert!(per_layer(&[64, 48]).config().is_none());
+}

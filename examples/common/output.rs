@@ -45,6 +45,16 @@ pub fn output_dir(path: &Path) -> &Path {
 /// Writes `bytes` to `path` through `.<name>.<pid>.partial` beside it; errors name `flag` and
 /// the path.
 pub fn write_atomically(path: &Path, flag: &str, bytes: &[u8]) -> Result<()> {
+    write_atomically_with(path, flag, |file| file.write_all(bytes))
+}
+
+/// [`write_atomically`], the bytes written by `write` into the temporary file (for outputs
+/// too large to hold whole in memory).
+pub fn write_atomically_with(
+    path: &Path,
+    flag: &str,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| anyhow!("{flag} {}: not a file name", path.display()))?;
@@ -57,7 +67,7 @@ pub fn write_atomically(path: &Path, flag: &str, bytes: &[u8]) -> Result<()> {
     *partial() = Some(tmp.clone());
     let result = (|| -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
+        write(&mut file)?;
         file.sync_all()?; // the data is on disk before the name points at it
         let mut partial = partial();
         std::fs::rename(&tmp, path)?;

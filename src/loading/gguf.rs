@@ -216,10 +216,26 @@ impl GgufStore {
             Some("gemma" | "gemma2" | "gemma3") => Activation::GeluTanh,
             _ => return Ok(None),
         };
-        let (Some(hidden), Some(intermediate)) = (
-            self.arch_count("embedding_length")?,
-            self.arch_count("feed_forward_length")?,
-        ) else {
+        // llama.cpp takes `feed_forward_length` as one size or one per layer (a pruned model):
+        // per layer, there is no one block to describe unless they agree.
+        let intermediate = match self
+            .arch_key("feed_forward_length")
+            .and_then(|k| self.metadata(&k))
+        {
+            Some(Value::Array(sizes)) => {
+                let sizes: Vec<Option<u64>> = sizes.iter().map(integer).collect();
+                match sizes.first() {
+                    Some(Some(first)) if sizes.iter().all(|s| *s == Some(*first)) => {
+                        usize::try_from(*first).ok()
+                    }
+                    _ => None,
+                }
+            }
+            _ => self.arch_count("feed_forward_length")?,
+        };
+        let (Some(hidden), Some(intermediate)) =
+            (self.arch_count("embedding_length")?, intermediate)
+        else {
             return Ok(None);
         };
         let (Some(hidden_key), Some(intermediate_key)) = (

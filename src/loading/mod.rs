@@ -357,6 +357,13 @@ impl Checkpoint {
                 message: format!("tensor `{weight}` has shape {shape:?}, expected [out, in]"),
             });
         };
+        if out == 0 || inp == 0 {
+            return Err(Error::InvalidProjection {
+                message: format!(
+                    "tensor `{weight}` has shape {shape:?}: a projection needs rows and columns"
+                ),
+            });
+        }
         if let Some(found) = self.tensor_shape(&bias) {
             if found != [out] {
                 return Err(Error::ShapeMismatch {
@@ -720,14 +727,7 @@ impl Checkpoint {
             None
         };
         let router = f32(&router)?;
-        Ok(GluExperts::from_parts(
-            cfg,
-            router,
-            bias,
-            experts,
-            shared,
-            shared_gate,
-        )?)
+        GluExperts::assemble(cfg, router, bias, experts, shared, shared_gate)
     }
 
     /// Loads layer `layer`'s block, at `cfg.layout`'s prefix for it.
@@ -743,12 +743,18 @@ impl Checkpoint {
         layer: usize,
         opts: &LoadOptions,
     ) -> Result<GluFeedForward> {
-        // (A mixture config the crate refuses has no layers to find here.)
-        if let Ok(Some(moe)) = self.moe_config() {
-            let router = self.router_name(&moe, layer);
-            if self.contains(&router) {
-                return Err(Error::MoeLayer { layer, router });
+        // From the tensors, whatever the config says (or whether there is one): a router where
+        // the layout keeps a mixture's.
+        let router = match cfg.layout {
+            WeightLayout::Mixtral => {
+                Some(format!("model.layers.{layer}.block_sparse_moe.gate.weight"))
             }
+            WeightLayout::Llama => Some(format!("model.layers.{layer}.mlp.gate.weight")),
+            WeightLayout::Gguf => Some(format!("blk.{layer}.ffn_gate_inp.weight")),
+            _ => None,
+        };
+        if let Some(router) = router.filter(|r| self.contains(r)) {
+            return Err(Error::MoeLayer { layer, router });
         }
         let present = self.layers(cfg.layout);
         if !present.contains(&layer) {
