@@ -640,30 +640,91 @@ fn layout_with_layers(ckpt: &Checkpoint) -> Option<WeightLayout> {
         .find(|l| !ckpt.layers(*l).is_empty())
 }
 
+/// The most bytes `--input`'s header may take (safetensors' own limit).
+const MAX_INPUT_HEADER_BYTES: u64 = 100_000_000;
+
+/// `x` from the safetensors file `path`, reading its header and `x`'s bytes only (the file may
+/// hold other tensors, of any size and type).
 fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
+    use std::io::{Read, Seek, SeekFrom};
     // Checked first: opening a FIFO would block.
     let meta = std::fs::metadata(path).with_context(|| format!("--input {}", path.display()))?;
     if !meta.is_file() {
         bail!("--input {}: not a regular file", path.display());
     }
-    let tensors = candle_core::safetensors::load(path, device).map_err(|e| {
-        anyhow!(
-            "{}: {}",
-            path.display(),
-            e.to_string().lines().next().unwrap_or("")
-        )
-    })?;
-    let x = tensors
-        .get("x")
-        .ok_or_else(|| anyhow!("{}: no tensor named `x`", path.display()))?;
-    if !x.dtype().is_float() {
-        bail!(
-            "{}: `x` has dtype {:?}, expected a float dtype",
-            path.display(),
-            x.dtype()
-        );
+    let fail = |m: String| anyhow!("{}: {m}", path.display());
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("--input {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| fail("not a safetensors file (too short for its header's size)".into()))?;
+    let header_len = u64::from_le_bytes(len);
+    let data_start = 8 + header_len;
+    if header_len > MAX_INPUT_HEADER_BYTES || data_start > meta.len() {
+        return Err(fail(format!(
+            "not a safetensors file (a header of {header_len} bytes in a file of {})",
+            meta.len()
+        )));
     }
-    Ok(x.clone())
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| fail(format!("not a safetensors file (its header: {e})")))?;
+    let x = header
+        .get("x")
+        .ok_or_else(|| fail("no tensor named `x`".into()))?;
+    let field = |name: &str| {
+        x.get(name)
+            .ok_or_else(|| fail(format!("`x` has no `{name}`")))
+    };
+    let dtype = match field("dtype")?.as_str() {
+        Some("F32") => DType::F32,
+        Some("F16") => DType::F16,
+        Some("BF16") => DType::BF16,
+        Some("F64") => DType::F64,
+        Some(other) => {
+            return Err(fail(format!(
+                "`x` has dtype {other}, expected a float dtype"
+            )))
+        }
+        None => return Err(fail("`x` has a dtype that is not a string".into())),
+    };
+    let numbers = |name: &str| -> Result<Vec<u64>> {
+        let values = field(name)?
+            .as_array()
+            .ok_or_else(|| fail(format!("`x`'s `{name}` is not a list")))?;
+        values
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| fail(format!("`x`'s `{name}` holds {v}")))
+            })
+            .collect()
+    };
+    let shape: Vec<usize> = numbers("shape")?.into_iter().map(|d| d as usize).collect();
+    let (start, end) = match numbers("data_offsets")?[..] {
+        [start, end] if start <= end => (start, end),
+        _ => return Err(fail("`x`'s `data_offsets` are not [start, end]".into())),
+    };
+    let bytes = shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+        .filter(|&n| n as u64 == end - start)
+        .ok_or_else(|| {
+            fail(format!(
+                "`x` of shape {shape:?} does not hold {} bytes",
+                end - start
+            ))
+        })?;
+    if data_start.checked_add(end).is_none_or(|e| e > meta.len()) {
+        return Err(fail(
+            "`x`'s data runs past the end of the file: truncated?".into(),
+        ));
+    }
+    file.seek(SeekFrom::Start(data_start + start))?;
+    let mut data = vec![0u8; bytes];
+    file.read_exact(&mut data)?;
+    Ok(Tensor::from_raw_buffer(&data, dtype, &shape, device)?)
 }
 
 /// A reproducible standard-normal input, the same on every device (SplitMix64 + Box-Muller).

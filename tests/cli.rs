@@ -313,6 +313,33 @@ fn bad_input_last_dimension() {
         .save_safetensors("h", &path)
         .unwrap();
     fails(&["--input", path.to_str().unwrap()], "no tensor named `x`");
+    // Only `x` is read: a tensor beside it of a type candle cannot load (BOOL) is no matter,
+    // while `x`'s own bytes must be there.
+    let mut other = std::collections::HashMap::new();
+    other.insert(
+        "x",
+        Tensor::ones((2, 576), DType::BF16, &Device::Cpu).unwrap(),
+    );
+    let bytes = safetensors::serialize(other, None).unwrap();
+    let (n, rest) = bytes.split_at(8);
+    let n = u64::from_le_bytes(n.try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&rest[..n]).unwrap();
+    let data = rest[n..].to_vec();
+    header["mask"] =
+        serde_json::json!({"dtype": "BOOL", "shape": [3], "data_offsets": [2304, 2307]});
+    let header = header.to_string();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    file.extend(&data);
+    file.extend([1u8, 0, 1]);
+    std::fs::write(&path, &file).unwrap();
+    let out = infer().arg("--input").arg(&path).output().unwrap();
+    assert!(stdout(&out).contains("input       [2, 576]"));
+    std::fs::write(&path, &file[..file.len() - 1000]).unwrap();
+    fails(
+        &["--input", path.to_str().unwrap()],
+        "`x`'s data runs past the end of the file",
+    );
 }
 
 #[test]
