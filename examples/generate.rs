@@ -186,8 +186,13 @@ fn run(args: &Args) -> Result<()> {
     // prompt + max_tokens - 1 positions (checked_add: `--max-tokens` can be any usize).
     let seen = prompt.len().checked_add(args.max_tokens - 1);
     if seen.is_none_or(|n| n > cfg.max_positions) {
+        // (Generation may end sooner, at an end token; the bound is the longest it could run.)
+        let room = match cfg.max_positions.checked_sub(prompt.len()) {
+            Some(n) => format!("pass --max-tokens {} or less", n + 1),
+            None => "the prompt alone is too long".into(),
+        };
         bail!(
-            "{} prompt tokens + --max-tokens {} exceed the context length {}",
+            "{} prompt tokens + --max-tokens {} exceed the context length {}: {room}",
             prompt.len(),
             args.max_tokens,
             cfg.max_positions

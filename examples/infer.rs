@@ -80,7 +80,7 @@ struct Args {
     /// GGUF only: dequantize the weights to --dtype instead of keeping them quantized.
     #[arg(long)]
     dequantize: bool,
-    /// Safetensors file holding a tensor `x` of shape [..., hidden], any float dtype.
+    /// Safetensors file holding a tensor `x` of shape [..., hidden], in f32, f16, bf16 or f64.
     #[arg(long)]
     input: Option<PathBuf>,
     /// Tokens per sequence of the random input (when there is no --input).
@@ -236,6 +236,18 @@ fn check_flags(args: &Args) -> Result<()> {
                 dir.display()
             );
         }
+        // An existing target is replaced by the rename: a file or a link, never a folder or a
+        // device (`/dev/null` as root would be replaced by the output).
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            let kind = meta.file_type();
+            if !(kind.is_file() || kind.is_symlink()) {
+                bail!(
+                    "--output {}: exists and is not a regular file, which the output would \
+                     replace",
+                    path.display()
+                );
+            }
+        }
         // A local checkpoint's directory now; a Hub repo's snapshot once it is resolved.
         refuse_output_in(path, Path::new(args.weights.as_deref().unwrap_or(EMBEDDED)))?;
     }
@@ -281,7 +293,9 @@ fn run(args: &Args) -> Result<()> {
         refuse_output_in(path, ckpt.path())?;
     }
     let gguf = ckpt.format() == FileFormat::Gguf;
-    let quantized = gguf && !args.dequantize;
+    // Block-quantized FFN weights: F32, F16 and BF16 tensors (llama.cpp's float conversions)
+    // load as dense weights in --dtype.
+    let quantized = gguf && !args.dequantize && gguf_ffn_quantized(&ckpt, args);
     if args.dequantize && !gguf {
         eprintln!("warning: --dequantize does nothing: only GGUF weights are quantized");
     }
@@ -335,9 +349,15 @@ fn run(args: &Args) -> Result<()> {
         // A mixture's experts are in the layout of its config (or its GGUF).
         (Some(layout), Some(moe)) if layout != moe.expert.layout => bail!(
             "--layout {layout}: layer {} is a mixture of experts, whose experts are in the {} \
-             layout (drop --layout, or pass --prefix for one expert's block)",
+             layout ({})",
             args.layer,
-            moe.expert.layout
+            moe.expert.layout,
+            // A GGUF's experts are stacked: no one expert has a prefix of its own.
+            if gguf {
+                "drop --layout"
+            } else {
+                "drop --layout, or pass --prefix for one expert's block"
+            }
         ),
         (Some(layout), None) if args.prefix.is_none() && ckpt.layers(layout).is_empty() => {
             // Say what the tensors do look like, rather than that the layer is missing.
@@ -398,6 +418,15 @@ fn run(args: &Args) -> Result<()> {
                 // (A mixture config this crate would refuse still has blocks to load by prefix.)
                 Some(_) if args.prefix.is_some() && ckpt.moe_config().ok().flatten().is_some() => {
                     ckpt.infer_config(&prefix, layout, activation)?
+                }
+                // A block by prefix: the config's σ and bias, its own sizes (T5Gemma's decoder
+                // blocks are not its encoder's, which `config.json` describes).
+                Some(cfg) if args.prefix.is_some() => {
+                    let own = ckpt.infer_config(&prefix, layout, activation)?;
+                    let mut cfg = cfg.clone().with_layout(layout).with_activation(activation);
+                    (cfg.hidden_size, cfg.intermediate_size) =
+                        (own.hidden_size, own.intermediate_size);
+                    cfg
                 }
                 Some(cfg) => cfg.clone().with_layout(layout).with_activation(activation),
                 None => ckpt.infer_config(&prefix, layout, activation)?,
@@ -640,6 +669,32 @@ fn layout_with_layers(ckpt: &Checkpoint) -> Option<WeightLayout> {
         .find(|l| !ckpt.layers(*l).is_empty())
 }
 
+/// Whether the GGUF's FFN weights at `--prefix` (else `blk.<--layer>`) are block-quantized,
+/// rather than stored as F32, F16 or BF16.
+fn gguf_ffn_quantized(ckpt: &Checkpoint, args: &Args) -> bool {
+    use candle_core::quantized::GgmlDType;
+    let Some(gguf) = ckpt.gguf() else {
+        return false;
+    };
+    let block = args
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("blk.{}", args.layer));
+    let ffn = format!("{block}.ffn_");
+    let mut weights = gguf.content().tensor_infos.iter().filter(|(name, _)| {
+        name.starts_with(&ffn)
+            && name.ends_with(".weight")
+            && !name.contains("norm")
+            && !name.contains("gate_inp")
+    });
+    weights.any(|(_, info)| {
+        !matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        )
+    })
+}
+
 /// The most bytes `--input`'s header may take (safetensors' own limit).
 const MAX_INPUT_HEADER_BYTES: u64 = 100_000_000;
 
@@ -684,7 +739,7 @@ fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
         Some("F64") => DType::F64,
         Some(other) => {
             return Err(fail(format!(
-                "`x` has dtype {other}, expected a float dtype"
+                "`x` has dtype {other}, expected F32, F16, BF16 or F64"
             )))
         }
         None => return Err(fail("`x` has a dtype that is not a string".into())),

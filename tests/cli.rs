@@ -306,7 +306,7 @@ fn bad_input_last_dimension() {
         .unwrap();
     fails(
         &["--input", path.to_str().unwrap()],
-        "`x` has dtype U8, expected a float dtype",
+        "`x` has dtype U8, expected F32, F16, BF16 or F64",
     );
     Tensor::zeros((3, 576), DType::F32, &Device::Cpu)
         .unwrap()
@@ -955,4 +955,77 @@ fn a_full_stdout_is_an_error_not_a_panic() {
             "{err}"
         );
     }
+}
+
+/// llama.cpp's float conversions (F16 here) are not quantized: `--dtype` applies, without the
+/// quantized files' warning, and the block runs dense.
+#[test]
+fn float_gguf_weights_run_dense_in_the_dtype_asked() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f16.gguf");
+    let (h, i) = (64, 128);
+    let w = |r: usize, c: usize, seed: u64| {
+        let t = common::randn(seed, (r, c), 0.1, &Device::Cpu);
+        QTensor::quantize(&t, GgmlDType::F16).unwrap()
+    };
+    let tensors = [
+        ("blk.0.ffn_gate.weight", w(i, h, 1)),
+        ("blk.0.ffn_up.weight", w(i, h, 2)),
+        ("blk.0.ffn_down.weight", w(h, i, 3)),
+    ];
+    let meta = [
+        (
+            "general.architecture",
+            gguf_file::Value::String("llama".into()),
+        ),
+        ("llama.embedding_length", gguf_file::Value::U32(h as u32)),
+        ("llama.feed_forward_length", gguf_file::Value::U32(i as u32)),
+        ("llama.block_count", gguf_file::Value::U32(1)),
+    ];
+    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (*k, t)).collect();
+    let mut file = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut file, &meta, &refs).unwrap();
+    let out = run(&["--weights", path.to_str().unwrap(), "--dtype", "bf16"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let text = stdout(&out);
+    assert!(!err.contains("does nothing"), "{err}");
+    assert!(text.contains("cpu, bf16"), "{text}");
+    assert!(!text.contains("quantized"), "{text}");
+}
+
+/// A block named by `--prefix` has its own sizes, whatever `config.json` says of the model's
+/// (T5Gemma's decoder blocks are not its encoder's).
+#[test]
+fn a_prefix_block_takes_its_own_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ws = std::collections::HashMap::new();
+    for (prefix, i) in [("model.layers.0.mlp", 8), ("decoder.layers.0.mlp", 16)] {
+        for (name, shape) in [
+            ("gate_proj", (i, 4)),
+            ("up_proj", (i, 4)),
+            ("down_proj", (4, i)),
+        ] {
+            let t = common::randn(i as u64, shape, 0.3, &Device::Cpu);
+            ws.insert(format!("{prefix}.{name}.weight"), t);
+        }
+    }
+    candle_core::safetensors::save(&ws, dir.path().join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"hidden_size": 4, "intermediate_size": 8, "hidden_act": "gelu"}"#,
+    )
+    .unwrap();
+    let weights = dir.path().to_str().unwrap();
+    let text = stdout(&run(&[
+        "--weights",
+        weights,
+        "--prefix",
+        "decoder.layers.0.mlp",
+    ]));
+    assert!(
+        text.contains("hidden 4, intermediate 16, activation gelu"),
+        "{text}"
+    );
 }

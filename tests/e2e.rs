@@ -1190,7 +1190,10 @@ fn generate_errors_are_one_line() {
     for max in ["8193", "18446744073709551615"] {
         fails(
             &["--prompt", "Hi", "--weights", gguf, "--max-tokens", max],
-            &format!("1 prompt tokens + --max-tokens {max} exceed the context length 8192"),
+            &format!(
+                "1 prompt tokens + --max-tokens {max} exceed the context length 8192: pass \
+                 --max-tokens 8192 or less"
+            ),
         );
     }
     // No --weights, and nothing where scripts/fetch_smollm2.sh would have put it.

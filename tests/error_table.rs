@@ -630,6 +630,10 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
         err(ckpt.load_layer(&cfg, 0, &LoadOptions::new(DType::U8, Device::Cpu)))
     });
     // --- the CLI
+    c.insert("cli-output-folder", |d| {
+        std::fs::create_dir(d.join("y.safetensors")).unwrap();
+        infer(d, &["--output", "y.safetensors"])
+    });
     c.insert("cli-unknown-flag", |d| infer(d, &["--frobnicate"]));
     c.insert("cli-bad-dtype", |d| infer(d, &["--dtype", "f8"]));
     c.insert("convert-from-candle", |_| {
@@ -710,6 +714,9 @@ fn cases() -> BTreeMap<&'static str, Trigger> {
     });
     c.insert("gv-held-out-unknown", |d| {
         glu_variants(d, &["--data", "text", "--held-out", "othello_gut"])
+    });
+    c.insert("gv-held-out-default", |d| {
+        glu_variants(d, &["--data", "text"])
     });
     c.insert("gv-all-held-out", |d| {
         glu_variants(d, &["--data", "text", "--held-out", "hamlet_gut,lear_gut"])

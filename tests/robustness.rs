@@ -86,9 +86,15 @@ fn gguf_without_sizes_in_its_metadata_is_still_usable() {
     assert_eq!((cfg.hidden_size, cfg.intermediate_size), (32, 64));
     let dense = ckpt.load_layer(&cfg, 0, &opts(false)).unwrap();
     assert_weights_are_the_files(&dense, &g);
-    // Kept as stored (f32 GGUF tensors in candle's `QMatMul`), the same block.
+    // Kept "as stored": f32 GGUF tensors are not quantized, so the same dense block (on the
+    // fused kernels where they run, not candle's `QMatMul`).
     let stored = ckpt.load_layer(&cfg, 0, &opts(true)).unwrap();
+    assert!(!stored.gate_proj().is_quantized() && !stored.down_proj().is_quantized());
     let x = common::randn(2, (3, 32), 1.0, &Device::Cpu);
+    assert_eq!(
+        stored.forward_path(&x),
+        common::dense_path("an f32 GGUF block")
+    );
     let (ys, yd) = (stored.forward(&x).unwrap(), dense.forward(&x).unwrap());
     assert_close(&ys, &yd, Tol::Rel(1e-6), "as stored vs dense");
 }

@@ -50,10 +50,18 @@ impl Corpus {
         };
         let stems: Vec<String> = files.iter().map(|p| stem(p)).collect();
         if let Some(missing) = held_out.iter().find(|h| !stems.contains(h)) {
+            // The default names Shakespeare's plays: another corpus needs its own.
+            let default = held_out.join(",") == DEFAULT_HELD_OUT;
             bail!(
-                "--held-out names {missing}, which is not in {} (it holds {})",
+                "--held-out {}names {missing}, which is not in {} (it holds {}){}",
+                if default { "(by default) " } else { "" },
                 dir.display(),
-                stems.join(", ")
+                stems.join(", "),
+                if default {
+                    ": pass --held-out with files of this folder"
+                } else {
+                    ""
+                }
             );
         }
         let mut corpus = Corpus {

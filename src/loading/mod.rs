@@ -54,9 +54,11 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Where the weights go.
     pub device: Device,
-    /// GGUF only: keep the weights quantized, in candle's `QMatMul` (f32 activations), instead of
-    /// dequantizing them to `dtype`; on the CPU, the block multiplies Q4_1, q8_0 and q4k itself,
-    /// reading the blocks in place (see [`crate::Projection`]). Default `true`. A Q4_1, Q5_0 or Q5_1
+    /// GGUF only: keep block-quantized weights quantized, in candle's `QMatMul` (f32
+    /// activations), instead of dequantizing them to `dtype`; on the CPU, the block multiplies
+    /// Q4_1, q8_0 and q4k itself, reading the blocks in place (see [`crate::Projection`]).
+    /// Default `true`. Tensors stored as F32, F16 or BF16 are dense weights in `dtype` either
+    /// way (candle's `QMatMul` would widen them to f32 and skip the crate's fused kernels). A Q4_1, Q5_0 or Q5_1
     /// weight whose rows hold an odd number of 32-value blocks is dequantized to f32 all the same:
     /// candle 0.11.1's kernels for them assert an even number (a panic in debug builds).
     /// Quantized weights are constants: a backward pass gives the input's gradient (over the
@@ -782,7 +784,11 @@ fn gate_name(layout: WeightLayout, layer: usize) -> String {
 /// A GGUF weight as a projection: kept quantized, or dequantized to `opts.dtype` where
 /// `opts.quantized` is false.
 fn gguf_projection(q: candle_core::quantized::QTensor, opts: &LoadOptions) -> Result<Projection> {
-    Ok(if opts.quantized {
+    use candle_core::quantized::GgmlDType;
+    // A float tensor (llama.cpp's F16/BF16/F32 conversions) is not quantized: as dense weights
+    // it runs on the crate's fused kernels, where candle's `QMatMul` would widen it to f32.
+    let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    Ok(if opts.quantized && !float {
         Projection::quantized(crate::projection::qmatmul(Arc::new(q))?, None)
     } else {
         let w = q.dequantize(&opts.device)?.to_dtype(opts.dtype)?;
