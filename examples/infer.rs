@@ -74,7 +74,7 @@ struct Args {
     /// Device: cpu, cuda (or gpu), metal or auto.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: DeviceChoice,
-    /// Compute dtype: f32, f16 or bf16 [default: f32]. A quantized GGUF computes in f32.
+    /// Compute dtype: f32, f16 or bf16 [default: f32]. A block-quantized GGUF computes in f32.
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<DType>,
     /// GGUF only: dequantize the weights to --dtype instead of keeping them quantized.
@@ -681,18 +681,23 @@ fn gguf_ffn_quantized(ckpt: &Checkpoint, args: &Args) -> bool {
         .clone()
         .unwrap_or_else(|| format!("blk.{}", args.layer));
     let ffn = format!("{block}.ffn_");
-    let mut weights = gguf.content().tensor_infos.iter().filter(|(name, _)| {
-        name.starts_with(&ffn)
-            && name.ends_with(".weight")
-            && !name.contains("norm")
-            && !name.contains("gate_inp")
-    });
-    weights.any(|(_, info)| {
-        !matches!(
-            info.ggml_dtype,
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-        )
-    })
+    let types: Vec<GgmlDType> = gguf
+        .content()
+        .tensor_infos
+        .iter()
+        .filter(|(name, _)| {
+            name.starts_with(&ffn)
+                && name.ends_with(".weight")
+                && !name.contains("norm")
+                && !name.contains("gate_inp")
+        })
+        .map(|(_, info)| info.ggml_dtype)
+        .collect();
+    // None under llama.cpp's names (another --layout or --prefix): taken as quantized.
+    types.is_empty()
+        || types
+            .iter()
+            .any(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
 }
 
 /// The most bytes `--input`'s header may take (safetensors' own limit).
@@ -714,7 +719,7 @@ fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
     file.read_exact(&mut len)
         .map_err(|_| fail("not a safetensors file (too short for its header's size)".into()))?;
     let header_len = u64::from_le_bytes(len);
-    let data_start = 8 + header_len;
+    let data_start = 8u64.saturating_add(header_len);
     if header_len > MAX_INPUT_HEADER_BYTES || data_start > meta.len() {
         return Err(fail(format!(
             "not a safetensors file (a header of {header_len} bytes in a file of {})",
@@ -756,7 +761,10 @@ fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
             })
             .collect()
     };
-    let shape: Vec<usize> = numbers("shape")?.into_iter().map(|d| d as usize).collect();
+    let shape: Vec<usize> = numbers("shape")?
+        .into_iter()
+        .map(|d| usize::try_from(d).map_err(|_| fail(format!("`x` has a dimension of {d}"))))
+        .collect::<Result<_>>()?;
     let (start, end) = match numbers("data_offsets")?[..] {
         [start, end] if start <= end => (start, end),
         _ => return Err(fail("`x`'s `data_offsets` are not [start, end]".into())),

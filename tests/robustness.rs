@@ -97,6 +97,8 @@ fn gguf_without_sizes_in_its_metadata_is_still_usable() {
     );
     let (ys, yd) = (stored.forward(&x).unwrap(), dense.forward(&x).unwrap());
     assert_close(&ys, &yd, Tol::Rel(1e-6), "as stored vs dense");
+    let one = ckpt.load_projection("blk.0.ffn_up", &opts(true)).unwrap();
+    assert!(!one.is_quantized());
 }
 
 #[test]

@@ -132,6 +132,14 @@ impl GgufStore {
         self.tensors.get(name).map(|t| t.shape.as_slice())
     }
 
+    /// Whether the tensor is stored as F32, F16 or BF16: values, not quantized blocks.
+    pub(crate) fn is_float(&self, name: &str) -> bool {
+        matches!(
+            self.content.tensor_infos.get(name).map(|t| t.ggml_dtype),
+            Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        )
+    }
+
     /// A metadata value.
     pub fn metadata(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)

@@ -67,7 +67,7 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
-    /// Weights in `dtype` on `device`; GGUF weights stay quantized.
+    /// Weights in `dtype` on `device`; block-quantized GGUF weights stay quantized.
     pub fn new(dtype: DType, device: Device) -> Self {
         Self {
             dtype,
@@ -76,7 +76,7 @@ impl LoadOptions {
         }
     }
 
-    /// Sets whether GGUF weights stay quantized.
+    /// Sets whether block-quantized GGUF weights stay quantized.
     pub fn with_quantized(mut self, quantized: bool) -> Self {
         self.quantized = quantized;
         self
@@ -327,8 +327,9 @@ impl Checkpoint {
 
     /// Loads the linear layer `name` (e.g. `model.layers.0.self_attn.q_proj`, or
     /// `blk.0.attn_q` in a GGUF): `{name}.weight` (`[out, in]`) and `{name}.bias` where the
-    /// checkpoint has one. GGUF weights stay quantized, read in place by
-    /// [`Projection`]'s kernels, unless `opts.quantized` is false; every other weight (and every
+    /// checkpoint has one. Block-quantized GGUF weights stay quantized, read in place by
+    /// [`Projection`]'s kernels, unless `opts.quantized` is false (F32, F16 and BF16 ones are
+    /// dense in `opts.dtype`); every other weight (and every
     /// bias of a dense one) is read in `opts.dtype`; the bias of a quantized one in f32.
     ///
     /// ```no_run
@@ -377,7 +378,7 @@ impl Checkpoint {
         }
         let has_bias = self.contains(&bias);
         match &self.store {
-            Store::Gguf(g) if opts.quantized => {
+            Store::Gguf(g) if opts.quantized && !g.is_float(&weight) => {
                 let b = match has_bias {
                     true => Some(g.dequantized(&bias, DType::F32, &opts.device)?),
                     false => None,
@@ -406,8 +407,15 @@ impl Checkpoint {
         cfg.validate()?;
         opts.check()?;
         self.check_shapes(cfg, prefix)?;
+        // A block stored as F32/F16/BF16 is not quantized: dense weights in `opts.dtype`.
+        let float = |g: &GgufStore| {
+            let names = cfg.layout.names().all();
+            names
+                .iter()
+                .all(|n| g.is_float(&join(prefix, &format!("{n}.weight"))))
+        };
         match &self.store {
-            Store::Gguf(g) if opts.quantized => {
+            Store::Gguf(g) if opts.quantized && !float(g) => {
                 let load = |name: &str| {
                     let qt = g.qtensor(&join(prefix, &format!("{name}.weight")), &opts.device)?;
                     gguf_projection(qt, opts)
@@ -569,7 +577,8 @@ impl Checkpoint {
     /// (`ffn_*_shexp`, and `ffn_gate_inp_shexp`); on the CPU each stacked tensor is read once
     /// into one buffer and its experts are views of it (on a GPU each expert is read and sent
     /// on its own), kept quantized as stored (so the crate's kernels read its blocks in place),
-    /// or dequantized to `opts.dtype` when `opts.quantized` is false. The router is read as
+    /// or dequantized to `opts.dtype` when `opts.quantized` is false or they are stored as
+    /// F32, F16 or BF16. The router is read as
     /// f32. Expert biases in the file (`ffn_*_exps.bias`, `ffn_*_shexp.bias`) are refused: the
     /// experts have none.
     ///
