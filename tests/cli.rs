@@ -340,6 +340,12 @@ fn bad_input_last_dimension() {
         &["--input", path.to_str().unwrap()],
         "`x`'s data runs past the end of the file",
     );
+    // A header size of 2^64 - 1: refused, not an overflow.
+    std::fs::write(&path, [[0xff; 8].as_slice(), b"{}"].concat()).unwrap();
+    fails(
+        &["--input", path.to_str().unwrap()],
+        "not a safetensors file (a header of",
+    );
 }
 
 #[test]
