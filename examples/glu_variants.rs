@@ -83,9 +83,10 @@ struct Args {
     /// The text: a folder of .txt files (scripts/fetch_shakespeare.sh fills the default).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// The files held out (by stem), comma-separated: whole plays, never trained on.
-    #[arg(long, value_delimiter = ',', default_value = data::DEFAULT_HELD_OUT)]
-    held_out: Vec<String>,
+    /// The files held out (by stem), comma-separated: whole plays, never trained on
+    /// [default: hamlet_gut,macbeth_gut,tempest_gut,twelfth_night_gut].
+    #[arg(long, value_delimiter = ',')]
+    held_out: Option<Vec<String>>,
     /// Held-out windows for the final loss (spread evenly over the held-out plays).
     #[arg(long, default_value_t = 512, value_parser = cli::at_least(1))]
     eval_windows: usize,
@@ -226,10 +227,11 @@ fn check_args(args: &Args) -> Result<()> {
     if let Some(dup) = repeated(&args.seeds) {
         bail!("--seeds names {dup} twice");
     }
-    if let Some(dup) = repeated(&args.held_out) {
+    let held_out = args.held_out.as_deref().unwrap_or_default();
+    if let Some(dup) = repeated(held_out) {
         bail!("--held-out names {dup} twice");
     }
-    if args.held_out.iter().any(|h| h.is_empty()) {
+    if held_out.iter().any(|h| h.is_empty()) {
         bail!("--held-out has an empty name: give file stems, e.g. hamlet_gut,macbeth_gut");
     }
     if let Some(path) = &args.plot {
@@ -275,10 +277,14 @@ fn run(args: &Args) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_data_dir()?,
     };
-    // (Whether --held-out was given, for the error that blames it: its default names
-    // Shakespeare's plays.)
-    let given = std::env::args().any(|a| a == "--held-out" || a.starts_with("--held-out="));
-    let corpus = data::Corpus::load(&dir, &args.held_out, given)?;
+    let default: Vec<String> = data::DEFAULT_HELD_OUT
+        .split(',')
+        .map(String::from)
+        .collect();
+    let corpus = match &args.held_out {
+        Some(held_out) => data::Corpus::load(&dir, held_out, false)?,
+        None => data::Corpus::load(&dir, &default, true)?,
+    };
     corpus.check_context(args.context)?;
     let device = Device::Cpu;
     let train_cfg = TrainConfig {

@@ -183,6 +183,17 @@ enum Block {
     Moe(Box<GluExperts>),
 }
 
+impl Block {
+    /// Whether its weights are kept quantized (GGUF blocks): they compute in f32.
+    fn quantized(&self) -> bool {
+        let ffn = match self {
+            Block::Dense(ffn) => ffn,
+            Block::Moe(moe) => &moe.experts()[0],
+        };
+        ffn.gate_proj().is_quantized() || ffn.down_proj().is_quantized()
+    }
+}
+
 impl Module for Block {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -293,9 +304,6 @@ fn run(args: &Args) -> Result<()> {
         refuse_output_in(path, ckpt.path())?;
     }
     let gguf = ckpt.format() == FileFormat::Gguf;
-    // Block-quantized FFN weights: F32, F16 and BF16 tensors (llama.cpp's float conversions)
-    // load as dense weights in --dtype.
-    let quantized = gguf && !args.dequantize && gguf_ffn_quantized(&ckpt, args);
     if args.dequantize && !gguf {
         eprintln!("warning: --dequantize does nothing: only GGUF weights are quantized");
     }
@@ -315,22 +323,7 @@ fn run(args: &Args) -> Result<()> {
             }
         }
     }
-    // A quantized GGUF's kernels take and give f32.
-    let dtype = match args.dtype {
-        Some(dtype) if quantized => {
-            if dtype != DType::F32 {
-                eprintln!(
-                    "warning: --dtype {} does nothing: quantized GGUF weights compute in f32 \
-                     (add --dequantize to run them in {})",
-                    dtype.as_str(),
-                    dtype.as_str()
-                );
-            }
-            DType::F32
-        }
-        Some(dtype) => dtype,
-        None => DType::F32,
-    };
+    let requested = args.dtype.unwrap_or(DType::F32);
 
     // A mixture-of-experts model (an MoE `model_type` in the config.json beside the weights)
     // runs its whole layer at `--layer`; `--prefix` still picks one expert's block.
@@ -398,7 +391,8 @@ fn run(args: &Args) -> Result<()> {
         .activation
         .or_else(|| ckpt.config().map(|c| c.activation))
         .unwrap_or(Activation::Silu);
-    let opts = LoadOptions::new(dtype, device.clone()).with_quantized(quantized);
+    // Block-quantized GGUF weights stay so (F32, F16 and BF16 tensors load dense in --dtype).
+    let opts = LoadOptions::new(requested, device.clone()).with_quantized(!args.dequantize);
     let (block, cfg, prefix) = match moe {
         Some(mut moe_cfg) => {
             moe_cfg.expert.activation = activation;
@@ -438,6 +432,17 @@ fn run(args: &Args) -> Result<()> {
             (Block::Dense(ffn), cfg, prefix)
         }
     };
+    // A quantized block's kernels take and give f32.
+    let quantized = block.quantized();
+    let dtype = if quantized { DType::F32 } else { requested };
+    if quantized && requested != DType::F32 {
+        eprintln!(
+            "warning: --dtype {} does nothing: quantized GGUF weights compute in f32 (add \
+             --dequantize to run them in {})",
+            requested.as_str(),
+            requested.as_str()
+        );
+    }
 
     let x = match &args.input {
         Some(path) => read_input(path, &device)?,
@@ -669,37 +674,6 @@ fn layout_with_layers(ckpt: &Checkpoint) -> Option<WeightLayout> {
         .find(|l| !ckpt.layers(*l).is_empty())
 }
 
-/// Whether the GGUF's FFN weights at `--prefix` (else `blk.<--layer>`) are block-quantized,
-/// rather than stored as F32, F16 or BF16.
-fn gguf_ffn_quantized(ckpt: &Checkpoint, args: &Args) -> bool {
-    use candle_core::quantized::GgmlDType;
-    let Some(gguf) = ckpt.gguf() else {
-        return false;
-    };
-    let block = args
-        .prefix
-        .clone()
-        .unwrap_or_else(|| format!("blk.{}", args.layer));
-    let ffn = format!("{block}.ffn_");
-    let types: Vec<GgmlDType> = gguf
-        .content()
-        .tensor_infos
-        .iter()
-        .filter(|(name, _)| {
-            name.starts_with(&ffn)
-                && name.ends_with(".weight")
-                && !name.contains("norm")
-                && !name.contains("gate_inp")
-        })
-        .map(|(_, info)| info.ggml_dtype)
-        .collect();
-    // None under llama.cpp's names (another --layout or --prefix): taken as quantized.
-    types.is_empty()
-        || types
-            .iter()
-            .any(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
-}
-
 /// The most bytes `--input`'s header may take (safetensors' own limit).
 const MAX_INPUT_HEADER_BYTES: u64 = 100_000_000;
 
@@ -728,66 +702,34 @@ fn read_input(path: &Path, device: &Device) -> Result<Tensor> {
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)?;
-    let header: serde_json::Value = serde_json::from_slice(&header)
+    // safetensors' own header type: its offsets checked, contiguous and of their tensors' sizes.
+    let header: safetensors::tensor::Metadata = serde_json::from_slice(&header)
         .map_err(|e| fail(format!("not a safetensors file (its header: {e})")))?;
     let x = header
-        .get("x")
+        .info("x")
         .ok_or_else(|| fail("no tensor named `x`".into()))?;
-    let field = |name: &str| {
-        x.get(name)
-            .ok_or_else(|| fail(format!("`x` has no `{name}`")))
-    };
-    let dtype = match field("dtype")?.as_str() {
-        Some("F32") => DType::F32,
-        Some("F16") => DType::F16,
-        Some("BF16") => DType::BF16,
-        Some("F64") => DType::F64,
-        Some(other) => {
-            return Err(fail(format!(
-                "`x` has dtype {other}, expected F32, F16, BF16 or F64"
-            )))
-        }
-        None => return Err(fail("`x` has a dtype that is not a string".into())),
-    };
-    let numbers = |name: &str| -> Result<Vec<u64>> {
-        let values = field(name)?
-            .as_array()
-            .ok_or_else(|| fail(format!("`x`'s `{name}` is not a list")))?;
-        values
-            .iter()
-            .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| fail(format!("`x`'s `{name}` holds {v}")))
-            })
-            .collect()
-    };
-    let shape: Vec<usize> = numbers("shape")?
-        .into_iter()
-        .map(|d| usize::try_from(d).map_err(|_| fail(format!("`x` has a dimension of {d}"))))
-        .collect::<Result<_>>()?;
-    let (start, end) = match numbers("data_offsets")?[..] {
-        [start, end] if start <= end => (start, end),
-        _ => return Err(fail("`x`'s `data_offsets` are not [start, end]".into())),
-    };
-    let bytes = shape
-        .iter()
-        .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
-        .filter(|&n| n as u64 == end - start)
+    let dtype = DType::try_from(x.dtype)
+        .ok()
+        .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64))
         .ok_or_else(|| {
             fail(format!(
-                "`x` of shape {shape:?} does not hold {} bytes",
-                end - start
+                "`x` has dtype {:?}, expected F32, F16, BF16 or F64",
+                x.dtype
             ))
         })?;
-    if data_start.checked_add(end).is_none_or(|e| e > meta.len()) {
+    let (start, end) = x.data_offsets;
+    if data_start
+        .checked_add(end as u64)
+        .is_none_or(|e| e > meta.len())
+    {
         return Err(fail(
             "`x`'s data runs past the end of the file: truncated?".into(),
         ));
     }
-    file.seek(SeekFrom::Start(data_start + start))?;
-    let mut data = vec![0u8; bytes];
+    file.seek(SeekFrom::Start(data_start + start as u64))?;
+    let mut data = vec![0u8; end - start];
     file.read_exact(&mut data)?;
-    Ok(Tensor::from_raw_buffer(&data, dtype, &shape, device)?)
+    Ok(Tensor::from_raw_buffer(&data, dtype, &x.shape, device)?)
 }
 
 /// A reproducible standard-normal input, the same on every device (SplitMix64 + Box-Muller).

@@ -220,11 +220,7 @@ impl MoeConfig {
     /// [`WeightLayout::Gguf`]), Mixtral's `model.layers.{layer}.block_sparse_moe`, the other
     /// families' `model.layers.{layer}.mlp`.
     pub fn layer_prefix(&self, layer: usize) -> String {
-        match self.expert.layout {
-            WeightLayout::Gguf => format!("blk.{layer}"),
-            WeightLayout::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
-            _ => format!("model.layers.{layer}.mlp"),
-        }
+        layer_prefix(self.expert.layout, layer)
     }
 
     /// Reads a Hugging Face `config.json` of a mixture-of-experts model (`model_type`
@@ -371,6 +367,15 @@ impl MoeConfig {
             e => e,
         })?;
         Ok(cfg)
+    }
+}
+
+/// Where layer `layer`'s mixture lives for experts in `layout`; see [`MoeConfig::layer_prefix`].
+pub(crate) fn layer_prefix(layout: WeightLayout, layer: usize) -> String {
+    match layout {
+        WeightLayout::Gguf => format!("blk.{layer}"),
+        WeightLayout::Mixtral => format!("model.layers.{layer}.block_sparse_moe"),
+        _ => format!("model.layers.{layer}.mlp"),
     }
 }
 
@@ -704,18 +709,14 @@ impl GluExperts {
         }
         // Every block computes the config's σ (which `config()` reports for the layer).
         let act = cfg.expert.activation;
-        let blocks = experts
-            .iter()
-            .enumerate()
-            .map(|(x, f)| (format!("expert {x}"), f));
-        let shared_block = shared.iter().map(|f| ("the shared expert".to_string(), f));
-        if let Some((which, f)) = blocks
-            .chain(shared_block)
-            .find(|(_, f)| f.config().activation != act)
-        {
+        let other =
+            |f: &GluFeedForward| (f.config().activation != act).then(|| f.config().activation);
+        let differs = (experts.iter().enumerate())
+            .find_map(|(x, f)| Some((format!("expert {x}"), other(f)?)))
+            .or_else(|| Some(("the shared expert".to_string(), other(shared.as_ref()?)?)));
+        if let Some((which, found)) = differs {
             return fail(format!(
-                "{which} computes σ = {}, the config's experts {act}",
-                f.config().activation
+                "{which} computes σ = {found}, the config's experts {act}"
             ));
         }
         if let Some(gate) = &shared_gate {

@@ -217,12 +217,9 @@ impl Projection {
     /// message names what exists nearby), or one of another shape.
     pub fn load(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
         if in_dim == 0 || out_dim == 0 {
-            let at = match vb.prefix() {
-                p if p.is_empty() => String::new(),
-                p => format!("`{p}`: "),
-            };
             return Err(invalid(format!(
-                "{at}a projection of {in_dim} inputs to {out_dim} outputs; both must be at least 1"
+                "{}a projection of {in_dim} inputs to {out_dim} outputs; both must be at least 1",
+                at_prefix(&vb)
             )));
         }
         check_load_dtype(&vb)?;
@@ -489,16 +486,21 @@ pub(crate) fn check_load_dtype(vb: &VarBuilder) -> crate::Result<()> {
     if crate::activation::computes_in(vb.dtype()) {
         return Ok(());
     }
-    let at = match vb.prefix() {
-        p if p.is_empty() => String::new(),
-        p => format!("`{p}`: "),
-    };
     Err(Error::InvalidProjection {
         message: format!(
-            "{at}weights requested in {:?}, expected f32, f16, bf16 or f64",
+            "{}weights requested in {:?}, expected f32, f16, bf16 or f64",
+            at_prefix(vb),
             vb.dtype()
         ),
     })
+}
+
+/// "`prefix`: " to begin a message about what `vb` loads, or nothing at the root.
+fn at_prefix(vb: &VarBuilder) -> String {
+    match vb.prefix() {
+        p if p.is_empty() => String::new(),
+        p => format!("`{p}`: "),
+    }
 }
 
 fn invalid(message: String) -> candle_core::Error {

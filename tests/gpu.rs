@@ -460,19 +460,7 @@ fn cuda_moe_backward_matches_cpu_autograd() {
     let ws = candle_core::safetensors::load(moe::dir(case).join("model.safetensors"), &Device::Cpu)
         .unwrap();
     let grads_on = |dev: &Device| -> HashMap<String, Option<Tensor>> {
-        let vars: HashMap<String, Var> = ws
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    Var::from_tensor(&v.to_device(dev).unwrap()).unwrap(),
-                )
-            })
-            .collect();
-        let tensors: HashMap<String, Tensor> = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let (vars, tensors) = moe::variables(&ws, |v| v.to_device(dev).unwrap());
         let vb = VarBuilder::from_tensors(tensors, DType::F32, dev);
         let moe = GluExperts::new(&cfg, vb.pp("model.layers.0.mlp")).unwrap();
         let x = io["x"].to_device(dev).unwrap();

@@ -442,7 +442,6 @@ fn a_nan_stays_in_its_token() {
 
 #[test]
 fn gradients_reach_the_router_and_the_experts() {
-    use candle_core::Var;
     // Qwen3-MoE's fixture as variables; the loss Σ y·c for a fixed c.
     let io = io("qwen3_moe");
     let (cfg, ws) = (config("qwen3_moe"), weights("qwen3_moe"));
@@ -459,14 +458,7 @@ fn gradients_reach_the_router_and_the_experts() {
         ((y * &c).unwrap().sum_all().unwrap(), moe)
     };
     // Analytic gradients through variables.
-    let vars: HashMap<String, Var> = ws
-        .iter()
-        .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
-        .collect();
-    let as_tensors: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let (vars, as_tensors) = common::moe::variables(&ws, Tensor::clone);
     let (l, _) = loss(&as_tensors);
     let grads = l.backward().unwrap();
     // Central differences on a few entries of the router and of a used expert's weights.
@@ -513,19 +505,7 @@ fn f32_gradients_on_the_kernels_match_float64() {
     let (cfg, ws) = (config("qwen3_moe"), weights("qwen3_moe"));
     let c = io["y_f64"].clone();
     let grads = |dtype: DType| -> HashMap<String, Tensor> {
-        let vars: HashMap<String, Var> = ws
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    Var::from_tensor(&v.to_dtype(dtype).unwrap()).unwrap(),
-                )
-            })
-            .collect();
-        let tensors = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let (vars, tensors) = common::moe::variables(&ws, |v| v.to_dtype(dtype).unwrap());
         let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
         let moe = GluExperts::new(&cfg, vb.pp("model.layers.0.mlp")).unwrap();
         let x = Var::from_tensor(&io["x"].to_dtype(dtype).unwrap()).unwrap();

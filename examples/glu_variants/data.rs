@@ -24,8 +24,9 @@ pub struct Corpus {
 
 impl Corpus {
     /// Reads every `*.txt` in `dir` (in name order); the files whose stem is in `held_out` are
-    /// the held-out text, the others the training text.
-    pub fn load(dir: &Path, held_out: &[String], held_out_given: bool) -> Result<Self> {
+    /// the held-out text, the others the training text. `by_default`: `held_out` is the
+    /// default, not the user's `--held-out` (which an error then says).
+    pub fn load(dir: &Path, held_out: &[String], by_default: bool) -> Result<Self> {
         let entries = std::fs::read_dir(dir).with_context(|| {
             format!(
                 "no text at {}: run scripts/fetch_shakespeare.sh (or pass --data DIR)",
@@ -51,13 +52,12 @@ impl Corpus {
         let stems: Vec<String> = files.iter().map(|p| stem(p)).collect();
         if let Some(missing) = held_out.iter().find(|h| !stems.contains(h)) {
             // The default names Shakespeare's plays: another corpus needs its own.
-            let default = !held_out_given;
             bail!(
                 "--held-out {}names {missing}, which is not in {} (it holds {}){}",
-                if default { "(by default) " } else { "" },
+                if by_default { "(by default) " } else { "" },
                 dir.display(),
                 stems.join(", "),
-                if default {
+                if by_default {
                     ": pass --held-out with files of this folder"
                 } else {
                     ""

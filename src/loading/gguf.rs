@@ -134,10 +134,7 @@ impl GgufStore {
 
     /// Whether the tensor is stored as F32, F16 or BF16: values, not quantized blocks.
     pub(crate) fn is_float(&self, name: &str) -> bool {
-        matches!(
-            self.content.tensor_infos.get(name).map(|t| t.ggml_dtype),
-            Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
-        )
+        (self.content.tensor_infos.get(name)).is_some_and(|t| is_float_type(t.ggml_dtype))
     }
 
     /// A metadata value.
@@ -941,6 +938,11 @@ fn value_kind(v: &Value) -> String {
 }
 
 /// A metadata integer of any width, if non-negative.
+/// Whether GGUF's `dtype` holds values (F32, F16, BF16), not quantized blocks.
+pub(crate) fn is_float_type(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
 fn integer(v: &Value) -> Option<u64> {
     match *v {
         Value::U8(n) => Some(n.into()),

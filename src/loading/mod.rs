@@ -533,18 +533,19 @@ impl Checkpoint {
             .tensor_names()
             .iter()
             .filter_map(|n| n.split('.').find_map(|p| p.parse::<usize>().ok()))
-            .filter(|&l| self.contains(&self.router_name(cfg, l)))
+            .filter(|&l| self.contains(&self.router_name(cfg.expert.layout, l)))
             .collect();
         layers.sort_unstable();
         layers.dedup();
         layers
     }
 
-    /// Layer `layer`'s router: GGUF names are llama.cpp's whatever the config's layout says.
-    fn router_name(&self, cfg: &MoeConfig, layer: usize) -> String {
+    /// Layer `layer`'s router where experts in `layout` keep it: GGUF names are llama.cpp's
+    /// whatever the layout says.
+    fn router_name(&self, layout: WeightLayout, layer: usize) -> String {
         match &self.store {
             Store::Gguf(_) => format!("blk.{layer}.ffn_gate_inp.weight"),
-            Store::Safetensors(_) => join(&cfg.layer_prefix(layer), "gate.weight"),
+            Store::Safetensors(_) => join(&crate::moe::layer_prefix(layout, layer), "gate.weight"),
         }
     }
 
@@ -606,7 +607,7 @@ impl Checkpoint {
                 layer,
                 num_layers: self.num_layers,
                 present,
-                looked_for: self.router_name(cfg, layer),
+                looked_for: self.router_name(cfg.expert.layout, layer),
             });
         }
         match &self.store {
@@ -754,17 +755,9 @@ impl Checkpoint {
         layer: usize,
         opts: &LoadOptions,
     ) -> Result<GluFeedForward> {
-        // From the tensors, whatever the config says (or whether there is one): a router where
-        // the layout keeps a mixture's.
-        let router = match cfg.layout {
-            WeightLayout::Mixtral => {
-                Some(format!("model.layers.{layer}.block_sparse_moe.gate.weight"))
-            }
-            WeightLayout::Llama => Some(format!("model.layers.{layer}.mlp.gate.weight")),
-            WeightLayout::Gguf => Some(format!("blk.{layer}.ffn_gate_inp.weight")),
-            _ => None,
-        };
-        if let Some(router) = router.filter(|r| self.contains(r)) {
+        // From the tensors, whatever the config says (or whether there is one).
+        let router = self.router_name(cfg.layout, layer);
+        if self.contains(&router) {
             return Err(Error::MoeLayer { layer, router });
         }
         let present = self.layers(cfg.layout);
@@ -793,11 +786,9 @@ fn gate_name(layout: WeightLayout, layer: usize) -> String {
 /// A GGUF weight as a projection: kept quantized, or dequantized to `opts.dtype` where
 /// `opts.quantized` is false.
 fn gguf_projection(q: candle_core::quantized::QTensor, opts: &LoadOptions) -> Result<Projection> {
-    use candle_core::quantized::GgmlDType;
     // A float tensor (llama.cpp's F16/BF16/F32 conversions) is not quantized: as dense weights
     // it runs on the crate's fused kernels, where candle's `QMatMul` would widen it to f32.
-    let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-    Ok(if opts.quantized && !float {
+    Ok(if opts.quantized && !gguf::is_float_type(q.dtype()) {
         Projection::quantized(crate::projection::qmatmul(Arc::new(q))?, None)
     } else {
         let w = q.dequantize(&opts.device)?.to_dtype(opts.dtype)?;

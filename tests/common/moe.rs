@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_glu::{GluExperts, MoeConfig};
 use candle_nn::VarBuilder;
 
@@ -90,4 +90,21 @@ pub fn deepseek_with_a_dense_layer(dir: &std::path::Path) -> [Tensor; 3] {
     }
     candle_core::safetensors::save(&ws, dir.join("model.safetensors")).unwrap();
     dense
+}
+
+/// `ws`, each converted by `convert`, as variables, and the same tensors (for a `VarBuilder`
+/// whose weights are then trained).
+pub fn variables(
+    ws: &HashMap<String, Tensor>,
+    convert: impl Fn(&Tensor) -> Tensor,
+) -> (HashMap<String, Var>, HashMap<String, Tensor>) {
+    let vars: HashMap<String, Var> = ws
+        .iter()
+        .map(|(k, v)| (k.clone(), Var::from_tensor(&convert(v)).unwrap()))
+        .collect();
+    let tensors = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    (vars, tensors)
 }
