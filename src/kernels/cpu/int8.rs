@@ -11,20 +11,20 @@
 //!   weight row streamed once and dotted with every token, 64 values of a row against 64 of a
 //!   token per VPDPBUSD;
 //! - **packed**: tokens packed once; per task, 32-row tiles of weights unpacked from the blocks
-//!   (codes and q4k's super-block headers transposed from row loads, q8_0's scales gathered)
-//!   into a per-thread buffer (unpacked: one u32 of 4 codes per row and group; q8_0's scales
-//!   in f32, q4k's 6-bit scales and minima as integers), each used by every token while it is
-//!   in L2, through a 6-token × 32-row micro-kernel (1 to 5 tokens for a last, short block: an
-//!   expert's 32 tokens are not computed as 36). While a tile's tokens compute, the next
-//!   tile's rows are prefetched a few lines at a time ([`vnni::Trickle`]), so that its
-//!   unpacking finds them in cache.
+//!   (codes and q4k's super-block headers transposed from row loads, q8_0's scales gathered) into a
+//!   per-thread buffer (unpacked: one u32 of 4 codes per row and group; q8_0's scales in f32, q4k's
+//!   scales times `d` in f32 and its 6-bit minima as integers), each used by every token while it
+//!   is in L2, through a 6-token × 32-row micro-kernel (1 to 5 tokens for a last, short block: an
+//!   expert's 32 tokens are not computed as 36). While a tile's tokens compute, the next tile's
+//!   rows are prefetched a few lines at a time ([`vnni::Trickle`]), so that its unpacking finds
+//!   them in cache.
 //!
-//! Measured on 7B shapes (Intel Emerald Rapids, 2 threads), the dot schedule costs about 1 ms
-//! per token beyond the weights' read and the packed one a fixed ~4 ms (the tiles) plus about
-//! 0.35 ms per token: dot wins up to 4 tokens. That was before the packed schedule prefetched
-//! the rows it unpacks; on an AMD Zen 4 since (and before q4k's packed kernel took its scales
-//! in integers), dot won up to 8 tokens for q4k. The bound stays at 4 until it is measured again
-//! on the Intel machines.
+//! Measured on 7B shapes (Intel Emerald Rapids, 2 threads), the dot schedule costs about 1 ms per
+//! token beyond the weights' read and the packed one a fixed ~4 ms (the tiles) plus about 0.35 ms
+//! per token: dot wins up to 4 tokens. That was before the packed schedule prefetched the rows it
+//! unpacks; on an AMD Zen 4 since (and before q4k's packed kernel took one activation scale per 256
+//! values), dot won up to 8 tokens for q4k. The bound stays at 4 until it is measured again on the
+//! Intel machines.
 //!
 //! Q4_1 has only the dot schedule here ([`matmul_q4_1`]): past [`Q4_1_DOT_MAX_TOKENS`] its
 //! exact f32 decoding in the packed schedule is faster.
@@ -464,9 +464,9 @@ fn depth(m: usize, k: usize) -> usize {
 }
 
 /// f32 slots of one tile of 32 rows × `kc` values: codes (as i32), scales and minima per 32
-/// values, then (q4k) `d` and `dmin` per 256.
+/// values, then (q4k) `dmin` per 256.
 fn tile_floats(kc: usize) -> usize {
-    kc / QK * (8 + 2) * NT + kc.div_ceil(QK_K) * 2 * NT
+    kc / QK * (8 + 2) * NT + kc.div_ceil(QK_K) * NT
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -491,7 +491,7 @@ unsafe fn packed_task(
             let wq = tile.as_mut_ptr() as *mut i32;
             let wd = tile.as_mut_ptr().add(kc / QK * 8 * NT);
             let wm = wd.add(kc / QK * NT);
-            let wdd = wm.add(kc / QK * NT);
+            let wmin = wm.add(kc / QK * NT);
             for pc in (0..k).step_by(kc) {
                 let nb = kc.min(k - pc) / QK;
                 // One panel at a time: unpacked, then used by every token while it is in L2.
@@ -515,7 +515,7 @@ unsafe fn packed_task(
                 for p in 0..panels {
                     let next = (p + 1 < panels).then(|| halves(p + 1));
                     for (half, rows) in halves(p).into_iter().enumerate() {
-                        let parts = (wq, wd, wm as *mut i32, wdd);
+                        let parts = (wq, wd, wm as *mut i32, wmin);
                         vnni::pack16(kind, rows, pc / QK, nb, parts, half * 16);
                     }
                     // The next panel's rows from memory while this one's tiles compute.
@@ -540,9 +540,9 @@ unsafe fn packed_task(
                                     Kind::Q4K => {
                                         let ws = (
                                             wq as *const i32,
-                                            wd as *const i32,
+                                            wd as *const f32,
                                             wm as *const i32,
-                                            wdd as *const f32,
+                                            wmin as *const f32,
                                         );
                                         let nsb = nb / 8;
                                         vnni::packed_kernel_q4k::<$r>(

@@ -197,9 +197,11 @@ pub(crate) unsafe fn epilogue<T: Element>(
                     if let Some(b) = bias.b {
                         avx512::add_assign(src.add(16), b.as_ptr().add(j), valid);
                     }
-                    avx512::gated(act, src, src.add(16), src, valid);
+                    // Rounded once, straight into `out` (not through `src` and a copy).
+                    avx512::gated(act, src, src.add(16), out.at(r * n + j), valid);
+                } else {
+                    avx512::narrow(src, out.at(r * n + j), valid);
                 }
-                avx512::narrow(src, out.at(r * n + j), valid);
             }
         }
     }

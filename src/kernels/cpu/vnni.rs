@@ -3,7 +3,8 @@
 //! Activations are rounded to 8 bits in blocks of 32 values, each block with its own f32 scale
 //! (as llama.cpp's q8_0 activations; finer than the 256-value blocks candle uses with these
 //! weights), except for q4k ([`dot_q4k`], [`packed_kernel_q4k`]), which takes one scale per 256
-//! values (as llama.cpp and candle do) so that the sub-block scales apply in integers. Weights
+//! values (as llama.cpp and candle do) so that only the weights' sub-block scales vary inside a
+//! super-block (applied in integers for decode, in f32 per sub-block for prefill). Weights
 //! and activations meet in integer dot products (VPDPBUSD: u8 × i8, four products summed per
 //! i32 lane), and the scales are applied in f32 once per 32 values (per 256 for q4k).
 //!
@@ -697,27 +698,30 @@ unsafe fn block_sums<const R: usize>(w: *const i32, x: *const i32, isum: &mut [[
 /// The packed micro-kernel for q4k: `C[t][0..32] (+)= Σ` over `nsb` super-blocks of 256
 /// values, for the first `R` (≤ `MT`) of a block of `MT` tokens and 32 weight rows.
 ///
-/// The activations have one scale per super-block (as in [`dot_q4k`]), so that the weights'
-/// 6-bit sub-block scales and minima apply in integers: per super-block and token,
-/// `d·Σ_j sc[j]·Σq·xq − dmin·Σ_j m[j]·Σxq`, then one scaling by `d_x` in f32. On an AMD Zen 4
-/// a float multiply or FMA, a VPDPWSSD and (in this mix) a VPMULLD each take a dot product's
-/// issue slot, while integer adds and conversions do not: per 64 dot products that is 8
-/// VPMULLD, 4 VPDPWSSD and 3 float operations (at most 81% of the dot products' rate), against
-/// 3 float operations per 8 (73%) when every 32-value block was scaled in f32.
+/// The activations have one scale per super-block (as in [`dot_q4k`]), so that per
+/// super-block and token only the weights' scales vary: `Σ_j (d·sc[j])·Σq·xq` (one FMA a
+/// sub-block, `d·sc[j]` exact in f32) `− dmin·Σ_j m[j]·Σxq` (the minima in integers, two
+/// sub-blocks a VPDPWSSD), then one scaling by `d_x`. On an AMD Zen 4 a float multiply or FMA,
+/// a VPMULLD and a VPDPWSSD each take a dot product's issue slot, while integer adds and
+/// conversions do not: per 64 dot products that is 8 FMAs, 4 VPDPWSSD and 2 float operations
+/// (at most 82% of the dot products' rate). The sub-block scales applied in integers
+/// (VPMULLD, then `d` once) took one more float operation a super-block: a Mixtral expert
+/// (4096 → 14336, 128 tokens) 1.011–1.015× this kernel's time, alternating in one process on
+/// that CPU; 3 float operations per 8 (73%) when every 32-value block was scaled in f32.
 ///
 /// - `xq`: `[nsb·8][8][MT]` u32, each 4 activation codes (i8); `xd`: `[nsb][MT]` scales;
 ///   `xs`: `[nsb·4][MT]` code sums per 32 values, those of sub-blocks `2p` and `2p + 1` as
 ///   an i16 pair;
-/// - `wq`: `[nsb·8][8][32]` u32, each 4 weight codes (u8); `wsc`: `[nsb·8][32]` 6-bit scales
-///   (i32); `wmn`: `[nsb·4][32]` 6-bit minima, of sub-blocks `2p` and `2p + 1` as an i16
-///   pair; `wdd`: `[nsb][2][32]` `d` then `dmin` (f32);
+/// - `wq`: `[nsb·8][8][32]` u32, each 4 weight codes (u8); `wsc`: `[nsb·8][32]` scales
+///   `d·sc` (f32); `wmn`: `[nsb·4][32]` 6-bit minima, of sub-blocks `2p` and `2p + 1` as an
+///   i16 pair; `wmin`: `[nsb][32]` `dmin` (f32);
 /// - `c`: `R` rows of 32 f32, `ldc` apart; overwritten if `first`, else accumulated into;
 /// - `ahead()` is called before each super-block (for the caller's prefetches).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(crate) unsafe fn packed_kernel_q4k<const R: usize>(
     nsb: usize,
     (xq, xd, xs): (*const i32, *const f32, *const i32),
-    (wq, wsc, wmn, wdd): (*const i32, *const i32, *const i32, *const f32),
+    (wq, wsc, wmn, wmin): (*const i32, *const f32, *const i32, *const f32),
     c: *mut f32,
     ldc: usize,
     first: bool,
@@ -734,19 +738,19 @@ pub(crate) unsafe fn packed_kernel_q4k<const R: usize>(
         }
         for sb in 0..nsb {
             ahead();
-            // Σ_j sc[j]·(sub-block j's dot product), per token and row.
-            let mut acc = [[_mm512_setzero_si512(); 2]; R];
+            // Σ_j d·sc[j]·(sub-block j's dot product), per token and row.
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for j in 0..8 {
                 let b = sb * 8 + j;
                 let mut isum = [[_mm512_setzero_si512(); 2]; R];
                 block_sums(wq.add(b * 8 * NT), xq.add(b * 8 * MT), &mut isum);
                 let sc = [
-                    _mm512_loadu_si512(wsc.add(b * NT) as *const _),
-                    _mm512_loadu_si512(wsc.add(b * NT + 16) as *const _),
+                    _mm512_loadu_ps(wsc.add(b * NT)),
+                    _mm512_loadu_ps(wsc.add(b * NT + 16)),
                 ];
                 for (a, s) in acc.iter_mut().zip(&isum) {
                     for v in 0..2 {
-                        a[v] = _mm512_add_epi32(a[v], _mm512_mullo_epi32(s[v], sc[v]));
+                        a[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[v]), sc[v], a[v]);
                     }
                 }
             }
@@ -758,11 +762,9 @@ pub(crate) unsafe fn packed_kernel_q4k<const R: usize>(
                     _mm512_loadu_si512(at.add(16) as *const _),
                 ];
             }
-            let dd = wdd.add(sb * 2 * NT);
-            let d = [_mm512_loadu_ps(dd), _mm512_loadu_ps(dd.add(16))];
             let dmin = [
-                _mm512_loadu_ps(dd.add(NT)),
-                _mm512_loadu_ps(dd.add(NT + 16)),
+                _mm512_loadu_ps(wmin.add(sb * NT)),
+                _mm512_loadu_ps(wmin.add(sb * NT + 16)),
             ];
             // Token by token, unrolled (a loop over `t` kept `acc` on the stack).
             macro_rules! token {
@@ -779,8 +781,7 @@ pub(crate) unsafe fn packed_kernel_q4k<const R: usize>(
                         }
                         let dx = _mm512_set1_ps(*xd.add(sb * MT + t));
                         for v in 0..2 {
-                            let m = _mm512_mul_ps(_mm512_cvtepi32_ps(mins[v]), dmin[v]);
-                            let f = _mm512_fmsub_ps(_mm512_cvtepi32_ps(a[v]), d[v], m);
+                            let f = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins[v]), dmin[v], a[v]);
                             let at = c.add(t * ldc + 16 * v);
                             _mm512_storeu_ps(at, _mm512_fmadd_ps(f, dx, _mm512_loadu_ps(at)));
                         }
@@ -984,10 +985,10 @@ unsafe fn headers(rows: Rows16, blk: usize) -> (__m512i, __m512i, __m512i, __m51
 
 /// Packs 16 weight rows' 32-value blocks `[b0, b0 + nb)` (`b0` a multiple of 8 for q4k) for
 /// [`packed_kernel`] or [`packed_kernel_q4k`]: codes into `wq[(b·8 + g)·32 + i]`, with
-/// `i = i0 + row`; for q8_0 the scales into `wd[b·32 + i]` (f32); for q4k the 6-bit scales
-/// into `wd[b·32 + i]` (i32), the minima of blocks `2p` and `2p + 1` into `wm[p·32 + i]` (an
-/// i16 pair), and each super-block `s`'s `d` and `dmin` into `wdd[s·64 + i]` and
-/// `wdd[s·64 + 32 + i]`. Codes, and q4k's headers, are loaded by row and transposed in
+/// `i = i0 + row`; for q8_0 the scales into `wd[b·32 + i]` (f32); for q4k the scales times
+/// their super-block's `d` into `wd[b·32 + i]` (f32), the 6-bit minima of blocks `2p` and
+/// `2p + 1` into `wm[p·32 + i]` (an i16 pair), and each super-block `s`'s `dmin` into
+/// `wmin[s·32 + i]`. Codes, and q4k's headers, are loaded by row and transposed in
 /// registers; q8_0's scales are gathered from the blocks, one gather per vector of 16 rows'
 /// values. (Gathering q4k's headers too made a Mixtral expert 1.015× slower at 32 tokens and
 /// 1.04× at 8 on an AMD Zen 4.)
@@ -1001,7 +1002,7 @@ pub(crate) unsafe fn pack16(
     rows: Rows16,
     b0: usize,
     nb: usize,
-    (wq, wd, wm, wdd): (*mut i32, *mut f32, *mut i32, *mut f32),
+    (wq, wd, wm, wmin): (*mut i32, *mut f32, *mut i32, *mut f32),
     i0: usize,
 ) {
     // SAFETY: the module's contract (`# Safety` above) is this function's: the caller checked
@@ -1017,8 +1018,7 @@ pub(crate) unsafe fn pack16(
                     std::ptr::write_bytes(wm.add(p * NT + i0), 0, 16);
                 }
                 for sb in 0..nb / 8 {
-                    std::ptr::write_bytes(wdd.add(sb * 2 * NT + i0), 0, 16);
-                    std::ptr::write_bytes(wdd.add(sb * 2 * NT + NT + i0), 0, 16);
+                    std::ptr::write_bytes(wmin.add(sb * NT + i0), 0, 16);
                 }
             }
             return;
@@ -1132,7 +1132,8 @@ pub(crate) unsafe fn pack16(
                                     _mm512_set1_epi32(0xff),
                                 )
                             };
-                            _mm512_storeu_si512(wd.add(j * NT + i0) as *mut _, field(*sc));
+                            let scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(field(*sc)));
+                            _mm512_storeu_ps(wd.add(j * NT + i0), scale);
                         }
                         // The minima of sub-blocks (2p, 2p + 1) as i16 pairs: bytes 0, 1 of
                         // `mn` (p = 2·half), then bytes 2, 3.
@@ -1155,8 +1156,7 @@ pub(crate) unsafe fn pack16(
                             _mm512_storeu_si512(wm.add(p * NT + i0) as *mut _, *v);
                         }
                     }
-                    _mm512_storeu_ps(wdd.add(sb * 2 * NT + i0), d);
-                    _mm512_storeu_ps(wdd.add(sb * 2 * NT + NT + i0), dmin);
+                    _mm512_storeu_ps(wmin.add(sb * NT + i0), dmin);
                 }
             }
         }
