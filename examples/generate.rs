@@ -50,7 +50,7 @@ struct Args {
     #[arg(long)]
     weights: Option<PathBuf>,
     /// Sample with this temperature (from the top-p 0.9 nucleus unless --top-k or --top-p say
-    /// otherwise). Without it (or at 0), decoding is greedy.
+    /// otherwise). Without it (or below 1e-7), decoding is greedy.
     #[arg(long, value_parser = cli::non_negative)]
     temperature: Option<f64>,
     /// Sample from the K most likely tokens (with --temperature).

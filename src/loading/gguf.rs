@@ -277,7 +277,8 @@ impl GgufStore {
     /// architecture), for Qwen2-MoE `<arch>.expert_shared_feed_forward_length` (absent or 0:
     /// the shape of an `ffn_up_shexp`), and for DeepSeek `<arch>.expert_shared_count` (absent:
     /// the shape of an `ffn_up_shexp`), `<arch>.expert_weights_norm`,
-    /// `<arch>.expert_weights_scale` and `<arch>.expert_gating_func` (1 softmax, 2 sigmoid).
+    /// `<arch>.expert_weights_scale` and `<arch>.expert_gating_func` (1 softmax, 2 sigmoid;
+    /// absent or 0 softmax, as llama.cpp reads DeepSeek-V2's files).
     /// The k weights are renormalised for `llama` and `qwen3moe`, not for `qwen2moe` and
     /// `olmoe`, and as `expert_weights_norm` says for `deepseek2`; a selection bias is read where
     /// the file has `exp_probs_b` tensors; Qwen2-MoE's shared expert is gated where it has
