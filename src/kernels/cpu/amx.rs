@@ -50,7 +50,9 @@ pub(crate) const TILE_BYTES: usize = 1024;
 /// on the same threads keeps its own tile configuration across our calls: candle's own AMX
 /// kernels (`QMatMul` on q4k weights, 0.11) configure a worker thread's tiles once and keep
 /// using them; releasing them under it made its next tile instruction fault (SIGILL). A worker
-/// thread holds our configuration only for the length of one task.
+/// thread holds our configuration only for the length of one task. Loading a configuration
+/// zeroes the tiles' data, so code that kept values in tiles across calls would lose them;
+/// candle's kernels load their tiles on every call.
 pub(crate) struct Tiles {
     /// The configuration this thread had (`STTILECFG`; palette 0: none).
     saved: Config,
@@ -62,7 +64,9 @@ impl Tiles {
     /// Configures this thread's tiles, keeping the configuration it had for the drop.
     ///
     /// # Safety
-    /// [`amx_usable`](crate::kernels::detect::amx_usable)`()` must be true.
+    /// [`amx_usable`](crate::kernels::detect::amx_usable)`()` must be true. Guards on one thread
+    /// drop in the reverse order of their creation (one at a time today: a task's): dropping
+    /// an older one first would release or replace the configuration a younger one relies on.
     pub(crate) unsafe fn configure() -> Self {
         let mut saved = Config {
             palette: 0,
