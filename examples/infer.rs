@@ -190,7 +190,9 @@ impl Block {
             Block::Dense(ffn) => ffn,
             Block::Moe(moe) => &moe.experts()[0],
         };
-        ffn.gate_proj().is_quantized() || ffn.down_proj().is_quantized()
+        [ffn.gate_proj(), ffn.up_proj(), ffn.down_proj()]
+            .iter()
+            .any(|p| p.is_quantized())
     }
 }
 

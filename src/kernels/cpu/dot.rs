@@ -131,6 +131,9 @@ unsafe fn task<T: Element, S: RowSums>(
                             }
                         });
                     }
+                    for t in 0..m {
+                        avx512::narrow(a.as_ptr().add(t * cols), out.at(t * n + j0), cols);
+                    }
                 }
                 Weights::GateUp(wg, wu, act) => {
                     // Four columns a call: their gate rows, then their up rows.
@@ -156,14 +159,12 @@ unsafe fn task<T: Element, S: RowSums>(
                             }
                         });
                     }
+                    // Rounded once, straight into `out` (as `packed::epilogue` does).
                     for t in 0..m {
-                        let (g, u) = (a.as_mut_ptr().add(t * cols), b.as_ptr().add(t * cols));
-                        avx512::gated(act, g, u, g, cols);
+                        let (g, u) = (a.as_ptr().add(t * cols), b.as_ptr().add(t * cols));
+                        avx512::gated(act, g, u, out.at(t * n + j0), cols);
                     }
                 }
-            }
-            for t in 0..m {
-                avx512::narrow(a.as_ptr().add(t * cols), out.at(t * n + j0), cols);
             }
         });
     }
